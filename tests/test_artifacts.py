@@ -1,0 +1,187 @@
+import json
+import pickle
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import make_ticket, write_raw
+
+from ticketctl.artifacts import Mask, load_ticket, read_header, save_ticket
+from ticketctl.errors import CheckFailed, TicketctlError
+from ticketctl.prune import magnitude_prune
+
+
+def test_round_trip_is_identical(tmp_path, ticket):
+    path = save_ticket(ticket, tmp_path / "t.safetensors")
+    back = load_ticket(path)
+    assert set(back.state) == set(ticket.state)
+    for k in ticket.state:
+        assert torch.equal(back.state[k], ticket.state[k]), k
+    assert back.mask == ticket.mask
+    assert back.metadata() == ticket.metadata()
+    assert back.kind == "ticket" and back.arch_args == {"width": 8}
+
+
+def test_file_is_plain_safetensors_with_documented_names(tmp_path, ticket):
+    path = save_ticket(ticket, tmp_path / "t.safetensors")
+    tensors = safetensors.torch.load_file(str(path))
+    assert "conv2.weight" in tensors and "conv2.weight.mask" in tensors
+    assert tensors["conv2.weight.mask"].dtype == torch.uint8
+    assert "conv1.weight.mask" not in tensors  # the first conv is not prunable
+    header = read_header(path)
+    assert header["format"] == "ticketctl" and header["format_version"] == "1"
+    meta = json.loads(header["ticket"])
+    for key in ("kind", "arch", "arch_args", "num_classes", "dataset", "density", "rewind_epoch",
+                "seed", "masks_sha256", "tensors_sha256"):
+        assert key in meta
+    assert meta["density"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_hashes_do_not_depend_on_mask_dtype(ticket):
+    as_float = Mask({k: v.float() for k, v in ticket.mask.items()})
+    assert as_float.sha256() == ticket.mask.sha256()
+    other = make_ticket(seed=1)
+    assert other.mask.sha256() != ticket.mask.sha256()
+
+
+def test_no_overwrite_without_force(tmp_path, ticket):
+    path = save_ticket(ticket, tmp_path / "t.safetensors")
+    before = path.read_bytes()
+    with pytest.raises(TicketctlError, match="already exists; pass --force"):
+        save_ticket(make_ticket(seed=3), path)
+    assert path.read_bytes() == before
+    save_ticket(make_ticket(seed=3), path, force=True)
+    assert path.read_bytes() != before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_missing_output_folder(tmp_path, ticket):
+    with pytest.raises(TicketctlError, match="does not exist"):
+        save_ticket(ticket, tmp_path / "nope" / "t.safetensors")
+
+
+def _bytes_variant(tmp_path, ticket, name, transform):
+    good = save_ticket(ticket, tmp_path / "good.safetensors").read_bytes()
+    bad = tmp_path / name
+    bad.write_bytes(transform(good))
+    return bad
+
+
+def test_truncated_file(tmp_path, ticket):
+    bad = _bytes_variant(tmp_path, ticket, "trunc.safetensors", lambda b: b[: len(b) // 2])
+    with pytest.raises(TicketctlError) as e:
+        load_ticket(bad)
+    assert type(e.value) is TicketctlError and "trunc" in str(e.value)
+
+
+def test_random_bytes(tmp_path):
+    bad = tmp_path / "random.safetensors"
+    bad.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+                    .to(torch.uint8).numpy().tobytes())
+    with pytest.raises(TicketctlError, match="not a valid safetensors file"):
+        load_ticket(bad)
+
+
+def test_safetensors_that_is_not_a_ticket(tmp_path):
+    path = write_raw(tmp_path / "plain.safetensors", {"w": torch.zeros(3)}, None)
+    with pytest.raises(TicketctlError, match="not a ticketctl ticket"):
+        load_ticket(path)
+
+
+class Boom:
+    """Unpickling this would create a marker file: proof the loader never unpickles."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["evil.safetensors", "evil.pt", "evil"])
+def test_pickle_is_never_unpickled(tmp_path, name):
+    marker = tmp_path / "unpickled"
+    bad = tmp_path / name
+    bad.write_bytes(pickle.dumps({"state_dict": Boom(str(marker))}, protocol=4))
+    with pytest.raises(TicketctlError, match="never unpickles"):
+        load_ticket(bad)
+    assert not marker.exists()
+
+
+def _meta(ticket, **override):
+    meta = ticket.metadata()
+    meta.update(override)
+    return meta
+
+
+def test_unknown_arch(tmp_path, ticket):
+    path = write_raw(tmp_path / "a.safetensors", ticket.tensors(), _meta(ticket, arch="resnet99"))
+    with pytest.raises(TicketctlError, match="unknown architecture 'resnet99'"):
+        load_ticket(path)
+
+
+def test_newer_format_version(tmp_path, ticket):
+    path = write_raw(tmp_path / "v.safetensors", ticket.tensors(), _meta(ticket), version=7)
+    with pytest.raises(TicketctlError, match="version 7.*upgrade ticketctl"):
+        load_ticket(path)
+
+
+def test_mask_of_wrong_shape(tmp_path, ticket):
+    tensors = ticket.tensors()
+    tensors["conv2.weight.mask"] = torch.ones(3, 3, dtype=torch.uint8)
+    path = write_raw(tmp_path / "s.safetensors", tensors, _meta(ticket))
+    with pytest.raises(TicketctlError, match=r"mask 'conv2.weight' has shape \[3, 3\]"):
+        load_ticket(path)
+
+
+def test_mask_with_values_other_than_0_1(tmp_path, ticket):
+    tensors = ticket.tensors()
+    tensors["conv3.weight.mask"] = tensors["conv3.weight.mask"] * 2
+    path = write_raw(tmp_path / "m.safetensors", tensors, _meta(ticket))
+    with pytest.raises(TicketctlError, match="values other than 0 and 1"):
+        load_ticket(path)
+
+
+def test_pruned_weights_must_be_zero(tmp_path, ticket):
+    tensors = ticket.tensors()
+    w = tensors["conv2.weight"].clone()
+    w[tensors["conv2.weight.mask"] == 0] = 0.5
+    tensors["conv2.weight"] = w
+    path = write_raw(tmp_path / "z.safetensors", tensors, _meta(ticket))
+    with pytest.raises(TicketctlError, match="pruned weight.*not zero"):
+        load_ticket(path)
+
+
+def test_state_must_fit_the_arch(tmp_path, ticket):
+    tensors = ticket.tensors()
+    del tensors["bn2.running_mean"]
+    path = write_raw(tmp_path / "f.safetensors", tensors, _meta(ticket))
+    with pytest.raises(TicketctlError, match="do not fit.*missing bn2.running_mean"):
+        load_ticket(path)
+
+
+def test_tampered_weights_fail_the_integrity_check(tmp_path, ticket):
+    tensors = ticket.tensors()
+    w = tensors["conv4.weight"].clone()
+    w[w != 0] *= 1.01
+    tensors["conv4.weight"] = w
+    path = write_raw(tmp_path / "t.safetensors", tensors, _meta(ticket))
+    with pytest.raises(CheckFailed, match="do not match their recorded SHA-256"):
+        load_ticket(path)
+    assert load_ticket(path, verify_hashes=False).state["conv4.weight"].equal(w)
+
+
+def test_magnitude_prune_removes_exact_count_and_is_a_subset(ticket):
+    weights = ticket.state
+    new = magnitude_prune(weights, ticket.mask, 0.2)
+    kept = ticket.mask.num_kept
+    assert new.num_kept == kept - round(0.2 * kept)
+    assert new.is_subset_of(ticket.mask)
+    # every removed weight is no larger in magnitude than every surviving one
+    removed = torch.cat([weights[n][ticket.mask[n] & ~new[n]].abs() for n in new])
+    survived = torch.cat([weights[n][new[n]].abs() for n in new])
+    assert removed.max() <= survived.min()
+    layer = magnitude_prune(weights, ticket.mask, 0.2, scope="layer")
+    for n in layer:
+        k = int(ticket.mask[n].sum())
+        assert int(layer[n].sum()) == k - round(0.2 * k)

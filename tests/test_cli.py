@@ -1,0 +1,150 @@
+"""The shell contract: JSON on stdout only, one-line errors on stderr, exit codes 0/1/2."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_ticket, write_raw
+from typer.testing import CliRunner
+
+from ticketctl.artifacts import save_ticket
+from ticketctl.cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, code=2, contains=""):
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    assert contains in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_help_lists_built_commands_with_descriptions():
+    result = run("--help")
+    assert result.exit_code == 0
+    for cmd in ("inspect", "convert", "demo", "data"):
+        assert cmd in result.stdout
+    assert "Show what a ticket file holds" in result.stdout
+
+
+def test_inspect_json_is_the_only_stdout(tmp_path, ticket):
+    path = save_ticket(ticket, tmp_path / "t.safetensors")
+    result = run("inspect", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    for key in ("kind", "arch", "density", "layers", "metadata"):
+        assert key in doc
+    assert doc["kind"] == "ticket" and doc["arch"] == "digits_cnn"
+    assert doc["density"] == pytest.approx(ticket.density)
+    assert [r["name"] for r in doc["layers"]] == list(ticket.mask)
+    assert all({"name", "shape", "density"} <= set(r) for r in doc["layers"])
+
+
+def test_inspect_table_goes_to_stderr(tmp_path, ticket):
+    path = save_ticket(ticket, tmp_path / "t.safetensors")
+    result = run("inspect", path)
+    assert result.exit_code == 0
+    assert result.stdout == ""
+    assert "conv2.weight" in result.stderr and "total" in result.stderr
+
+
+def _bad_files(tmp_path, ticket):
+    good = save_ticket(ticket, tmp_path / "good.safetensors").read_bytes()
+    files = {}
+    (tmp_path / "trunc.safetensors").write_bytes(good[:300])
+    files["truncated"] = (tmp_path / "trunc.safetensors", "truncated or corrupt")
+    (tmp_path / "rand.safetensors").write_bytes(bytes(range(256)) * 8)
+    files["random"] = (tmp_path / "rand.safetensors", "not a valid safetensors")
+    files["not a ticket"] = (write_raw(tmp_path / "plain.safetensors", {"x": torch.ones(2)},
+                                       None), "not a ticketctl ticket")
+    (tmp_path / "ckpt.safetensors").write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    files["pickle"] = (tmp_path / "ckpt.safetensors", "never unpickles")
+    meta = ticket.metadata()
+    files["unknown arch"] = (write_raw(tmp_path / "arch.safetensors", ticket.tensors(),
+                                       {**meta, "arch": "lenet9"}), "unknown architecture")
+    files["newer version"] = (write_raw(tmp_path / "ver.safetensors", ticket.tensors(), meta,
+                                        version=2), "upgrade ticketctl")
+    shape = ticket.tensors()
+    shape["conv2.weight.mask"] = torch.ones(2, 2, dtype=torch.uint8)
+    files["mask shape"] = (write_raw(tmp_path / "shape.safetensors", shape, meta), "has shape")
+    vals = ticket.tensors()
+    vals["conv2.weight.mask"] = vals["conv2.weight.mask"] * 3
+    files["mask values"] = (write_raw(tmp_path / "vals.safetensors", vals, meta),
+                            "values other than 0 and 1")
+    return files
+
+
+def test_every_bad_file_is_exit_2_with_one_line(tmp_path, ticket):
+    for _label, (path, message) in _bad_files(tmp_path, ticket).items():
+        result = run("inspect", path)
+        assert_one_line_error(result, 2, message)
+
+
+def test_tampered_file_is_exit_1(tmp_path, ticket):
+    tensors = ticket.tensors()
+    tensors["fc.bias"] = tensors["fc.bias"] + 1
+    path = write_raw(tmp_path / "tampered.safetensors", tensors, ticket.metadata())
+    assert_one_line_error(run("inspect", path), 1, "altered after it was written")
+
+
+def test_missing_data_folder_is_exit_2(tmp_path):
+    result = run("data", "cifar10", "--data-dir", tmp_path / "nowhere")
+    assert_one_line_error(result, 2, "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run("data", "cifar10", "--data-dir", empty), 2, "data_batch_1")
+
+
+def test_output_in_missing_folder_and_existing_output(tmp_path, ticket):
+    src = save_ticket(ticket, tmp_path / "t.safetensors")
+    result = run("convert", src, "--to", "torch-prune", "--out", tmp_path / "no" / "x.pt")
+    assert_one_line_error(result, 2, "does not exist")
+    existing = tmp_path / "x.pt"
+    existing.write_bytes(b"keep me")
+    result = run("convert", src, "--to", "torch-prune", "--out", existing)
+    assert_one_line_error(result, 2, "pass --force")
+    assert existing.read_bytes() == b"keep me"
+    result = run("convert", src, "--to", "torch-prune", "--out", existing, "--force", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["out"] == str(existing)
+    assert existing.read_bytes() != b"keep me"
+
+
+def test_convert_round_trip_through_cli(tmp_path):
+    ticket = make_ticket(seed=5)
+    src = save_ticket(ticket, tmp_path / "t.safetensors")
+    assert run("convert", src, "--to", "torch-prune", "--out", tmp_path / "e.pt").exit_code == 0
+    result = run("convert", tmp_path / "e.pt", "--out", tmp_path / "back.safetensors", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["masks_sha256"] == ticket.mask.sha256()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"garbage!garbage!")
+    result = run("inspect", tmp_path / "x.safetensors", "--debug")
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_demo_and_python_dash_m(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "ticketctl", "demo", "--out-dir", str(out),
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["dense_accuracy"] > 80  # a real model on real digits, not a stub
+    assert doc["density"] == pytest.approx(0.5, abs=1e-4)
+    assert (out / "digits_trained.safetensors").exists()
+    again = subprocess.run([sys.executable, "-m", "ticketctl", "demo", "--out-dir", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--force" in again.stderr

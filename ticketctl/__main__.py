@@ -1,0 +1,3 @@
+from ticketctl.cli.app import main
+
+main()

@@ -1,0 +1,168 @@
+"""Interoperability at the edges: `torch.nn.utils.prune` state dicts and the paper authors'
+`.pth.tar` checkpoints in, torch-prune state dicts out. Pickled files are read only through
+`torch.load(weights_only=True)`, which refuses anything but tensors and plain containers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ticketctl.artifacts.io import atomic_path
+from ticketctl.artifacts.mask import Mask
+from ticketctl.artifacts.ticket import Ticket
+from ticketctl.errors import TicketctlError
+from ticketctl.models import ARCHS, build_model, prunable_names
+from ticketctl.models.registry import ARCH_ARGS
+
+ORIG, MASK = "_orig", "_mask"
+
+
+def load_torch_checkpoint(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise TicketctlError(f"{p}: no such file")
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise TicketctlError(
+                f"{p} holds Python objects besides tensors and was refused (ticketctl never "
+                f"fully unpickles files): {first}"
+            ) from None
+        raise TicketctlError(f"{p} is not a readable PyTorch checkpoint ({first})") from None
+
+
+def _tensor_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise TicketctlError(f"{where}: expected a state dict (names to tensors)")
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            out[k.removeprefix("module.")] = v
+    if not out:
+        raise TicketctlError(f"{where}: holds no tensors")
+    return out
+
+
+def split_pruned_state(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Fold `x_orig`/`x_mask` pairs back into `x` plus a mask for `x`."""
+    state, masks = {}, {}
+    for k, v in sd.items():
+        if k.endswith(MASK):
+            masks[k[: -len(MASK)]] = v
+        elif k.endswith(ORIG):
+            state[k[: -len(ORIG)]] = v
+        else:
+            state[k] = v
+    return state, masks
+
+
+def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any], int]:
+    """Find the registered architecture whose state dict has exactly these names and shapes."""
+    if "fc.weight" not in state or "conv1.weight" not in state:
+        raise TicketctlError("cannot infer the architecture (no conv1/fc weights); pass --arch")
+    num_classes = int(state["fc.weight"].shape[0])
+    in_ch = int(state["conv1.weight"].shape[1])
+    for arch in ARCHS:
+        args: dict[str, Any] = {"in_channels": in_ch}
+        if "width" in ARCH_ARGS[arch]:
+            args["width"] = int(state["conv1.weight"].shape[0])
+        if _fits(build_model(arch, num_classes, **args).state_dict(), state):
+            return arch, args, num_classes
+    raise TicketctlError("no registered architecture matches these tensors; pass --arch")
+
+
+def _fits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> bool:
+    keys = set(expected) - {k for k in expected if k.endswith("num_batches_tracked")}
+    return keys <= set(state) <= set(expected) and all(
+        tuple(state[k].shape) == tuple(expected[k].shape) for k in state
+    )
+
+
+def import_checkpoint(
+    path: str | Path,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    arch_args: dict[str, Any] | None = None,
+    weights: str = "auto",
+    dataset: str | None = None,
+) -> Ticket:
+    """Turn a torch-prune state dict or an authors' checkpoint into a Ticket.
+
+    weights: `rewind` takes the authors' `init_weight` (a `ticket`), `trained` the trained
+    weights (a `trained` model), `auto` the former when present."""
+    where = str(path)
+    obj = load_torch_checkpoint(path)
+    authors = isinstance(obj, dict) and "state_dict" in obj
+    sd = _tensor_dict(obj["state_dict"] if authors else obj, where)
+    # The authors' ResNets carry an input-normalisation module their forward never calls.
+    skipped_normalize = any(k.startswith("normalize.") for k in sd)
+    sd = {k: v for k, v in sd.items() if not k.startswith("normalize.")}
+    state, masks = split_pruned_state(sd)
+
+    if weights not in ("auto", "rewind", "trained"):
+        raise TicketctlError(f"--weights must be auto, rewind or trained, not {weights!r}")
+    init = obj.get("init_weight") if authors else None
+    if weights == "rewind" and init is None:
+        raise TicketctlError(f"{where} has no rewind weights (init_weight); use --weights trained")
+    use_rewind = init is not None and weights in ("auto", "rewind")
+    if use_rewind:
+        rewind, _ = split_pruned_state(_tensor_dict(init, where + " init_weight"))
+        rewind = {k: v for k, v in rewind.items() if not k.startswith("normalize.")}
+        state = {**state, **rewind}
+
+    if arch is None:
+        arch, inferred_args, inferred_classes = infer_arch(state)
+        arch_args = {**inferred_args, **(arch_args or {})}
+        num_classes = num_classes or inferred_classes
+    elif num_classes is None:
+        num_classes = int(state["fc.weight"].shape[0]) if "fc.weight" in state else 10
+    model = build_model(arch, num_classes, **(arch_args or {}))
+    expected = model.state_dict()
+    if not _fits(expected, state):
+        missing = sorted(set(expected) - set(state) - {k for k in expected
+                                                       if k.endswith("num_batches_tracked")})
+        extra = sorted(set(state) - set(expected))
+        raise TicketctlError(
+            f"{where}: tensors do not fit {arch} (missing: {', '.join(missing[:3]) or '-'}; "
+            f"unexpected: {', '.join(extra[:3]) or '-'}); check --arch and --num-classes"
+        )
+    full = {k: state.get(k, expected[k]).to(expected[k].dtype).clone() for k in expected}
+    params = dict(model.named_parameters())
+    if masks:
+        mask = Mask({k: v for k, v in masks.items()})
+    else:  # a plain state dict: its zeros are the mask
+        mask = Mask({n: full[n] != 0 for n in prunable_names(model)})
+    mask.check_shapes({k: v.shape for k, v in params.items()}, where=f"{where}: ")
+    return Ticket(
+        state=mask.apply_state(full),
+        mask=mask,
+        kind="ticket" if use_rewind else "trained",
+        arch=arch,
+        arch_args=arch_args or {},
+        num_classes=num_classes,
+        dataset={"name": dataset, "normalize": not skipped_normalize},
+        extra={"imported_from": Path(path).name,
+               "source_format": "authors-pth-tar" if authors else "torch-prune"},
+    )
+
+
+def export_torch_prune(ticket: Ticket) -> dict[str, torch.Tensor]:
+    """A state dict as `torch.nn.utils.prune` leaves it: `w_orig` and a float `w_mask`."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in ticket.state.items():
+        if k in ticket.mask:
+            out[k + ORIG] = v.clone()
+            out[k + MASK] = ticket.mask[k].to(v.dtype)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def save_torch_prune(ticket: Ticket, path: str | Path, force: bool = False) -> Path:
+    with atomic_path(path, force) as tmp:
+        torch.save(export_torch_prune(ticket), str(tmp))
+    return Path(path)

@@ -1,0 +1,59 @@
+"""Atomic output: a half-written ticket must never be mistaken for a whole one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ticketctl.errors import TicketctlError
+
+
+def check_output_path(path: str | Path, force: bool = False) -> Path:
+    """Refuse an output in a missing folder, or over an existing file without force."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise TicketctlError(f"cannot write {p}: folder {parent} does not exist; create it first")
+    if p.is_dir():
+        raise TicketctlError(f"cannot write {p}: it is a folder; give a file name")
+    if p.exists() and not force:
+        raise TicketctlError(f"{p} already exists; pass --force to overwrite it")
+    return p
+
+
+def _default_mode(p: Path) -> int:
+    if p.exists():
+        return p.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_path(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    p = check_output_path(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if p.exists() and not force:  # appeared while we were writing
+            raise TicketctlError(f"{p} already exists; pass --force to overwrite it")
+        os.chmod(tmp, _default_mode(p))  # mkstemp makes 0600; give the file a normal mode
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, force: bool = False) -> Path:
+    with atomic_path(path, force) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | Path, text: str, force: bool = False) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"), force)

@@ -1,0 +1,259 @@
+"""The ticket file: one safetensors file per artifact, validated at the boundary so the rest
+of the code can trust what it holds. `docs/FORMAT.md` is the specification."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ticketctl.artifacts.io import atomic_path
+from ticketctl.artifacts.mask import Mask, tensor_digest
+from ticketctl.errors import CheckFailed, TicketctlError
+from ticketctl.models import build_model
+
+FORMAT_NAME = "ticketctl"
+FORMAT_VERSION = 1
+KINDS = ("ticket", "trained", "key", "locked", "signed")
+MASK_SUFFIX = ".mask"
+
+PICKLE_HINT = (
+    "it looks like a pickled PyTorch checkpoint and was not loaded (ticketctl never "
+    "unpickles); import it with `ticketctl convert {path} --out TICKET.safetensors`"
+)
+
+
+@dataclass
+class Ticket:
+    """A model state (the model's own state_dict names) with the mask of its prunable weights.
+
+    `kind` says what the weights are: `ticket` holds rewind weights (what IMP found), `trained`
+    a trained sparse model, `key`/`locked` the two halves of a Scheme V1 split, `signed` a
+    ticket carrying a Scheme V2 signature."""
+
+    state: dict[str, torch.Tensor]
+    mask: Mask
+    kind: str = "ticket"
+    arch: str = "digits_cnn"
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    num_classes: int = 10
+    class_names: list[str] | None = None
+    dataset: dict[str, Any] = field(default_factory=dict)
+    rewind_epoch: int | None = None
+    seed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise TicketctlError(f"unknown ticket kind {self.kind!r}; known: {', '.join(KINDS)}")
+
+    @classmethod
+    def from_model(cls, model: nn.Module, mask: Mask, **meta: Any) -> Ticket:
+        state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+        return cls(state=mask.apply_state(state), mask=mask, **meta)
+
+    @property
+    def density(self) -> float:
+        return self.mask.density
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the file holds: the state, then each mask as `<param>.mask` (uint8)."""
+        out = {k: v.detach().to("cpu").contiguous() for k, v in self.state.items()}
+        for name, m in self.mask.items():
+            out[name + MASK_SUFFIX] = m.to(torch.uint8).contiguous()
+        return out
+
+    def tensors_sha256(self) -> str:
+        h = hashlib.sha256()
+        tensors = self.tensors()
+        for name in sorted(tensors):
+            tensor_digest(h, name, tensors[name])
+        return h.hexdigest()
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "arch": self.arch,
+            "arch_args": self.arch_args,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "dataset": self.dataset,
+            "density": self.density,
+            "kept": self.mask.num_kept,
+            "prunable": self.mask.num_total,
+            "rewind_epoch": self.rewind_epoch,
+            "seed": self.seed,
+            "masks_sha256": self.mask.sha256(),
+            "tensors_sha256": self.tensors_sha256(),
+            "extra": self.extra,
+        }
+
+    def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The architecture with this ticket's weights loaded (pruned weights are zero)."""
+        model = build_model(self.arch, self.num_classes, **self.arch_args)
+        model.load_state_dict(self.state)
+        return model.to(device)
+
+
+def save_ticket(ticket: Ticket, path: str | Path, force: bool = False) -> Path:
+    """Write a ticket atomically; refuses to overwrite unless `force`."""
+    meta = ticket.metadata()
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "ticket": json.dumps(meta, sort_keys=True),
+    }
+    data = safetensors.torch.save(ticket.tensors(), metadata=header)
+    with atomic_path(path, force) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def _sniff(path: Path) -> None:
+    if not path.exists():
+        raise TicketctlError(f"{path}: no such file")
+    if path.is_dir():
+        raise TicketctlError(f"{path} is a folder, not a ticket file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # Pickle protocol 2+ starts with 0x80; torch.save's zip container with PK\x03\x04.
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        raise TicketctlError(f"{path}: " + PICKLE_HINT.format(path=path))
+    if len(head) < 8:
+        raise TicketctlError(f"{path} is not a safetensors file (only {len(head)} bytes)")
+
+
+def read_header(path: str | Path) -> dict[str, str]:
+    """The raw `__metadata__` of a safetensors file, after checking it is one."""
+    p = Path(path)
+    _sniff(p)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for every corruption
+        raise TicketctlError(
+            f"{p} is not a valid safetensors file ({_short(e)}); is it truncated or corrupt?"
+        ) from None
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+
+
+def parse_metadata(header: dict[str, str], where: str) -> dict[str, Any]:
+    if header.get("format") != FORMAT_NAME or "ticket" not in header:
+        raise TicketctlError(
+            f"{where} is a safetensors file but not a ticketctl ticket (no ticketctl metadata); "
+            "import plain state dicts with `ticketctl convert`"
+        )
+    try:
+        version = int(header.get("format_version", ""))
+    except ValueError:
+        raise TicketctlError(f"{where}: unreadable format version "
+                             f"{header.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise TicketctlError(
+            f"{where} was written in ticket format version {version}; this ticketctl reads up to "
+            f"{FORMAT_VERSION}: upgrade ticketctl"
+        )
+    if version < 1:
+        raise TicketctlError(f"{where}: invalid format version {version}")
+    try:
+        meta = json.loads(header["ticket"])
+    except json.JSONDecodeError as e:
+        raise TicketctlError(f"{where}: ticket metadata is not valid JSON ({e.msg})") from None
+    if not isinstance(meta, dict):
+        raise TicketctlError(f"{where}: ticket metadata must be a JSON object")
+    missing = [k for k in ("kind", "arch", "num_classes") if k not in meta]
+    if missing:
+        raise TicketctlError(f"{where}: ticket metadata lacks {', '.join(missing)}")
+    if meta["kind"] not in KINDS:
+        raise TicketctlError(f"{where}: unknown kind {meta['kind']!r}; known: {', '.join(KINDS)}")
+    return meta
+
+
+def load_ticket(path: str | Path, verify_hashes: bool = True) -> Ticket:
+    """Load and validate a ticket file.
+
+    Structural problems raise TicketctlError (bad input); a file whose content no longer
+    matches the hashes it records raises CheckFailed (it was altered after writing)."""
+    p = Path(path)
+    where = str(p)
+    meta = parse_metadata(read_header(p), where)
+    try:
+        tensors = safetensors.torch.load_file(str(p))
+    except Exception as e:
+        raise TicketctlError(f"{where}: cannot read tensors ({_short(e)}); truncated?") from None
+
+    try:
+        # On the meta device: names and shapes without paying for initialisation.
+        with torch.device("meta"):
+            model = build_model(meta["arch"], meta["num_classes"],
+                                **(meta.get("arch_args") or {}))
+    except TicketctlError as e:
+        raise TicketctlError(f"{where}: {e}") from None
+    except TypeError as e:
+        raise TicketctlError(f"{where}: bad architecture arguments ({e})") from None
+    expected = model.state_dict()
+
+    masks = {k[: -len(MASK_SUFFIX)]: v for k, v in tensors.items() if k.endswith(MASK_SUFFIX)}
+    state = {k: v for k, v in tensors.items() if not k.endswith(MASK_SUFFIX)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = [f"{label} {', '.join(names[:3])}" + (" ..." if len(names) > 3 else "")
+                  for label, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise TicketctlError(
+            f"{where}: tensors do not fit architecture {meta['arch']!r} ({'; '.join(detail)})"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise TicketctlError(
+                f"{where}: tensor {k!r} has shape {list(v.shape)} but {meta['arch']} needs "
+                f"{list(expected[k].shape)}"
+            )
+    params = dict(model.named_parameters())
+    for name in masks:
+        if name not in params:
+            raise TicketctlError(f"{where}: mask {name + MASK_SUFFIX!r} names no parameter")
+    try:
+        mask = Mask(masks)
+        mask.check_shapes({k: v.shape for k, v in params.items()}, where=f"{where}: ")
+    except TicketctlError as e:
+        msg = str(e)
+        raise TicketctlError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+    for name, m in mask.items():
+        if bool((state[name][~m] != 0).any()):
+            n = int((state[name][~m] != 0).sum())
+            raise TicketctlError(
+                f"{where}: {n} pruned weight(s) of {name!r} are not zero; the file is inconsistent"
+            )
+
+    ticket = Ticket(
+        state=state,
+        mask=mask,
+        kind=meta["kind"],
+        arch=meta["arch"],
+        arch_args=meta.get("arch_args") or {},
+        num_classes=meta["num_classes"],
+        class_names=meta.get("class_names"),
+        dataset=meta.get("dataset") or {},
+        rewind_epoch=meta.get("rewind_epoch"),
+        seed=meta.get("seed"),
+        extra=meta.get("extra") or {},
+    )
+    if verify_hashes:
+        if meta.get("masks_sha256") != mask.sha256():
+            raise CheckFailed(f"{where}: masks do not match their recorded SHA-256; "
+                              "the file was altered after it was written")
+        if meta.get("tensors_sha256") != ticket.tensors_sha256():
+            raise CheckFailed(f"{where}: tensors do not match their recorded SHA-256; "
+                              "the file was altered after it was written")
+    return ticket

@@ -1,0 +1,72 @@
+"""The in-memory dataset every training and pruning command works on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Dataset:
+    """All splits of one dataset, already as normalised float32 tensors on one device.
+
+    Keeping everything resident on the device avoids a data-loader pipeline: small image
+    datasets (CIFAR is 600 MB as float32) fit on a GPU, and batches are plain index slices.
+    """
+
+    name: str
+    num_classes: int
+    class_names: list[str]
+    input_shape: tuple[int, int, int]  # C, H, W
+    train_x: torch.Tensor  # float32, normalised, N x C x H x W
+    train_y: torch.Tensor  # int64
+    val_x: torch.Tensor  # 0 rows when val_size == 0
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, ...]  # per channel, on the [0, 1] pixel scale
+    std: tuple[float, ...]
+    augment: str  # "crop_flip" or "none", for augment_batch
+    val_size: int = 0
+    split_seed: int = 0
+    data_dir: str | None = None
+    normalized: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        """The device all split tensors live on."""
+        return self.train_x.device
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise N x C x H x W images on the [0, 1] scale exactly like this dataset's splits.
+
+        Use it for images from elsewhere (e.g. a trigger set) so a model sees them the same way.
+        """
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device)
+        std = torch.tensor(self.std, dtype=torch.float32, device=images.device)
+        return (images.float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Invert ``normalize``: back to the [0, 1] pixel scale."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device)
+        std = torch.tensor(self.std, dtype=torch.float32, device=images.device)
+        return images.float() * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able description, for artifacts and ``--json`` output."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "train_size": int(self.train_x.shape[0]),
+            "val_size": int(self.val_x.shape[0]),
+            "test_size": int(self.test_x.shape[0]),
+            "split_seed": self.split_seed,
+            "data_dir": self.data_dir,
+            "augment": self.augment,
+            "normalized": self.normalized,
+            "mean": [float(m) for m in self.mean],
+            "std": [float(s) for s in self.std],
+        }

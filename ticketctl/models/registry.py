@@ -1,0 +1,57 @@
+"""Architecture registry and the one definition of which parameters are prunable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ticketctl.errors import TicketctlError
+from ticketctl.models.digits_cnn import digits_cnn
+from ticketctl.models.resnet_cifar import resnet18, resnet20, resnet50
+from ticketctl.models.vgg import vgg16
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": resnet20,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "vgg16": vgg16,
+    "digits_cnn": digits_cnn,
+}
+
+# Arguments each builder accepts beyond num_classes; anything else in a file is refused.
+ARCH_ARGS: dict[str, set[str]] = {
+    "resnet20": {"in_channels"},
+    "resnet18": {"in_channels"},
+    "resnet50": {"in_channels"},
+    "vgg16": {"in_channels"},
+    "digits_cnn": {"in_channels", "width"},
+}
+
+
+def build_model(arch: str, num_classes: int = 10, **arch_args: Any) -> nn.Module:
+    """Build a freshly initialised model; raises TicketctlError for unknown archs or args."""
+    if arch not in ARCHS:
+        raise TicketctlError(
+            f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHS))}"
+        )
+    bad = set(arch_args) - ARCH_ARGS[arch]
+    if bad:
+        raise TicketctlError(
+            f"architecture {arch!r} takes no argument(s) {', '.join(sorted(bad))}; "
+            f"allowed: {', '.join(sorted(ARCH_ARGS[arch])) or 'none'}"
+        )
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise TicketctlError(f"number of classes must be a positive integer, got {num_classes!r}")
+    return ARCHS[arch](num_classes=num_classes, **arch_args)
+
+
+def prunable_names(model: nn.Module, prune_linear: bool = False) -> list[str]:
+    """Names of the weights IMP may prune: every conv but the first (the paper's choice),
+    plus linear weights only when asked. Order is the model's registration order."""
+    convs = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    names = convs[1:]
+    if prune_linear:
+        names += [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return names
