@@ -55,3 +55,15 @@ def test_unknown_arch_and_bad_args_are_refused():
         build_model("resnet21")
     with pytest.raises(TicketctlError, match="takes no argument"):
         build_model("resnet20", depth=3)
+
+
+def test_seeded_build_is_reproducible_and_leaves_global_rng_alone():
+    torch.manual_seed(7)
+    expected_next = torch.rand(1)
+    torch.manual_seed(7)
+    a = build_model("digits_cnn", seed=3).state_dict()
+    assert torch.equal(torch.rand(1), expected_next)
+    b = build_model("digits_cnn", seed=3).state_dict()
+    c = build_model("digits_cnn", seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv2.weight"], c["conv2.weight"])

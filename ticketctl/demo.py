@@ -41,7 +41,8 @@ def run_demo(
     dev = resolve_device(device)
     t0 = time.perf_counter()
     data = load_dataset("digits", device=dev, split_seed=0)
-    model = build_model("digits_cnn", data.num_classes, in_channels=data.input_shape[0])
+    model = build_model("digits_cnn", data.num_classes, seed=seed,
+                        in_channels=data.input_shape[0])
     cfg = TrainConfig(**{**DEMO_TRAIN.to_dict(), "seed": seed})
     dense = train(model, data, cfg, on_epoch=(lambda s: on_epoch("dense", s)) if on_epoch else None)
     names = prunable_names(model)

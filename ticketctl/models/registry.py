@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ticketctl.errors import TicketctlError
@@ -30,8 +31,12 @@ ARCH_ARGS: dict[str, set[str]] = {
 }
 
 
-def build_model(arch: str, num_classes: int = 10, **arch_args: Any) -> nn.Module:
-    """Build a freshly initialised model; raises TicketctlError for unknown archs or args."""
+def build_model(
+    arch: str, num_classes: int = 10, seed: int | None = None, **arch_args: Any
+) -> nn.Module:
+    """Build a freshly initialised model; raises TicketctlError for unknown archs or args.
+
+    With a seed the initialisation is reproducible and leaves the global RNG untouched."""
     if arch not in ARCHS:
         raise TicketctlError(
             f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHS))}"
@@ -44,7 +49,11 @@ def build_model(arch: str, num_classes: int = 10, **arch_args: Any) -> nn.Module
         )
     if not isinstance(num_classes, int) or num_classes < 1:
         raise TicketctlError(f"number of classes must be a positive integer, got {num_classes!r}")
-    return ARCHS[arch](num_classes=num_classes, **arch_args)
+    if seed is None:
+        return ARCHS[arch](num_classes=num_classes, **arch_args)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ARCHS[arch](num_classes=num_classes, **arch_args)
 
 
 def prunable_names(model: nn.Module, prune_linear: bool = False) -> list[str]:
