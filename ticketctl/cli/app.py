@@ -8,7 +8,9 @@ from ticketctl import __version__
 from ticketctl.cli.convert import convert
 from ticketctl.cli.data import data
 from ticketctl.cli.demo import demo
+from ticketctl.cli.find import find
 from ticketctl.cli.inspect import inspect
+from ticketctl.cli.retrain import retrain
 
 app = typer.Typer(
     name="ticketctl",
@@ -34,6 +36,8 @@ def _root(
     """Find, protect and verify lottery tickets (sparse masks found by IMP)."""
 
 
+app.command("find")(find)
+app.command("retrain")(retrain)
 app.command("inspect")(inspect)
 app.command("convert")(convert)
 app.command("demo")(demo)

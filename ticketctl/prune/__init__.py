@@ -1,5 +1,10 @@
-"""Mask operations and iterative magnitude pruning."""
+"""Mask operations, iterative magnitude pruning and the extreme-ticket search."""
 
+from ticketctl.prune.imp import Events, FindResult, FindSettings, default_run_dir, find_ticket
 from ticketctl.prune.magnitude import magnitude_prune
+from ticketctl.prune.presets import PRESETS, resolve_settings
+from ticketctl.prune.search import SearchConfig, SearchState, record_round
 
-__all__ = ["magnitude_prune"]
+__all__ = ["PRESETS", "Events", "FindResult", "FindSettings", "SearchConfig", "SearchState",
+           "default_run_dir", "find_ticket", "magnitude_prune", "record_round",
+           "resolve_settings"]

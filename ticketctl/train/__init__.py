@@ -1,6 +1,9 @@
 """The trainer and evaluation."""
 
 from ticketctl.train.config import TrainConfig
-from ticketctl.train.loop import EpochStats, TrainResult, evaluate, train
+from ticketctl.train.engine import EpochStats, Trainer, TrainResult, evaluate, summarize
+from ticketctl.train.loop import train
+from ticketctl.train.schedule import lr_at
 
-__all__ = ["EpochStats", "TrainConfig", "TrainResult", "evaluate", "train"]
+__all__ = ["EpochStats", "TrainConfig", "TrainResult", "Trainer", "evaluate", "lr_at",
+           "summarize", "train"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ticketctl.errors import TicketctlError
 
 
 @dataclass
@@ -17,8 +20,36 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     warmup_epochs: int = 0
+    label_smoothing: float = 0.0
     seed: int = 0
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 1000
+    # CUDA only (ignored on CPU, which always runs plain eager fp32):
+    bf16: bool = True
+    channels_last: bool = True
+    compile: bool = True
+    cuda_graph: bool = True
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise TicketctlError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise TicketctlError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise TicketctlError(f"--lr must be positive, got {self.lr}")
+        if self.schedule not in ("multistep", "cosine"):
+            raise TicketctlError(f"unknown schedule {self.schedule!r}; use multistep or cosine")
+        if not 0 <= self.momentum < 1:
+            raise TicketctlError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise TicketctlError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise TicketctlError(f"--warmup-epochs must be in [0, epochs), got "
+                                 f"{self.warmup_epochs}")

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ticketctl.artifacts import load_ticket, save_ticket
+from ticketctl.artifacts.io import check_output_path
+from ticketctl.cli import options as o
+from ticketctl.cli.common import (
+    DebugOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    console,
+    emit_json,
+    handle_errors,
+    progress_bar,
+)
+from ticketctl.data import load_dataset
+from ticketctl.device import resolve_device
+from ticketctl.prune import resolve_settings
+from ticketctl.train.retrain import retrain_ticket
+
+
+@handle_errors
+def retrain(
+    ticket_path: Annotated[Path, typer.Argument(metavar="TICKET", help="A ticket file.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o",
+                                                help="Write the trained model here.")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        help="Training schedule: demo, fast or paper (default: demo on digits, else paper)."
+    )] = None,
+    dataset: o.DatasetOpt = None,
+    data_dir: o.DataDir = None,
+    val_size: o.ValSize = None,
+    split_seed: o.SplitSeed = 0,
+    epochs: o.Epochs = None,
+    batch_size: o.BatchSize = None,
+    lr: o.Lr = None,
+    momentum: o.Momentum = None,
+    weight_decay: o.WeightDecay = None,
+    nesterov: o.Nesterov = None,
+    schedule: o.Schedule = None,
+    milestones: o.Milestones = None,
+    warmup_epochs: o.Warmup = None,
+    seed: o.Seed = 0,
+    no_compile: o.NoCompile = False,
+    no_graph: o.NoGraph = False,
+    no_bf16: o.NoBf16 = False,
+    no_channels_last: o.NoChannelsLast = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a ticket from its rewind weights under its mask; report test accuracy."""
+    if out is not None:
+        check_output_path(out, force)
+    ticket = load_ticket(ticket_path)
+    recorded = ticket.dataset or {}
+    name = dataset or recorded.get("name") or "digits"
+    folder = data_dir or recorded.get("data_dir")
+    settings = resolve_settings(
+        preset, arch=ticket.arch, dataset=name,
+        train=o.train_overrides(epochs, batch_size, lr, momentum, weight_decay, nesterov,
+                                schedule, milestones, warmup_epochs, seed, no_compile, no_graph,
+                                no_bf16, no_channels_last))
+    settings.train.validate()
+    data = load_dataset(name, folder, device=resolve_device(device),
+                        val_size=val_size if val_size is not None else recorded.get("val_size"),
+                        split_seed=split_seed)
+    with progress_bar(quiet or json_out) as progress:
+        task = progress.add_task("retrain", total=settings.train.epochs, info="")
+
+        def on_epoch(s) -> None:
+            progress.update(task, completed=s.epoch,
+                            info=f"val {s.val_accuracy or 0:.2f}% test {s.test_accuracy:.2f}%")
+
+        result, trained = retrain_ticket(ticket, data, settings.train, on_epoch=on_epoch)
+    if out is not None:
+        save_ticket(trained, out, force=force)
+    if json_out:
+        emit_json({"test_accuracy": result.test_accuracy, "val_accuracy": result.val_accuracy,
+                   "best_epoch": result.best_epoch, "trigger_accuracy": None,
+                   "out": str(out) if out else None, "density": ticket.density,
+                   "seconds": result.seconds})
+    elif not quiet:
+        console.print(f"test accuracy {result.test_accuracy:.2f}% at best validation "
+                      f"(epoch {result.best_epoch}), density {100 * ticket.density:.3f}%"
+                      + (f"; wrote {out}" if out else ""), highlight=False)

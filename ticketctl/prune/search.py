@@ -1,0 +1,112 @@
+"""The extreme-ticket search as a pure state machine: given the accuracy of each round it
+says whether the round is accepted, which rate comes next and when to stop. No I/O, so its
+control flow is testable on a stub accuracy sequence and resumable from its JSON state."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ticketctl.errors import TicketctlError
+
+PAPER_RATES = (0.2, 0.1, 0.05, 0.01)
+
+
+@dataclass
+class SearchConfig:
+    rates: list[float] = field(default_factory=lambda: list(PAPER_RATES))
+    tolerance: float = 1.0  # accuracy points below dense a ticket may lose and still match
+    rewind_epoch: int = 3
+    mode: str = "extreme"  # extreme | fixed
+    rounds: int | None = None  # fixed mode: how many rounds at rates[0]
+    scope: str = "global"  # global | layer
+    trials: int = 1  # accept a round on the mean of this many retrainings
+    max_rounds: int = 200
+    prune_linear: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self, epochs: int) -> None:
+        if not self.rates:
+            raise TicketctlError("--rates needs at least one rate")
+        for r in self.rates:
+            if not 0.0 < r < 1.0:
+                raise TicketctlError(f"pruning rates must be in (0, 1), got {r}")
+        if any(b >= a for a, b in zip(self.rates, self.rates[1:])):
+            raise TicketctlError(f"--rates must be strictly decreasing, got "
+                                 f"{','.join(str(r) for r in self.rates)}")
+        if self.tolerance < 0:
+            raise TicketctlError(f"--tolerance must be 0 or more, got {self.tolerance}")
+        if not 0 <= self.rewind_epoch < epochs:
+            raise TicketctlError(f"--rewind-epoch {self.rewind_epoch} must be below the number "
+                                 f"of epochs ({epochs}); 0 rewinds to the initialisation")
+        if self.mode not in ("extreme", "fixed"):
+            raise TicketctlError(f"unknown search mode {self.mode!r}")
+        if self.mode == "fixed" and (self.rounds is None or self.rounds < 1):
+            raise TicketctlError("fixed-rate IMP needs --rounds N (at least 1)")
+        if self.scope not in ("global", "layer"):
+            raise TicketctlError(f"--scope must be global or layer, got {self.scope!r}")
+        if self.max_rounds < 0:
+            raise TicketctlError(f"--max-rounds must be 0 (dense only) or more, got "
+                                 f"{self.max_rounds}")
+        if self.trials < 1:
+            raise TicketctlError(f"--trials must be at least 1, got {self.trials}")
+
+
+@dataclass
+class SearchState:
+    rate_index: int = 0
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def accepted_rounds(self) -> int:
+        return sum(1 for r in self.rounds if r["accepted"])
+
+    def spec(self, cfg: SearchConfig) -> list[int]:
+        """Accepted rounds per rate, as the paper's Table 1 reports them."""
+        return [sum(1 for r in self.rounds if r["accepted"] and r["rate"] == rate)
+                for rate in cfg.rates]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SearchState:
+        return cls(rate_index=d["rate_index"], rounds=list(d["rounds"]), done=d["done"])
+
+
+def current_rate(state: SearchState, cfg: SearchConfig) -> float | None:
+    return None if state.done else cfg.rates[state.rate_index]
+
+
+def record_round(
+    state: SearchState,
+    cfg: SearchConfig,
+    dense_accuracy: float,
+    accuracy: float,
+    **details: Any,
+) -> bool:
+    """Record one finished round and advance the search; returns whether it was accepted.
+
+    Extreme search: a round matches when its accuracy is at most `tolerance` points below
+    dense; a failed round is reverted (its mask is dropped) and the next smaller rate tried;
+    the search stops when the smallest rate fails. Fixed-rate IMP accepts every round."""
+    if state.done:
+        raise RuntimeError("the search has already finished")
+    rate = cfg.rates[state.rate_index]
+    if cfg.mode == "fixed":
+        accepted = True
+    else:
+        accepted = accuracy >= dense_accuracy - cfg.tolerance
+    state.rounds.append({"round": len(state.rounds) + 1, "rate": rate, "accuracy": accuracy,
+                         "accepted": accepted, **details})
+    if cfg.mode == "fixed":
+        state.done = state.accepted_rounds >= (cfg.rounds or 0)
+    elif not accepted:
+        state.rate_index += 1
+        state.done = state.rate_index >= len(cfg.rates)
+    if len(state.rounds) >= cfg.max_rounds:
+        state.done = True
+    return accepted

@@ -1,0 +1,35 @@
+"""Retraining a ticket: its rewind weights under its mask, with the same trainer as `find`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ticketctl.artifacts import Ticket
+from ticketctl.data import Dataset
+from ticketctl.train.config import TrainConfig
+from ticketctl.train.engine import EpochStats, Trainer, TrainResult
+
+
+def retrain_ticket(
+    ticket: Ticket,
+    data: Dataset,
+    cfg: TrainConfig,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> tuple[TrainResult, Ticket]:
+    """Train epochs rewind_epoch+1..epochs from the ticket's weights (momentum starts at
+    zero: a ticket file holds weights, not optimizer state) and return the trained model."""
+    model = ticket.build_model()
+    trainer = Trainer(model, data, cfg, mask=ticket.mask)
+    start = ticket.rewind_epoch or 0
+    if start >= cfg.epochs:
+        start = 0
+    result = trainer.fit(start_epoch=start, on_epoch=on_epoch)
+    trained = Ticket(
+        state=ticket.mask.apply_state(trainer.model_state()), mask=ticket.mask, kind="trained",
+        arch=ticket.arch, arch_args=ticket.arch_args, num_classes=ticket.num_classes,
+        class_names=ticket.class_names, dataset=data.info(), rewind_epoch=ticket.rewind_epoch,
+        seed=cfg.seed,
+        extra={**{k: v for k, v in ticket.extra.items() if k != "ticket_accuracy"},
+               "retrained_from": ticket.tensors_sha256(), "test_accuracy": result.test_accuracy},
+    )
+    return result, trained
