@@ -142,9 +142,14 @@ def test_demo_and_python_dash_m(tmp_path):
                            "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert doc["dense_accuracy"] > 80  # a real model on real digits, not a stub
-    assert doc["density"] == pytest.approx(0.5, abs=1e-4)
-    assert (out / "digits_trained.safetensors").exists()
+    found = doc["find"]
+    assert found["dense_accuracy"] > 80  # a real model on real digits, not a stub
+    assert found["density"] < 0.5 and found["rounds"]  # the extreme search pruned it
+    assert found["ticket_accuracy"] >= found["dense_accuracy"] - 1.0
+    assert doc["inspect"]["kind"] == "ticket"
+    assert doc["inspect"]["density"] == pytest.approx(found["density"])
+    for name in ("digits.ticket.safetensors", "digits.trained.safetensors", "search.png"):
+        assert (out / name).exists()
     again = subprocess.run([sys.executable, "-m", "ticketctl", "demo", "--out-dir", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--force" in again.stderr

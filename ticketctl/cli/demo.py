@@ -16,8 +16,8 @@ from ticketctl.cli.common import (
     handle_errors,
     progress_bar,
 )
-from ticketctl.cli.render import ticket_table
-from ticketctl.demo import DEMO_TRAIN, default_out_dir, run_demo
+from ticketctl.cli.render import ProgressEvents, rounds_table, ticket_table
+from ticketctl.demo import default_out_dir, run_demo
 
 
 @handle_errors
@@ -31,23 +31,18 @@ def demo(
     force: ForceOpt = False,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Run the pipeline on the embedded digits dataset on CPU (seconds)."""
+    """Run the pipeline on the embedded digits dataset on CPU (about a minute)."""
     out = out_dir or default_out_dir()
     with progress_bar(quiet or json_out) as progress:
-        task = progress.add_task("dense training", total=DEMO_TRAIN.epochs, info="")
-
-        def on_epoch(stage: str, s) -> None:
-            progress.update(task, completed=s.epoch,
-                            info=f"test {s.test_accuracy:.1f}% val {s.val_accuracy or 0:.1f}%")
-
-        result = run_demo(out, force=force, device=device, on_epoch=on_epoch, seed=seed)
+        result = run_demo(out, force=force, device=device, seed=seed,
+                          events=ProgressEvents(progress, not (quiet or json_out)))
     if json_out:
         emit_json(result)
         return
     if not quiet:
-        console.print(f"dense digits CNN: {result['dense_accuracy']:.2f}% test accuracy; "
-                      f"after 50% magnitude pruning: {result['pruned_accuracy']:.2f}%",
-                      highlight=False)
+        f = result["find"]
+        console.print(rounds_table(f["rounds"], f["dense_accuracy"], f["ticket_accuracy"],
+                                   f["density"]))
         ticket_table(result["inspect"])
-        console.print(f"files in {result['out_dir']} ({result['seconds']:.1f} s)",
-                      highlight=False)
+        console.print(f"files in {result['out_dir']} ({result['seconds']:.1f} s): "
+                      + ", ".join(Path(p).name for p in result["files"]), highlight=False)

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from ticketctl.artifacts import save_ticket
 from ticketctl.artifacts.io import check_output_path
@@ -20,49 +19,11 @@ from ticketctl.cli.common import (
     handle_errors,
     progress_bar,
 )
+from ticketctl.cli.render import ProgressEvents, rounds_table
 from ticketctl.plots import plot_search
-from ticketctl.prune import Events, default_run_dir, find_ticket, resolve_settings
+from ticketctl.prune import default_run_dir, find_ticket, resolve_settings
 
 P_SEARCH = "Search"
-
-
-class ProgressEvents(Events):
-    """Draws one bar per training: round, epoch, accuracies, time left."""
-
-    def __init__(self, progress, verbose: bool) -> None:
-        self.progress = progress
-        self.verbose = verbose
-        self.task = None
-
-    def training(self, label: str, first_epoch: int, last_epoch: int) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-        name = "dense" if label == "dense" else label.replace("-trial-0", "")
-        self.task = self.progress.add_task(name, total=last_epoch - first_epoch + 1, info="")
-
-    def epoch(self, s) -> None:
-        self.progress.update(self.task, advance=1,
-                             info=f"ep {s.epoch} val {s.val_accuracy or 0:.2f}% "
-                                  f"test {s.test_accuracy:.2f}%")
-
-    def round(self, r: dict[str, Any]) -> None:
-        if not self.verbose:
-            return
-        mark = "[green]accepted" if r["accepted"] else "[red]reverted"
-        self.progress.console.print(
-            f"round {r['round']}: rate {r['rate']} density {100 * r['density']:.3f}% "
-            f"accuracy {r['accuracy']:.2f}% {mark}", highlight=False)
-
-
-def rounds_table(result) -> Table:
-    table = Table(title=f"dense {result.dense_accuracy:.2f}% -> ticket "
-                        f"{result.ticket_accuracy:.2f}% at {100 * result.density:.3f}% density")
-    for col in ("round", "rate", "density", "accuracy", "accepted"):
-        table.add_column(col, justify="right")
-    for r in result.rounds:
-        table.add_row(str(r["round"]), str(r["rate"]), f"{100 * r['density']:.3f}%",
-                      f"{r['accuracy']:.2f}%", "yes" if r["accepted"] else "[red]no")
-    return table
 
 
 @handle_errors
@@ -160,7 +121,8 @@ def find(
                    "trained": str(trained) if trained else None,
                    "plot": str(plot) if plot else None, "settings": settings.to_dict()})
     elif not quiet:
-        console.print(rounds_table(result))
+        console.print(rounds_table(result.rounds, result.dense_accuracy, result.ticket_accuracy,
+                                   result.density))
         spec = ", ".join(f"{k}: {v}" for k, v in result.spec.items())
         console.print(f"pruning specification (accepted rounds per rate): {spec}; "
                       f"{result.seconds:.1f} s; run folder {result.run_dir}", highlight=False)

@@ -7,6 +7,7 @@ from typing import Any
 from rich.table import Table
 
 from ticketctl.cli.common import console
+from ticketctl.prune import Events
 
 
 def pct(x: float | None, digits: int = 2) -> str:
@@ -44,3 +45,43 @@ def ticket_table(info: dict[str, Any]) -> None:
         console.print(f"[bold]{key:>13}[/] {value if value is not None else '-'}", highlight=False)
     for key, value in info["hashes"].items():
         console.print(f"[bold]{key:>13}[/] {value}", highlight=False)
+
+
+class ProgressEvents(Events):
+    """Draws one bar per training: round, epoch, accuracies, time left."""
+
+    def __init__(self, progress, verbose: bool) -> None:
+        self.progress = progress
+        self.verbose = verbose
+        self.task = None
+
+    def training(self, label: str, first_epoch: int, last_epoch: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        name = "dense" if label == "dense" else label.replace("-trial-0", "")
+        self.task = self.progress.add_task(name, total=last_epoch - first_epoch + 1, info="")
+
+    def epoch(self, s) -> None:
+        self.progress.update(self.task, advance=1,
+                             info=f"ep {s.epoch} val {s.val_accuracy or 0:.2f}% "
+                                  f"test {s.test_accuracy:.2f}%")
+
+    def round(self, r: dict[str, Any]) -> None:
+        if not self.verbose:
+            return
+        mark = "[green]accepted" if r["accepted"] else "[red]reverted"
+        self.progress.console.print(
+            f"round {r['round']}: rate {r['rate']} density {100 * r['density']:.3f}% "
+            f"accuracy {r['accuracy']:.2f}% {mark}", highlight=False)
+
+
+def rounds_table(rounds: list[dict[str, Any]], dense_accuracy: float, ticket_accuracy: float,
+                 density: float) -> Table:
+    table = Table(title=f"dense {dense_accuracy:.2f}% -> ticket "
+                        f"{ticket_accuracy:.2f}% at {100 * density:.3f}% density")
+    for col in ("round", "rate", "density", "accuracy", "accepted"):
+        table.add_column(col, justify="right")
+    for r in rounds:
+        table.add_row(str(r["round"]), str(r["rate"]), f"{100 * r['density']:.3f}%",
+                      f"{r['accuracy']:.2f}%", "yes" if r["accepted"] else "[red]no")
+    return table

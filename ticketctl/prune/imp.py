@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ticketctl.artifacts import Mask, Ticket
-from ticketctl.data import load_dataset
+from ticketctl.data import DATASETS, load_dataset
 from ticketctl.device import resolve_device
-from ticketctl.models import build_model, prunable_names
+from ticketctl.errors import TicketctlError
+from ticketctl.models import ARCHS, build_model, prunable_names
 from ticketctl.prune.magnitude import magnitude_prune
 from ticketctl.prune.rundir import RunDir, settings_hash
 from ticketctl.prune.search import SearchConfig, SearchState, current_rate, record_round
@@ -41,6 +42,12 @@ class FindSettings:
                 "train": self.train.to_dict(), "search": self.search.to_dict()}
 
     def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise TicketctlError(f"unknown architecture {self.arch!r}; known: "
+                                 f"{', '.join(sorted(ARCHS))}")
+        if self.dataset not in DATASETS:
+            raise TicketctlError(f"unknown dataset {self.dataset!r}; known: "
+                                 f"{', '.join(DATASETS)}")
         self.train.validate()
         self.search.validate(self.train.epochs)
 
@@ -133,10 +140,10 @@ def find_ticket(
     dev = resolve_device(device)
     data = load_dataset(settings.dataset, settings.data_dir, device=dev,
                         val_size=settings.val_size, split_seed=settings.split_seed)
-    run = RunDir.open(Path(run_path), settings.to_dict(), resume=resume, force=force)
     tcfg, scfg = settings.train, settings.search
     arch_args = {"in_channels": data.input_shape[0]}
     model = build_model(settings.arch, data.num_classes, seed=tcfg.seed, **arch_args)
+    run = RunDir.open(Path(run_path), settings.to_dict(), resume=resume, force=force)
     full = Mask.ones(model, prunable_names(model, prune_linear=scfg.prune_linear))
     trainer = Trainer(model, data, tcfg, mask=full)
 
@@ -207,6 +214,8 @@ def find_ticket(
         run.write_json("state.json", {**state.to_dict(), "seq": seq})
         run.write_tables(state.rounds)
         events.round(state.rounds[-1])
+
+    run.write_tables(state.rounds)
 
     # ---- results --------------------------------------------------------------------------------
     final = _accepted_mask(run, state) or full

@@ -33,7 +33,7 @@ class SearchConfig:
         for r in self.rates:
             if not 0.0 < r < 1.0:
                 raise TicketctlError(f"pruning rates must be in (0, 1), got {r}")
-        if any(b >= a for a, b in zip(self.rates, self.rates[1:])):
+        if any(b >= a for a, b in zip(self.rates, self.rates[1:], strict=False)):
             raise TicketctlError(f"--rates must be strictly decreasing, got "
                                  f"{','.join(str(r) for r in self.rates)}")
         if self.tolerance < 0:

@@ -9,7 +9,7 @@ from torch import nn
 from ticketctl.artifacts import Mask
 from ticketctl.data import Dataset
 from ticketctl.train.config import TrainConfig
-from ticketctl.train.engine import EpochStats, TrainResult, Trainer
+from ticketctl.train.engine import EpochStats, Trainer, TrainResult
 
 
 def train(

@@ -1,0 +1,96 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ticketctl.artifacts import Mask
+from ticketctl.data import load_dataset
+from ticketctl.models import build_model, prunable_names
+from ticketctl.prune import magnitude_prune
+from ticketctl.train import TrainConfig, Trainer, lr_at
+from ticketctl.train.sgd import MaskedSGD
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_masked_sgd_equals_torch_sgd_without_a_mask(nesterov):
+    torch.manual_seed(0)
+    a = build_model("digits_cnn", width=8)
+    b = copy.deepcopy(a)
+    ref = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
+                          nesterov=nesterov)
+    ours = MaskedSGD(list(a.parameters()), [None] * len(list(a.parameters())), momentum=0.9,
+                     weight_decay=5e-4, nesterov=nesterov)
+    lr = torch.tensor(0.05)
+    for _ in range(5):
+        x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+        for model in (a, b):
+            for p in model.parameters():
+                p.grad = None
+            F.cross_entropy(model(x), y).backward()
+        ours.step(lr)
+        ref.step()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-6), n
+
+
+def test_pruned_weights_stay_exactly_zero_and_momentum_never_grows(digits):
+    model = build_model("digits_cnn", seed=0)
+    mask = magnitude_prune(dict(model.named_parameters()),
+                           Mask.ones(model, prunable_names(model)), 0.7)
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.05, schedule="cosine", seed=0)
+    trainer = Trainer(model, digits, cfg, mask=mask)
+    result = trainer.fit()
+    params = dict(model.named_parameters())
+    for name in mask:
+        assert bool((params[name][~mask[name]] == 0).all()), name
+        assert bool((params[name][mask[name]] != 0).any()), name
+        buf = trainer.opt.bufs[trainer.param_names.index(name)]
+        assert bool((buf[~mask[name]] == 0).all()), name
+    assert result.test_accuracy > 50
+    # the test accuracy reported is the one at the best-validation epoch
+    best = max(result.history, key=lambda h: (h.val_accuracy, -h.epoch))
+    assert result.best_epoch == best.epoch and result.test_accuracy == best.test_accuracy
+
+
+def test_same_seed_same_weights_other_seed_other_weights(digits):
+    def run(seed):
+        model = build_model("digits_cnn", seed=0)
+        Trainer(model, digits, TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=seed)).fit()
+        return model.state_dict()
+
+    a, b, c = run(1), run(1), run(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv2.weight"], c["conv2.weight"])
+
+
+def test_in_place_rewind_restores_weights_statistics_and_momentum(digits):
+    model = build_model("digits_cnn", seed=0)
+    trainer = Trainer(model, digits, TrainConfig(epochs=2, batch_size=64, lr=0.05), None)
+    trainer.train_epoch(1)
+    state, opt = trainer.model_state(), trainer.optimizer_state()
+    ptrs = [t.data_ptr() for t in model.state_dict().values()]
+    trainer.train_epoch(2)
+    trainer.load_model_state(state)
+    trainer.load_optimizer_state(opt)
+    assert [t.data_ptr() for t in model.state_dict().values()] == ptrs  # same storage
+    now = trainer.model_state()
+    assert all(torch.equal(now[k], state[k]) for k in state)
+    assert all(torch.equal(v, opt[k]) for k, v in trainer.optimizer_state().items())
+
+
+def test_schedules():
+    cfg = TrainConfig(epochs=10, lr=0.4, schedule="cosine", warmup_epochs=2)
+    assert lr_at(cfg, 0, 10) == pytest.approx(0.4 / 20)
+    assert lr_at(cfg, 19, 10) == pytest.approx(0.4)
+    assert lr_at(cfg, 20, 10) == pytest.approx(0.4)
+    assert lr_at(cfg, 99, 10) < 0.001
+    step = TrainConfig(epochs=182, lr=0.1, milestones=[91, 136])
+    assert lr_at(step, 90 * 10, 10) == pytest.approx(0.1)
+    assert lr_at(step, 91 * 10, 10) == pytest.approx(0.01)
+    assert lr_at(step, 136 * 10, 10) == pytest.approx(0.001)
