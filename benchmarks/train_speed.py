@@ -85,14 +85,16 @@ LABELS = {
     "b": "(b) eager fp32, data on device",
     "c": "(c) ticketctl Trainer",
     "c-nograph": "(c) no graph",
-    "c-nocompile": "(c) no compile",
+    "c-nocompile": "(c) graph, no compile",
+    "c-eager": "(c) eager bf16 (no compile, no graph)",
     "c-fp32": "(c) fp32",
 }
 # Trainer flags each (c) variant switches off.
 C_VARIANTS: dict[str, dict[str, bool]] = {
     "c": {},
     "c-nograph": {"cuda_graph": False},
-    "c-nocompile": {"compile": False, "cuda_graph": False},
+    "c-nocompile": {"compile": False},
+    "c-eager": {"compile": False, "cuda_graph": False},
     "c-fp32": {"bf16": False},
 }
 
@@ -537,7 +539,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", default="128,512", help="comma-separated (default 128,512)")
     ap.add_argument("--configs", default="a,b,c",
-                    help="comma-separated from a, b, c, c-nograph, c-nocompile, c-fp32")
+                    help="comma-separated from a, b, c, c-nograph, c-nocompile, c-eager, c-fp32")
     ap.add_argument("--variants", action="store_true",
                     help="add (c) rows with one flag off: no graph, no compile, fp32")
     ap.add_argument("--epochs", type=int, default=4,
