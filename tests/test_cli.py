@@ -148,8 +148,12 @@ def test_demo_and_python_dash_m(tmp_path):
     assert found["ticket_accuracy"] >= found["dense_accuracy"] - 1.0
     assert doc["inspect"]["kind"] == "ticket"
     assert doc["inspect"]["density"] == pytest.approx(found["density"])
-    for name in ("digits.ticket.safetensors", "digits.trained.safetensors", "search.png"):
+    for name in ("digits.ticket.safetensors", "digits.trained.safetensors", "search.png",
+                 "digits.key.safetensors", "digits.locked.safetensors"):
         assert (out / name).exists()
+    v1 = doc["v1"]
+    assert v1["identical"] is True
+    assert v1["nokey_accuracy"] < v1["original_accuracy"] - 1.0  # the key matters
     again = subprocess.run([sys.executable, "-m", "ticketctl", "demo", "--out-dir", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--force" in again.stderr

@@ -111,5 +111,8 @@ class Mask(Mapping[str, torch.Tensor]):
         """A copy of a state dict with pruned weights zeroed."""
         out = dict(state)
         for name, t in self._m.items():
-            out[name] = state[name] * t.to(device=state[name].device, dtype=state[name].dtype)
+            w = state[name]
+            # where, not multiply: a pruned weight is +0.0, never -0.0, so equal tickets
+            # are equal bit for bit
+            out[name] = torch.where(t.to(w.device), w, torch.zeros_like(w))
         return out

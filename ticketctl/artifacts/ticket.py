@@ -18,6 +18,7 @@ from ticketctl.artifacts.io import atomic_path
 from ticketctl.artifacts.mask import Mask, tensor_digest
 from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.models import build_model
+from ticketctl.models.registry import skeleton
 
 FORMAT_NAME = "ticketctl"
 FORMAT_VERSION = 1
@@ -53,11 +54,14 @@ class Ticket:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise TicketctlError(f"unknown ticket kind {self.kind!r}; known: {', '.join(KINDS)}")
+        # Pruned weights are +0.0 (a multiply by the mask leaves -0.0 for negative weights),
+        # so a ticket rebuilt from its parts is identical bit for bit.
+        self.state = self.mask.apply_state(self.state)
 
     @classmethod
     def from_model(cls, model: nn.Module, mask: Mask, **meta: Any) -> Ticket:
         state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-        return cls(state=mask.apply_state(state), mask=mask, **meta)
+        return cls(state=state, mask=mask, **meta)
 
     @property
     def density(self) -> float:
@@ -110,10 +114,23 @@ def save_ticket(ticket: Ticket, path: str | Path, force: bool = False) -> Path:
         "format_version": str(FORMAT_VERSION),
         "ticket": json.dumps(meta, sort_keys=True),
     }
-    data = safetensors.torch.save(ticket.tensors(), metadata=header)
+    tensors = ticket.tensors()
+    # name order, so the same ticket always serialises to the same bytes
+    data = _canonical(safetensors.torch.save({k: tensors[k] for k in sorted(tensors)},
+                                             metadata=header))
     with atomic_path(path, force) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def _canonical(data: bytes) -> bytes:
+    """Rewrite a safetensors header with sorted keys: the library keeps its metadata in a
+    hash map whose order changes between calls, and equal tickets should be equal files."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data keeps its 8-byte alignment
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def _sniff(path: Path) -> None:
@@ -193,10 +210,7 @@ def load_ticket(path: str | Path, verify_hashes: bool = True) -> Ticket:
         raise TicketctlError(f"{where}: cannot read tensors ({_short(e)}); truncated?") from None
 
     try:
-        # On the meta device: names and shapes without paying for initialisation.
-        with torch.device("meta"):
-            model = build_model(meta["arch"], meta["num_classes"],
-                                **(meta.get("arch_args") or {}))
+        model = skeleton(meta["arch"], meta["num_classes"], **(meta.get("arch_args") or {}))
     except TicketctlError as e:
         raise TicketctlError(f"{where}: {e}") from None
     except TypeError as e:
@@ -230,8 +244,8 @@ def load_ticket(path: str | Path, verify_hashes: bool = True) -> Ticket:
         msg = str(e)
         raise TicketctlError(msg if msg.startswith(where) else f"{where}: {msg}") from None
     for name, m in mask.items():
-        if bool((state[name][~m] != 0).any()):
-            n = int((state[name][~m] != 0).sum())
+        n = int(torch.count_nonzero(state[name].masked_fill(m, 0)))
+        if n:
             raise TicketctlError(
                 f"{where}: {n} pruned weight(s) of {name!r} are not zero; the file is inconsistent"
             )

@@ -5,12 +5,14 @@ from __future__ import annotations
 import typer
 
 from ticketctl import __version__
+from ticketctl.cli import attack
 from ticketctl.cli.convert import convert
 from ticketctl.cli.data import data
 from ticketctl.cli.demo import demo
 from ticketctl.cli.find import find
 from ticketctl.cli.inspect import inspect
 from ticketctl.cli.retrain import retrain
+from ticketctl.cli.split import merge, split
 
 app = typer.Typer(
     name="ticketctl",
@@ -38,6 +40,9 @@ def _root(
 
 app.command("find")(find)
 app.command("retrain")(retrain)
+app.command("split")(split)
+app.command("merge")(merge)
+app.add_typer(attack.app, name="attack")
 app.command("inspect")(inspect)
 app.command("convert")(convert)
 app.command("demo")(demo)

@@ -44,5 +44,11 @@ def demo(
         console.print(rounds_table(f["rounds"], f["dense_accuracy"], f["ticket_accuracy"],
                                    f["density"]))
         ticket_table(result["inspect"])
+        v1 = result["v1"]
+        console.print(
+            f"Scheme V1: key of {v1['key_weights']:,} weights ({v1['score']}, "
+            f"{100 * v1['key_ratio']:g}%); merge identical: {v1['identical']}; retrained "
+            f"without the key {v1['nokey_accuracy']:.2f}% vs {v1['original_accuracy']:.2f}% "
+            "with it", highlight=False)
         console.print(f"files in {result['out_dir']} ({result['seconds']:.1f} s): "
                       + ", ".join(Path(p).name for p in result["files"]), highlight=False)

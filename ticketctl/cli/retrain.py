@@ -19,7 +19,7 @@ from ticketctl.cli.common import (
     handle_errors,
     progress_bar,
 )
-from ticketctl.data import load_dataset
+from ticketctl.data import load_recorded_dataset
 from ticketctl.device import resolve_device
 from ticketctl.prune import resolve_settings
 from ticketctl.train.retrain import retrain_ticket
@@ -36,7 +36,8 @@ def retrain(
     dataset: o.DatasetOpt = None,
     data_dir: o.DataDir = None,
     val_size: o.ValSize = None,
-    split_seed: o.SplitSeed = 0,
+    split_seed: Annotated[Optional[int], typer.Option(
+        help="Seed of the validation split (default: the ticket's).")] = None,
     epochs: o.Epochs = None,
     batch_size: o.BatchSize = None,
     lr: o.Lr = None,
@@ -61,18 +62,15 @@ def retrain(
     if out is not None:
         check_output_path(out, force)
     ticket = load_ticket(ticket_path)
-    recorded = ticket.dataset or {}
-    name = dataset or recorded.get("name") or "digits"
-    folder = data_dir or recorded.get("data_dir")
     settings = resolve_settings(
-        preset, arch=ticket.arch, dataset=name,
+        preset, arch=ticket.arch, dataset=dataset or (ticket.dataset or {}).get("name"),
         train=o.train_overrides(epochs, batch_size, lr, momentum, weight_decay, nesterov,
                                 schedule, milestones, warmup_epochs, seed, no_compile, no_graph,
                                 no_bf16, no_channels_last))
     settings.train.validate()
-    data = load_dataset(name, folder, device=resolve_device(device),
-                        val_size=val_size if val_size is not None else recorded.get("val_size"),
-                        split_seed=split_seed)
+    data = load_recorded_dataset(ticket.dataset or {}, dataset, data_dir,
+                                 device=resolve_device(device), val_size=val_size,
+                                 split_seed=split_seed)
     with progress_bar(quiet or json_out) as progress:
         task = progress.add_task("retrain", total=settings.train.epochs, info="")
 

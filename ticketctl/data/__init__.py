@@ -2,6 +2,6 @@
 
 from ticketctl.data.augment import augment_batch
 from ticketctl.data.dataset import Dataset
-from ticketctl.data.registry import DATASETS, load_dataset
+from ticketctl.data.registry import DATASETS, load_dataset, load_recorded_dataset
 
-__all__ = ["DATASETS", "Dataset", "augment_batch", "load_dataset"]
+__all__ = ["DATASETS", "Dataset", "augment_batch", "load_dataset", "load_recorded_dataset"]

@@ -129,3 +129,23 @@ def load_dataset(
         data_dir=str(folder.resolve()) if folder is not None else None,
         normalized=normalize,
     )
+
+
+def load_recorded_dataset(
+    recorded: dict,
+    name: str | None = None,
+    data_dir: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    val_size: int | None = None,
+    split_seed: int | None = None,
+) -> Dataset:
+    """Load the dataset a ticket recorded (its metadata's `dataset`), unless told otherwise."""
+    name = name or recorded.get("name") or "digits"
+    same = name == recorded.get("name")
+    folder = data_dir or (recorded.get("data_dir") if same else None)
+    if val_size is None and same:
+        val_size = recorded.get("val_size")
+    if split_seed is None:
+        split_seed = recorded.get("split_seed", 0) if same else 0
+    return load_dataset(name, folder, device=device, val_size=val_size, split_seed=split_seed)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ticketctl.errors import TicketctlError
 from ticketctl.models.digits_cnn import digits_cnn
-from ticketctl.models.resnet_cifar import resnet18, resnet20, resnet50
+from ticketctl.models.resnet_cifar import _SKIP_INIT, resnet18, resnet20, resnet50
 from ticketctl.models.vgg import vgg16
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {
@@ -54,6 +54,17 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ARCHS[arch](num_classes=num_classes, **arch_args)
+
+
+def skeleton(arch: str, num_classes: int = 10, **arch_args: Any) -> nn.Module:
+    """The architecture on the meta device, uninitialised: names, shapes and structure for
+    validation and graph building, at no cost."""
+    token = _SKIP_INIT.set(True)
+    try:
+        with torch.device("meta"):
+            return build_model(arch, num_classes, **arch_args)
+    finally:
+        _SKIP_INIT.reset(token)
 
 
 def prunable_names(model: nn.Module, prune_linear: bool = False) -> list[str]:

@@ -1,0 +1,90 @@
+"""`attack nokey` and `attack fake1` on digits, and the runner's reuse of finished rows."""
+
+import json
+
+import pytest
+import torch
+from test_cli import assert_one_line_error, run
+
+from ticketctl.artifacts import save_ticket
+from ticketctl.attacks import AttackRunner, fake1, forge_key, nokey
+from ticketctl.attacks.keymask import forged_size
+from ticketctl.data import load_dataset
+from ticketctl.protect import split_ticket
+from ticketctl.prune import find_ticket, resolve_settings
+from ticketctl.train import TrainConfig
+
+FAST = ["--epochs", "3", "--preset", "demo"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("v1")
+    settings = resolve_settings("demo", train={"epochs": 3},
+                                search={"rates": [0.5], "max_rounds": 2})
+    ticket = find_ticket(settings, d / "run", device="cpu").ticket
+    key, locked = split_ticket(ticket, "omp", 0.2)
+    return {"dir": d, "ticket": ticket, "key": key, "locked": locked,
+            "key_path": save_ticket(key, d / "key.safetensors"),
+            "locked_path": save_ticket(locked, d / "locked.safetensors")}
+
+
+def test_forged_key_adds_exactly_n_new_weights_outside_the_locked_mask(parts):
+    locked = parts["locked"]
+    n = forged_size(locked, 0.2)
+    assert n == parts["key"].mask.num_kept  # same size as the owner's key
+    forged = forge_key(locked, n, seed=3)
+    added = 0
+    for k in locked.mask:
+        assert torch.equal(forged.mask[k] & locked.mask[k], locked.mask[k])
+        new = forged.mask[k] & ~locked.mask[k]
+        added += int(new.sum())
+        assert torch.equal(forged.state[k][locked.mask[k]], locked.state[k][locked.mask[k]])
+        assert bool((forged.state[k][new] != 0).all())
+    assert added == n
+    again = forge_key(locked, n, seed=3)
+    assert again.mask == forged.mask
+
+
+def test_runner_reuses_finished_rows(parts, tmp_path):
+    data = load_dataset("digits")
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, nesterov=True, schedule="cosine")
+    runner = AttackRunner(data, cfg, out_dir=tmp_path / "sweep")
+    first = nokey(runner, parts["locked"], key=parts["key"])
+    assert runner.jobs_run == 2  # the original (reference) and the locked ticket
+    assert first.reference == "original ticket retrained"
+    again = AttackRunner(data, cfg, out_dir=tmp_path / "sweep")
+    second = nokey(again, parts["locked"], key=parts["key"])
+    assert again.jobs_run == 0 and again.jobs_cached == 2
+    assert second.rows[0].accuracy == first.rows[0].accuracy
+    report = fake1(again, parts["locked"], [0.1, 0.2], key=parts["key"])
+    assert [r.strength for r in report.rows] == [0.1, 0.2]
+    assert again.jobs_run == 2  # only the two forged tickets were trained
+    row = report.rows[0]
+    assert row.delta == pytest.approx(row.accuracy - report.reference_accuracy)
+    assert row.matches == (row.accuracy >= report.reference_accuracy - 1.0)
+
+
+def test_attack_cli_json_and_csv(parts, tmp_path):
+    result = run("attack", "nokey", parts["locked_path"], "--key", parts["key_path"], *FAST,
+                 "--json", "--csv", tmp_path / "rows.csv", "--out-dir", tmp_path / "s")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["attack"] == "nokey"
+    row = doc["rows"][0]
+    for key in ("strength", "accuracy", "verified", "message", "p_value"):
+        assert key in row
+    assert row["strength"] == 0.2 and 0 <= row["accuracy"] <= 100
+    assert (tmp_path / "rows.csv").read_text().startswith("attack,strength,accuracy")
+    result = run("attack", "fake1", parts["locked_path"], "--key-ratio", "0.05,0.2", *FAST,
+                 "--json", "--out-dir", tmp_path / "s", "--reference-accuracy", "97.5")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["reference_accuracy"] == 97.5 and len(doc["rows"]) == 2
+
+
+def test_attack_bad_input(parts, tmp_path):
+    assert_one_line_error(run("attack", "nokey", parts["key_path"], *FAST), 2,
+                          "takes a locked file")
+    assert_one_line_error(run("attack", "fake1", parts["locked_path"], "--key-ratio", "1.5",
+                              *FAST), 2, "(0, 1)")
