@@ -8,26 +8,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from bench_common import pruned_ticket, timed
 
-from ticketctl.artifacts import Mask, Ticket, load_ticket, save_ticket
-from ticketctl.models import build_model, prunable_names
-from ticketctl.prune import magnitude_prune
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (page cache, allocator)
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs)
+from ticketctl.artifacts import load_ticket, save_ticket
 
 
 def main() -> None:
@@ -35,11 +22,7 @@ def main() -> None:
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    model = build_model(args.arch)
-    mask = magnitude_prune(dict(model.named_parameters()),
-                           Mask.ones(model, prunable_names(model)), 0.8)
-    ticket = Ticket.from_model(model, mask, arch=args.arch)
+    ticket = pruned_ticket(args.arch, 0.2)
     with tempfile.TemporaryDirectory() as d:
         ours, base = Path(d) / "t.safetensors", Path(d) / "t.pt"
         t_save = timed(lambda: save_ticket(ticket, ours, force=True), args.repeats)

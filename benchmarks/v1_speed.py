@@ -9,33 +9,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from bench_common import pruned_ticket, timed
 
-from ticketctl.artifacts import Mask, Ticket, load_ticket, save_ticket
-from ticketctl.models import build_model, prunable_names
+from ticketctl.artifacts import load_ticket, save_ticket
 from ticketctl.protect import compute_scores, merge_parts, split_ticket
-from ticketctl.prune import magnitude_prune
-
-
-def synthetic_ticket(arch: str, density: float, seed: int = 0) -> Ticket:
-    model = build_model(arch, seed=seed)
-    mask = magnitude_prune(dict(model.named_parameters()),
-                           Mask.ones(model, prunable_names(model)), 1.0 - density)
-    return Ticket.from_model(model, mask, arch=arch, rewind_epoch=3, seed=seed)
-
-
-def timed(fn, repeats: int) -> float:
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs)
 
 
 def main() -> None:
@@ -45,7 +26,7 @@ def main() -> None:
                     help="density of the default ResNet-20 ticket (the paper's 19.37%%)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    r20 = load_ticket(args.ticket) if args.ticket else synthetic_ticket("resnet20", args.density)
+    r20 = load_ticket(args.ticket) if args.ticket else pruned_ticket("resnet20", args.density)
     print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}")
     print(f"ResNet-20 ticket: {100 * r20.density:.2f}% density, {r20.mask.num_kept:,} weights")
@@ -55,12 +36,13 @@ def main() -> None:
     for score, opts in (("omp", {}), ("random", {}), ("ewp", {"walks": 10_000}),
                         ("betweenness", {})):
         reps = args.repeats if score != "betweenness" else 1
-        t = timed(lambda s=score, o=opts: compute_scores(r20, s, seed=0, **o), reps)
+        t = timed(lambda s=score, o=opts: compute_scores(r20, s, seed=0, **o), reps,
+                  warmup=False)
         label = score + (" (10,000 walks)" if score == "ewp" else " (exact)"
                          if score == "betweenness" else "")
         print(f"| {label} | {t:.3f} | < {targets[score]} s |")
 
-    r50 = synthetic_ticket("resnet50", 0.2)
+    r50 = pruned_ticket("resnet50", 0.2)
     with tempfile.TemporaryDirectory() as d:
         src = save_ticket(r50, Path(d) / "r50.safetensors")
 
@@ -72,7 +54,7 @@ def main() -> None:
                                  load_ticket(Path(d) / "k.safetensors"))
             save_ticket(merged, Path(d) / "m.safetensors", force=True)
 
-        t = timed(split_merge, args.repeats)
+        t = timed(split_merge, args.repeats, warmup=False)
     print(f"| split + merge of a ResNet-50 ticket (20% density, omp, key 10%; load, score, "
           f"write both parts, load them, merge, verify the hash, write) | {t:.3f} | < 5 s |")
 

@@ -116,21 +116,23 @@ def save_ticket(ticket: Ticket, path: str | Path, force: bool = False) -> Path:
     }
     tensors = ticket.tensors()
     # name order, so the same ticket always serialises to the same bytes
-    data = _canonical(safetensors.torch.save({k: tensors[k] for k in sorted(tensors)},
-                                             metadata=header))
-    with atomic_path(path, force) as tmp:
-        tmp.write_bytes(data)
+    data = safetensors.torch.save({k: tensors[k] for k in sorted(tensors)}, metadata=header)
+    head, body = _canonical(data)
+    with atomic_path(path, force) as tmp, open(tmp, "wb") as f:
+        f.write(head)
+        f.write(body)
     return Path(path)
 
 
-def _canonical(data: bytes) -> bytes:
+def _canonical(data: bytes) -> tuple[bytes, memoryview]:
     """Rewrite a safetensors header with sorted keys: the library keeps its metadata in a
-    hash map whose order changes between calls, and equal tickets should be equal files."""
+    hash map whose order changes between calls, and equal tickets should be equal files.
+    Returns the new header and a view of the unchanged tensor bytes (no copy)."""
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data keeps its 8-byte alignment
-    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+    return len(text).to_bytes(8, "little") + text, memoryview(data)[8 + n:]
 
 
 def _sniff(path: Path) -> None:
