@@ -154,6 +154,9 @@ def test_demo_and_python_dash_m(tmp_path):
     v1 = doc["v1"]
     assert v1["identical"] is True
     assert v1["nokey_accuracy"] < v1["original_accuracy"] - 1.0  # the key matters
+    v2 = doc["v2"]
+    assert v2["verified"] is True and v2["message"] == "ticketctl demo"
+    assert v2["p_value"] < 1e-12
     again = subprocess.run([sys.executable, "-m", "ticketctl", "demo", "--out-dir", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--force" in again.stderr

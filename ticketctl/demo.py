@@ -14,7 +14,16 @@ from ticketctl.device import resolve_device
 from ticketctl.errors import TicketctlError
 from ticketctl.plots import plot_search
 from ticketctl.protect import merge_parts, split_ticket
-from ticketctl.prune import Events, find_ticket, resolve_settings
+from ticketctl.protect.receipt import (
+    load_private_key,
+    load_public_key,
+    load_receipt,
+    save_receipt,
+    write_keypair,
+)
+from ticketctl.protect.signature import masks_of, sign_ticket, verify_with_receipt
+from ticketctl.prune import Events, FindResult, find_ticket, magnitude_prune, resolve_settings
+from ticketctl.prune.imp import ticket_at_round
 
 
 def _scheme_v1(ticket: Ticket, out_dir: Path, settings: Any, device: str,
@@ -35,6 +44,29 @@ def _scheme_v1(ticket: Ticket, out_dir: Path, settings: Any, device: str,
             "original_accuracy": report.reference_accuracy,
             "nokey_accuracy": report.rows[0].accuracy, "key": str(key_path),
             "locked": str(locked_path), "merged": str(merged_path)}
+
+
+def _scheme_v2(result: FindResult, out_dir: Path, force: bool) -> dict[str, Any]:
+    """Sign a ticket of the same search with a QR code (the last accepted round still holding
+    10% of the weights: the extreme ticket is too sparse to carry a code cheaply), prune the
+    signed ticket by 30%, and verify it against the signed receipt."""
+    rounds = [r for r in result.rounds if r["accepted"] and r["density"] >= 0.1]
+    ticket = ticket_at_round(result.run_dir, result, rounds[-1]["round"]) if rounds \
+        else result.ticket
+    key_path, pub_path = write_keypair(out_dir / "owner", force=force)
+    signed, doc, report, qr = sign_ticket(ticket, "ticketctl demo",
+                                          private_key=load_private_key(key_path))
+    signed_path = save_ticket(signed, out_dir / "digits.signed.safetensors", force=force)
+    receipt_path = save_receipt(doc, out_dir / "digits.receipt.json", force=force)
+    attacked = magnitude_prune(signed.state, signed.mask, 0.3)
+    verdict = verify_with_receipt(masks_of(signed.state, dict(attacked)), load_receipt(
+        receipt_path), load_public_key(pub_path))
+    return {"density": ticket.density, "qr_version": qr.version,
+            "layer": report.placements[0].layer, "modules_changed": report.modules_changed,
+            "attack": "magnitude pruning 30%", "verified": verdict.verified,
+            "message": verdict.message, "bit_match": verdict.bit_match,
+            "p_value": verdict.p_value, "signed": str(signed_path),
+            "receipt": str(receipt_path)}
 
 
 def default_out_dir() -> Path:
@@ -64,11 +96,14 @@ def run_demo(
                        title="digits_cnn on digits: extreme-ticket search", force=force,
                        tolerance=settings.search.tolerance)
     v1 = _scheme_v1(result.ticket, out_dir, settings, device, force)
+    v2 = _scheme_v2(result, out_dir, force)
     return {
         "out_dir": str(out_dir),
         "find": result.summary(),
         "v1": v1,
-        "files": [str(ticket), str(trained), str(plot), v1["key"], v1["locked"], v1["merged"]],
+        "v2": v2,
+        "files": [str(ticket), str(trained), str(plot), v1["key"], v1["locked"], v1["merged"],
+                  v2["signed"], v2["receipt"]],
         "inspect": describe_file(ticket),
         "seconds": time.perf_counter() - t0,
     }

@@ -12,6 +12,7 @@ from ticketctl.cli.demo import demo
 from ticketctl.cli.find import find
 from ticketctl.cli.inspect import inspect
 from ticketctl.cli.retrain import retrain
+from ticketctl.cli.sign import keygen, sign, verify
 from ticketctl.cli.split import merge, split
 
 app = typer.Typer(
@@ -42,6 +43,9 @@ app.command("find")(find)
 app.command("retrain")(retrain)
 app.command("split")(split)
 app.command("merge")(merge)
+app.command("keygen")(keygen)
+app.command("sign")(sign)
+app.command("verify")(verify)
 app.add_typer(attack.app, name="attack")
 app.command("inspect")(inspect)
 app.command("convert")(convert)

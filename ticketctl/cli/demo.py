@@ -50,5 +50,11 @@ def demo(
             f"{100 * v1['key_ratio']:g}%); merge identical: {v1['identical']}; retrained "
             f"without the key {v1['nokey_accuracy']:.2f}% vs {v1['original_accuracy']:.2f}% "
             "with it", highlight=False)
+        v2 = result["v2"]
+        console.print(
+            f"Scheme V2: version-{v2['qr_version']} code in {v2['layer']} of the "
+            f"{100 * v2['density']:.1f}% ticket; after {v2['attack']}: "
+            f"{'verified' if v2['verified'] else 'NOT verified'}, message {v2['message']!r}, "
+            f"bit match {100 * v2['bit_match']:.1f}%, p = {v2['p_value']:.2g}", highlight=False)
         console.print(f"files in {result['out_dir']} ({result['seconds']:.1f} s): "
                       + ", ".join(Path(p).name for p in result["files"]), highlight=False)

@@ -256,3 +256,19 @@ def default_run_dir(settings: FindSettings, root: str | Path = "runs") -> Path:
     """Named by a hash of the settings, so rerunning a command finds its own folder."""
     return Path(root) / f"find-{settings.arch}-{settings.dataset}-" \
                         f"{settings_hash(settings.to_dict())}"
+
+
+def ticket_at_round(run_path: str | Path, result: FindResult, round_no: int) -> Ticket:
+    """The ticket an earlier round of a finished search would have given: the rewind weights
+    under that round's mask (a denser ticket than the extreme one, from the same search)."""
+    run = RunDir(Path(run_path))
+    mask = run.read_mask(round_no)
+    rewind = run.read_tensors("rewind.safetensors")
+    if mask is None or rewind is None:
+        raise TicketctlError(f"run folder {run_path} has no mask for round {round_no}")
+    state = {k[6:]: v for k, v in rewind[0].items() if k.startswith("model.")}
+    t = result.ticket
+    return Ticket(state=state, mask=mask, kind="ticket", arch=t.arch, arch_args=t.arch_args,
+                  num_classes=t.num_classes, class_names=t.class_names, dataset=t.dataset,
+                  rewind_epoch=t.rewind_epoch, seed=t.seed,
+                  extra={**t.extra, "round": round_no})

@@ -1,0 +1,192 @@
+"""Scheme V2: embedding invariants, receipts, verdicts on signed, unsigned and attacked
+models, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_ticket
+from test_cli import assert_one_line_error, run
+
+from ticketctl.artifacts import save_ticket
+from ticketctl.artifacts.convert import save_torch_prune
+from ticketctl.protect.embed import grid
+from ticketctl.protect.qr import function_module_map
+from ticketctl.protect.signature import masks_of, sign_ticket, verify_with_receipt
+from ticketctl.prune import magnitude_prune
+
+
+@pytest.fixture(scope="module")
+def signed_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("v2")
+    ticket = make_ticket(seed=20, density_rate=0.6, width=32)
+    assert run("keygen", "--out", d / "owner").exit_code == 0
+    t = save_ticket(ticket, d / "t.safetensors")
+    result = run("sign", t, "--message", "signature", "--out", d / "s.safetensors", "--receipt",
+                 d / "r.json", "--signing-key", d / "owner.key", "--json", "--qr-png",
+                 d / "code.png")
+    assert result.exit_code == 0, result.stderr
+    return {"d": d, "ticket": ticket, "sign": json.loads(result.stdout)}
+
+
+def test_embedding_keeps_density_and_writes_the_code(signed_setup):
+    from ticketctl.artifacts import load_ticket
+
+    d, ticket, info = signed_setup["d"], signed_setup["ticket"], signed_setup["sign"]
+    signed = load_ticket(d / "s.safetensors")
+    assert signed.kind == "signed"
+    assert signed.mask.num_kept == ticket.mask.num_kept  # density equal to the element
+    assert info["density_before"] == info["density_after"]
+    receipt = json.loads((d / "r.json").read_text())["receipt"]
+    version, (p,) = receipt["qr_version"], receipt["placements"]
+    assert (info["layer"], info["offset"]) == (p["layer"], [p["row"], p["col"]])
+    n = 17 + 4 * version
+    code = np.unpackbits(np.frombuffer(bytes.fromhex(receipt["matrix"]), np.uint8))[:n * n]
+    code = code.reshape(n, n).astype(bool)
+    data = ~function_module_map(version)
+    rows, cols = slice(p["row"], p["row"] + n), slice(p["col"], p["col"] + n)
+    after = grid(signed.mask[p["layer"]])[rows, cols]
+    before = grid(ticket.mask[p["layer"]])[rows, cols]
+    support = min(3, signed.mask[p["layer"]][0, 0].numel())
+    assert (after[data & code] >= support).all()  # every dark module has its support
+    assert (after[data & ~code] == 0).all()  # every light module is empty
+    assert (after[~data] == before[~data]).all()  # function modules are not written
+    # only the region and the density compensation changed: same number of kept weights
+    for name in ticket.mask:
+        assert signed.state[name][~signed.mask[name]].eq(0).all()
+
+
+def test_signed_model_verifies_with_message_and_p_value(signed_setup):
+    d = signed_setup["d"]
+    result = run("verify", d / "s.safetensors", "--receipt", d / "r.json", "--public-key",
+                 d / "owner.pub", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    for key in ("verified", "message", "bit_match", "p_value", "trigger_accuracy",
+                "trigger_p_value", "alpha", "receipt_valid"):
+        assert key in doc
+    assert doc["verified"] is True and doc["message"] == "signature"
+    assert doc["bit_match"] == 1.0 and doc["p_value"] < 1e-30 and doc["receipt_valid"] is True
+
+
+def test_unsigned_and_unrelated_models_do_not_verify(signed_setup):
+    d = signed_setup["d"]
+    result = run("verify", d / "t.safetensors", "--receipt", d / "r.json", "--json")
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert doc["verified"] is False and doc["message"] is None and doc["p_value"] > 1e-6
+    for seed in range(21, 26):  # unrelated tickets: different seeds
+        other = make_ticket(seed=seed, density_rate=0.6, width=32)
+        verdict = verify_with_receipt(masks_of(other.state, dict(other.mask)),
+                                      json.loads((d / "r.json").read_text()))
+        assert not verdict.verified and verdict.p_value > 1e-6
+
+
+def test_pruned_and_added_attacks_still_verify(signed_setup):
+    from ticketctl.artifacts import load_ticket
+
+    d = signed_setup["d"]
+    signed = load_ticket(d / "s.safetensors")
+    doc = json.loads((d / "r.json").read_text())
+    for rate in (0.3, 0.5):
+        mask = magnitude_prune(signed.state, signed.mask, rate)
+        verdict = verify_with_receipt(masks_of(signed.state, dict(mask)), doc)
+        assert verdict.verified and verdict.p_value < 1e-12
+        if rate == 0.3:
+            assert verdict.message == "signature"
+    # add-on: revive 1% of the pruned positions with small random weights (two-sided damage)
+    gen = torch.Generator().manual_seed(0)
+    state = {k: v.clone() for k, v in signed.state.items()}
+    for k, m in signed.mask.items():
+        free = torch.nonzero(~m.reshape(-1)).squeeze(1)
+        pick = free[torch.randperm(len(free), generator=gen)[: round(0.01 * len(free))]]
+        state[k].view(-1)[pick] = torch.randn(len(pick), generator=gen) * 1e-3
+    masks = masks_of(state)  # a plain state dict: the mask is weight != 0
+    verdict = verify_with_receipt(masks, doc)
+    assert verdict.verified and verdict.message == "signature"
+    assert verdict.bit_match < 1.0  # the attack did turn light modules dark
+    defended = verify_with_receipt(masks, doc, floor_defence=True, state=state)
+    assert defended.verified and defended.bit_match >= verdict.bit_match
+
+
+def test_plain_state_dicts_verify_by_nonzero_weights(signed_setup, tmp_path):
+    from ticketctl.artifacts import load_ticket
+
+    d = signed_setup["d"]
+    pt = save_torch_prune(load_ticket(d / "s.safetensors"), tmp_path / "s.pt")
+    result = run("verify", pt, "--receipt", d / "r.json", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["message"] == "signature"
+
+
+def test_no_receipt_scan_reports_the_message(signed_setup):
+    d = signed_setup["d"]
+    result = run("verify", d / "s.safetensors", "--json")
+    assert result.exit_code == 0
+    doc = json.loads(result.stdout)
+    assert doc["message"] == "signature" and doc["found"][0]["layer"]
+    assert json.loads(run("verify", d / "t.safetensors", "--json").stdout)["message"] is None
+
+
+def test_receipt_signature_checks(signed_setup, tmp_path):
+    d = signed_setup["d"]
+    doc = json.loads((d / "r.json").read_text())
+    doc["receipt"]["placements"][0]["col"] += 1
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    result = run("verify", d / "s.safetensors", "--receipt", tmp_path / "bad.json")
+    assert_one_line_error(result, 1, "altered after signing")
+    assert run("keygen", "--out", tmp_path / "other").exit_code == 0
+    result = run("verify", d / "s.safetensors", "--receipt", d / "r.json", "--public-key",
+                 tmp_path / "other.pub")
+    assert_one_line_error(result, 1, "signed by another key")
+    (tmp_path / "corrupt.json").write_text("{not json")
+    result = run("verify", d / "s.safetensors", "--receipt", tmp_path / "corrupt.json")
+    assert_one_line_error(result, 2, "not a readable receipt")
+
+
+def test_receipt_for_another_architecture(signed_setup, tmp_path):
+    d = signed_setup["d"]
+    small = save_ticket(make_ticket(seed=3, width=8), tmp_path / "small.safetensors")
+    result = run("verify", small, "--receipt", d / "r.json")
+    assert_one_line_error(result, 1, "receipt is for another ticket")
+
+
+def test_bad_sign_input(tmp_path):
+    t = save_ticket(make_ticket(seed=4, width=32), tmp_path / "t.safetensors")
+    out = ["--out", tmp_path / "s.safetensors", "--receipt", tmp_path / "r.json"]
+    result = run("sign", t, "--message", "x" * 400, *out)
+    assert_one_line_error(result, 2, "at most")
+    small = save_ticket(make_ticket(seed=4, width=8), tmp_path / "small.safetensors")
+    result = run("sign", small, "--message", "signature", *out)
+    assert_one_line_error(result, 2, "largest grid found: 16x16")
+    result = run("sign", t, "--message", "signature", "--layer", "conv9.weight", *out)
+    assert_one_line_error(result, 2, "not a masked layer")
+    result = run("sign", t, "--message", "signature", "--signing-key", tmp_path / "nokey.key",
+                 *out)
+    assert_one_line_error(result, 2, "no such key file")
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_revived_single_weights_read_light_at_a_higher_threshold():
+    ticket = make_ticket(seed=31, density_rate=0.6, width=32)
+    signed, doc, _, qr = sign_ticket(ticket, "signature")
+    p = doc["receipt"]["placements"][0]
+    n = 17 + 4 * qr.version
+    masks = {k: v.clone() for k, v in signed.mask.items()}
+    light = np.argwhere(~qr.matrix & ~function_module_map(qr.version))
+    # one weight in each of 60 light modules: far beyond what plain RS corrects
+    for i, j in light[:60]:
+        masks[p["layer"]][p["row"] + i, p["col"] + j, 0, 0] = True
+    verdict = verify_with_receipt(masks_of(signed.state, masks), doc)
+    assert verdict.message == "signature" and verdict.details["decode_min_count"] == 2
+    assert n == qr.matrix.shape[0]
+
+
+def test_copies_vote_module_wise(tmp_path):
+    ticket = make_ticket(seed=30, density_rate=0.6, width=32)
+    signed, doc, report, _ = sign_ticket(ticket, "sig", copies=2)
+    assert len({p.layer for p in report.placements}) == 2
+    assert signed.mask.num_kept == ticket.mask.num_kept
+    verdict = verify_with_receipt(masks_of(signed.state, dict(signed.mask)), doc)
+    assert verdict.verified and verdict.message == "sig"

@@ -1,0 +1,42 @@
+"""Reading a suspect model of any common form: a ticket, a plain safetensors state dict, or a
+torch state dict (weights_only loading). Masks come from the file where it has them, else
+from `weight != 0`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from ticketctl.artifacts import load_ticket
+from ticketctl.artifacts.convert import load_torch_checkpoint, split_pruned_state
+from ticketctl.artifacts.ticket import parse_metadata, read_header
+from ticketctl.errors import TicketctlError
+from ticketctl.protect.signature import masks_of
+
+
+def read_model_masks(path: str | Path) -> tuple[dict[str, torch.Tensor],
+                                                dict[str, torch.Tensor]]:
+    p = Path(path)
+    if not p.is_file():
+        raise TicketctlError(f"{p}: no such file")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        obj = load_torch_checkpoint(p)
+        if isinstance(obj, dict) and "state_dict" in obj:
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise TicketctlError(f"{p} holds no state dict")
+        sd = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        state, masks = split_pruned_state(sd)
+        masks = {k: v != 0 for k, v in masks.items()}
+        return state, masks_of(state, masks)
+    header = read_header(p)
+    if header.get("format") == "ticketctl":
+        parse_metadata(header, str(p))
+        ticket = load_ticket(p)
+        return ticket.state, masks_of(ticket.state, dict(ticket.mask))
+    state = safetensors.torch.load_file(str(p))
+    return state, masks_of(state)

@@ -1,0 +1,270 @@
+"""Scheme V2 end to end: sign a ticket (code, placement, embedding, receipt) and verify a
+suspect model against a receipt, or scan it for any code when there is none."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ticketctl import __version__
+from ticketctl.artifacts import Ticket
+from ticketctl.errors import CheckFailed, TicketctlError
+from ticketctl.protect.embed import (
+    EmbedReport,
+    Placement,
+    candidate_layers,
+    choose_placements,
+    embed,
+    extract,
+    grid,
+    placement_costs,
+)
+from ticketctl.protect.qr import (
+    QRCode,
+    capacity_bytes,
+    data_module_order,
+    decode_matrix,
+    encode,
+    function_module_map,
+)
+from ticketctl.protect.qr.layout import mask_matrix
+from ticketctl.protect.receipt import check_receipt, make_receipt, sha256
+from ticketctl.protect.stats import binomial_tail, precision_tail
+
+
+def _pack(matrix: np.ndarray) -> str:
+    return np.packbits(matrix.astype(np.uint8).reshape(-1)).tobytes().hex()
+
+
+def _unpack(hexbits: str, n: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(hexbits), dtype=np.uint8))
+    return bits[: n * n].reshape(n, n).astype(bool)
+
+
+def best_code(ticket: Ticket, message: str, version: int | None, mask_pattern: int | None,
+              layer: str | None, max_version: int) -> QRCode:
+    """The code (over the 8 mask patterns unless one is given) that needs the fewest changes
+    in the layers it may go to."""
+    patterns = [mask_pattern] if mask_pattern is not None else list(range(8))
+    best: tuple[int, QRCode] | None = None
+    for pattern in patterns:
+        qr = encode(message, version=version, mask_pattern=pattern, max_version=max_version)
+        n = qr.matrix.shape[0]
+        data = ~function_module_map(qr.version)
+        layers = [layer] if layer else candidate_layers(ticket, n)[:1]  # the lowest layer
+        costs = [int(placement_costs(grid(ticket.mask[k]) > 0, qr.matrix, data).min())
+                 for k in layers if k in ticket.mask and ticket.mask[k].shape[0] >= n
+                 and ticket.mask[k].shape[1] >= n]
+        if costs and (best is None or min(costs) < best[0]):
+            best = (min(costs), qr)
+    if best is None:  # let choose_placements explain why nothing fits
+        qr = encode(message, version=version, mask_pattern=patterns[0], max_version=max_version)
+        choose_placements(ticket, qr, layer)
+        raise AssertionError("unreachable")
+    return best[1]
+
+
+def magnitude_floor(ticket: Ticket) -> float:
+    kept = torch.cat([ticket.state[k][m].abs().reshape(-1) for k, m in ticket.mask.items()])
+    return float(kept.min()) if kept.numel() else 0.0
+
+
+def sign_ticket(
+    ticket: Ticket,
+    message: str,
+    *,
+    private_key: Any = None,
+    version: int | None = None,
+    mask_pattern: int | None = None,
+    layer: str | None = None,
+    copies: int = 1,
+    support: int = 3,
+    seed: int = 0,
+    values: dict[str, torch.Tensor] | None = None,
+    max_version: int = 10,
+) -> tuple[Ticket, dict[str, Any], EmbedReport, QRCode]:
+    if not message:
+        raise TicketctlError("--message must not be empty")
+    if not len(ticket.mask):
+        raise TicketctlError("this file has no mask to sign")
+    qr = best_code(ticket, message, version, mask_pattern, layer, max_version)
+    placements = choose_placements(ticket, qr, layer=layer, copies=copies)
+    signed, report = embed(ticket, qr, placements, support=support, seed=seed, values=values)
+    data = ~function_module_map(qr.version)
+    fields = {
+        "message_sha256": sha256(message),
+        "qr_version": qr.version,
+        "mask_pattern": qr.mask_pattern,
+        "error_correction": "H",
+        "placements": [{"layer": p.layer, "row": p.row, "col": p.col} for p in placements],
+        "matrix": _pack(qr.matrix),
+        "matrix_sha256": sha256(qr.matrix.astype(np.uint8).tobytes()),
+        "data_modules": int(data.sum()),
+        "support": support,
+        "signed_ticket_sha256": signed.tensors_sha256(),
+        "signed_masks_sha256": signed.mask.sha256(),
+        "magnitude_floor": magnitude_floor(signed),
+        "arch": signed.arch,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ticketctl": __version__,
+    }
+    signed.extra = {**signed.extra, "receipt_matrix_sha256": fields["matrix_sha256"]}
+    fields["signed_ticket_sha256"] = signed.tensors_sha256()
+    return signed, make_receipt(fields, private_key), report, qr
+
+
+@dataclass
+class Verdict:
+    verified: bool
+    message: str | None
+    bit_match: float | None
+    p_value: float | None
+    alpha: float
+    receipt_valid: bool | None
+    details: dict[str, Any] = field(default_factory=dict)
+    trigger_accuracy: float | None = None
+    trigger_p_value: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verified": self.verified, "message": self.message, "bit_match": self.bit_match,
+                "p_value": self.p_value, "trigger_accuracy": self.trigger_accuracy,
+                "trigger_p_value": self.trigger_p_value, "alpha": self.alpha,
+                "receipt_valid": self.receipt_valid, **self.details}
+
+
+def masks_of(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None
+             ) -> dict[str, torch.Tensor]:
+    """A mask for every weight with a channel grid: the file's where it has one, else
+    `weight != 0` (a plain or fine-tuned state dict)."""
+    out = {}
+    for k, v in state.items():
+        if v.dim() >= 2 and v.is_floating_point():
+            out[k] = masks[k] if masks and k in masks else v != 0
+    return out
+
+
+def _decode_any(masks: dict[str, torch.Tensor], placements: list[Placement],
+                r: dict[str, Any]) -> tuple[Any, int | None]:
+    """Decode at rising read thresholds: a kernel must keep 1, then 2, then 3 weights to read
+    dark. Pruning only turns dark modules light, which the one-sided decoder expects; an
+    add-on attack turns light modules dark with single small weights, which a higher
+    threshold reads as light again. Last, plain two-sided RS at threshold 1."""
+    version, pattern = int(r["qr_version"]), int(r["mask_pattern"])
+    support = int(r.get("support", 3))
+    for t in range(1, max(1, support) + 1):
+        matrix, _ = extract(masks, placements, version, pattern, min_count=t)
+        result = decode_matrix(matrix, version, pattern)
+        if result.message is not None:
+            return result, t
+    matrix, _ = extract(masks, placements, version, pattern)
+    result = decode_matrix(matrix, version, pattern, one_sided=False)
+    return result, (1 if result.message is not None else None)
+
+
+def verify_with_receipt(masks: dict[str, torch.Tensor], doc: dict[str, Any],
+                        public_key: Any = None, alpha: float = 1e-6,
+                        floor_defence: bool = False,
+                        state: dict[str, torch.Tensor] | None = None) -> Verdict:
+    """Check the receipt, read the code where it says, decode it, and test the bits against
+    the committed matrix. Verified when p < alpha or the decoded message is the committed one.
+
+    floor_defence: first prune weights below the receipt's magnitude floor (the owner's
+    answer to add-on attacks; needs `state`)."""
+    valid = check_receipt(doc, public_key)
+    r = doc["receipt"]
+    for p in r["placements"]:
+        if p["layer"] not in masks:
+            raise CheckFailed(f"the receipt is for another ticket: this model has no layer "
+                              f"{p['layer']!r} (receipt for a {r.get('arch')} model)")
+    n = 17 + 4 * int(r["qr_version"])
+    placements = [Placement(p["layer"], int(p["row"]), int(p["col"])) for p in r["placements"]]
+    if floor_defence:
+        if state is None:
+            raise TicketctlError("the magnitude-floor defence needs the model's weights")
+        floor = float(r["magnitude_floor"])
+        masks = {k: m & (state[k].abs() >= floor) if k in state else m for k, m in masks.items()}
+    matrix, votes = extract(masks, placements, int(r["qr_version"]), int(r["mask_pattern"]))
+    expected = _unpack(r["matrix"], n)
+    data = ~function_module_map(int(r["qr_version"]))
+    total = int(data.sum())
+    matches = int((matrix[data] == expected[data]).sum())
+    p = binomial_tail(matches, total, 0.5)
+    obs_dark = int(matrix[data].sum())
+    hits = int((matrix[data] & expected[data]).sum())
+    p_prec = precision_tail(hits, obs_dark, int(expected[data].sum()), total)
+    result, threshold = _decode_any(masks, placements, r)
+    message_ok = result.message is not None and sha256(result.message) == r["message_sha256"]
+    verified = bool(p < alpha or message_ok)
+    return Verdict(
+        verified=verified, message=result.message, bit_match=matches / total, p_value=p,
+        alpha=alpha, receipt_valid=valid,
+        details={"test": "binomial: bit matches over embedded data modules, null rate 0.5",
+                 "data_modules": total, "matches": matches, "precision_p_value": p_prec,
+                 "decoded_matches_receipt": message_ok, "decode_method": result.method,
+                 "decode_min_count": threshold,
+                 "placements": r["placements"], "comparisons": 1,
+                 "floor_defence": floor_defence},
+    )
+
+
+def _header_survivors(dark: np.ndarray, version: int, pattern: int, n: int,
+                      slack: int = 0) -> np.ndarray:
+    """Offsets whose first 12 data bits can be a byte-mode header (mode 0100, a length the
+    version holds) under one-sided damage: no observed dark where the header needs light, at
+    most `slack` lights where it needs dark. A cheap filter before full decoding."""
+    order = data_module_order(version)[:12]
+    mask = mask_matrix(version, pattern)
+    h, w = dark.shape[0] - n + 1, dark.shape[1] - n + 1
+    obs = np.stack([dark[r:r + h, c:c + w] for r, c in order])  # [12, h, w]
+    keep = np.zeros((h, w), dtype=bool)
+    for length in range(1, capacity_bytes(version) + 1):
+        bits = [0, 1, 0, 0] + [(length >> (7 - i)) & 1 for i in range(8)]
+        stored = np.array([b ^ int(mask[r, c]) for b, (r, c) in zip(bits, order, strict=True)],
+                          dtype=bool)[:, None, None]
+        impossible = (obs & ~stored).any(0)
+        lost = (~obs & stored).sum(0)
+        keep |= ~impossible & (lost <= slack)
+    # a code's modules are about half dark; one-sided damage of up to half of them leaves at
+    # least a quarter (the regions of sparse layers fail this at once)
+    ii = np.pad(dark.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    count = ii[n:, n:] - ii[:-n, n:] - ii[n:, :-n] + ii[:-n, :-n]
+    keep &= (count >= 0.25 * n * n) & (count <= 0.75 * n * n)
+    return np.argwhere(keep)
+
+
+def scan(masks: dict[str, torch.Tensor], versions: range = range(1, 5),
+         patterns: range = range(8)) -> list[dict[str, Any]]:
+    """Without a receipt: try every layer, version (1-4 by default: up to 50 bytes), mask
+    pattern and offset, and report every message that decodes; the one-sided decoder never
+    returns a wrong message, so a report is evidence even with no receipt at hand. The number
+    of places tried is returned with each find for a multiple-comparison reading."""
+    found = []
+    tried = 0
+    for version in versions:
+        n = 17 + 4 * version
+        func = function_module_map(version)
+        for pattern in patterns:
+            filler = encode("", version=version, mask_pattern=pattern).matrix
+            for name, m in masks.items():
+                dark = grid(m) > 0
+                if dark.shape[0] < n or dark.shape[1] < n:
+                    continue
+                tried += (dark.shape[0] - n + 1) * (dark.shape[1] - n + 1)
+                # intact headers get the full one-sided decoder; a damaged header only plain RS
+                exact = {tuple(x) for x in _header_survivors(dark, version, pattern, n, 0)}
+                for row, col in _header_survivors(dark, version, pattern, n, 1):
+                    matrix = dark[row:row + n, col:col + n].copy()
+                    matrix[func] = filler[func]
+                    res = decode_matrix(matrix, version, pattern,
+                                        one_sided=(int(row), int(col)) in exact)
+                    if res.message is not None:
+                        found.append({"message": res.message, "layer": name, "row": int(row),
+                                      "col": int(col), "qr_version": version,
+                                      "mask_pattern": pattern, "method": res.method})
+    for f in found:
+        f["places_tried"] = tried
+    return found

@@ -1,0 +1,30 @@
+"""The statistics behind a verdict: exact tail probabilities from scipy.stats, with the test,
+its null and its size reported together."""
+
+from __future__ import annotations
+
+from scipy import stats
+
+
+def binomial_tail(successes: int, trials: int, null_rate: float) -> float:
+    """P[Binomial(trials, null_rate) >= successes]: how likely an unrelated model agrees this
+    often by chance."""
+    if trials <= 0:
+        return 1.0
+    return float(stats.binom.sf(successes - 1, trials, null_rate))
+
+
+def precision_tail(hits: int, drawn: int, marked: int, population: int) -> float:
+    """Hypergeometric P[X >= hits] when `drawn` of `population` items are taken at random and
+    `marked` of the population are marked: e.g. of the observed dark modules, how many fall on
+    the code's dark modules."""
+    if drawn <= 0:
+        return 1.0
+    return float(stats.hypergeom.sf(hits - 1, population, marked, drawn))
+
+
+def clopper_pearson_upper(successes: int, trials: int, confidence: float = 0.99) -> float:
+    """One-sided upper confidence bound of a binomial rate."""
+    if successes >= trials:
+        return 1.0
+    return float(stats.beta.ppf(confidence, successes + 1, trials - successes))
