@@ -157,6 +157,8 @@ def test_demo_and_python_dash_m(tmp_path):
     v2 = doc["v2"]
     assert v2["verified"] is True and v2["message"] == "ticketctl demo"
     assert v2["p_value"] < 1e-12
+    v3 = doc["v3"]
+    assert v3["verified"] is True and v3["predict_cmd"]["trigger_p_value"] < 1e-6
     again = subprocess.run([sys.executable, "-m", "ticketctl", "demo", "--out-dir", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--force" in again.stderr

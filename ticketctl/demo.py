@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from cryptography.hazmat.primitives import serialization
+
 from ticketctl.artifacts import Ticket, load_ticket, save_ticket
 from ticketctl.artifacts.describe import describe_file
+from ticketctl.artifacts.io import write_text_atomic
 from ticketctl.attacks import AttackRunner, nokey
 from ticketctl.data import load_dataset
 from ticketctl.device import resolve_device
 from ticketctl.errors import TicketctlError
 from ticketctl.plots import plot_search
 from ticketctl.protect import merge_parts, split_ticket
+from ticketctl.protect.blackbox_verify import verify_command_triggers, verify_model_triggers
 from ticketctl.protect.receipt import (
     load_private_key,
     load_public_key,
@@ -22,8 +30,11 @@ from ticketctl.protect.receipt import (
     write_keypair,
 )
 from ticketctl.protect.signature import masks_of, sign_ticket, verify_with_receipt
+from ticketctl.protect.trigger import generate as trigger_generate
+from ticketctl.protect.trigger import save_trigger_set
 from ticketctl.prune import Events, FindResult, find_ticket, magnitude_prune, resolve_settings
 from ticketctl.prune.imp import ticket_at_round
+from ticketctl.train.retrain import retrain_ticket
 
 
 def _scheme_v1(ticket: Ticket, out_dir: Path, settings: Any, device: str,
@@ -69,6 +80,48 @@ def _scheme_v2(result: FindResult, out_dir: Path, force: bool) -> dict[str, Any]
             "receipt": str(receipt_path)}
 
 
+PREDICT_SCRIPT = """\
+# A stand-in for a prediction service: labels the images of an .npz (uint8 N x H x W x C).
+import json, sys
+import numpy as np, torch
+from ticketctl.artifacts import load_ticket
+t = load_ticket(sys.argv[1])
+d = t.dataset
+x = torch.from_numpy(np.load(sys.argv[2])["images"]).permute(0, 3, 1, 2).float() / 255
+x = (x - torch.tensor(d["mean"]).view(1, -1, 1, 1)) / torch.tensor(d["std"]).view(1, -1, 1, 1)
+print(json.dumps(t.build_model().eval()(x).argmax(1).tolist()))
+"""
+
+
+def _scheme_v3(signed_path: Path, key_path: Path, out_dir: Path, settings: Any,
+               force: bool) -> dict[str, Any]:
+    """Derive a trigger set from the owner's key, retrain the signed ticket with it, and
+    verify the result black-box: locally, and through a prediction command."""
+    raw = load_private_key(key_path).private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+        serialization.NoEncryption())
+    data = load_dataset("digits")
+    ts = trigger_generate(raw, n=50, size=8, channels=1, num_classes=data.num_classes)
+    set_path = save_trigger_set(ts, out_dir / "digits.trigger.npz", force=force)
+    ticket = load_ticket(signed_path)
+    trig = (ts.tensor(data.input_shape, data.mean, data.std), torch.from_numpy(ts.labels))
+    cfg = replace(settings.train, epochs=12)
+    result, marked = retrain_ticket(ticket, data, cfg, trigger=trig, trigger_per_batch=16,
+                                    trigger_sha256=ts.sha256())
+    marked_path = save_ticket(marked, out_dir / "digits.marked.safetensors", force=force)
+    local = verify_model_triggers(marked.build_model(), ts, data, 1 / data.num_classes)
+    script = write_text_atomic(out_dir / "predict.py", PREDICT_SCRIPT, force=force)
+    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} " \
+          f"{shlex.quote(str(marked_path))}"
+    remote = verify_command_triggers(cmd, ts, data, 1 / data.num_classes, timeout=120)
+    return {"test_accuracy": result.test_accuracy,
+            "trigger_accuracy": result.trigger_accuracy,
+            "local": local.to_dict(), "predict_cmd": remote.to_dict(),
+            "verified": local.trigger_p_value < 1e-6 and remote.trigger_p_value < 1e-6,
+            "trigger_set": str(set_path), "marked": str(marked_path),
+            "predict_script": str(script)}
+
+
 def default_out_dir() -> Path:
     return Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
 
@@ -97,13 +150,16 @@ def run_demo(
                        tolerance=settings.search.tolerance)
     v1 = _scheme_v1(result.ticket, out_dir, settings, device, force)
     v2 = _scheme_v2(result, out_dir, force)
+    v3 = _scheme_v3(Path(v2["signed"]), out_dir / "owner.key", out_dir, settings, force)
     return {
         "out_dir": str(out_dir),
         "find": result.summary(),
         "v1": v1,
         "v2": v2,
+        "v3": v3,
         "files": [str(ticket), str(trained), str(plot), v1["key"], v1["locked"], v1["merged"],
-                  v2["signed"], v2["receipt"]],
+                  v2["signed"], v2["receipt"], v3["trigger_set"], v3["marked"],
+                  v3["predict_script"]],
         "inspect": describe_file(ticket),
         "seconds": time.perf_counter() - t0,
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from ticketctl import __version__
-from ticketctl.cli import attack
+from ticketctl.cli import attack, trigger
 from ticketctl.cli.convert import convert
 from ticketctl.cli.data import data
 from ticketctl.cli.demo import demo
@@ -46,6 +46,8 @@ app.command("merge")(merge)
 app.command("keygen")(keygen)
 app.command("sign")(sign)
 app.command("verify")(verify)
+app.add_typer(trigger.app, name="trigger")
+app.command("calibrate")(trigger.calibrate)
 app.add_typer(attack.app, name="attack")
 app.command("inspect")(inspect)
 app.command("convert")(convert)

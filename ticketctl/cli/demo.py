@@ -56,5 +56,12 @@ def demo(
             f"{100 * v2['density']:.1f}% ticket; after {v2['attack']}: "
             f"{'verified' if v2['verified'] else 'NOT verified'}, message {v2['message']!r}, "
             f"bit match {100 * v2['bit_match']:.1f}%, p = {v2['p_value']:.2g}", highlight=False)
+        v3 = result["v3"]
+        console.print(
+            f"Scheme V3: retrained with a key-derived trigger set: test "
+            f"{v3['test_accuracy']:.2f}%, trigger {v3['trigger_accuracy']:.0f}%; black box "
+            f"p = {v3['local']['trigger_p_value']:.2g}, through --predict-cmd p = "
+            f"{v3['predict_cmd']['trigger_p_value']:.2g}: "
+            f"{'verified' if v3['verified'] else 'NOT verified'}", highlight=False)
         console.print(f"files in {result['out_dir']} ({result['seconds']:.1f} s): "
                       + ", ".join(Path(p).name for p in result["files"]), highlight=False)

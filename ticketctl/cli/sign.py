@@ -18,8 +18,10 @@ from ticketctl.cli.common import (
     emit_json,
     handle_errors,
 )
+from ticketctl.data import load_recorded_dataset
 from ticketctl.errors import CheckFailed, TicketctlError
-from ticketctl.protect.model_file import read_model_masks
+from ticketctl.protect.blackbox_verify import verify_command_triggers, verify_model_triggers
+from ticketctl.protect.model_file import build_suspect, read_model_masks
 from ticketctl.protect.qr.image import render_png, zbar_decode
 from ticketctl.protect.receipt import (
     load_private_key,
@@ -29,6 +31,7 @@ from ticketctl.protect.receipt import (
     write_keypair,
 )
 from ticketctl.protect.signature import scan, sign_ticket, verify_with_receipt
+from ticketctl.protect.trigger import load_trigger_set
 
 
 @handle_errors
@@ -39,7 +42,7 @@ def keygen(
     debug: DebugOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Make an Ed25519 key pair for signing receipts (and deriving trigger sets)."""
+    """Make an Ed25519 key pair for signing receipts."""
     key, pub = write_keypair(out, force=force)
     if json_out:
         emit_json({"key": str(key), "pub": str(pub)})
@@ -111,11 +114,25 @@ def sign(
 
 @handle_errors
 def verify(
-    model: Annotated[Path, typer.Argument(help="A ticket, a safetensors or a torch state dict.")],
+    model: Annotated[Optional[Path], typer.Argument(
+        help="A ticket, a safetensors or a torch state dict (omit with --predict-cmd).")] = None,
     receipt: Annotated[Optional[Path], typer.Option(help="The owner's receipt.")] = None,
     public_key: Annotated[Optional[Path], typer.Option(
         help="PREFIX.pub: the receipt must be signed by this key.")] = None,
-    alpha: Annotated[float, typer.Option(help="Decision level for the p-value.")] = 1e-6,
+    trigger: Annotated[Optional[Path], typer.Option(
+        help="Scheme V3: a trigger set; checks the model's answers (black box).")] = None,
+    null_rate: Annotated[Optional[float], typer.Option(
+        help="Chance agreement with the trigger labels (default 1/classes; see calibrate).")
+    ] = None,
+    predict_cmd: Annotated[Optional[str], typer.Option(
+        help="Query a model you cannot open: CMD gets an .npz of images, prints a JSON list "
+             "of labels.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds --predict-cmd may take.")] = 300.0,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Dataset for normalisation and decoys (default: the ticket's, else digits).")
+    ] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Its folder.")] = None,
+    alpha: Annotated[float, typer.Option(help="Decision level for the p-values.")] = 1e-6,
     defend: Annotated[bool, typer.Option(
         help="Prune weights below the receipt's magnitude floor first (add-on defence).")] = False,
     qr_png: Annotated[Optional[Path], typer.Option(
@@ -125,47 +142,86 @@ def verify(
     debug: DebugOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Verify a suspect model: decode the code in its mask, score it against a receipt."""
+    """Verify a suspect model: the QR code in its mask against a receipt (white box) and its
+    answers to a trigger set (black box), each with a p-value."""
     if qr_png:
         check_output_path(qr_png, force)
-    state, masks = read_model_masks(model)
-    if receipt is None:
-        found = scan(masks)
-        result = {"verified": False, "message": found[0]["message"] if found else None,
-                  "bit_match": None, "p_value": None, "trigger_accuracy": None,
-                  "trigger_p_value": None, "alpha": alpha, "receipt_valid": None,
-                  "found": found}
-        if json_out:
-            emit_json(result)
-        elif not quiet:
-            console.print("no receipt: " + ("; ".join(f"{f['message']!r} in {f['layer']} at "
-                                                    f"({f['row']}, {f['col']})" for f in found)
-                                            or "no code found"), highlight=False)
-        return
-    doc = load_receipt(receipt)
-    verdict = verify_with_receipt(masks, doc, load_public_key(public_key) if public_key else None,
-                                  alpha=alpha, floor_defence=defend, state=state)
-    if qr_png:
-        from ticketctl.protect.embed import Placement, extract
+    if model is None and predict_cmd is None:
+        raise TicketctlError("give a MODEL file, or --trigger with --predict-cmd")
+    if predict_cmd is not None and trigger is None:
+        raise TicketctlError("--predict-cmd needs --trigger SET")
+    out: dict = {"verified": False, "message": None, "bit_match": None, "p_value": None,
+                 "trigger_accuracy": None, "trigger_p_value": None, "alpha": alpha,
+                 "receipt_valid": None}
+    verdicts: list[bool] = []
+    state = masks = None
+    if model is not None:
+        state, masks = read_model_masks(model)
+    if masks is not None and receipt is not None:
+        doc = load_receipt(receipt)
+        verdict = verify_with_receipt(masks, doc,
+                                      load_public_key(public_key) if public_key else None,
+                                      alpha=alpha, floor_defence=defend, state=state)
+        out.update(verdict.to_dict())
+        verdicts.append(verdict.verified)
+        if qr_png:
+            from ticketctl.protect.embed import Placement, extract
 
-        r = doc["receipt"]
-        matrix, _ = extract(masks, [Placement(p["layer"], p["row"], p["col"])
-                                    for p in r["placements"]], r["qr_version"], r["mask_pattern"])
-        render_png(matrix, qr_png)
-    out = verdict.to_dict()
-    if qr_png:
-        try:  # an independent reading of the same picture by ZBar
-            out["zbar_message"] = zbar_decode(matrix)
-        except TicketctlError as e:
-            out["zbar_message"] = None
-            out["zbar_note"] = str(e)
+            r = doc["receipt"]
+            matrix, _ = extract(masks, [Placement(p["layer"], p["row"], p["col"])
+                                        for p in r["placements"]], r["qr_version"],
+                                r["mask_pattern"])
+            render_png(matrix, qr_png)
+            try:  # an independent reading of the same picture by ZBar
+                out["zbar_message"] = zbar_decode(matrix)
+            except TicketctlError as e:
+                out["zbar_message"], out["zbar_note"] = None, str(e)
+    elif masks is not None and trigger is None:
+        found = scan(masks)
+        out.update({"message": found[0]["message"] if found else None, "found": found})
+    if trigger is not None:
+        tv = _trigger_check(trigger, model, state, predict_cmd, timeout, dataset, data_dir,
+                            null_rate)
+        out.update(tv.to_dict())
+        verdicts.append(tv.trigger_p_value < alpha)
+    out["verified"] = any(verdicts)
     if json_out:
         emit_json(out)
     elif not quiet:
-        console.print(f"[bold]{'VERIFIED' if verdict.verified else 'NOT VERIFIED'}[/]: message "
-                      f"{verdict.message!r}, bit match {100 * (verdict.bit_match or 0):.1f}% of "
-                      f"{out['data_modules']} modules, p = {verdict.p_value:.3g} "
-                      f"(alpha {alpha:g}); receipt signature "
-                      f"{'valid' if verdict.receipt_valid else 'not checked'}", highlight=False)
-    if not verdict.verified:
-        raise CheckFailed("not verified: the code does not match the receipt")
+        if out.get("data_modules"):
+            console.print(f"white box: message {out['message']!r}, bit match "
+                          f"{100 * out['bit_match']:.1f}% of {out['data_modules']} modules, "
+                          f"p = {out['p_value']:.3g}; receipt signature "
+                          f"{'valid' if out['receipt_valid'] else 'not checked'}",
+                          highlight=False)
+        elif "found" in out:
+            console.print("no receipt: " + ("; ".join(
+                f"{f['message']!r} in {f['layer']} at ({f['row']}, {f['col']})"
+                for f in out["found"]) or "no code found"), highlight=False)
+        if out["trigger_p_value"] is not None:
+            console.print(f"black box: {out['trigger_matches']} of {out['trigger_n']} trigger "
+                          f"labels ({out['trigger_accuracy']:.1f}%), null rate "
+                          f"{out['null_rate']:.3g}, p = {out['trigger_p_value']:.3g}",
+                          highlight=False)
+        console.print(f"[bold]{'VERIFIED' if out['verified'] else 'NOT VERIFIED'}[/] "
+                      f"(alpha {alpha:g})", highlight=False)
+    if receipt is None and trigger is None:
+        return  # a scan reports what it finds; there is nothing to verify against
+    if not out["verified"]:
+        raise CheckFailed("not verified: no check passed at the chosen alpha")
+
+
+def _trigger_check(trigger, model, state, predict_cmd, timeout, dataset, data_dir, null_rate):
+    ts = load_trigger_set(trigger)
+    recorded: dict = {}
+    net = None
+    if model is not None and predict_cmd is None:
+        net, recorded = build_suspect(model, state)
+    data = load_recorded_dataset(recorded, dataset, data_dir)
+    ts.check_classes(data.num_classes)
+    rate = null_rate if null_rate is not None else 1.0 / data.num_classes
+    if not 0.0 < rate < 1.0:
+        raise TicketctlError(f"--null-rate must be in (0, 1), got {rate}")
+    if predict_cmd is not None:
+        return verify_command_triggers(predict_cmd, ts, data, rate, timeout=timeout)
+    return verify_model_triggers(net, ts, data, rate)

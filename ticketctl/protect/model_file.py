@@ -8,11 +8,13 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from torch import nn
 
 from ticketctl.artifacts import load_ticket
-from ticketctl.artifacts.convert import load_torch_checkpoint, split_pruned_state
+from ticketctl.artifacts.convert import infer_arch, load_torch_checkpoint, split_pruned_state
 from ticketctl.artifacts.ticket import parse_metadata, read_header
 from ticketctl.errors import TicketctlError
+from ticketctl.models import build_model
 from ticketctl.protect.signature import masks_of
 
 
@@ -40,3 +42,23 @@ def read_model_masks(path: str | Path) -> tuple[dict[str, torch.Tensor],
         return ticket.state, masks_of(ticket.state, dict(ticket.mask))
     state = safetensors.torch.load_file(str(p))
     return state, masks_of(state)
+
+
+def build_suspect(path: str | Path, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+    """A runnable model from a suspect file: the ticket's own architecture, or the registered
+    one whose names and shapes a plain state dict matches. Returns (model, recorded dataset)."""
+    header = read_header(path) if _is_safetensors(path) else {}
+    if header.get("format") == "ticketctl":
+        ticket = load_ticket(path)
+        return ticket.build_model().eval(), ticket.dataset or {}
+    arch, args, classes = infer_arch(state)
+    model = build_model(arch, classes, **args)
+    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()},
+                          strict=False)
+    return model.eval(), {}
+
+
+def _is_safetensors(path: str | Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return not (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04")

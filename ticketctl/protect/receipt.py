@@ -126,3 +126,24 @@ def check_receipt(doc: dict[str, Any], public: Ed25519PublicKey | None) -> bool:
         raise CheckFailed("the receipt's signature does not match its content: it was "
                           "altered after signing") from None
     return True
+
+
+def add_trigger(doc: dict[str, Any] | None, trigger_sha256: str, n: int,
+                private: Ed25519PrivateKey | None) -> dict[str, Any]:
+    """Commit a trigger set to a receipt (an existing one from `sign`, or a new one) and sign
+    it again; an existing signed receipt needs the same key."""
+    fields = dict(doc["receipt"]) if doc else {"created": _now()}
+    if doc and doc.get("signature") and private is not None:
+        if doc.get("public_key") != base64.b64encode(public_raw(private.public_key())).decode():
+            raise TicketctlError("the receipt was signed by another key than --signing-key")
+    if doc and doc.get("signature") and private is None:
+        raise TicketctlError("the receipt is signed: pass --signing-key to sign it again")
+    fields.update({"trigger_sha256": trigger_sha256, "trigger_n": n,
+                   "trigger_committed": _now()})
+    return make_receipt(fields, private)
+
+
+def _now() -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

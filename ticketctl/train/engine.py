@@ -21,6 +21,7 @@ from torch import nn
 from ticketctl.artifacts import Mask
 from ticketctl.data import Dataset
 from ticketctl.data.augment import PAD, crop_flip
+from ticketctl.errors import TicketctlError
 from ticketctl.train.config import TrainConfig
 from ticketctl.train.schedule import lr_at
 from ticketctl.train.sgd import MaskedSGD
@@ -34,6 +35,7 @@ class EpochStats:
     val_accuracy: float | None
     test_accuracy: float
     seconds: float = 0.0
+    trigger_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,6 +48,7 @@ class TrainResult:
     test_accuracy: float  # at the best-validation epoch (the last epoch without a val split)
     history: list[EpochStats] = field(default_factory=list)
     seconds: float = 0.0
+    trigger_accuracy: float | None = None  # at the best-validation epoch
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -66,7 +69,11 @@ class Trainer:
         data: Dataset,
         cfg: TrainConfig,
         mask: Mask | None = None,
+        trigger: tuple[torch.Tensor, torch.Tensor] | None = None,
+        trigger_per_batch: int = 1,
     ) -> None:
+        """trigger: (normalised images, labels) mixed into every batch, `trigger_per_batch`
+        at a time, cycling through the set (Scheme V3; the paper adds one per batch)."""
         cfg.validate()
         self.cfg = cfg
         self.data = data
@@ -102,8 +109,18 @@ class Trainer:
         )
         self.apply_mask_()
 
+        self.trigger_x = self.trigger_y = None
+        self.k = 0
+        if trigger is not None:
+            if not 1 <= trigger_per_batch < cfg.batch_size:
+                raise TicketctlError(f"--trigger-per-batch must be in [1, batch size), got "
+                                     f"{trigger_per_batch}")
+            self.trigger_x = trigger[0].to(self.device)
+            self.trigger_y = trigger[1].to(self.device, torch.long)
+            self.k = trigger_per_batch
+        self.main_batch = cfg.batch_size - self.k
         n = len(data.train_y)
-        self.steps_per_epoch = max(1, n // cfg.batch_size)  # the last partial batch is dropped
+        self.steps_per_epoch = max(1, n // self.main_batch)  # the last partial batch is dropped
         self.order_gen = torch.Generator().manual_seed(cfg.seed)
         # CPU: a private generator makes runs reproducible and resumable. CUDA graphs need the
         # device's default generator, seeded here.
@@ -111,7 +128,8 @@ class Trainer:
         if cuda:
             torch.cuda.manual_seed(cfg.seed + 1)
         self.lr_t = torch.zeros((), device=self.device)
-        self.batch_idx = torch.zeros(cfg.batch_size, dtype=torch.long, device=self.device)
+        self.batch_idx = torch.zeros(self.main_batch, dtype=torch.long, device=self.device)
+        self.trig_idx = torch.zeros(max(1, self.k), dtype=torch.long, device=self.device)
         self.loss_sum = torch.zeros((), device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.compile_seconds = 0.0
@@ -186,6 +204,9 @@ class Trainer:
     def _step(self) -> None:
         x = self._augment(self.data.train_x[self.batch_idx])
         y = self.data.train_y[self.batch_idx]
+        if self.trigger_x is not None:  # triggers go in as they are, unaugmented
+            x = torch.cat([x, self.trigger_x[self.trig_idx]])
+            y = torch.cat([y, self.trigger_y[self.trig_idx]])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -204,7 +225,7 @@ class Trainer:
         """Warm up (compiles), restore the state the warm-up touched, then capture one step."""
         t0 = time.perf_counter()
         saved = (self.model_state(), self.optimizer_state())
-        self.batch_idx.copy_(torch.arange(self.cfg.batch_size, device=self.device)
+        self.batch_idx.copy_(torch.arange(self.main_batch, device=self.device)
                              % len(self.data.train_y))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -235,12 +256,19 @@ class Trainer:
         n = len(self.data.train_y)
         order = torch.randperm(n, generator=self.order_gen).to(self.device)
         self.loss_sum.zero_()
-        bs = self.cfg.batch_size
+        bs = self.main_batch
         lr = 0.0
+        if self.trigger_x is not None:  # cycle through the set across steps and epochs
+            first = (epoch - 1) * self.steps_per_epoch * self.k
+            cycle = (torch.arange(self.steps_per_epoch * self.k, device=self.device) + first) \
+                % len(self.trigger_y)
+            cycle = cycle.view(self.steps_per_epoch, self.k)
         for b in range(self.steps_per_epoch):
             lr = lr_at(self.cfg, (epoch - 1) * self.steps_per_epoch + b, self.steps_per_epoch)
             self.lr_t.fill_(lr)
             self.batch_idx.copy_(order[b * bs:(b + 1) * bs])
+            if self.trigger_x is not None:
+                self.trig_idx.copy_(cycle[b])
             if self.graph is not None:
                 self.graph.replay()
             else:
@@ -251,7 +279,7 @@ class Trainer:
     def _warm_compile(self) -> None:
         """Compile outside the timed epochs (compile without graphs): one step, then undo it."""
         saved = (self.model_state(), self.optimizer_state())
-        self.batch_idx.copy_(torch.arange(self.cfg.batch_size, device=self.device)
+        self.batch_idx.copy_(torch.arange(self.main_batch, device=self.device)
                              % len(self.data.train_y))
         self._eager_step()
         self.load_model_state(saved[0])
@@ -262,8 +290,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str = "test") -> float:
         """Top-1 accuracy in percent on `val` or `test` (NaN for an empty split)."""
-        x = getattr(self.data, f"{split}_x")
-        y = getattr(self.data, f"{split}_y")
+        if split == "trigger":
+            if self.trigger_x is None:
+                return float("nan")
+            x, y = self.trigger_x, self.trigger_y
+        else:
+            x = getattr(self.data, f"{split}_x")
+            y = getattr(self.data, f"{split}_y")
         return evaluate(self.forward if self.use_compile else self.model, x, y,
                         self.cfg.eval_batch_size, bf16=self.bf16,
                         channels_last=self.channels_last, fixed_batch=self.use_compile,
@@ -286,8 +319,9 @@ class Trainer:
             loss = self.train_epoch(epoch)
             val = self.evaluate("val")
             test = self.evaluate("test")
+            trig = self.evaluate("trigger") if self.trigger_x is not None else None
             stats = EpochStats(epoch, self.last_lr, loss, _nan_to_none(val), test,
-                               time.perf_counter() - te)
+                               time.perf_counter() - te, trig)
             history.append(stats)
             if on_epoch:
                 on_epoch(stats)
@@ -302,7 +336,8 @@ def summarize(history: list[EpochStats], seconds: float = 0.0) -> TrainResult:
         best = history[-1]
     else:
         best = max(history, key=lambda h: (h.val_accuracy or -1.0, -h.epoch))
-    return TrainResult(best.epoch, best.val_accuracy, best.test_accuracy, history, seconds)
+    return TrainResult(best.epoch, best.val_accuracy, best.test_accuracy, history, seconds,
+                       best.trigger_accuracy)
 
 
 @torch.no_grad()

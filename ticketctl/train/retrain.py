@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from ticketctl.artifacts import Ticket
 from ticketctl.data import Dataset
 from ticketctl.train.config import TrainConfig
@@ -15,11 +17,15 @@ def retrain_ticket(
     data: Dataset,
     cfg: TrainConfig,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    trigger: tuple[torch.Tensor, torch.Tensor] | None = None,
+    trigger_per_batch: int = 1,
+    trigger_sha256: str | None = None,
 ) -> tuple[TrainResult, Ticket]:
     """Train epochs rewind_epoch+1..epochs from the ticket's weights (momentum starts at
     zero: a ticket file holds weights, not optimizer state) and return the trained model."""
     model = ticket.build_model()
-    trainer = Trainer(model, data, cfg, mask=ticket.mask)
+    trainer = Trainer(model, data, cfg, mask=ticket.mask, trigger=trigger,
+                      trigger_per_batch=trigger_per_batch)
     start = ticket.rewind_epoch or 0
     if start >= cfg.epochs:
         start = 0
@@ -30,6 +36,8 @@ def retrain_ticket(
         class_names=ticket.class_names, dataset=data.info(), rewind_epoch=ticket.rewind_epoch,
         seed=cfg.seed,
         extra={**{k: v for k, v in ticket.extra.items() if k != "ticket_accuracy"},
-               "retrained_from": ticket.tensors_sha256(), "test_accuracy": result.test_accuracy},
+               "retrained_from": ticket.tensors_sha256(), "test_accuracy": result.test_accuracy,
+               **({"trigger_sha256": trigger_sha256,
+                   "trigger_accuracy": result.trigger_accuracy} if trigger is not None else {})},
     )
     return result, trained

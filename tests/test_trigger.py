@@ -1,0 +1,155 @@
+"""Scheme V3 on digits: key-derived trigger sets, retraining with them, black-box verdicts
+(locally and through --predict-cmd), calibration, and bad input."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from conftest import make_ticket
+from test_cli import assert_one_line_error, run
+
+from ticketctl.artifacts import save_ticket
+from ticketctl.protect.trigger import TriggerSet, generate, load_trigger_set, save_trigger_set
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    d = tmp_path_factory.mktemp("v3")
+    assert run("keygen", "--out", d / "owner").exit_code == 0
+    assert run("trigger", "new", "--signing-key", d / "owner.key", "-n", "50", "--size", "8",
+               "--channels", "1", "--out", d / "set.npz").exit_code == 0
+    ticket = save_ticket(make_ticket(seed=40, density_rate=0.5, width=32),
+                         d / "t.safetensors")
+    common = ["--preset", "demo", "--epochs", "12", "--json"]
+    marked = run("retrain", ticket, "--trigger", d / "set.npz", "--trigger-per-batch", "16",
+                 "--out", d / "marked.safetensors", "--receipt", d / "receipt.json",
+                 "--signing-key", d / "owner.key", *common)
+    assert marked.exit_code == 0, marked.stderr
+    plain = run("retrain", ticket, "--out", d / "plain.safetensors", *common)
+    assert plain.exit_code == 0, plain.stderr
+    return {"d": d, "marked": json.loads(marked.stdout), "plain": json.loads(plain.stdout)}
+
+
+def test_generated_set_depends_on_the_key_only():
+    a, b, c = generate(b"key one", 20), generate(b"key one", 20), generate(b"key two", 20)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.images, c.images)
+    assert a.sha256() == b.sha256() != c.sha256()
+
+
+def test_cli_set_is_reproducible(v3, tmp_path):
+    d = v3["d"]
+    assert run("trigger", "new", "--signing-key", d / "owner.key", "-n", "50", "--size", "8",
+               "--channels", "1", "--out", tmp_path / "again.npz").exit_code == 0
+    assert load_trigger_set(tmp_path / "again.npz").sha256() == \
+        load_trigger_set(d / "set.npz").sha256()
+
+
+def test_retraining_with_the_set_learns_it_and_verifies(v3):
+    marked, plain = v3["marked"], v3["plain"]
+    assert marked["trigger_accuracy"] >= 90
+    assert plain["trigger_accuracy"] is None
+    assert marked["test_accuracy"] > 85  # the task is still learnt
+    d = v3["d"]
+    result = run("verify", d / "marked.safetensors", "--trigger", d / "set.npz", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["verified"] and doc["trigger_p_value"] < 1e-6
+    assert doc["trigger_accuracy"] >= 90 and doc["null_rate"] == pytest.approx(0.1)
+
+
+def test_a_model_trained_without_the_set_does_not_verify(v3):
+    d = v3["d"]
+    result = run("verify", d / "plain.safetensors", "--trigger", d / "set.npz", "--json")
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert doc["verified"] is False and doc["trigger_p_value"] > 1e-6
+
+
+def _model_script(tmp_path, model):
+    """A stand-in for a remote prediction API: loads the model and labels the images."""
+    script = tmp_path / "api.py"
+    script.write_text(f"""
+import json, sys
+import numpy as np, torch
+from ticketctl.artifacts import load_ticket
+t = load_ticket({str(model)!r})
+net = t.build_model().eval()
+d = t.dataset
+x = torch.from_numpy(np.load(sys.argv[1])["images"]).permute(0, 3, 1, 2).float() / 255
+x = (x - torch.tensor(d["mean"]).view(1, -1, 1, 1)) / torch.tensor(d["std"]).view(1, -1, 1, 1)
+print(json.dumps(net(x).argmax(1).tolist()))
+""")
+    return f"{sys.executable} {script}"
+
+
+def test_predict_cmd_end_to_end(v3, tmp_path):
+    d = v3["d"]
+    cmd = _model_script(tmp_path, d / "marked.safetensors")
+    result = run("verify", "--trigger", d / "set.npz", "--predict-cmd", cmd, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["verified"] and doc["trigger_accuracy"] >= 90
+    assert doc["decoy_accuracy"] > 80  # ordinary images, answered normally
+    plain = _model_script(tmp_path, d / "plain.safetensors")
+    result = run("verify", "--trigger", d / "set.npz", "--predict-cmd", plain, "--json")
+    assert result.exit_code == 1
+
+
+def test_predict_cmd_failures_are_exit_2(v3, tmp_path):
+    d = v3["d"]
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sys; sys.stderr.write('service down'); sys.exit(3)")
+    result = run("verify", "--trigger", d / "set.npz", "--predict-cmd",
+                 f"{sys.executable} {bad}")
+    assert_one_line_error(result, 2, "service down")
+    slow = tmp_path / "slow.py"
+    slow.write_text("import time; time.sleep(30)")
+    result = run("verify", "--trigger", d / "set.npz", "--predict-cmd",
+                 f"{sys.executable} {slow}", "--timeout", "1")
+    assert_one_line_error(result, 2, "1")
+    short = tmp_path / "short.py"
+    short.write_text("print('[1, 2, 3]')")
+    result = run("verify", "--trigger", d / "set.npz", "--predict-cmd",
+                 f"{sys.executable} {short}")
+    assert_one_line_error(result, 2, "3")
+
+
+def test_calibrate_gives_a_null_rate(v3, tmp_path):
+    d = v3["d"]
+    result = run("calibrate", "--trigger", d / "set.npz", "--models", "2", "--epochs", "3",
+                 "--out", tmp_path / "null.json", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert 0 < doc["null_rate"] < 1 and doc["null_rate"] >= doc["mean_agreement"]
+    assert len(doc["agreements"]) == 2
+    assert json.loads((tmp_path / "null.json").read_text())["null_rate"] == doc["null_rate"]
+
+
+def test_bad_trigger_input(v3, tmp_path):
+    d = v3["d"]
+    rgb = TriggerSet(np.zeros((4, 8, 8, 2), np.uint8), np.zeros(4, np.int64))
+    save_trigger_set(rgb, tmp_path / "two.npz")
+    result = run("verify", d / "marked.safetensors", "--trigger", tmp_path / "two.npz")
+    assert_one_line_error(result, 2, "channels")
+    wrong = TriggerSet(np.zeros((4, 8, 8, 1), np.uint8), np.array([0, 1, 2, 12]))
+    save_trigger_set(wrong, tmp_path / "labels.npz")
+    result = run("verify", d / "marked.safetensors", "--trigger", tmp_path / "labels.npz")
+    assert_one_line_error(result, 2, "outside")
+    np.savez(tmp_path / "empty.npz", images=np.zeros((0, 8, 8, 1), np.uint8),
+             labels=np.zeros(0, np.int64))
+    result = run("verify", d / "marked.safetensors", "--trigger", tmp_path / "empty.npz")
+    assert_one_line_error(result, 2, "empty")
+    result = run("verify", "--predict-cmd", "true")
+    assert_one_line_error(result, 2, "--trigger")
+
+
+def test_the_receipt_commits_to_the_trigger_set(v3):
+    from ticketctl.protect.receipt import check_receipt, load_public_key, load_receipt
+
+    d = v3["d"]
+    doc = load_receipt(d / "receipt.json")
+    assert doc["receipt"]["trigger_sha256"] == load_trigger_set(d / "set.npz").sha256()
+    assert doc["receipt"]["trigger_sha256"] == v3["marked"]["trigger_sha256"]
+    assert check_receipt(doc, load_public_key(d / "owner.pub"))

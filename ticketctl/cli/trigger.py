@@ -1,0 +1,100 @@
+"""`trigger new` and `calibrate` (Scheme V3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from cryptography.hazmat.primitives import serialization
+
+from ticketctl.artifacts.io import check_output_path, write_text_atomic
+from ticketctl.cli import options as o
+from ticketctl.cli.common import (
+    DebugOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    console,
+    emit_json,
+    handle_errors,
+    progress_bar,
+)
+from ticketctl.data import load_dataset
+from ticketctl.device import resolve_device
+from ticketctl.protect.calibrate import calibrate as run_calibration
+from ticketctl.protect.receipt import load_private_key
+from ticketctl.protect.trigger import generate, load_trigger_set, save_trigger_set
+from ticketctl.prune import resolve_settings
+
+app = typer.Typer(help="Scheme V3 trigger sets.", no_args_is_help=True)
+
+
+@app.command("new")
+@handle_errors
+def new(
+    signing_key: Annotated[Path, typer.Option(help="PREFIX.key: the set is derived from it.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The trigger set (.npz).")],
+    n: Annotated[int, typer.Option("-n", help="Number of images.")] = 100,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
+    channels: Annotated[int, typer.Option(help="1 (grey) or 3 (RGB).")] = 3,
+    classes: Annotated[int, typer.Option(help="Labels are drawn from 0..classes-1.")] = 10,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Make a trigger set derived from the owner's key: the same key gives the same set."""
+    check_output_path(out, force)
+    key = load_private_key(signing_key)
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                            serialization.NoEncryption())
+    ts = generate(raw, n=n, size=size, channels=channels, num_classes=classes)
+    save_trigger_set(ts, out, force=force)
+    if json_out:
+        emit_json({"out": str(out), "n": n, "sha256": ts.sha256()})
+    elif not quiet:
+        console.print(f"wrote {out}: {n} images {size}x{size}x{channels}, sha256 "
+                      f"{ts.sha256()[:16]}...", highlight=False)
+
+
+@handle_errors
+def calibrate(
+    trigger: Annotated[Path, typer.Option(help="The trigger set.")],
+    out: Annotated[Optional[Path], typer.Option(help="Write the calibration JSON here.")] = None,
+    models: Annotated[int, typer.Option(help="Independent models to train.")] = 10,
+    arch: o.Arch = None,
+    dataset: o.DatasetOpt = None,
+    data_dir: o.DataDir = None,
+    preset: Annotated[Optional[str], typer.Option(help="Training schedule preset.")] = None,
+    epochs: o.Epochs = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Measure how often models trained without the trigger set agree with it; write the
+    upper 99% bound as the null rate for `verify --null-rate`."""
+    if out is not None:
+        check_output_path(out, force)
+    settings = resolve_settings(preset, arch=arch, dataset=dataset, train={"epochs": epochs})
+    settings.train.validate()
+    data = load_dataset(settings.dataset, data_dir, device=resolve_device(device))
+    ts = load_trigger_set(trigger)
+    with progress_bar(quiet or json_out) as progress:
+        task = progress.add_task("null models", total=models, info="")
+        result = run_calibration(settings.arch, data, ts, settings.train, models=models,
+                                 on_model=lambda i, a: progress.update(
+                                     task, completed=i + 1, info=f"agreement {100 * a:.0f}%"))
+    if out is not None:
+        write_text_atomic(out, json.dumps(result, indent=2), force=force)
+    if json_out:
+        emit_json(result)
+    elif not quiet:
+        console.print(f"{models} models without the set agree with it "
+                      f"{100 * result['mean_agreement']:.1f}% on average (max "
+                      f"{100 * result['max_agreement']:.1f}%); null rate (upper 99% bound) "
+                      f"{result['null_rate']:.4f}", highlight=False)
