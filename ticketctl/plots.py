@@ -43,3 +43,38 @@ def plot_search(rounds: list[dict[str, Any]], dense_accuracy: float, path: str |
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def plot_attack(rows: list[dict[str, Any]], reference: float | None, path: str | Path,
+                title: str = "", force: bool = False) -> Path:
+    """Accuracy and -log10 p-value against attack strength."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [100 * float(r["strength"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ax.plot(xs, [r["accuracy"] for r in rows], "o-", color="tab:blue", label="test accuracy")
+    if reference is not None:
+        ax.axhline(reference - 1.0, color="0.5", ls="--", lw=1, label="matching line (-1 point)")
+    ax.set_xlabel("attack strength (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ps = [r.get("p_value") for r in rows]
+    if any(p is not None for p in ps):
+        ax2 = ax.twinx()
+        ax2.plot(xs, [-math.log10(max(p, 1e-300)) if p is not None else float("nan")
+                      for p in ps], "s--", color="tab:red", label="-log10 p (signature)")
+        ax2.axhline(6, color="tab:red", lw=0.8, alpha=0.5)
+        ax2.set_ylabel("-log10 p-value")
+        ax2.legend(loc="upper right", fontsize=8)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, force) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)

@@ -13,7 +13,9 @@ from rich.table import Table
 from ticketctl.artifacts import load_ticket
 from ticketctl.artifacts.io import check_output_path, write_text_atomic
 from ticketctl.attacks import AttackRunner, fake1, nokey
+from ticketctl.attacks.checks import owner_checks
 from ticketctl.attacks.keymask import summary_rows
+from ticketctl.attacks.removal import added, mark_removed, pruned, sweep
 from ticketctl.cli import options as o
 from ticketctl.cli.common import (
     DebugOpt,
@@ -28,6 +30,10 @@ from ticketctl.cli.common import (
 )
 from ticketctl.data import load_recorded_dataset
 from ticketctl.device import resolve_device
+from ticketctl.errors import CheckFailed
+from ticketctl.plots import plot_attack
+from ticketctl.protect.receipt import load_public_key, load_receipt
+from ticketctl.protect.trigger import load_trigger_set
 from ticketctl.prune import resolve_settings
 
 app = typer.Typer(help="Simulate the attacks a thief would try.", no_args_is_help=True)
@@ -63,8 +69,12 @@ def _runner(ticket, preset, dataset, data_dir, epochs, batch_size, lr, seed, no_
     return AttackRunner(data, settings.train, out_dir=out_dir, on_epoch=on_epoch)
 
 
-def _render(report, json_out: bool, quiet: bool, csv_path: Path | None, force: bool) -> None:
+def _render(report, json_out: bool, quiet: bool, csv_path: Path | None, force: bool,
+            plot_path: Path | None = None) -> None:
     rows = summary_rows(report)
+    if plot_path is not None:
+        plot_attack([r.__dict__ for r in report.rows], report.reference_accuracy, plot_path,
+                    title=f"attack {report.attack}", force=force)
     if csv_path is not None:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -79,12 +89,23 @@ def _render(report, json_out: bool, quiet: bool, csv_path: Path | None, force: b
     ref = report.reference_accuracy
     table = Table(title=f"attack {report.attack}: reference "
                         f"{'-' if ref is None else f'{ref:.2f}%'} ({report.reference})")
-    for col in ("strength", "accuracy", "change", "matches"):
-        table.add_column(col, justify="right")
-    for r in report.rows:
-        table.add_row(f"{r.strength}", f"{r.accuracy:.2f}%",
-                      "-" if r.delta is None else f"{r.delta:+.2f}",
-                      "-" if r.matches is None else ("yes" if r.matches else "[red]no"))
+    cols = ["strength", "accuracy", "change", "matches"]
+    extra = [c for c in ("message", "bit_match", "p_value", "defended_message",
+                         "defended_p_value", "trigger_accuracy", "verified")
+             if any(row.get(c) is not None for row in rows)]
+    for col in cols + extra:
+        table.add_column(col.replace("_", " "), justify="right")
+    for r, row in zip(report.rows, rows, strict=True):
+        cells = [f"{r.strength}", f"{r.accuracy:.2f}%",
+                 "-" if r.delta is None else f"{r.delta:+.2f}",
+                 "-" if r.matches is None else ("yes" if r.matches else "[red]no")]
+        for c in extra:
+            v = row.get(c)
+            cells.append("-" if v is None else f"{v:.2g}" if c.endswith("p_value") else
+                         f"{100 * v:.1f}%" if c == "bit_match" else
+                         f"{v:.1f}%" if c == "trigger_accuracy" else
+                         ("yes" if v else "[red]no") if c == "verified" else str(v))
+        table.add_row(*cells)
     console.print(table)
 
 
@@ -159,3 +180,90 @@ def fake1_cmd(
                          no_compile, no_graph, out_dir, device, progress)
         report = fake1(runner, lt, ratios, key=kt, reference=reference_accuracy, seed=seed)
     _render(report, json_out, quiet, csv_path, force)
+
+
+ReceiptOpt = Annotated[Optional[Path], typer.Option(help="The owner's receipt (Scheme V2).")]
+PubOpt = Annotated[Optional[Path], typer.Option(help="PREFIX.pub that signed the receipt.")]
+TriggerOpt = Annotated[Optional[Path], typer.Option(help="The owner's trigger set (V3).")]
+PlotOpt = Annotated[Optional[Path], typer.Option(
+    "--plot", help="PNG of accuracy and -log10 p against strength.")]
+
+
+def _removal(model, make_name, strengths, make, receipt, public_key, trigger, null_rate, alpha,
+             defend, dataset, data_dir, device, csv_path, plot_path, json_out, quiet, force):
+    for p in (csv_path, plot_path):
+        if p is not None:
+            check_output_path(p, force)
+    ticket = load_ticket(model)
+    data = load_recorded_dataset(ticket.dataset or {}, dataset, data_dir,
+                                 device=resolve_device(device))
+    checks = owner_checks(ticket, data, load_receipt(receipt) if receipt else None,
+                          load_public_key(public_key) if public_key else None,
+                          load_trigger_set(trigger) if trigger else None, null_rate, alpha,
+                          defend)
+    report = sweep(ticket, data, make_name, strengths, lambda s: make(ticket, s), checks)
+    _render(report, json_out, quiet, csv_path, force, plot_path)
+    if mark_removed(report):
+        raise CheckFailed("an attacked model still matches the original but fails every check")
+
+
+@app.command("prune")
+@handle_errors
+def prune_cmd(
+    model: Annotated[Path, typer.Argument(help="The released model (a ticket file).")],
+    method: Annotated[str, typer.Option(help="omp (by magnitude) or random.")] = "omp",
+    ratios: Annotated[str, typer.Option(
+        help="Fractions of the remaining weights to remove.")] = "0.05,0.1,0.2,0.3,0.5",
+    seed: o.Seed = 0,
+    receipt: ReceiptOpt = None,
+    public_key: PubOpt = None,
+    trigger: TriggerOpt = None,
+    null_rate: Annotated[Optional[float], typer.Option(help="Trigger null rate.")] = None,
+    alpha: Annotated[float, typer.Option(help="Decision level.")] = 1e-6,
+    dataset: o.DatasetOpt = None,
+    data_dir: o.DataDir = None,
+    csv_path: CsvOpt = None,
+    plot_path: PlotOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Remove a fraction of the remaining weights (no fine-tuning) and check every mark."""
+    values = o.parse_floats(ratios, "--ratios") or []
+    _removal(model, f"prune-{method}", values,
+             lambda t, s: pruned(t, method, s, seed), receipt, public_key, trigger, null_rate,
+             alpha, False, dataset, data_dir, device, csv_path, plot_path, json_out, quiet,
+             force)
+
+
+@app.command("addon")
+@handle_errors
+def addon_cmd(
+    model: Annotated[Path, typer.Argument(help="The released model (a ticket file).")],
+    rates: Annotated[str, typer.Option(
+        help="Fractions of the pruned positions to revive.")] = "0.005,0.01,0.02,0.05,0.1",
+    defend: Annotated[bool, typer.Option(
+        help="Also verify after the owner's magnitude-floor pruning.")] = False,
+    seed: o.Seed = 0,
+    receipt: ReceiptOpt = None,
+    public_key: PubOpt = None,
+    trigger: TriggerOpt = None,
+    null_rate: Annotated[Optional[float], typer.Option(help="Trigger null rate.")] = None,
+    alpha: Annotated[float, typer.Option(help="Decision level.")] = 1e-6,
+    dataset: o.DatasetOpt = None,
+    data_dir: o.DataDir = None,
+    csv_path: CsvOpt = None,
+    plot_path: PlotOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Revive a fraction of pruned positions with small random weights and check every mark."""
+    values = o.parse_floats(rates, "--rates") or []
+    _removal(model, "addon", values, lambda t, s: added(t, s, seed), receipt, public_key,
+             trigger, null_rate, alpha, defend, dataset, data_dir, device, csv_path, plot_path,
+             json_out, quiet, force)

@@ -1,0 +1,90 @@
+"""`attack prune` and `attack addon`: exact counts, the sweep's table, JSON, CSV and plot."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_ticket
+from test_cli import assert_one_line_error, run
+
+from ticketctl.artifacts import save_ticket
+from ticketctl.attacks.removal import added, attack_mask, pruned
+from ticketctl.protect.receipt import save_receipt
+from ticketctl.protect.signature import sign_ticket
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("removal")
+    ticket = make_ticket(seed=50, density_rate=0.6, width=32)
+    s, doc, _, _ = sign_ticket(ticket, "signature")
+    return {"d": d, "ticket": s, "path": save_ticket(s, d / "s.safetensors"),
+            "receipt": save_receipt(doc, d / "r.json")}
+
+
+@pytest.mark.parametrize("method", ["omp", "random"])
+def test_prune_removes_exactly_the_fraction_first_conv_included(signed, method):
+    ticket = signed["ticket"]
+    before = attack_mask(ticket)
+    assert "conv1.weight" in before  # the first conv is attacked too, as the paper
+    state = pruned(ticket, method, 0.3, seed=1)
+    kept_before = before.num_kept
+    kept_after = sum(int((state[k] != 0).sum()) for k in before)
+    assert kept_after == kept_before - round(0.3 * kept_before)
+    for k in before:  # nothing revived
+        assert not bool(((state[k] != 0) & ~before[k]).any())
+
+
+def test_addon_revives_exactly_the_fraction(signed):
+    ticket = signed["ticket"]
+    state = added(ticket, 0.05, seed=2)
+    for k, m in ticket.mask.items():
+        free = int((~m).sum())
+        new = int(((state[k] != 0) & ~m).sum())
+        assert new == round(0.05 * free), k
+        assert torch.equal(state[k][m], ticket.state[k][m])  # kept weights untouched
+
+
+def test_prune_sweep_outputs(signed, tmp_path):
+    result = run("attack", "prune", signed["path"], "--ratios", "0.1,0.3", "--receipt",
+                 signed["receipt"], "--json", "--csv", tmp_path / "rows.csv", "--plot",
+                 tmp_path / "rows.png")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["attack"] == "prune-omp" and [r["strength"] for r in doc["rows"]] == [0.1, 0.3]
+    for row in doc["rows"]:
+        for key in ("strength", "accuracy", "verified", "message", "p_value"):
+            assert key in row
+        assert row["verified"] is True and row["p_value"] < 1e-6
+    assert doc["rows"][0]["message"] == "signature"
+    lines = (tmp_path / "rows.csv").read_text().splitlines()
+    assert lines[0].startswith("attack,strength,accuracy") and len(lines) == 3
+    assert (tmp_path / "rows.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_addon_with_defence_reports_both(signed):
+    result = run("attack", "addon", signed["path"], "--rates", "0.01", "--receipt",
+                 signed["receipt"], "--defend", "--json")
+    assert result.exit_code == 0, result.stderr
+    row = json.loads(result.stdout)["rows"][0]
+    assert "defended_p_value" in row["details"] and row["verified"] is True
+
+
+def test_removal_bad_input(signed, tmp_path):
+    assert_one_line_error(run("attack", "prune", signed["path"], "--ratios", "1.2"), 2,
+                          "[0, 1)")
+    assert_one_line_error(run("attack", "addon", signed["path"], "--rates", "-0.1"), 2,
+                          "[0, 1)")
+    assert_one_line_error(run("attack", "addon", signed["path"], "--defend"), 2,
+                          "needs --receipt")
+    other = save_ticket(make_ticket(seed=3, width=8), tmp_path / "small.safetensors")
+    result = run("attack", "prune", other, "--receipt", signed["receipt"])
+    assert result.exit_code in (1, 2) and "another" in result.stderr
+
+
+def test_no_checks_means_accuracy_only(signed):
+    result = run("attack", "prune", signed["path"], "--method", "random", "--ratios", "0.05",
+                 "--json")
+    assert result.exit_code == 0
+    row = json.loads(result.stdout)["rows"][0]
+    assert row["verified"] is None and 0 <= row["accuracy"] <= 100

@@ -1,0 +1,110 @@
+"""Removal attacks on a released model, no training involved: pruning a further fraction of
+its weights (by magnitude or at random, every conv layer included, the first too, as the
+paper) and reviving a fraction of its pruned positions with small random weights (add-on).
+Each attacked model is scored: test accuracy, and every check the owner has (receipt,
+trigger set)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ticketctl.artifacts import Mask, Ticket
+from ticketctl.attacks.runner import AttackReport, AttackRow, compare
+from ticketctl.data import Dataset
+from ticketctl.errors import TicketctlError
+from ticketctl.prune import magnitude_prune
+from ticketctl.train import evaluate
+
+Checker = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, Any]]
+
+
+def attack_mask(ticket: Ticket) -> Mask:
+    """The attacker's view: every conv and linear weight, kept where it is nonzero."""
+    return Mask({k: (ticket.mask[k] if k in ticket.mask else v != 0)
+                 for k, v in ticket.state.items() if v.dim() >= 2 and v.is_floating_point()})
+
+
+def random_prune(mask: Mask, rate: float, seed: int) -> Mask:
+    gen = torch.Generator().manual_seed(seed)
+    names = list(mask)
+    flat = torch.cat([mask[k].reshape(-1) for k in names])
+    alive = torch.nonzero(flat).squeeze(1)
+    drop = alive[torch.randperm(len(alive), generator=gen)[: round(rate * len(alive))]]
+    flat[drop] = False
+    out, start = {}, 0
+    for k in names:
+        out[k] = flat[start:start + mask[k].numel()].reshape(mask[k].shape)
+        start += mask[k].numel()
+    return Mask(out)
+
+
+def pruned(ticket: Ticket, method: str, rate: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The state after removing `rate` of the remaining weights."""
+    full = attack_mask(ticket)
+    if method == "omp":
+        mask = magnitude_prune(ticket.state, full, rate)
+    elif method == "random":
+        mask = random_prune(full, rate, seed)
+    else:
+        raise TicketctlError(f"--method must be omp or random, got {method!r}")
+    return mask.apply_state(ticket.state)
+
+
+def added(ticket: Ticket, rate: float, seed: int = 0, scale: float = 0.1
+          ) -> dict[str, torch.Tensor]:
+    """Revive `rate` of each masked layer's pruned positions with weights of `scale` x the
+    layer's median kept |w| (small enough to keep accuracy, as the attack intends)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v.clone() for k, v in ticket.state.items()}
+    for k, m in ticket.mask.items():
+        free = torch.nonzero(~m.reshape(-1)).squeeze(1)
+        pick = free[torch.randperm(len(free), generator=gen)[: round(rate * len(free))]]
+        kept = ticket.state[k][m].abs()
+        size = float(kept.median()) * scale if kept.numel() else 1e-3
+        flat = state[k].reshape(-1).clone()
+        flat[pick] = (torch.randn(len(pick), generator=gen) * size).to(flat.dtype)
+        state[k] = flat.reshape(state[k].shape)
+    return state
+
+
+def _check_strengths(values: list[float], what: str) -> None:
+    if not values:
+        raise TicketctlError(f"{what} needs at least one value")
+    for v in values:
+        if not 0.0 <= v < 1.0:
+            raise TicketctlError(f"{what} must be in [0, 1), got {v}")
+
+
+def sweep(ticket: Ticket, data: Dataset, attack: str, strengths: list[float],
+          make: Callable[[float], dict[str, torch.Tensor]], checks: Checker | None
+          ) -> AttackReport:
+    """Score the unattacked model (the reference) and every attacked one."""
+    _check_strengths(strengths, "--ratios" if attack.startswith("prune") else "--rates")
+    model = ticket.build_model(data.train_x.device)
+
+    def score(state: dict[str, torch.Tensor]) -> tuple[float, dict[str, Any]]:
+        model.load_state_dict(state)
+        acc = evaluate(model, data.test_x, data.test_y)
+        masks = {k: v != 0 for k, v in state.items() if v.dim() >= 2 and v.is_floating_point()}
+        return acc, (checks(state, masks) if checks else {})
+
+    ref_acc, _ = score(ticket.state)
+    rows = []
+    for s in strengths:
+        acc, result = score(make(s))
+        rows.append(AttackRow(strength=s, accuracy=acc, verified=result.get("verified"),
+                              message=result.get("message"), p_value=result.get("p_value"),
+                              trigger_accuracy=result.get("trigger_accuracy"),
+                              details={k: v for k, v in result.items()
+                                       if k not in ("verified", "message", "p_value",
+                                                    "trigger_accuracy")}))
+    compare(rows, ref_acc)
+    return AttackReport(attack, ref_acc, "the unattacked model", rows)
+
+
+def mark_removed(report: AttackReport) -> bool:
+    """Did some attack leave a model that still matches the original but fails every check?"""
+    return any(r.matches and r.verified is False for r in report.rows)
