@@ -159,6 +159,9 @@ def test_demo_and_python_dash_m(tmp_path):
     assert v2["p_value"] < 1e-12
     v3 = doc["v3"]
     assert v3["verified"] is True and v3["predict_cmd"]["trigger_p_value"] < 1e-6
+    attacks = {a["attack"]: a for a in doc["attacks"]}
+    assert [r["strength"] for r in attacks["prune-omp"]["rows"]] == [0.1, 0.3, 0.5]
+    assert all(r["p_value"] is not None for a in doc["attacks"] for r in a["rows"])
     again = subprocess.run([sys.executable, "-m", "ticketctl", "demo", "--out-dir", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--force" in again.stderr

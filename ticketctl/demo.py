@@ -16,6 +16,8 @@ from ticketctl.artifacts import Ticket, load_ticket, save_ticket
 from ticketctl.artifacts.describe import describe_file
 from ticketctl.artifacts.io import write_text_atomic
 from ticketctl.attacks import AttackRunner, nokey
+from ticketctl.attacks.checks import owner_checks
+from ticketctl.attacks.removal import added, pruned, sweep
 from ticketctl.data import load_dataset
 from ticketctl.device import resolve_device
 from ticketctl.errors import TicketctlError
@@ -31,7 +33,7 @@ from ticketctl.protect.receipt import (
 )
 from ticketctl.protect.signature import masks_of, sign_ticket, verify_with_receipt
 from ticketctl.protect.trigger import generate as trigger_generate
-from ticketctl.protect.trigger import save_trigger_set
+from ticketctl.protect.trigger import load_trigger_set, save_trigger_set
 from ticketctl.prune import Events, FindResult, find_ticket, magnitude_prune, resolve_settings
 from ticketctl.prune.imp import ticket_at_round
 from ticketctl.train.retrain import retrain_ticket
@@ -122,6 +124,19 @@ def _scheme_v3(signed_path: Path, key_path: Path, out_dir: Path, settings: Any,
             "predict_script": str(script)}
 
 
+def _attacks(marked: Path, receipt: Path, trigger: Path) -> list[dict[str, Any]]:
+    """Prune and add-on sweeps on the signed, trigger-marked model, checked both ways."""
+    ticket = load_ticket(marked)
+    data = load_dataset("digits")
+    checks = owner_checks(ticket, data, load_receipt(receipt), trigger=load_trigger_set(trigger),
+                          defend=True)
+    reports = [sweep(ticket, data, "prune-omp", [0.1, 0.3, 0.5],
+                     lambda s: pruned(ticket, "omp", s), checks),
+               sweep(ticket, data, "addon", [0.01, 0.05],
+                     lambda s: added(ticket, s), checks)]
+    return [r.to_dict() for r in reports]
+
+
 def default_out_dir() -> Path:
     return Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
 
@@ -151,12 +166,14 @@ def run_demo(
     v1 = _scheme_v1(result.ticket, out_dir, settings, device, force)
     v2 = _scheme_v2(result, out_dir, force)
     v3 = _scheme_v3(Path(v2["signed"]), out_dir / "owner.key", out_dir, settings, force)
+    attacks = _attacks(Path(v3["marked"]), Path(v2["receipt"]), Path(v3["trigger_set"]))
     return {
         "out_dir": str(out_dir),
         "find": result.summary(),
         "v1": v1,
         "v2": v2,
         "v3": v3,
+        "attacks": attacks,
         "files": [str(ticket), str(trained), str(plot), v1["key"], v1["locked"], v1["merged"],
                   v2["signed"], v2["receipt"], v3["trigger_set"], v3["marked"],
                   v3["predict_script"]],

@@ -16,7 +16,7 @@ from ticketctl.cli.common import (
     handle_errors,
     progress_bar,
 )
-from ticketctl.cli.render import ProgressEvents, rounds_table, ticket_table
+from ticketctl.cli.render import ProgressEvents, attacks_table, rounds_table, ticket_table
 from ticketctl.demo import default_out_dir, run_demo
 
 
@@ -63,5 +63,6 @@ def demo(
             f"p = {v3['local']['trigger_p_value']:.2g}, through --predict-cmd p = "
             f"{v3['predict_cmd']['trigger_p_value']:.2g}: "
             f"{'verified' if v3['verified'] else 'NOT verified'}", highlight=False)
+        console.print(attacks_table(result["attacks"]))
         console.print(f"files in {result['out_dir']} ({result['seconds']:.1f} s): "
                       + ", ".join(Path(p).name for p in result["files"]), highlight=False)

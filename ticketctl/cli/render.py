@@ -85,3 +85,23 @@ def rounds_table(rounds: list[dict[str, Any]], dense_accuracy: float, ticket_acc
         table.add_row(str(r["round"]), str(r["rate"]), f"{100 * r['density']:.3f}%",
                       f"{r['accuracy']:.2f}%", "yes" if r["accepted"] else "[red]no")
     return table
+
+
+def attacks_table(reports: list[dict[str, Any]]) -> Table:
+    """One row per attack and strength: accuracy, the signature's p-value (plain and behind
+    the magnitude-floor defence), trigger accuracy and the verdict."""
+    table = Table(title="attacks on the signed, trigger-marked model")
+    for col in ("attack", "strength", "accuracy", "message", "p", "p defended", "trigger",
+                "verified"):
+        table.add_column(col, justify="right")
+    for rep in reports:
+        for r in rep["rows"]:
+            d = r.get("details") or {}
+            table.add_row(
+                rep["attack"], f"{100 * r['strength']:g}%", f"{r['accuracy']:.1f}%",
+                str(r["message"]) if r["message"] else "-",
+                "-" if r["p_value"] is None else f"{r['p_value']:.1e}",
+                "-" if d.get("defended_p_value") is None else f"{d['defended_p_value']:.1e}",
+                "-" if r["trigger_accuracy"] is None else f"{r['trigger_accuracy']:.0f}%",
+                "yes" if r["verified"] else "[red]no")
+    return table
