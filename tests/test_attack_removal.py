@@ -88,3 +88,35 @@ def test_no_checks_means_accuracy_only(signed):
     assert result.exit_code == 0
     row = json.loads(result.stdout)["rows"][0]
     assert row["verified"] is None and 0 <= row["accuracy"] <= 100
+
+
+@pytest.mark.parametrize("arch", ["digits_cnn", "resnet20"])
+def test_permutation_preserves_every_output_and_moves_the_mask(arch):
+    from ticketctl.artifacts import Mask, Ticket
+    from ticketctl.attacks.permute import permutable_groups, permute
+    from ticketctl.models import build_model, prunable_names
+    from ticketctl.prune import magnitude_prune
+
+    model = build_model(arch, seed=7)
+    mask = magnitude_prune(dict(model.named_parameters()),
+                           Mask.ones(model, prunable_names(model)), 0.7)
+    ticket = Ticket.from_model(model, mask, arch=arch)
+    moved, perms = permute(ticket, seed=4)
+    assert len(perms) == len(permutable_groups(ticket)) > 0
+    x = torch.randn(4, *((1, 8, 8) if arch == "digits_cnn" else (3, 32, 32)))
+    a, b = ticket.build_model().eval(), moved.build_model().eval()
+    assert torch.allclose(a(x), b(x), atol=1e-5)
+    assert moved.mask.num_kept == ticket.mask.num_kept
+    assert any(not torch.equal(moved.mask[k], ticket.mask[k]) for k in ticket.mask)
+
+
+def test_permuted_signed_model_verifies_by_realignment(signed, tmp_path):
+    result = run("attack", "permute", signed["path"], "--receipt", signed["receipt"], "--json",
+                 "--out", tmp_path / "p.safetensors")
+    assert result.exit_code == 0, result.stderr
+    row = json.loads(result.stdout)["rows"][0]
+    assert row["delta"] == pytest.approx(0.0, abs=1e-9)  # accuracy unchanged
+    assert row["verified"] and row["message"] == "signature"
+    assert row["details"]["alignment"] == "re-aligned"
+    result = run("verify", tmp_path / "p.safetensors", "--receipt", signed["receipt"], "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["message"] == "signature"

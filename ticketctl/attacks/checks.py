@@ -38,8 +38,9 @@ def owner_checks(ticket: Ticket, data: Dataset, receipt: dict[str, Any] | None =
         out: dict[str, Any] = {}
         verdicts = []
         if receipt is not None:
-            v = verify_with_receipt(masks, receipt, public_key, alpha=alpha)
-            out.update(message=v.message, p_value=v.p_value, bit_match=v.bit_match)
+            v = verify_with_receipt(masks, receipt, public_key, alpha=alpha, state=state)
+            out.update(message=v.message, p_value=v.p_value, bit_match=v.bit_match,
+                       alignment=v.details.get("alignment"))
             verdicts.append(v.verified)
             if defend:
                 d = verify_with_receipt(masks, receipt, public_key, alpha=alpha,

@@ -10,11 +10,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ticketctl.artifacts import load_ticket
+from ticketctl.artifacts import load_ticket, save_ticket
 from ticketctl.artifacts.io import check_output_path, write_text_atomic
 from ticketctl.attacks import AttackRunner, fake1, nokey
 from ticketctl.attacks.checks import owner_checks
 from ticketctl.attacks.keymask import summary_rows
+from ticketctl.attacks.permute import permute
 from ticketctl.attacks.removal import added, mark_removed, pruned, sweep
 from ticketctl.cli import options as o
 from ticketctl.cli.common import (
@@ -267,3 +268,36 @@ def addon_cmd(
     _removal(model, "addon", values, lambda t, s: added(t, s, seed), receipt, public_key,
              trigger, null_rate, alpha, defend, dataset, data_dir, device, csv_path, plot_path,
              json_out, quiet, force)
+
+
+@app.command("permute")
+@handle_errors
+def permute_cmd(
+    model: Annotated[Path, typer.Argument(help="The released model (a ticket file).")],
+    seed: o.Seed = 0,
+    receipt: ReceiptOpt = None,
+    public_key: PubOpt = None,
+    trigger: TriggerOpt = None,
+    null_rate: Annotated[Optional[float], typer.Option(help="Trigger null rate.")] = None,
+    alpha: Annotated[float, typer.Option(help="Decision level.")] = 1e-6,
+    dataset: o.DatasetOpt = None,
+    data_dir: o.DataDir = None,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the permuted model.")] = None,
+    csv_path: CsvOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Permute hidden channels (outputs unchanged) and check every mark; verification
+    re-aligns channels by the fingerprints in the receipt."""
+    if out is not None:
+        check_output_path(out, force)
+    ticket = load_ticket(model)
+    moved, _ = permute(ticket, seed)
+    if out is not None:
+        save_ticket(moved, out, force=force)
+    _removal(model, "permute", [0.0], lambda t, s: moved.state, receipt, public_key, trigger,
+             null_rate, alpha, False, dataset, data_dir, device, csv_path, None, json_out,
+             quiet, force)
