@@ -18,11 +18,13 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ticketctl.artifacts import Mask, load_ticket
+from ticketctl.attacks.removal import added, random_prune
 from ticketctl.data import load_recorded_dataset
 from ticketctl.device import resolve_device
 from ticketctl.models import build_model, prunable_names
@@ -42,36 +44,6 @@ def retrain(trainer: Trainer, ticket, seed: int) -> tuple[float, dict]:
     trainer.reseed(seed)
     res = trainer.fit(start_epoch=ticket.rewind_epoch or 0)
     return res.test_accuracy, trainer.model_state()
-
-
-def addon(state: dict, mask: Mask, rate: float, seed: int) -> dict:
-    """Revive `rate` of the pruned positions with small random weights (the add-on attack)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {k: v.clone() for k, v in state.items()}
-    for k, m in mask.items():
-        free = torch.nonzero(~m.reshape(-1)).squeeze(1)
-        pick = free[torch.randperm(len(free), generator=gen)[: round(rate * len(free))]]
-        kept = state[k][m].abs()
-        scale = float(kept.median()) * 0.1 if kept.numel() else 1e-3
-        flat = out[k].reshape(-1).clone()
-        flat[pick] = torch.randn(len(pick), generator=gen) * scale
-        out[k] = flat.reshape(out[k].shape)
-    return out
-
-
-def random_prune(mask: Mask, rate: float, seed: int) -> Mask:
-    gen = torch.Generator().manual_seed(seed)
-    names = list(mask)
-    flat = torch.cat([mask[k].reshape(-1) for k in names])
-    alive = torch.nonzero(flat).squeeze(1)
-    drop = alive[torch.randperm(len(alive), generator=gen)[: round(rate * len(alive))]]
-    flat = flat.clone()
-    flat[drop] = False
-    out, start = {}, 0
-    for k in names:
-        out[k] = flat[start:start + mask[k].numel()].reshape(mask[k].shape)
-        start += mask[k].numel()
-    return Mask(out)
 
 
 def main() -> int:
@@ -126,7 +98,7 @@ def main() -> int:
                                 "p_value": v.p_value, "verified": v.verified})
                 log(f"prune {method} {rate}: acc {acc:.2f} msg {v.message} p {v.p_value:.3g}")
         for rate in (0.005, 0.01, 0.02, 0.05, 0.1):
-            st = addon(trained_signed, signed.mask, rate, 0)
+            st = added(replace(signed, state=trained_signed), rate, 0)
             masks = masks_of(st)
             for defend in (False, True):
                 v = verify_with_receipt(masks, receipt, floor_defence=defend, state=st)
