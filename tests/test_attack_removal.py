@@ -120,3 +120,16 @@ def test_permuted_signed_model_verifies_by_realignment(signed, tmp_path):
     assert row["details"]["alignment"] == "re-aligned"
     result = run("verify", tmp_path / "p.safetensors", "--receipt", signed["receipt"], "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["message"] == "signature"
+
+
+def test_fake3_overwrites_the_code_but_not_the_receipts_history(signed):
+    result = run("attack", "fake3", signed["path"], "--message", "mine now", "--receipt",
+                 signed["receipt"], "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["forger_on_forged"]["message"] == "mine now"
+    assert doc["owner_on_forged"]["message"] is None  # the region now holds his code
+    assert doc["owner_receipt_matches_release"] is True
+    assert doc["forger_receipt_matches_release"] is False
+    assert doc["forger_receipt_created"] >= doc["owner_receipt_created"]
+    assert doc["accuracy_after"] <= doc["accuracy_before"] + 1.0

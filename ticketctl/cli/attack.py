@@ -14,6 +14,7 @@ from ticketctl.artifacts import load_ticket, save_ticket
 from ticketctl.artifacts.io import check_output_path, write_text_atomic
 from ticketctl.attacks import AttackRunner, fake1, nokey
 from ticketctl.attacks.checks import owner_checks
+from ticketctl.attacks.fake3 import fake3
 from ticketctl.attacks.keymask import summary_rows
 from ticketctl.attacks.permute import permute
 from ticketctl.attacks.removal import added, mark_removed, pruned, sweep
@@ -301,3 +302,38 @@ def permute_cmd(
     _removal(model, "permute", [0.0], lambda t, s: moved.state, receipt, public_key, trigger,
              null_rate, alpha, False, dataset, data_dir, device, csv_path, None, json_out,
              quiet, force)
+
+
+@app.command("fake3")
+@handle_errors
+def fake3_cmd(
+    signed: Annotated[Path, typer.Argument(help="The released signed model.")],
+    message: Annotated[str, typer.Option(help="The forger's message.")],
+    receipt: Annotated[Path, typer.Option(help="The owner's receipt.")],
+    seed: o.Seed = 1,
+    dataset: o.DatasetOpt = None,
+    data_dir: o.DataDir = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """An insider overwrites the signed region with his own code: accuracy cost, and whose
+    receipt predates the release."""
+    ticket = load_ticket(signed)
+    data = load_recorded_dataset(ticket.dataset or {}, dataset, data_dir,
+                                 device=resolve_device(device))
+    result = fake3(ticket, load_receipt(receipt), message, data, seed=seed)
+    if json_out:
+        emit_json(result)
+    elif not quiet:
+        console.print(
+            f"fake3: accuracy {result['accuracy_before']:.2f}% -> {result['accuracy_after']:.2f}%"
+            f" ({result['delta']:+.2f}); the forger's code reads "
+            f"{result['forger_on_forged']['message']!r}; the owner's receipt (signed "
+            f"{result['owner_receipt_signed']}, made {result['owner_receipt_created']}) "
+            f"{'matches' if result['owner_receipt_matches_release'] else 'does not match'} the "
+            f"released model; the forger's receipt (made {result['forger_receipt_created']}) "
+            f"{'matches' if result['forger_receipt_matches_release'] else 'does not match'} it",
+            highlight=False)

@@ -1,0 +1,68 @@
+"""fake3: an insider who knows the encoder and where the code sits overwrites the signed
+region with his own code and fresh weights, then claims the model. What refutes him is time:
+the owner's receipt commits to the released ticket's hash before release; the forger's
+receipt can only commit to his altered copy, after it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ticketctl.artifacts import Ticket
+from ticketctl.data import Dataset
+from ticketctl.errors import TicketctlError
+from ticketctl.protect.embed import Placement, embed
+from ticketctl.protect.qr import encode
+from ticketctl.protect.receipt import check_receipt
+from ticketctl.protect.signature import masks_of, sign_ticket, verify_with_receipt
+from ticketctl.train import evaluate
+
+
+def forge(signed: Ticket, owner_receipt: dict[str, Any], message: str, seed: int = 1
+          ) -> tuple[Ticket, dict[str, Any]]:
+    """Overwrite the owner's region with the forger's code (same version and place); returns
+    the forged model and the forger's (unsigned) receipt, made now."""
+    r = owner_receipt["receipt"]
+    placements = [Placement(p["layer"], int(p["row"]), int(p["col"])) for p in r["placements"]]
+    qr = encode(message, version=int(r["qr_version"]), mask_pattern=(int(r["mask_pattern"]) + 1)
+                % 8)
+    forged, _ = embed(signed, qr, placements, seed=seed)
+    # the forger's own receipt for his copy (he cannot date it before the release)
+    _, forger_receipt, _, _ = sign_ticket(forged, message, version=qr.version,
+                                          mask_pattern=qr.mask_pattern,
+                                          layer=placements[0].layer)
+    forger_receipt["receipt"]["placements"] = r["placements"]
+    return forged, forger_receipt
+
+
+def fake3(signed: Ticket, owner_receipt: dict[str, Any], message: str, data: Dataset,
+          seed: int = 1) -> dict[str, Any]:
+    if signed.kind not in ("signed", "trained"):
+        raise TicketctlError(f"fake3 takes the released signed model, not a {signed.kind!r} "
+                             "file")
+    owner_valid = check_receipt(owner_receipt, None)
+    forged, forger_receipt = forge(signed, owner_receipt, message, seed)
+    model = signed.build_model(data.train_x.device)
+    before = evaluate(model, data.test_x, data.test_y)
+    model.load_state_dict(forged.state)
+    after = evaluate(model, data.test_x, data.test_y)
+    owner_on_forged = verify_with_receipt(masks_of(forged.state, dict(forged.mask)),
+                                          owner_receipt, state=forged.state)
+    forger_on_forged = verify_with_receipt(masks_of(forged.state, dict(forged.mask)),
+                                           forger_receipt, state=forged.state)
+    released = signed.tensors_sha256()
+    return {
+        "attack": "fake3",
+        "accuracy_before": before, "accuracy_after": after, "delta": after - before,
+        "owner_receipt_signed": owner_valid,
+        "owner_receipt_created": owner_receipt["receipt"].get("created"),
+        "owner_receipt_matches_release":
+            owner_receipt["receipt"].get("signed_ticket_sha256") == released,
+        "owner_on_forged": {"verified": owner_on_forged.verified,
+                            "message": owner_on_forged.message,
+                            "p_value": owner_on_forged.p_value},
+        "forger_on_forged": {"verified": forger_on_forged.verified,
+                             "message": forger_on_forged.message},
+        "forger_receipt_created": forger_receipt["receipt"]["created"],
+        "forger_receipt_matches_release":
+            forger_receipt["receipt"]["signed_ticket_sha256"] == released,
+    }
