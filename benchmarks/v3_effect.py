@@ -73,10 +73,12 @@ def main() -> int:
         print(out, file=sys.stderr, flush=True)
     null_cfg = resolve_settings(args.preset, arch=ticket.arch, dataset=data.name,
                                 train={"epochs": args.null_epochs}).train
-    null = calibrate(ticket.arch, data, ts, null_cfg, models=args.null_models)
+    null = (calibrate(ticket.arch, data, ts, null_cfg, models=args.null_models)
+            if args.null_models > 0 else None)
     result = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "rows": rows, "null": null, "seconds": time.perf_counter() - t0,
-              "trigger_sha256": ts.sha256(), "ticket_density": ticket.density}
+              "trigger_sha256": ts.sha256(), "ticket_density": ticket.density,
+              "per_batch": args.per_batch, "preset": args.preset}
     Path(args.json_out).write_text(json.dumps(result, indent=1))
     return 0
 

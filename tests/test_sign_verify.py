@@ -110,6 +110,29 @@ def test_pruned_and_added_attacks_still_verify(signed_setup):
     assert defended.verified and defended.bit_match >= verdict.bit_match
 
 
+def test_kept_count_defence_removes_revived_weights_above_the_floor(signed_setup):
+    """Add-on weights at a tenth of the median kept magnitude pass the magnitude floor; the
+    receipt's kept counts still strip them, so the defended read is the signed code again."""
+    from ticketctl.artifacts import load_ticket
+    from ticketctl.attacks.removal import added
+
+    d = signed_setup["d"]
+    signed = load_ticket(d / "s.safetensors")
+    doc = json.loads((d / "r.json").read_text())
+    layer = doc["receipt"]["placements"][0]["layer"]
+    assert doc["receipt"]["kept_counts"][layer] == int(signed.mask[layer].sum())
+    state = added(signed, 0.2, seed=3, scale=0.1)
+    masks = masks_of(state)
+    floor = doc["receipt"]["magnitude_floor"]
+    revived = masks[layer] & ~signed.mask[layer]
+    assert int((revived & (state[layer].abs() >= floor)).sum()) > 0  # the floor lets them in
+    plain = verify_with_receipt(masks, doc)
+    defended = verify_with_receipt(masks, doc, floor_defence=True, state=state)
+    assert plain.bit_match < 0.95
+    assert defended.bit_match > plain.bit_match and defended.bit_match >= 0.99
+    assert defended.message == "signature"
+
+
 def test_plain_state_dicts_verify_by_nonzero_weights(signed_setup, tmp_path):
     from ticketctl.artifacts import load_ticket
 

@@ -49,14 +49,16 @@ def fake3(signed: Ticket, owner_receipt: dict[str, Any], message: str, data: Dat
                                           owner_receipt, state=forged.state)
     forger_on_forged = verify_with_receipt(masks_of(forged.state, dict(forged.mask)),
                                            forger_receipt, state=forged.state)
-    released = signed.tensors_sha256()
+    # retraining after signing changes the weights, never the mask: the mask hash identifies
+    # the released ticket
+    released = signed.mask.sha256()
     return {
         "attack": "fake3",
         "accuracy_before": before, "accuracy_after": after, "delta": after - before,
         "owner_receipt_signed": owner_valid,
         "owner_receipt_created": owner_receipt["receipt"].get("created"),
         "owner_receipt_matches_release":
-            owner_receipt["receipt"].get("signed_ticket_sha256") == released,
+            owner_receipt["receipt"].get("signed_masks_sha256") == released,
         "owner_on_forged": {"verified": owner_on_forged.verified,
                             "message": owner_on_forged.message,
                             "p_value": owner_on_forged.p_value},
@@ -64,5 +66,5 @@ def fake3(signed: Ticket, owner_receipt: dict[str, Any], message: str, data: Dat
                              "message": forger_on_forged.message},
         "forger_receipt_created": forger_receipt["receipt"]["created"],
         "forger_receipt_matches_release":
-            forger_receipt["receipt"]["signed_ticket_sha256"] == released,
+            forger_receipt["receipt"]["signed_masks_sha256"] == released,
     }

@@ -12,8 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ticketctl.artifacts import Ticket
-from ticketctl.artifacts.io import write_text_atomic
+import torch
+from safetensors.torch import load_file, save_file
+
+from ticketctl.artifacts import Mask, Ticket
+from ticketctl.artifacts.io import atomic_path, write_text_atomic
 from ticketctl.data import Dataset
 from ticketctl.train import EpochStats, TrainConfig, Trainer
 
@@ -94,13 +97,54 @@ class AttackRunner:
                      self.data.info())
         return self.cached(key, lambda: self._retrain(ticket, label))
 
-    def _retrain(self, ticket: Ticket, label: str) -> dict[str, Any]:
+    def finetune(self, ticket: Ticket, cfg: TrainConfig, dense: bool, label: str = ""
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Train a released model further from its current weights (momentum from zero),
+        under its mask or, `dense`, under none; the trained state is kept beside the job's
+        result so a rerun reuses it."""
+        key = job_id("finetune", ticket.tensors_sha256(), cfg.to_dict(), self.data.info(),
+                     dense)
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        state_path = self.out_dir / "jobs" / f"{key}.safetensors" if self.out_dir else None
+
+        def run() -> dict[str, Any]:
+            mask = Mask({k: torch.ones_like(m) for k, m in ticket.mask.items()}) if dense \
+                else ticket.mask
+            trainer = self._trainer_for(ticket, cfg)
+            trainer.set_mask(mask)
+            trainer.load_model_state(ticket.state)
+            trainer.load_optimizer_state(None)
+            trainer.reseed(cfg.seed)
+            cb = (lambda s: self.on_epoch(label, s)) if self.on_epoch else None
+            result = trainer.fit(start_epoch=0, on_epoch=cb)
+            state = trainer.model_state()
+            states["state"] = state
+            if state_path is not None:
+                with atomic_path(state_path, force=True) as tmp:
+                    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            kept = [state[k] != 0 for k in ticket.mask]
+            return {"accuracy": result.test_accuracy, "seconds": result.seconds,
+                    "nonzero": float(sum(int(m.sum()) for m in kept)
+                                     / sum(m.numel() for m in kept))}
+
+        if state_path is not None and not state_path.exists():
+            (self.out_dir / "jobs" / f"{key}.json").unlink(missing_ok=True)
+        res = self.cached(key, run)
+        state = states.get("state") or load_file(str(state_path))
+        return res, state
+
+    def _trainer_for(self, ticket: Ticket, cfg: TrainConfig) -> Trainer:
+        """One trainer (one captured graph) per architecture and mask layout, reused."""
         tkey = (ticket.arch, ticket.num_classes, tuple(sorted(ticket.arch_args.items())),
                 tuple(ticket.mask))
         if self._trainer is None or self._trainer_key != tkey:
-            self._trainer = Trainer(ticket.build_model(), self.data, self.cfg, mask=ticket.mask)
+            self._trainer = Trainer(ticket.build_model(), self.data, cfg, mask=ticket.mask)
             self._trainer_key = tkey
-        trainer = self._trainer
+        self._trainer.set_schedule(cfg)
+        return self._trainer
+
+    def _retrain(self, ticket: Ticket, label: str) -> dict[str, Any]:
+        trainer = self._trainer_for(ticket, self.cfg)
         trainer.set_mask(ticket.mask)
         trainer.load_model_state(ticket.state)
         trainer.load_optimizer_state(None)

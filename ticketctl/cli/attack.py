@@ -15,6 +15,7 @@ from ticketctl.artifacts.io import check_output_path, write_text_atomic
 from ticketctl.attacks import AttackRunner, fake1, nokey
 from ticketctl.attacks.checks import owner_checks
 from ticketctl.attacks.fake3 import fake3
+from ticketctl.attacks.finetune import finetune
 from ticketctl.attacks.keymask import summary_rows
 from ticketctl.attacks.permute import permute
 from ticketctl.attacks.removal import added, mark_removed, pruned, sweep
@@ -32,7 +33,7 @@ from ticketctl.cli.common import (
 )
 from ticketctl.data import load_recorded_dataset
 from ticketctl.device import resolve_device
-from ticketctl.errors import CheckFailed
+from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.plots import plot_attack
 from ticketctl.protect.receipt import load_public_key, load_receipt
 from ticketctl.protect.trigger import load_trigger_set
@@ -337,3 +338,64 @@ def fake3_cmd(
             f"released model; the forger's receipt (made {result['forger_receipt_created']}) "
             f"{'matches' if result['forger_receipt_matches_release'] else 'does not match'} it",
             highlight=False)
+
+
+@app.command("finetune")
+@handle_errors
+def finetune_cmd(
+    model: Annotated[Path, typer.Argument(help="The released model (a ticket file).")],
+    epochs: Annotated[str, typer.Option(
+        help="Fine-tuning epochs, one row each, e.g. 5,10,20.")],
+    dense: Annotated[bool, typer.Option(
+        help="Train every weight: pruned positions may grow back.")] = False,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Peak learning rate (default: a tenth of the preset's), cosine, no warm-up.")
+    ] = None,
+    reference_accuracy: RefOpt = None,
+    preset: Preset = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Fine-tune on this dataset (default: the model's); another class count gets a "
+             "new head (transfer).", rich_help_panel=o.P_DATA)] = None,
+    data_dir: o.DataDir = None,
+    batch_size: o.BatchSize = None,
+    seed: o.Seed = 0,
+    no_compile: o.NoCompile = False,
+    no_graph: o.NoGraph = False,
+    receipt: ReceiptOpt = None,
+    public_key: PubOpt = None,
+    trigger: TriggerOpt = None,
+    null_rate: Annotated[Optional[float], typer.Option(help="Trigger null rate.")] = None,
+    alpha: Annotated[float, typer.Option(help="Decision level.")] = 1e-6,
+    out_dir: OutDir = None,
+    csv_path: CsvOpt = None,
+    plot_path: PlotOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Fine-tune the released model (same data, or another dataset with a new head) and
+    check every mark; --dense lets pruned weights grow back."""
+    counts = o.parse_ints(epochs, "--epochs") or []
+    for p in (csv_path, plot_path):
+        if p is not None:
+            check_output_path(p, force)
+    ticket = load_ticket(model)
+    with progress_bar(quiet or json_out) as progress:
+        runner = _runner(ticket, preset, dataset, data_dir, None, batch_size, None, seed,
+                         no_compile, no_graph, out_dir, device, progress)
+        if trigger is not None and runner.data.num_classes != ticket.num_classes:
+            raise TicketctlError(
+                f"--trigger checks answers in the model's {ticket.num_classes} classes; a "
+                f"transfer to {runner.data.num_classes} classes replaces the head")
+        checks = owner_checks(ticket, runner.data,
+                              load_receipt(receipt) if receipt else None,
+                              load_public_key(public_key) if public_key else None,
+                              load_trigger_set(trigger) if trigger else None, null_rate, alpha,
+                              defend=receipt is not None)
+        report = finetune(runner, ticket, counts, dense=dense, lr=lr, checks=checks,
+                          reference=reference_accuracy, seed=seed)
+    _render(report, json_out, quiet, csv_path, force, plot_path)
+    if mark_removed(report):
+        raise CheckFailed("a fine-tuned model still matches the original but fails every check")

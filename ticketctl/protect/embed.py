@@ -204,6 +204,11 @@ def _compensate(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
     flat_w = torch.cat([state[k].reshape(-1) for k in names])
     if delta > 0:
         cand = torch.nonzero(flat_m & flat_out).squeeze(1)
+        if len(cand) < delta:
+            raise TicketctlError(
+                f"the ticket is too sparse to carry this code: keeping its density needs "
+                f"{delta} kept weights outside the code and it has {len(cand)}; sign a denser "
+                "ticket (an earlier round) or lower --support")
         pick = cand[torch.topk(flat_w[cand].abs(), delta, largest=False, sorted=False).indices]
         flat_m[pick] = False
         flat_w[pick] = 0

@@ -69,6 +69,18 @@ def best_code(ticket: Ticket, message: str, version: int | None, mask_pattern: i
     return best[1]
 
 
+def keep_largest(weight: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """`mask` reduced to its `count` largest-magnitude weights (unchanged if it has fewer)."""
+    idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    if len(idx) <= count:
+        return mask
+    w = weight.reshape(-1)[idx].abs().float()
+    keep = idx[torch.topk(w, count, sorted=False).indices]
+    out = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    out[keep] = True
+    return out.reshape(mask.shape)
+
+
 def magnitude_floor(ticket: Ticket) -> float:
     kept = torch.cat([ticket.state[k][m].abs().reshape(-1) for k, m in ticket.mask.items()])
     return float(kept.min()) if kept.numel() else 0.0
@@ -113,6 +125,9 @@ def sign_ticket(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ticketctl": __version__,
     }
+    # the owner's add-on defence: how many weights each signed layer keeps (retraining never
+    # changes it; revived positions make it larger)
+    fields["kept_counts"] = {p.layer: int(signed.mask[p.layer].sum()) for p in placements}
     fields["fingerprints"] = {p.layer: fingerprints(signed.state[p.layer], signed.mask[p.layer])
                               for p in placements}
     signed.extra = {**signed.extra, "receipt_matrix_sha256": fields["matrix_sha256"]}
@@ -175,8 +190,9 @@ def verify_with_receipt(masks: dict[str, torch.Tensor], doc: dict[str, Any],
     """Check the receipt, read the code where it says, decode it, and test the bits against
     the committed matrix. Verified when p < alpha or the decoded message is the committed one.
 
-    floor_defence: first prune weights below the receipt's magnitude floor (the owner's
-    answer to add-on attacks; needs `state`)."""
+    floor_defence: the owner's answer to add-on attacks (needs `state`): prune weights below
+    the receipt's magnitude floor, then keep only the recorded number of largest weights in
+    each signed layer, which removes small revived weights the floor alone lets through."""
     valid = check_receipt(doc, public_key)
     r = doc["receipt"]
     for p in r["placements"]:
@@ -190,6 +206,9 @@ def verify_with_receipt(masks: dict[str, torch.Tensor], doc: dict[str, Any],
             raise TicketctlError("the magnitude-floor defence needs the model's weights")
         floor = float(r["magnitude_floor"])
         masks = {k: m & (state[k].abs() >= floor) if k in state else m for k, m in masks.items()}
+        for k, count in (r.get("kept_counts") or {}).items():
+            if k in masks and k in state:
+                masks[k] = keep_largest(state[k], masks[k], int(count))
     expected = _unpack(r["matrix"], n)
     data = ~function_module_map(int(r["qr_version"]))
     total = int(data.sum())

@@ -149,6 +149,17 @@ class Trainer:
             buf.copy_(mask[name].to(self.device))
         self.apply_mask_()
 
+    def set_schedule(self, cfg: TrainConfig) -> None:
+        """Another learning-rate schedule (epochs, lr, warm-up) for the same captured step;
+        what the step captured (batch, optimizer constants, precision) must not change."""
+        fixed = ("batch_size", "momentum", "weight_decay", "nesterov", "bf16", "channels_last",
+                 "compile", "cuda_graph", "label_smoothing")
+        changed = [f for f in fixed if getattr(cfg, f) != getattr(self.cfg, f)]
+        if changed:
+            raise ValueError(f"a trainer's {', '.join(changed)} cannot change")
+        cfg.validate()
+        self.cfg = cfg
+
     def model_state(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the model's state dict (weights and BatchNorm statistics)."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
