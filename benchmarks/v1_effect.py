@@ -42,6 +42,7 @@ def main() -> int:
     ap.add_argument("--out-dir", default="runs/v1-effect")
     ap.add_argument("--budget-s", type=float, default=0, help="start no training after this")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--pack", type=int, help="models per packed network (default 8 on CUDA)")
     ap.add_argument("--json-out")
     ap.add_argument("--md-out")
     args = ap.parse_args()
@@ -52,7 +53,7 @@ def main() -> int:
                                 train={"epochs": args.epochs, "seed": args.seed})
     data = load_recorded_dataset(ticket.dataset or {}, None, args.data_dir,
                                  device=resolve_device(args.device))
-    runner = AttackRunner(data, settings.train, out_dir=args.out_dir)
+    runner = AttackRunner(data, settings.train, out_dir=args.out_dir, pack=args.pack)
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
@@ -62,28 +63,34 @@ def main() -> int:
 
     ref = runner.retrain(ticket, "original")
     log(f"reference (ratio 0): {ref['accuracy']:.2f}%")
-    rows = []
+    rows, jobs = [], []
     for score in args.scores.split(","):
         for ratio in [float(r) for r in args.ratios.split(",")]:
             _, locked = split_ticket(ticket, score, ratio, seed=args.seed)
             row = {"score": score, "key_ratio": ratio, "key_weights": ticket.mask.num_kept
                    - locked.mask.num_kept}
             for cond in args.conditions.split(","):
-                if over_budget():
-                    log("budget reached; rerun with the same --out-dir to continue")
-                    row[cond] = None
-                    continue
+                row[cond] = None
                 target = locked if cond == "nokey" else \
                     forge_key(locked, forged_size(locked, ratio), seed=args.seed)
-                res = runner.retrain(target, f"{score} {ratio} {cond}")
-                row[cond] = res["accuracy"]
-                log(f"{score:12s} {ratio:5.2f} {cond:6s} {res['accuracy']:.2f}%")
+                jobs.append((row, cond, target, f"{score} {ratio} {cond}"))
             rows.append(row)
+    t_sweep = time.perf_counter()
+    for start in range(0, len(jobs), runner.pack):  # one packed network per chunk
+        if over_budget():
+            log("budget reached; rerun with the same --out-dir to continue")
+            break
+        chunk = jobs[start:start + runner.pack]
+        results = runner.retrain_many([j[2] for j in chunk], [j[3] for j in chunk])
+        for (row, cond, _, label), res in zip(chunk, results, strict=True):
+            row[cond] = res["accuracy"]
+            log(f"{label:28s} {res['accuracy']:.2f}%")
     meta = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "ticket_density": ticket.density,
             "ticket_kept": ticket.mask.num_kept, "reference_accuracy": ref["accuracy"],
             "train": settings.train.to_dict(), "jobs_run": runner.jobs_run,
             "jobs_cached": runner.jobs_cached, "seconds": time.perf_counter() - t0,
+            "sweep_seconds": time.perf_counter() - t_sweep, "pack": runner.pack,
             "complete": all(r.get(c) is not None for r in rows
                             for c in args.conditions.split(","))}
     if args.json_out:

@@ -88,3 +88,16 @@ def test_attack_bad_input(parts, tmp_path):
                           "takes a locked file")
     assert_one_line_error(run("attack", "fake1", parts["locked_path"], "--key-ratio", "1.5",
                               *FAST), 2, "(0, 1)")
+
+
+def test_packed_fake1_sweep_equals_one_at_a_time(parts, tmp_path):
+    data = load_dataset("digits")
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, nesterov=True, schedule="cosine")
+    alone = fake1(AttackRunner(data, cfg, pack=1), parts["locked"], [0.1, 0.2, 0.3])
+    runner = AttackRunner(data, cfg, out_dir=tmp_path / "sweep", pack=2)
+    packed = fake1(runner, parts["locked"], [0.1, 0.2, 0.3])
+    for a, b in zip(alone.rows, packed.rows, strict=True):
+        assert a.details == b.details
+        assert b.accuracy == pytest.approx(a.accuracy, abs=0.6)
+    jobs = [json.loads(p.read_text()) for p in (tmp_path / "sweep" / "jobs").glob("*.json")]
+    assert sorted(j.get("packed", 1) for j in jobs) == [1, 2, 2]  # a pack of 2, then one

@@ -39,6 +39,8 @@ def reference_accuracy(
 def nokey(runner: AttackRunner, locked: Ticket, key: Ticket | None = None,
           reference: float | None = None) -> AttackReport:
     _check_locked(locked)
+    if key is not None:  # the reference and the attack in one packed network
+        runner.retrain_many([merge_parts(locked, key), locked], ["original", "locked"])
     ref, how = reference_accuracy(runner, locked, key, reference)
     res = runner.retrain(locked, "locked")
     row = AttackRow(strength=locked.extra.get("key_ratio"), accuracy=res["accuracy"],
@@ -92,14 +94,17 @@ def fake1(runner: AttackRunner, locked: Ticket, key_ratios: list[float],
           key: Ticket | None = None, reference: float | None = None,
           seed: int = 0) -> AttackReport:
     _check_locked(locked)
-    ref, how = reference_accuracy(runner, locked, key, reference)
     rows: list[AttackRow] = []
-    for ratio in key_ratios:
-        n = forged_size(locked, ratio)
-        forged = forge_key(locked, n, seed=seed)
-        res = runner.retrain(forged, f"forged {ratio:g}")
+    sizes = [forged_size(locked, ratio) for ratio in key_ratios]
+    forged = [forge_key(locked, n, seed=seed) for n in sizes]
+    labels = [f"forged {r:g}" for r in key_ratios]
+    if key is not None:  # the reference packs with the forged tickets
+        runner.retrain_many([merge_parts(locked, key), *forged], ["original", *labels])
+    ref, how = reference_accuracy(runner, locked, key, reference)
+    results = runner.retrain_many(forged, labels)
+    for ratio, n, f, res in zip(key_ratios, sizes, forged, results, strict=True):
         rows.append(AttackRow(strength=ratio, accuracy=res["accuracy"],
-                              details={"forged_weights": n, "density": forged.density}))
+                              details={"forged_weights": n, "density": f.density}))
     compare(rows, ref)
     return AttackReport("fake1", ref, how, rows, {"train": runner.cfg.to_dict(), "seed": seed})
 

@@ -19,6 +19,7 @@ from ticketctl.artifacts import Mask, Ticket
 from ticketctl.artifacts.io import atomic_path, write_text_atomic
 from ticketctl.data import Dataset
 from ticketctl.train import EpochStats, TrainConfig, Trainer
+from ticketctl.train.packed import PackedTrainer, default_pack
 
 MATCH_POINTS = 1.0  # the paper's criterion: within 1 accuracy point of the reference
 
@@ -67,8 +68,15 @@ class AttackRunner:
         cfg: TrainConfig,
         out_dir: str | Path | None = None,
         on_epoch: Callable[[str, EpochStats], None] | None = None,
+        pack: int | None = None,
     ) -> None:
+        """pack: retrainings of one architecture run this many to a packed network
+        (`retrain_many`; default 8 on CUDA, 1 on CPU)."""
         self.data = data
+        self.pack = default_pack(data.train_x.device, pack)
+        self._packed: dict[tuple, PackedTrainer] = {}
+        self._memo: dict[str, dict[str, Any]] = {}
+        self._states: dict[str, dict[str, torch.Tensor]] = {}
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if self.out_dir is not None:
@@ -82,20 +90,78 @@ class AttackRunner:
     def cached(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run fn once per key; with an out_dir its result survives the process."""
         path = self.out_dir / "jobs" / f"{key}.json" if self.out_dir else None
+        if key in self._memo:  # asked again in this process: not counted twice
+            return self._memo[key]
         if path is not None and path.exists():
             self.jobs_cached += 1
-            return json.loads(path.read_text())
+            self._memo[key] = json.loads(path.read_text())
+            return self._memo[key]
         result = fn()
+        self._memo[key] = result
         self.jobs_run += 1
         if path is not None:
             write_text_atomic(path, json.dumps(result), force=True)
         return result
 
+    def _retrain_key(self, ticket: Ticket) -> str:
+        return job_id("retrain", ticket.tensors_sha256(), self.cfg.to_dict(), self.data.info())
+
     def retrain(self, ticket: Ticket, label: str = "") -> dict[str, Any]:
         """Train a ticket from its (rewind) weights under its mask; cached by content."""
-        key = job_id("retrain", ticket.tensors_sha256(), self.cfg.to_dict(),
-                     self.data.info())
-        return self.cached(key, lambda: self._retrain(ticket, label))
+        return self.cached(self._retrain_key(ticket), lambda: self._retrain(ticket, label))
+
+    def retrain_many(self, tickets: list[Ticket], labels: list[str] | None = None
+                     ) -> list[dict[str, Any]]:
+        """`retrain` for several tickets of one architecture, the uncached ones trained
+        `self.pack` at a time in one packed network; each result is cached on its own."""
+        labels = labels or [""] * len(tickets)
+        keys = [self._retrain_key(t) for t in tickets]
+        todo = [i for i, k in enumerate(keys) if not self._is_cached(k)]
+        todo = [i for n, i in enumerate(todo) if keys[i] not in {keys[j] for j in todo[:n]}]
+        width = self.pack if len(todo) > 1 else 1
+        for start in range(0, len(todo), width):
+            chunk = todo[start:start + width]
+            if len(chunk) == 1:
+                continue  # trained alone below, by retrain
+            results = self._retrain_packed([tickets[i] for i in chunk],
+                                           [labels[i] for i in chunk])
+            for i, res in zip(chunk, results, strict=True):
+                self.cached(keys[i], lambda res=res: res)
+        return [self.retrain(t, lab) for t, lab in zip(tickets, labels, strict=True)]
+
+    def _is_cached(self, key: str) -> bool:
+        return key in self._memo or (self.out_dir is not None
+                                     and (self.out_dir / "jobs" / f"{key}.json").exists())
+
+    def _retrain_packed(self, tickets: list[Ticket], labels: list[str]
+                        ) -> list[dict[str, Any]]:
+        first = tickets[0]
+        starts = {t.rewind_epoch or 0 for t in tickets}
+        if len(starts) > 1 or any((t.arch, t.num_classes, t.arch_args, list(t.mask)) !=
+                                  (first.arch, first.num_classes, first.arch_args,
+                                   list(first.mask)) for t in tickets):
+            raise ValueError("packed retraining needs tickets of one architecture and start")
+        tkey = (first.arch, first.num_classes, tuple(sorted(first.arch_args.items())),
+                tuple(first.mask), len(tickets))
+        seeds = [self.cfg.seed] * len(tickets)  # each job trains as it would alone
+        if tkey not in self._packed:
+            self._packed[tkey] = PackedTrainer(first.build_model(), self.data, self.cfg,
+                                               [t.mask for t in tickets], seeds)
+        ptr = self._packed[tkey]
+        ptr.set_schedule(self.cfg)
+        ptr.set_masks([t.mask for t in tickets])
+        ptr.load_model_states([t.state for t in tickets])
+        ptr.load_optimizer_state(None)
+        ptr.reseed(seeds)
+        start = starts.pop()
+        if start >= self.cfg.epochs:
+            start = 0
+        name = ", ".join(labels)
+        cb = (lambda st: self.on_epoch(name, st[0])) if self.on_epoch else None
+        results = ptr.fit(start_epoch=start, on_epoch=cb)
+        return [{"accuracy": r.test_accuracy, "val_accuracy": r.val_accuracy,
+                 "best_epoch": r.best_epoch, "seconds": r.seconds, "density": t.density,
+                 "packed": len(tickets)} for r, t in zip(results, tickets, strict=True)]
 
     def finetune(self, ticket: Ticket, cfg: TrainConfig, dense: bool, label: str = ""
                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -130,7 +196,9 @@ class AttackRunner:
         if state_path is not None and not state_path.exists():
             (self.out_dir / "jobs" / f"{key}.json").unlink(missing_ok=True)
         res = self.cached(key, run)
-        state = states.get("state") or load_file(str(state_path))
+        if "state" in states:
+            self._states[key] = states["state"]
+        state = self._states.get(key) or load_file(str(state_path))
         return res, state
 
     def _trainer_for(self, ticket: Ticket, cfg: TrainConfig) -> Trainer:

@@ -53,7 +53,7 @@ Preset = Annotated[Optional[str], typer.Option(
 
 
 def _runner(ticket, preset, dataset, data_dir, epochs, batch_size, lr, seed, no_compile,
-            no_graph, out_dir, device, progress):
+            no_graph, out_dir, device, progress, pack=None):
     settings = resolve_settings(
         preset, arch=ticket.arch, dataset=dataset or (ticket.dataset or {}).get("name"),
         train=o.train_overrides(epochs, batch_size, lr, None, None, None, None, None, None, seed,
@@ -69,7 +69,7 @@ def _runner(ticket, preset, dataset, data_dir, epochs, batch_size, lr, seed, no_
                                              info="")
         progress.update(tasks[label], completed=s.epoch, info=f"test {s.test_accuracy:.2f}%")
 
-    return AttackRunner(data, settings.train, out_dir=out_dir, on_epoch=on_epoch)
+    return AttackRunner(data, settings.train, out_dir=out_dir, on_epoch=on_epoch, pack=pack)
 
 
 def _render(report, json_out: bool, quiet: bool, csv_path: Path | None, force: bool,
@@ -127,6 +127,7 @@ def nokey_cmd(
     seed: o.Seed = 0,
     no_compile: o.NoCompile = False,
     no_graph: o.NoGraph = False,
+    pack: o.Pack = None,
     out_dir: OutDir = None,
     csv_path: CsvOpt = None,
     json_out: JsonOpt = False,
@@ -142,7 +143,7 @@ def nokey_cmd(
     kt = load_ticket(key) if key else None
     with progress_bar(quiet or json_out) as progress:
         runner = _runner(lt, preset, dataset, data_dir, epochs, batch_size, lr, seed,
-                         no_compile, no_graph, out_dir, device, progress)
+                         no_compile, no_graph, out_dir, device, progress, pack)
         report = nokey(runner, lt, key=kt, reference=reference_accuracy)
     _render(report, json_out, quiet, csv_path, force)
 
@@ -164,6 +165,7 @@ def fake1_cmd(
     seed: o.Seed = 0,
     no_compile: o.NoCompile = False,
     no_graph: o.NoGraph = False,
+    pack: o.Pack = None,
     out_dir: OutDir = None,
     csv_path: CsvOpt = None,
     json_out: JsonOpt = False,
@@ -180,7 +182,7 @@ def fake1_cmd(
     kt = load_ticket(key) if key else None
     with progress_bar(quiet or json_out) as progress:
         runner = _runner(lt, preset, dataset, data_dir, epochs, batch_size, lr, seed,
-                         no_compile, no_graph, out_dir, device, progress)
+                         no_compile, no_graph, out_dir, device, progress, pack)
         report = fake1(runner, lt, ratios, key=kt, reference=reference_accuracy, seed=seed)
     _render(report, json_out, quiet, csv_path, force)
 

@@ -58,6 +58,7 @@ def find(
     trials: Annotated[int, typer.Option(
         help="Accept a round on the mean test accuracy of this many retrainings.",
         rich_help_panel=P_SEARCH)] = 1,
+    pack: o.Pack = None,
     max_rounds: Annotated[int, typer.Option(
         help="Stop after this many rounds (0: train the dense model only).",
                                             rich_help_panel=P_SEARCH)] = 200,
@@ -107,7 +108,7 @@ def find(
     folder = run_dir or default_run_dir(settings)
     with progress_bar(quiet or json_out) as progress:
         result = find_ticket(settings, folder, resume=resume, force=force, device=device,
-                             events=ProgressEvents(progress, not quiet))
+                             events=ProgressEvents(progress, not quiet), pack=pack)
     save_ticket(result.ticket, out, force=force)
     if trained:
         save_ticket(result.trained, trained, force=force)

@@ -76,3 +76,7 @@ def train_overrides(epochs, batch_size, lr, momentum, weight_decay, nesterov, sc
                 seed=seed, compile=False if no_compile else None,
                 cuda_graph=False if no_graph else None, bf16=False if no_bf16 else None,
                 channels_last=False if no_channels_last else None)
+
+Pack = Annotated[Optional[int], typer.Option(
+    "--pack", help="Train this many independent models in one packed network (default: 8 "
+    "on CUDA, 1 on CPU; 1 turns packing off).", rich_help_panel=P_CUDA)]

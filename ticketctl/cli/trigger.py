@@ -65,6 +65,7 @@ def calibrate(
     trigger: Annotated[Path, typer.Option(help="The trigger set.")],
     out: Annotated[Optional[Path], typer.Option(help="Write the calibration JSON here.")] = None,
     models: Annotated[int, typer.Option(help="Independent models to train.")] = 10,
+    pack: o.Pack = None,
     arch: o.Arch = None,
     dataset: o.DatasetOpt = None,
     data_dir: o.DataDir = None,
@@ -87,6 +88,7 @@ def calibrate(
     with progress_bar(quiet or json_out) as progress:
         task = progress.add_task("null models", total=models, info="")
         result = run_calibration(settings.arch, data, ts, settings.train, models=models,
+                                 pack=pack,
                                  on_model=lambda i, a: progress.update(
                                      task, completed=i + 1, info=f"agreement {100 * a:.0f}%"))
     if out is not None:

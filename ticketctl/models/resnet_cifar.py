@@ -32,11 +32,17 @@ class ShortcutA(nn.Module):
         super().__init__()
         self.extra = extra_channels
         self.stride = stride
+        self.packs = 1  # models packed on the channel axis (ticketctl.train.packing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, :: self.stride, :: self.stride]
         half = self.extra // 2
-        return F.pad(x, (0, 0, 0, 0, half, self.extra - half))
+        if self.packs == 1:
+            return F.pad(x, (0, 0, 0, 0, half, self.extra - half))
+        n, c, h, w = x.shape
+        x = F.pad(x.view(n, self.packs, c // self.packs, h, w),
+                  (0, 0, 0, 0, half, self.extra - half))
+        return x.view(n, -1, h, w)
 
 
 class BasicBlock(nn.Module):

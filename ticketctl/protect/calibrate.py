@@ -12,40 +12,66 @@ import numpy as np
 
 from ticketctl.artifacts import Mask
 from ticketctl.data import Dataset
+from ticketctl.errors import TicketctlError
 from ticketctl.models import build_model, prunable_names
 from ticketctl.protect.blackbox_verify import predict
 from ticketctl.protect.stats import clopper_pearson_upper
 from ticketctl.protect.trigger import TriggerSet
 from ticketctl.train import TrainConfig, Trainer
+from ticketctl.train.packed import PackedTrainer, default_pack
 
 
 def calibrate(arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, models: int = 10,
               seed: int = 1000, confidence: float = 0.99,
-              on_model: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Train `models` independent dense models (own seeds and data orders, no triggers) with
-    one reused trainer, and measure their agreement with the trigger labels."""
+              on_model: Callable[[int, float], None] | None = None,
+              pack: int | None = None) -> dict[str, Any]:
+    """Train `models` independent dense models (own seeds and data orders, no triggers), in
+    packs of `pack` per network (default 8 on CUDA), and measure their agreement with the
+    trigger labels."""
     ts.check_classes(data.num_classes)
+    if models < 1:
+        raise TicketctlError(f"--models must be at least 1, got {models}")
     args = {"in_channels": data.input_shape[0]}
-    model = build_model(arch, data.num_classes, seed=seed, **args)
-    full = Mask.ones(model, prunable_names(model))
-    trainer = Trainer(model, data, cfg, mask=full)
     x = ts.tensor(data.input_shape, data.mean, data.std, device=data.train_x.device)
-    agreements, accuracies = [], []
-    for i in range(models):
-        fresh = build_model(arch, data.num_classes, seed=seed + i, **args)
-        trainer.load_model_state(fresh.state_dict())
-        trainer.load_optimizer_state(None)
-        trainer.reseed(seed + i)
-        res = trainer.fit()
-        agree = float((predict(trainer.model, x) == ts.labels).mean())
-        agreements.append(agree)
-        accuracies.append(res.test_accuracy)
-        if on_model:
-            on_model(i, agree)
+    width = min(default_pack(data.train_x.device, pack), models)
+    agreements: list[float] = []
+    accuracies: list[float] = []
+    template = build_model(arch, data.num_classes, seed=seed, **args).to(data.train_x.device)
+    full = Mask.ones(template, prunable_names(template))
+    trainers: dict[int, Trainer | PackedTrainer] = {}
+    i = 0
+    while i < models:
+        k = min(width, models - i)
+        seeds = [seed + i + j for j in range(k)]
+        fresh = [build_model(arch, data.num_classes, seed=s, **args).state_dict() for s in seeds]
+        if k not in trainers:
+            trainers[k] = (PackedTrainer(template, data, cfg, [full] * k, seeds) if k > 1
+                           else Trainer(template, data, cfg, mask=full))
+        trainer = trainers[k]
+        if isinstance(trainer, PackedTrainer):
+            trainer.load_model_states(fresh)
+            trainer.load_optimizer_state(None)
+            trainer.reseed(seeds)
+            results = trainer.fit()
+            states = trainer.model_states()
+        else:
+            trainer.load_model_state(fresh[0])
+            trainer.load_optimizer_state(None)
+            trainer.reseed(seeds[0])
+            results = [trainer.fit()]
+            states = [trainer.model_state()]
+        for res, state in zip(results, states, strict=True):
+            template.load_state_dict(state)
+            agree = float((predict(template, x) == ts.labels).mean())
+            agreements.append(agree)
+            accuracies.append(res.test_accuracy)
+            if on_model:
+                on_model(len(agreements) - 1, agree)
+        i += k
     k = int(round(sum(agreements) * len(ts.labels)))
     n = models * len(ts.labels)
     return {"null_rate": clopper_pearson_upper(k, n, confidence), "confidence": confidence,
             "mean_agreement": float(np.mean(agreements)), "max_agreement": max(agreements),
             "agreements": agreements, "test_accuracies": accuracies, "models": models,
             "trigger_sha256": ts.sha256(), "arch": arch, "dataset": data.name,
-            "train": cfg.to_dict()}
+            "train": cfg.to_dict(), "pack": width}

@@ -22,6 +22,7 @@ from ticketctl.prune.magnitude import magnitude_prune
 from ticketctl.prune.rundir import RunDir, settings_hash
 from ticketctl.prune.search import SearchConfig, SearchState, current_rate, record_round
 from ticketctl.train import EpochStats, TrainConfig, Trainer, TrainResult, summarize
+from ticketctl.train.packed import PackedTrainer, default_pack
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -125,6 +126,43 @@ def _train_with_checkpoints(
     return summarize(history, time.perf_counter() - t0), seq
 
 
+def _packed_trials(run: RunDir, cache: dict[int, PackedTrainer], template: Any, data: Any,
+                   tcfg: Any, cand: Mask, rewind_model: dict, rewind_opt: dict, r: int,
+                   trials: list[dict[str, Any]], width: int, rewind_epoch: int, seq: int,
+                   events: Events) -> tuple[list[dict[str, Any]], int]:
+    """The next `width` trials of round r in one packed network; recorded together."""
+    first = len(trials)
+    seeds = [_seed_for(tcfg.seed, r, first + i) for i in range(width)]
+    if width not in cache:
+        cache[width] = PackedTrainer(template, data, tcfg, [cand] * width, seeds)
+    ptr = cache[width]
+    ptr.set_masks([cand] * width)
+    ptr.load_model_states([rewind_model] * width)
+    ptr.load_optimizer_states([rewind_opt] * width)
+    ptr.reseed(seeds)
+    events.training(f"round-{r}-trials-{first}-{first + width - 1}", rewind_epoch + 1,
+                    tcfg.epochs)
+    counter = [seq]
+
+    def on_epoch(stats: list[EpochStats]) -> None:
+        for i, st in enumerate(stats):
+            counter[0] += 1
+            run.append_epoch({"seq": counter[0], "training": f"round-{r}-trial-{first + i}",
+                              **st.to_dict()})
+        events.epoch(stats[0])
+
+    run.truncate_epochs(seq)
+    results = ptr.fit(start_epoch=rewind_epoch, on_epoch=on_epoch)
+    seq = counter[0]
+    if first == 0:
+        run.write_tensors("trained-candidate.safetensors", ptr.model_states()[0])
+    trials = trials + [{"accuracy": res.test_accuracy, "val_accuracy": res.val_accuracy,
+                        "best_epoch": res.best_epoch, "seconds": res.seconds,
+                        "packed": width} for res in results]
+    run.write_json("pending.json", {"round": r, "trials": trials, "seq": seq})
+    return trials, seq
+
+
 def find_ticket(
     settings: FindSettings,
     run_path: str | Path,
@@ -133,7 +171,10 @@ def find_ticket(
     force: bool = False,
     device: str = "auto",
     events: Events | None = None,
+    pack: int | None = None,
 ) -> FindResult:
+    """pack: train `--trials` of a round together in one packed network (default 8 on
+    CUDA, 1 on CPU); packed trials checkpoint per round, not per epoch."""
     settings.validate()
     events = events or Events()
     t_start = time.perf_counter()
@@ -146,6 +187,7 @@ def find_ticket(
     run = RunDir.open(Path(run_path), settings.to_dict(), resume=resume, force=force)
     full = Mask.ones(model, prunable_names(model, prune_linear=scfg.prune_linear))
     trainer = Trainer(model, data, tcfg, mask=full)
+    packed_trainers: dict[int, PackedTrainer] = {}
 
     # ---- dense training; its weights after epoch `rewind_epoch` are the rewind point -----
     dense = run.read_json("dense.json")
@@ -188,6 +230,11 @@ def find_ticket(
         trials = pending.get("trials", []) if pending.get("round") == r else []
         if trials:
             seq = pending["seq"]
+        width = min(default_pack(dev, pack), scfg.trials - len(trials))
+        if width > 1:
+            trials, seq = _packed_trials(run, packed_trainers, model, data, tcfg, cand,
+                                         rewind_model, rewind_opt, r, trials, width,
+                                         scfg.rewind_epoch, seq, events)
         for trial in range(len(trials), scfg.trials):
             key = f"round-{r}-trial-{trial}"
             trainer.set_mask(cand)

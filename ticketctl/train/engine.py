@@ -264,8 +264,7 @@ class Trainer:
             self._warm_compile()
             self.compile_seconds = time.perf_counter() - t0
         self.model.train()
-        n = len(self.data.train_y)
-        order = torch.randperm(n, generator=self.order_gen).to(self.device)
+        order = self._epoch_order()
         self.loss_sum.zero_()
         bs = self.main_batch
         lr = 0.0
@@ -277,7 +276,7 @@ class Trainer:
         for b in range(self.steps_per_epoch):
             lr = lr_at(self.cfg, (epoch - 1) * self.steps_per_epoch + b, self.steps_per_epoch)
             self.lr_t.fill_(lr)
-            self.batch_idx.copy_(order[b * bs:(b + 1) * bs])
+            self.batch_idx.copy_(order[..., b * bs:(b + 1) * bs])
             if self.trigger_x is not None:
                 self.trig_idx.copy_(cycle[b])
             if self.graph is not None:
@@ -286,6 +285,9 @@ class Trainer:
                 self._eager_step()
         self.last_lr = lr
         return float(self.loss_sum) / self.steps_per_epoch
+
+    def _epoch_order(self) -> torch.Tensor:
+        return torch.randperm(len(self.data.train_y), generator=self.order_gen).to(self.device)
 
     def _warm_compile(self) -> None:
         """Compile outside the timed epochs (compile without graphs): one step, then undo it."""
