@@ -185,3 +185,20 @@ def test_magnitude_prune_removes_exact_count_and_is_a_subset(ticket):
     for n in layer:
         k = int(ticket.mask[n].sum())
         assert int(layer[n].sum()) == k - round(0.2 * k)
+
+
+def test_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path, ticket):
+    """A safetensors header of 0x..80 bytes makes the file start with the pickle opcode."""
+    from dataclasses import replace
+
+    from ticketctl.artifacts import save_ticket
+
+    for i in range(0, 400):
+        path = save_ticket(replace(ticket, extra={"pad": "x" * i}), tmp_path / f"t{i}.safetensors")
+        if path.read_bytes()[:1] == b"\x80":
+            break
+        path.unlink()
+    else:
+        raise AssertionError("no padding gave a header length ending in 0x80")
+    loaded = load_ticket(path)
+    assert loaded.mask == ticket.mask

@@ -141,9 +141,16 @@ def _sniff(path: Path) -> None:
     if path.is_dir():
         raise TicketctlError(f"{path} is a folder, not a ticket file")
     with open(path, "rb") as f:
-        head = f.read(8)
-    # Pickle protocol 2+ starts with 0x80; torch.save's zip container with PK\x03\x04.
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        head = f.read(9)
+    size = path.stat().st_size
+    # A safetensors file: an 8-byte little-endian header length, then a JSON object. Its
+    # first byte can be 0x80 (a 3456-byte header), so check this before the pickle test.
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 8 + n <= size
+    # Pickle protocol 2+ starts with 0x80 and the protocol number; torch.save's zip
+    # container with PK\x03\x04.
+    pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if not looks_safetensors and (pickled or head[:4] == b"PK\x03\x04"):
         raise TicketctlError(f"{path}: " + PICKLE_HINT.format(path=path))
     if len(head) < 8:
         raise TicketctlError(f"{path} is not a safetensors file (only {len(head)} bytes)")

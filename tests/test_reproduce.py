@@ -1,0 +1,50 @@
+"""benchmarks/reproduce.py --smoke: every stage runs end to end on digits, and a rerun resumes
+from the run folder instead of recomputing."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(run_dir, *extra):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), "--smoke",
+                           "--run", str(run_dir), *extra], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def test_reproduce_smoke_runs_every_stage_and_resumes(tmp_path):
+    run = tmp_path / "repro"
+    first = _run(run)
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary) == {"dense", "search", "v1", "v2", "v3", "attacks"}
+    assert all(s["status"] == "done" for s in summary.values())
+    assert summary["dense"]["summary"]["dense_accuracy"] > 80
+    v1_rows = summary["v1"]["summary"]["rows"]
+    assert {(r["score"], r["key_ratio"]) for r in v1_rows} == {
+        ("omp", 0.05), ("omp", 0.2), ("random", 0.05), ("random", 0.2)}
+    assert all(r["nokey"] is not None and r["fake1"] is not None for r in v1_rows)
+    v2 = summary["v2"]["summary"]
+    assert all(row["verified"] for row in v2["prune_omp"]["rows"])
+    assert summary["v3"]["summary"]["marked"]["trigger_accuracy"] >= 90
+    attacks = summary["attacks"]["summary"]
+    assert attacks["permute"]["rows"][0]["verified"] is True
+    assert attacks["fake3"]["owner_receipt_matches_release"] is True
+    # kill-and-rerun: a stage without its marker reruns, the others are reused
+    (run / "attacks" / "stage.json").unlink()
+    (run / "attacks" / "fake3.json").unlink()
+    second = _run(run)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stderr.count("done earlier, reused") == 5
+    assert "attacks/fake3" in second.stderr and "attacks/permute" not in second.stderr
+    again = json.loads((run / "summary.json").read_text())
+    assert again["attacks"]["status"] == "done"
+    assert again["v1"]["summary"] == summary["v1"]["summary"]
+
+
+def test_reproduce_refuses_unknown_stages(tmp_path):
+    result = _run(tmp_path / "r", "--stages", "dense,tables")
+    assert result.returncode == 2 and "unknown stages: tables" in result.stderr
