@@ -7,7 +7,9 @@ rewind weights, BatchNorm statistics and momentum back into the same tensors."""
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 from ticketctl.artifacts import Mask, Ticket
 from ticketctl.data import DATASETS, load_dataset
 from ticketctl.device import resolve_device
+from ticketctl.distributed import DistContext, check_same
 from ticketctl.errors import TicketctlError
 from ticketctl.models import ARCHS, build_model, prunable_names
 from ticketctl.prune.magnitude import magnitude_prune
@@ -75,6 +78,7 @@ class FindResult:
     run_dir: str
     seconds: float
     dense: dict[str, Any] = field(default_factory=dict)
+    distributed: dict[str, Any] | None = None  # world size and per-round mask checks
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -172,13 +176,29 @@ def find_ticket(
     device: str = "auto",
     events: Events | None = None,
     pack: int | None = None,
+    dist: DistContext | None = None,
 ) -> FindResult:
     """pack: train `--trials` of a round together in one packed network (default 8 on
-    CUDA, 1 on CPU); packed trials checkpoint per round, not per epoch."""
+    CUDA, 1 on CPU); packed trials checkpoint per round, not per epoch.
+    dist: one rank of a data-parallel run; rank 0 keeps the run folder, the other ranks a
+    private scratch copy, and every round's mask is checked to be the same on all ranks."""
+    if dist is not None and not dist.is_main and not dist.scratch:
+        scratch = Path(tempfile.mkdtemp(prefix=f"ticketctl-rank{dist.rank}-"))
+        try:
+            if resume and Path(run_path).exists():
+                shutil.copytree(run_path, scratch / "run")
+            return find_ticket(settings, scratch / "run", resume=resume, force=True,
+                               device=device, events=Events(), pack=1,
+                               dist=DistContext(dist.rank, dist.world, dist.local_rank,
+                                                scratch=True))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     settings.validate()
     events = events or Events()
     t_start = time.perf_counter()
     dev = resolve_device(device)
+    if dist is not None:
+        pack = 1  # ranks split every batch; packing would multiply the work per rank
     data = load_dataset(settings.dataset, settings.data_dir, device=dev,
                         val_size=settings.val_size, split_seed=settings.split_seed)
     tcfg, scfg = settings.train, settings.search
@@ -186,7 +206,8 @@ def find_ticket(
     model = build_model(settings.arch, data.num_classes, seed=tcfg.seed, **arch_args)
     run = RunDir.open(Path(run_path), settings.to_dict(), resume=resume, force=force)
     full = Mask.ones(model, prunable_names(model, prune_linear=scfg.prune_linear))
-    trainer = Trainer(model, data, tcfg, mask=full)
+    trainer = Trainer(model, data, tcfg, mask=full, dist=dist)
+    mask_checks = 0
     packed_trainers: dict[int, PackedTrainer] = {}
 
     # ---- dense training; its weights after epoch `rewind_epoch` are the rewind point -----
@@ -225,6 +246,9 @@ def find_ticket(
             trained_now, _ = run.read_tensors("trained-current.safetensors")
             cand = magnitude_prune(trained_now, prev, rate, scope=scfg.scope)
             run.write_mask(r, cand, {"round": r, "rate": rate})
+        if dist is not None:  # the global threshold must have picked the same weights
+            check_same(dist, cand.sha256(), f"the round-{r} mask")
+            mask_checks += 1
         prune_seconds = time.perf_counter() - t_round
         pending = run.read_json("pending.json") or {}
         trials = pending.get("trials", []) if pending.get("round") == r else []
@@ -283,6 +307,9 @@ def find_ticket(
         dense_accuracy=dense["accuracy"], ticket_accuracy=ticket_acc, density=final.density,
         rounds=state.rounds, spec=spec, ticket=ticket, trained=trained, run_dir=str(run.path),
         seconds=time.perf_counter() - t_start, dense=dense,
+        distributed=None if dist is None else {
+            "world_size": dist.world, "backend": "nccl" if dev.type == "cuda" else "gloo",
+            "global_batch": tcfg.batch_size, "mask_checks": mask_checks},
     )
     run.write_json("result.json", result.summary())
     return result

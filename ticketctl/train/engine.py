@@ -21,6 +21,12 @@ from torch import nn
 from ticketctl.artifacts import Mask
 from ticketctl.data import Dataset
 from ticketctl.data.augment import PAD, crop_flip
+from ticketctl.distributed import (
+    DistContext,
+    broadcast_floats,
+    broadcast_module_state,
+    fail_rank_for_tests,
+)
 from ticketctl.errors import TicketctlError
 from ticketctl.train.config import TrainConfig
 from ticketctl.train.schedule import lr_at
@@ -71,10 +77,15 @@ class Trainer:
         mask: Mask | None = None,
         trigger: tuple[torch.Tensor, torch.Tensor] | None = None,
         trigger_per_batch: int = 1,
+        dist: DistContext | None = None,
     ) -> None:
         """trigger: (normalised images, labels) mixed into every batch, `trigger_per_batch`
-        at a time, cycling through the set (Scheme V3; the paper adds one per batch)."""
+        at a time, cycling through the set (Scheme V3; the paper adds one per batch).
+        dist: train data-parallel over the ranks of a torch.distributed group (see
+        `ticketctl.distributed`); `cfg.batch_size` is the global batch."""
         cfg.validate()
+        self.dist = dist
+        self.rank = dist.rank if dist else 0
         self.cfg = cfg
         self.data = data
         self.device = data.train_x.device
@@ -82,7 +93,7 @@ class Trainer:
         self.bf16 = cfg.bf16 and cuda
         self.channels_last = cfg.channels_last and cuda
         self.use_compile = cfg.compile and cuda
-        self.use_graph = cfg.cuda_graph and cuda
+        self.use_graph = cfg.cuda_graph and cuda and dist is None  # DDP: no CUDA graphs
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -93,6 +104,18 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
         # dynamic=False: training and evaluation batches each get their own static graph.
         self.forward = torch.compile(model, dynamic=False) if self.use_compile else model
+        if dist is not None:
+            if trigger is not None:
+                raise TicketctlError("trigger retraining does not run distributed yet")
+            if cfg.batch_size % dist.world:
+                raise TicketctlError(f"--batch-size {cfg.batch_size} (the global batch) must "
+                                     f"divide evenly among {dist.world} processes")
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(
+                model, device_ids=[dist.local_rank] if cuda else None)
+            self.forward = torch.compile(self.ddp, dynamic=False) if self.use_compile \
+                else self.ddp
 
         named = dict(model.named_parameters())
         self.param_names = list(named)
@@ -119,14 +142,19 @@ class Trainer:
             self.trigger_y = trigger[1].to(self.device, torch.long)
             self.k = trigger_per_batch
         self.main_batch = cfg.batch_size - self.k
+        self.global_batch = self.main_batch  # the stride between batches in the permutation
+        if dist is not None:
+            self.main_batch = cfg.batch_size // dist.world  # this rank's slice of every batch
+            self.global_batch = cfg.batch_size
         n = len(data.train_y)
-        self.steps_per_epoch = max(1, n // self.main_batch)  # the last partial batch is dropped
+        self.steps_per_epoch = max(1, n // self.global_batch)  # the last partial one is dropped
         self.order_gen = torch.Generator().manual_seed(cfg.seed)
         # CPU: a private generator makes runs reproducible and resumable. CUDA graphs need the
         # device's default generator, seeded here.
-        self.aug_gen = torch.Generator().manual_seed(cfg.seed + 1) if not cuda else None
+        self.aug_gen = torch.Generator().manual_seed(self._aug_seed(cfg.seed)) if not cuda \
+            else None
         if cuda:
-            torch.cuda.manual_seed(cfg.seed + 1)
+            torch.cuda.manual_seed(self._aug_seed(cfg.seed))
         self.lr_t = torch.zeros((), device=self.device)
         self.batch_idx = torch.zeros(self.main_batch, dtype=torch.long, device=self.device)
         self.trig_idx = torch.zeros(max(1, self.k), dtype=torch.long, device=self.device)
@@ -193,13 +221,17 @@ class Trainer:
         if self.aug_gen is not None and "rng.aug" in state:
             self.aug_gen.set_state(state["rng.aug"])
 
+    def _aug_seed(self, seed: int) -> int:
+        """Every rank crops its own images differently; one process keeps seed + 1."""
+        return seed + 1 + 1_000_003 * self.rank
+
     def reseed(self, seed: int) -> None:
         """Fresh data order and augmentation for another trial of the same round."""
         self.order_gen.manual_seed(seed)
         if self.aug_gen is not None:
-            self.aug_gen.manual_seed(seed + 1)
+            self.aug_gen.manual_seed(self._aug_seed(seed))
         else:
-            torch.cuda.manual_seed(seed + 1)
+            torch.cuda.manual_seed(self._aug_seed(seed))
 
     # ---- the step -----------------------------------------------------------------------------
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -276,7 +308,8 @@ class Trainer:
         for b in range(self.steps_per_epoch):
             lr = lr_at(self.cfg, (epoch - 1) * self.steps_per_epoch + b, self.steps_per_epoch)
             self.lr_t.fill_(lr)
-            self.batch_idx.copy_(order[..., b * bs:(b + 1) * bs])
+            start = b * self.global_batch + self.rank * bs
+            self.batch_idx.copy_(order[..., start:start + bs])
             if self.trigger_x is not None:
                 self.trig_idx.copy_(cycle[b])
             if self.graph is not None:
@@ -284,6 +317,10 @@ class Trainer:
             else:
                 self._eager_step()
         self.last_lr = lr
+        if self.dist is not None:
+            broadcast_module_state(self.dist, self.model)
+            if fail_rank_for_tests() == self.rank:
+                raise RuntimeError(f"TICKETCTL_FAIL_RANK: rank {self.rank} fails on purpose")
         return float(self.loss_sum) / self.steps_per_epoch
 
     def _epoch_order(self) -> torch.Tensor:
@@ -310,10 +347,12 @@ class Trainer:
         else:
             x = getattr(self.data, f"{split}_x")
             y = getattr(self.data, f"{split}_y")
-        return evaluate(self.forward if self.use_compile else self.model, x, y,
-                        self.cfg.eval_batch_size, bf16=self.bf16,
-                        channels_last=self.channels_last, fixed_batch=self.use_compile,
-                        module=self.model)
+        compiled = self.use_compile and self.dist is None
+        acc = evaluate(self.forward if compiled else self.model, x, y,
+                       self.cfg.eval_batch_size, bf16=self.bf16,
+                       channels_last=self.channels_last, fixed_batch=compiled,
+                       module=self.model)
+        return broadcast_floats(self.dist, [acc])[0] if self.dist is not None else acc
 
     def fit(
         self,

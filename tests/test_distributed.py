@@ -1,0 +1,108 @@
+"""Data-parallel `find --nproc 2` with the gloo backend on CPU: identical masks on both ranks,
+the same ticket as one process up to what per-rank BatchNorm and augmentation allow, and a
+clean stop when one rank fails or the run hangs."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ticketctl.artifacts import load_ticket
+from ticketctl.distributed import DistContext, check_same, relaunch_args
+from ticketctl.errors import TicketctlError
+
+ROOT = Path(__file__).resolve().parent.parent
+FIND = ["find", "--preset", "demo", "--max-rounds", "2", "--device", "cpu", "--json", "-q"]
+
+
+def _cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "ticketctl", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def _jaccard(a, b):
+    inter = sum(int((a[k] & b[k]).sum()) for k in a)
+    union = sum(int((a[k] | b[k]).sum()) for k in a)
+    return inter / union
+
+
+def test_two_processes_find_the_ticket_one_process_finds(tmp_path):
+    two = _cli(*FIND, "--nproc", "2", "--out", tmp_path / "t2.safetensors", "--run-dir",
+               tmp_path / "run2")
+    assert two.returncode == 0, two.stderr[-2000:]
+    doc = json.loads(two.stdout)  # rank 0 alone prints
+    assert doc["distributed"]["world_size"] == 2 and doc["distributed"]["backend"] == "gloo"
+    # every round's mask was compared across the ranks (a mismatch would have failed the run)
+    assert doc["distributed"]["mask_checks"] == len(doc["rounds"]) == 2
+    one = _cli(*FIND, "--out", tmp_path / "t1.safetensors", "--run-dir", tmp_path / "run1")
+    assert one.returncode == 0, one.stderr[-2000:]
+    a = load_ticket(tmp_path / "t1.safetensors").mask
+    b = load_ticket(tmp_path / "t2.safetensors").mask
+    assert a.num_kept == b.num_kept  # exact counts either way
+    # The same global batches in the same order; what differs is BatchNorm statistics over
+    # half batches and each rank's own crops, so the kept sets overlap closely, not exactly.
+    assert _jaccard(a, b) >= 0.85
+    # only rank 0 wrote the run folder; the epochs log holds one row per epoch, not two
+    rows = (tmp_path / "run2" / "epochs.jsonl").read_text().splitlines()
+    one_rows = (tmp_path / "run1" / "epochs.jsonl").read_text().splitlines()
+    assert len(rows) == len(one_rows)
+
+
+def test_a_failing_rank_stops_every_rank(tmp_path):
+    result = _cli(*FIND, "--nproc", "2", "--out", tmp_path / "t.safetensors", "--run-dir",
+                  tmp_path / "run", env={"TICKETCTL_FAIL_RANK": "1"}, timeout=240)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a distributed rank failed")
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_stuck_run_is_stopped_by_the_timeout(tmp_path):
+    result = _cli(*FIND, "--nproc", "2", "--dist-timeout", "2", "--out",
+                  tmp_path / "t.safetensors", "--run-dir", tmp_path / "run", timeout=120)
+    assert result.returncode == 2
+    assert "did not finish within 2 s" in result.stderr.strip().splitlines()[-1]
+
+
+def test_bad_distributed_options(tmp_path):
+    result = _cli(*FIND, "--nproc", "2", "--batch-size", "63", "--out",
+                  tmp_path / "t.safetensors", "--run-dir", tmp_path / "run", timeout=120)
+    assert result.returncode == 2
+    assert "divide evenly" in result.stderr
+    result = _cli(*FIND, "--nnodes", "2", "--out", tmp_path / "t.safetensors")
+    assert result.returncode == 2 and "--rdzv-endpoint" in result.stderr
+
+
+def test_relaunch_args_drop_the_launch_options():
+    argv = ["find", "--nproc", "2", "--nnodes=1", "--rdzv-endpoint", "h:1", "--epochs", "3"]
+    assert relaunch_args(argv) == ["find", "--epochs", "3"]
+
+
+def _mismatch_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ctx = DistContext(rank, 2, rank)
+    check_same(ctx, "ab" * 32, "a mask")  # equal: passes
+    try:
+        check_same(ctx, ("ab" if rank == 0 else "cd") * 32, "a mask")
+        Path(out, f"{rank}").write_text("no error")
+    except TicketctlError as e:
+        Path(out, f"{rank}").write_text(str(e))
+    dist.destroy_process_group()
+
+
+def test_ranks_holding_different_masks_are_caught(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_mismatch_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert "ranks disagree on a mask" in (tmp_path / f"{rank}").read_text()
+
+

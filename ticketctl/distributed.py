@@ -1,0 +1,193 @@
+"""Data-parallel training with torch.distributed: NCCL on GPUs, gloo on CPUs. A command run
+with `--nproc N` starts N copies of itself through torchrun (`torch.distributed.run`); each
+copy finds its rank in the environment torchrun sets. Every rank holds the whole dataset
+and the same global permutation of it each epoch; rank r trains on its slice of every global
+batch (batch size and learning rate keep their single-process meaning: the global batch), and
+DistributedDataParallel averages the gradients, so the weights, and therefore the magnitude
+masks, are the same on every rank. Only rank 0 writes files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ticketctl.errors import TicketctlError
+
+DEFAULT_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world: int
+    local_rank: int
+    scratch: bool = False  # this rank already works in its private copy of the run folder
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def in_worker() -> bool:
+    """True inside a process torchrun started (it sets WORLD_SIZE and RANK)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_from_env(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S
+                  ) -> DistContext | None:
+    """Join the process group torchrun prepared; None in a plain single process."""
+    if not in_worker():
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if world == 1:
+        return None
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return DistContext(rank, world, local)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_same(ctx: DistContext | None, digest: str, what: str) -> None:
+    """All ranks must hold the same `digest` (e.g. a mask's SHA-256); raises otherwise."""
+    if ctx is None:
+        return
+    mine = torch.tensor([int(digest[:15], 16)], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        mine = mine.cuda()
+    seen = [torch.zeros_like(mine) for _ in range(ctx.world)]
+    dist.all_gather(seen, mine)
+    if len({int(t.item()) for t in seen}) != 1:
+        raise TicketctlError(f"ranks disagree on {what}: distributed training diverged")
+
+
+def broadcast_floats(ctx: DistContext | None, values: list[float]) -> list[float]:
+    """Rank 0's values on every rank (decisions such as accepting a round must agree)."""
+    if ctx is None:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, 0)
+    return [float(v) for v in t.tolist()]
+
+
+def broadcast_module_state(ctx: DistContext | None, module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank; parameters are already equal."""
+    if ctx is None:
+        return
+    with torch.no_grad():
+        for b in module.buffers():
+            dist.broadcast(b, 0)
+
+
+def fail_rank_for_tests() -> int | None:
+    """TICKETCTL_FAIL_RANK=r makes rank r raise after its first epoch: the test of a failing
+    rank shutting every rank down cleanly."""
+    v = os.environ.get("TICKETCTL_FAIL_RANK")
+    return int(v) if v else None
+
+
+def digest_state(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def launch(module_args: list[str], nproc: int, nnodes: int = 1,
+           rdzv_endpoint: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+    """Run `python -m ticketctl MODULE_ARGS` as nproc ranks through torchrun; returns the
+    exit code. Past `timeout_s` without finishing, every rank is killed and 2 returned."""
+    if nproc < 1 or nnodes < 1:
+        raise TicketctlError("--nproc and --nnodes must be at least 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--nnodes={nnodes}", "--max-restarts=0"]
+    if rdzv_endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+    else:
+        if nnodes > 1:
+            raise TicketctlError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT")
+        cmd += ["--standalone"]
+    cmd += ["-m", "ticketctl", *module_args]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _stop_tree(proc)
+        raise TicketctlError(f"distributed run did not finish within {timeout_s:g} s "
+                             "(--dist-timeout); every rank was stopped") from None
+    except KeyboardInterrupt:
+        _stop_tree(proc)
+        raise
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes, recursively (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _stop_tree(proc: subprocess.Popen) -> None:
+    """torchrun stops its ranks on SIGTERM; whatever is left after 10 s is killed."""
+    ranks = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *ranks]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+LAUNCH_OPTIONS = {"--nproc": 1, "--nnodes": 1, "--rdzv-endpoint": 1}
+
+
+def relaunch_args(argv: list[str]) -> list[str]:
+    """The command's own arguments for the ranks: the launch options removed (each rank is
+    one process)."""
+    out, skip = [], 0
+    for a in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = a.split("=", 1)[0]
+        if name in LAUNCH_OPTIONS:
+            skip = 0 if "=" in a else LAUNCH_OPTIONS[name]
+            continue
+        out.append(a)
+    return out
