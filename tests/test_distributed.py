@@ -106,3 +106,15 @@ def test_ranks_holding_different_masks_are_caught(tmp_path):
         assert "ranks disagree on a mask" in (tmp_path / f"{rank}").read_text()
 
 
+
+
+def test_ddp_scaling_benchmark_smoke(tmp_path):
+    out = tmp_path / "ddp.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks/ddp_scaling.py"), "--smoke",
+                        "--json-out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["gpus"] for r in rows] == [1, 2]
+    assert rows[0]["efficiency"] == 1.0 and rows[1]["global_batch"] == 128
+    assert rows[1]["steps_per_epoch"] == rows[0]["steps_per_epoch"] // 2
