@@ -133,3 +133,46 @@ def test_fake3_overwrites_the_code_but_not_the_receipts_history(signed):
     assert doc["forger_receipt_matches_release"] is False
     assert doc["forger_receipt_created"] >= doc["owner_receipt_created"]
     assert doc["accuracy_after"] <= doc["accuracy_before"] + 1.0
+
+
+def test_alignment_uses_kernel_patterns_when_weights_and_counts_say_nothing():
+    """Every kept kernel holds one weight (all counts alike) and the weights are drawn anew
+    (as after retraining): only the kernels' 0/1 patterns can tell the channels apart."""
+    from ticketctl.protect.align import align, fingerprints
+
+    gen = torch.Generator().manual_seed(3)
+    out_c, in_c = 32, 32
+    mask = torch.zeros(out_c, in_c, 9, dtype=torch.bool)
+    keep = torch.rand(out_c, in_c, generator=gen) < 0.3
+    pos = torch.randint(0, 9, (out_c, in_c), generator=gen)
+    mask[keep, pos[keep]] = True
+    mask = mask.view(out_c, in_c, 3, 3)
+    weight = torch.randn(mask.shape, generator=gen) * mask
+    reference = fingerprints(weight, mask)
+    rows, cols = torch.randperm(out_c, generator=gen), torch.randperm(in_c, generator=gen)
+    moved_mask = mask[rows][:, cols]
+    redrawn = torch.randn(mask.shape, generator=gen) * moved_mask
+    assert torch.equal(align(redrawn, moved_mask, reference), mask)
+
+
+def test_permutation_is_undone_after_the_weights_drifted(signed):
+    """Retraining after signing changes every weight but not the mask; the receipt's kernel
+    patterns still identify the permuted channels, so the exact code is read back."""
+    from ticketctl.artifacts import Ticket
+    from ticketctl.attacks.permute import permute
+    from ticketctl.protect.receipt import load_receipt
+    from ticketctl.protect.signature import masks_of, verify_with_receipt
+
+    ticket = signed["ticket"]
+    gen = torch.Generator().manual_seed(7)
+    drifted = {k: (v * (0.3 + 1.4 * torch.rand(v.shape, generator=gen))
+                   if v.is_floating_point() else v) for k, v in ticket.state.items()}
+    retrained = Ticket(state=drifted, mask=ticket.mask, kind="trained", arch=ticket.arch,
+                       arch_args=ticket.arch_args, num_classes=ticket.num_classes,
+                       dataset=ticket.dataset, rewind_epoch=ticket.rewind_epoch)
+    doc = load_receipt(signed["receipt"])
+    for seed in range(3):
+        moved, _ = permute(retrained, seed)
+        verdict = verify_with_receipt(masks_of(moved.state), doc, state=moved.state)
+        assert verdict.details["alignment"] == "re-aligned"
+        assert verdict.bit_match == 1.0 and verdict.message == "signature"

@@ -1,8 +1,11 @@
 """Re-aligning a layer whose channels were permuted (a function-preserving attack), so the
 code is read where the receipt put it. Each row and column of the signed layer has a
-fingerprint that does not depend on the order of the other axis: its largest |w| and the
-sorted kept-weight counts of its kernels. The receipt stores them; verification matches the
-suspect's channels to them by minimum-cost assignment (scipy)."""
+fingerprint that does not depend on the order of the other axis: its largest |w|, the sorted
+kept-weight counts of its kernels and, for kernels of up to 9 weights, the histogram of its
+kernels' 0/1 patterns. Retraining changes the weights but not the mask, so the patterns
+identify a channel even after the owner (or the thief) trained the model further. The
+receipt stores them; verification matches the suspect's channels to them by minimum-cost
+assignment (scipy)."""
 
 from __future__ import annotations
 
@@ -18,6 +21,22 @@ def _counts(mask: torch.Tensor) -> np.ndarray:
     return m.sum(-1).numpy().astype(np.float64)
 
 
+def _pattern_histograms(mask: torch.Tensor, axis: int) -> np.ndarray | None:
+    """Per channel of `axis`, how many of its kernels have each 0/1 pattern (None for
+    kernels of more than 9 weights)."""
+    m = mask.reshape(mask.shape[0], mask.shape[1], -1) if mask.dim() > 2 else mask[..., None]
+    k = m.shape[-1]
+    if k > 9:
+        return None
+    codes = (m.to(torch.int64) * (2 ** torch.arange(k))).sum(-1)  # out x in
+    if axis == 1:
+        codes = codes.T
+    hist = np.zeros((codes.shape[0], 2 ** k), dtype=np.int64)
+    for i, row in enumerate(codes.numpy()):
+        hist[i] = np.bincount(row, minlength=2 ** k)
+    return hist
+
+
 def fingerprints(weight: torch.Tensor, mask: torch.Tensor) -> dict[str, list[list[float]]]:
     """Per output channel (row) and input channel (column)."""
     w = (weight.detach().abs() * mask).to(torch.float64)
@@ -31,16 +50,35 @@ def fingerprints(weight: torch.Tensor, mask: torch.Tensor) -> dict[str, list[lis
         c = np.sort(counts.T if axis == 1 else counts, axis=1)
         return np.concatenate([top, c], axis=1).round(6).tolist()
 
-    return {"rows": one(0), "cols": one(1)}
+    out = {"rows": one(0), "cols": one(1)}
+    for axis, name in ((0, "row_patterns"), (1, "col_patterns")):
+        hist = _pattern_histograms(mask.detach().cpu(), axis)
+        if hist is not None:  # sparse: (channel, pattern, count) for nonzero counts
+            nz = np.nonzero(hist)
+            out[name] = np.stack([nz[0], nz[1], hist[nz]], 1).tolist()
+    return out
 
 
-def _match(reference: list[list[float]], suspect: list[list[float]]) -> np.ndarray:
-    """For each reference channel, the suspect channel that best matches it."""
+def _dense(triples: list[list[int]], channels: int, k: int) -> np.ndarray:
+    hist = np.zeros((channels, 2 ** k), dtype=np.float64)
+    for c, p, n in triples:
+        hist[c, p] = n
+    return hist
+
+
+def _match(reference: list[list[float]], suspect: list[list[float]],
+           patterns: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """For each reference channel, the suspect channel that best matches it; kernel
+    patterns, when both sides have them, dominate the cost (they survive retraining)."""
     a, b = np.asarray(reference), np.asarray(suspect)
     top = slice(0, TOP)
     scale = max(float(np.abs(a[:, top]).max()), 1e-12)
     cost = np.abs(a[:, None, top] - b[None, :, top]).sum(-1) / scale + \
         np.abs(a[:, None, TOP:] - b[None, :, TOP:]).sum(-1) / max(1.0, a.shape[1] - TOP)
+    if patterns is not None:
+        pa, pb = patterns
+        total = max(1.0, float(pa.sum(1).max()))
+        cost = cost + 100.0 * np.abs(pa[:, None, :] - pb[None, :, :]).sum(-1) / total
     rows, cols = linear_sum_assignment(cost)
     order = np.empty(len(a), dtype=np.int64)
     order[rows] = cols
@@ -53,6 +91,13 @@ def align(weight: torch.Tensor, mask: torch.Tensor,
     if len(reference["rows"]) != mask.shape[0] or len(reference["cols"]) != mask.shape[1]:
         return mask
     fp = fingerprints(weight, mask)
-    r = torch.from_numpy(_match(reference["rows"], fp["rows"]))
-    c = torch.from_numpy(_match(reference["cols"], fp["cols"]))
-    return mask[r][:, c]
+    k = int(np.prod(mask.shape[2:])) if mask.dim() > 2 else 1
+    orders = []
+    for axis, name in ((0, "rows"), (1, "cols")):
+        key = f"{name[:-1]}_patterns"
+        pats = None
+        if key in reference and key in fp:
+            n = mask.shape[axis]
+            pats = (_dense(reference[key], n, k), _dense(fp[key], n, k))
+        orders.append(torch.from_numpy(_match(reference[name], fp[name], pats)))
+    return mask[orders[0]][:, orders[1]]
