@@ -118,3 +118,19 @@ def test_ddp_scaling_benchmark_smoke(tmp_path):
     assert [r["gpus"] for r in rows] == [1, 2]
     assert rows[0]["efficiency"] == 1.0 and rows[1]["global_batch"] == 128
     assert rows[1]["steps_per_epoch"] == rows[0]["steps_per_epoch"] // 2
+
+
+def test_retrain_runs_data_parallel(tmp_path):
+    found = _cli(*FIND, "--max-rounds", "1", "--out", tmp_path / "t.safetensors", "--run-dir",
+                 tmp_path / "run")
+    assert found.returncode == 0, found.stderr[-2000:]
+    result = _cli("retrain", tmp_path / "t.safetensors", "--nproc", "2", "--device", "cpu",
+                  "--out", tmp_path / "r.safetensors", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    doc = json.loads(result.stdout)  # one document: rank 0's
+    assert doc["test_accuracy"] > 80
+    ticket = load_ticket(tmp_path / "t.safetensors")
+    assert load_ticket(tmp_path / "r.safetensors").mask == ticket.mask
+    bad = _cli("retrain", tmp_path / "t.safetensors", "--nproc", "2", "--trigger",
+               tmp_path / "missing.npz", "--out", tmp_path / "x.safetensors")
+    assert bad.returncode == 2 and "does not run distributed" in bad.stderr

@@ -91,3 +91,17 @@ def progress_bar(quiet: bool) -> Iterator[Progress]:
     )
     with progress:
         yield progress
+
+
+def launch_ranks(nproc: int, nnodes: int, rdzv_endpoint: str | None, timeout_s: float) -> bool:
+    """With --nproc/--nnodes above 1 in the user's process: run this same command as
+    torchrun ranks and return True once they finished (exit 2 if one failed)."""
+    from ticketctl.distributed import in_worker, launch, relaunch_args
+
+    if (nproc <= 1 and nnodes <= 1) or in_worker():
+        return False
+    code = launch(relaunch_args(sys.argv[1:]), nproc, nnodes, rdzv_endpoint, timeout_s)
+    if code != 0:
+        raise TicketctlError(f"a distributed rank failed (exit {code}); every rank was "
+                             "stopped, see the messages above")
+    return True

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,12 +17,12 @@ from ticketctl.cli.common import (
     console,
     emit_json,
     handle_errors,
+    launch_ranks,
     progress_bar,
 )
 from ticketctl.cli.render import ProgressEvents, rounds_table
 from ticketctl.device import resolve_device
-from ticketctl.distributed import in_worker, init_from_env, launch, relaunch_args, shutdown
-from ticketctl.errors import TicketctlError
+from ticketctl.distributed import init_from_env, shutdown
 from ticketctl.plots import plot_search
 from ticketctl.prune import default_run_dir, find_ticket, resolve_settings
 
@@ -63,17 +62,10 @@ def find(
         help="Accept a round on the mean test accuracy of this many retrainings.",
         rich_help_panel=P_SEARCH)] = 1,
     pack: o.Pack = None,
-    nproc: Annotated[int, typer.Option(
-        help="Data-parallel processes on this host (torchrun; NCCL on GPUs, gloo on CPUs); "
-             "--batch-size stays the global batch.", rich_help_panel="Distributed")] = 1,
-    nnodes: Annotated[int, typer.Option(help="Hosts taking part (each runs the command).",
-                                        rich_help_panel="Distributed")] = 1,
-    rdzv_endpoint: Annotated[Optional[str], typer.Option(
-        help="HOST:PORT where the hosts meet (several hosts).",
-        rich_help_panel="Distributed")] = None,
-    dist_timeout: Annotated[float, typer.Option(
-        help="Seconds before a stuck distributed run is stopped (exit 2).",
-        rich_help_panel="Distributed")] = 3600.0,
+    nproc: o.Nproc = 1,
+    nnodes: o.Nnodes = 1,
+    rdzv_endpoint: o.RdzvEndpoint = None,
+    dist_timeout: o.DistTimeout = 3600.0,
     max_rounds: Annotated[int, typer.Option(
         help="Stop after this many rounds (0: train the dense model only).",
                                             rich_help_panel=P_SEARCH)] = 200,
@@ -121,11 +113,7 @@ def find(
         if path is not None:
             check_output_path(path, force)
     folder = run_dir or default_run_dir(settings)
-    if (nproc > 1 or nnodes > 1) and not in_worker():
-        code = launch(relaunch_args(sys.argv[1:]), nproc, nnodes, rdzv_endpoint, dist_timeout)
-        if code != 0:
-            raise TicketctlError(f"a distributed rank failed (exit {code}); every rank was "
-                                 "stopped, see the messages above")
+    if launch_ranks(nproc, nnodes, rdzv_endpoint, dist_timeout):
         return
     ctx = init_from_env(resolve_device(device))
     if ctx is not None and not ctx.is_main:  # only rank 0 writes files and output

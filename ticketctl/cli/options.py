@@ -80,3 +80,14 @@ def train_overrides(epochs, batch_size, lr, momentum, weight_decay, nesterov, sc
 Pack = Annotated[Optional[int], typer.Option(
     "--pack", help="Train this many independent models in one packed network (default: 8 "
     "on CUDA, 1 on CPU; 1 turns packing off).", rich_help_panel=P_CUDA)]
+
+P_DIST = "Distributed"
+Nproc = Annotated[int, typer.Option(
+    help="Data-parallel processes on this host (torchrun; NCCL on GPUs, gloo on CPUs); "
+         "--batch-size stays the global batch.", rich_help_panel=P_DIST)]
+Nnodes = Annotated[int, typer.Option(help="Hosts taking part (each runs the command).",
+                                     rich_help_panel=P_DIST)]
+RdzvEndpoint = Annotated[Optional[str], typer.Option(
+    help="HOST:PORT where the hosts meet (several hosts).", rich_help_panel=P_DIST)]
+DistTimeout = Annotated[float, typer.Option(
+    help="Seconds before a stuck distributed run is stopped (exit 2).", rich_help_panel=P_DIST)]

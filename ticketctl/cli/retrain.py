@@ -18,10 +18,12 @@ from ticketctl.cli.common import (
     console,
     emit_json,
     handle_errors,
+    launch_ranks,
     progress_bar,
 )
 from ticketctl.data import load_recorded_dataset
 from ticketctl.device import resolve_device
+from ticketctl.distributed import init_from_env, shutdown
 from ticketctl.errors import TicketctlError
 from ticketctl.protect.receipt import add_trigger, load_private_key, load_receipt, save_receipt
 from ticketctl.protect.trigger import load_trigger_set
@@ -65,6 +67,10 @@ def retrain(
     ] = None,
     signing_key: Annotated[Optional[Path], typer.Option(
         help="PREFIX.key to sign the receipt.")] = None,
+    nproc: o.Nproc = 1,
+    nnodes: o.Nnodes = 1,
+    rdzv_endpoint: o.RdzvEndpoint = None,
+    dist_timeout: o.DistTimeout = 3600.0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -76,6 +82,10 @@ def retrain(
         check_output_path(out, force)
     if receipt is not None and trigger is None:
         raise TicketctlError("--receipt records a trigger set: pass --trigger too")
+    if (nproc > 1 or nnodes > 1) and trigger is not None:
+        raise TicketctlError("--trigger does not run distributed yet: drop --nproc")
+    if launch_ranks(nproc, nnodes, rdzv_endpoint, dist_timeout):
+        return
     ticket = load_ticket(ticket_path)
     settings = resolve_settings(
         preset, arch=ticket.arch, dataset=dataset or (ticket.dataset or {}).get("name"),
@@ -92,20 +102,25 @@ def retrain(
         trig_set.check_classes(ticket.num_classes)
         trig = (trig_set.tensor(data.input_shape, data.mean, data.std),
                 torch.from_numpy(trig_set.labels))
-    with progress_bar(quiet or json_out) as progress:
-        task = progress.add_task("retrain", total=settings.train.epochs, info="")
+    ctx = init_from_env(data.train_x.device)
+    try:
+        with progress_bar(quiet or json_out or ctx is not None) as progress:
+            task = progress.add_task("retrain", total=settings.train.epochs, info="")
 
-        def on_epoch(s) -> None:
-            trig_info = "" if s.trigger_accuracy is None else \
-                f" trigger {s.trigger_accuracy:.0f}%"
-            progress.update(task, completed=s.epoch,
-                            info=f"val {s.val_accuracy or 0:.2f}% test {s.test_accuracy:.2f}%"
-                                 + trig_info)
+            def on_epoch(s) -> None:
+                trig_info = "" if s.trigger_accuracy is None else \
+                    f" trigger {s.trigger_accuracy:.0f}%"
+                progress.update(task, completed=s.epoch, info=f"val {s.val_accuracy or 0:.2f}%"
+                                f" test {s.test_accuracy:.2f}%" + trig_info)
 
-        result, trained = retrain_ticket(
-            ticket, data, settings.train, on_epoch=on_epoch, trigger=trig,
-            trigger_per_batch=trigger_per_batch,
-            trigger_sha256=trig_set.sha256() if trig_set else None)
+            result, trained = retrain_ticket(
+                ticket, data, settings.train, on_epoch=on_epoch, trigger=trig,
+                trigger_per_batch=trigger_per_batch,
+                trigger_sha256=trig_set.sha256() if trig_set else None, dist=ctx)
+    finally:
+        shutdown()
+    if ctx is not None and not ctx.is_main:  # only rank 0 writes files and output
+        return
     if out is not None:
         save_ticket(trained, out, force=force)
     if receipt is not None and trig_set is not None:

@@ -8,6 +8,7 @@ import torch
 
 from ticketctl.artifacts import Ticket
 from ticketctl.data import Dataset
+from ticketctl.distributed import DistContext
 from ticketctl.train.config import TrainConfig
 from ticketctl.train.engine import EpochStats, Trainer, TrainResult
 
@@ -20,12 +21,13 @@ def retrain_ticket(
     trigger: tuple[torch.Tensor, torch.Tensor] | None = None,
     trigger_per_batch: int = 1,
     trigger_sha256: str | None = None,
+    dist: DistContext | None = None,
 ) -> tuple[TrainResult, Ticket]:
     """Train epochs rewind_epoch+1..epochs from the ticket's weights (momentum starts at
     zero: a ticket file holds weights, not optimizer state) and return the trained model."""
     model = ticket.build_model()
     trainer = Trainer(model, data, cfg, mask=ticket.mask, trigger=trigger,
-                      trigger_per_batch=trigger_per_batch)
+                      trigger_per_batch=trigger_per_batch, dist=dist)
     start = ticket.rewind_epoch or 0
     if start >= cfg.epochs:
         start = 0
