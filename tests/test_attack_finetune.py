@@ -156,3 +156,33 @@ def test_finetune_bad_input(signed, tmp_path):
                  "--data-dir", folder, "--trigger", trig, "--preset", "demo", "--batch-size",
                  "16")
     assert_one_line_error(result, contains="transfer")
+
+
+def test_packed_finetune_sweep_equals_one_row_at_a_time(signed, tmp_path):
+    """Rows of different lengths share one packed network, each with its own schedule; every
+    row ends where it would have ended alone."""
+    from ticketctl.attacks import AttackRunner
+    from ticketctl.attacks.finetune import finetune
+    from ticketctl.data import load_dataset
+    from ticketctl.prune import resolve_settings
+
+    data = load_dataset("digits")
+    cfg = resolve_settings("demo", train={"batch_size": 128}).train
+    alone = AttackRunner(data, cfg, out_dir=tmp_path / "a", pack=1)
+    packed = AttackRunner(data, cfg, out_dir=tmp_path / "b", pack=3)
+    ra = finetune(alone, signed["ticket"], [1, 2, 3])
+    rb = finetune(packed, signed["ticket"], [1, 2, 3])
+    for a, b in zip(ra.rows, rb.rows, strict=True):
+        assert b.accuracy == pytest.approx(a.accuracy, abs=0.6)
+    jobs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "b" / "jobs").glob("*.json")}
+    assert sorted(j.get("packed") for j in jobs.values()) == [3, 3, 3]
+    for stem in jobs:
+        x = _load(tmp_path / "a" / "jobs" / f"{stem}.safetensors")
+        y = _load(tmp_path / "b" / "jobs" / f"{stem}.safetensors")
+        for name, t in x.items():
+            if t.is_floating_point():
+                assert float((t - y[name]).abs().max()) <= 1e-5, (stem, name)
+    # a rerun reuses the packed rows
+    again = AttackRunner(data, cfg, out_dir=tmp_path / "b", pack=3)
+    finetune(again, signed["ticket"], [1, 2, 3])
+    assert again.jobs_run == 0

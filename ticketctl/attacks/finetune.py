@@ -71,9 +71,9 @@ def finetune(runner: AttackRunner, released: Ticket, epochs: list[int], dense: b
     base = replace(runner.cfg, lr=lr if lr is not None else runner.cfg.lr * 0.1,
                    warmup_epochs=0, milestones=[], seed=seed)
     rows = []
-    for n in epochs:
-        cfg = replace(base, epochs=n)
-        res, state = runner.finetune(start, cfg, dense, label=f"{n} epochs")
+    cfgs = [replace(base, epochs=n) for n in epochs]
+    done = runner.finetune_many(start, cfgs, dense, [f"{n} epochs" for n in epochs])
+    for n, cfg, (res, state) in zip(epochs, cfgs, done, strict=True):
         masks = {k: v != 0 for k, v in state.items() if v.dim() >= 2 and v.is_floating_point()}
         result = checks(state, masks) if checks else {}
         rows.append(AttackRow(

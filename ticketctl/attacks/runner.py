@@ -201,6 +201,65 @@ class AttackRunner:
         state = self._states.get(key) or load_file(str(state_path))
         return res, state
 
+    def finetune_many(self, ticket: Ticket, cfgs: list[TrainConfig], dense: bool,
+                      labels: list[str]) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+        """`finetune` for several schedules of one model (a sweep over epochs), the uncached
+        ones trained together in packed networks, each with its own learning-rate schedule."""
+        keys = [job_id("finetune", ticket.tensors_sha256(), c.to_dict(), self.data.info(),
+                       dense) for c in cfgs]
+        todo = [i for i, k in enumerate(keys) if not self._finetune_done(k)]
+        width = self.pack if len(todo) > 1 else 1
+        for start in range(0, len(todo), width):
+            chunk = todo[start:start + width]
+            if len(chunk) < 2:
+                continue
+            results = self._finetune_packed(ticket, [cfgs[i] for i in chunk], dense,
+                                            ", ".join(labels[i] for i in chunk))
+            for i, (res, state) in zip(chunk, results, strict=True):
+                self._states[keys[i]] = state
+                if self.out_dir is not None:
+                    with atomic_path(self.out_dir / "jobs" / f"{keys[i]}.safetensors",
+                                     force=True) as tmp:
+                        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+                self.cached(keys[i], lambda res=res: res)
+        return [self.finetune(ticket, c, dense, lab) for c, lab in zip(cfgs, labels,
+                                                                        strict=True)]
+
+    def _finetune_done(self, key: str) -> bool:
+        if key in self._states:
+            return True
+        return self.out_dir is not None and (self.out_dir / "jobs" / f"{key}.json").exists() \
+            and (self.out_dir / "jobs" / f"{key}.safetensors").exists()
+
+    def _finetune_packed(self, ticket: Ticket, cfgs: list[TrainConfig], dense: bool,
+                         label: str) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+        mask = Mask({k: torch.ones_like(m) for k, m in ticket.mask.items()}) if dense \
+            else ticket.mask
+        longest = max(cfgs, key=lambda c: c.epochs)
+        k = len(cfgs)
+        tkey = ("finetune", ticket.arch, ticket.num_classes,
+                tuple(sorted(ticket.arch_args.items())), tuple(ticket.mask), k)
+        seeds = [c.seed for c in cfgs]
+        if tkey not in self._packed:
+            self._packed[tkey] = PackedTrainer(ticket.build_model(), self.data, longest,
+                                               [mask] * k, seeds)
+        ptr = self._packed[tkey]
+        ptr.set_schedules(cfgs)
+        ptr.set_masks([mask] * k)
+        ptr.load_model_states([ticket.state] * k)
+        ptr.load_optimizer_state(None)
+        ptr.reseed(seeds)
+        cb = (lambda st: self.on_epoch(label, st[0])) if self.on_epoch else None
+        results = ptr.fit(start_epoch=0, on_epoch=cb)
+        states = ptr.final_model_states()
+        out = []
+        for res, state in zip(results, states, strict=True):
+            kept = [state[n] != 0 for n in ticket.mask]
+            out.append(({"accuracy": res.test_accuracy, "seconds": res.seconds, "packed": k,
+                         "nonzero": float(sum(int(m.sum()) for m in kept)
+                                          / sum(m.numel() for m in kept))}, state))
+        return out
+
     def _trainer_for(self, ticket: Ticket, cfg: TrainConfig) -> Trainer:
         """One trainer (one captured graph) per architecture and mask layout, reused."""
         tkey = (ticket.arch, ticket.num_classes, tuple(sorted(ticket.arch_args.items())),

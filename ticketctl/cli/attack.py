@@ -368,6 +368,7 @@ def finetune_cmd(
     trigger: TriggerOpt = None,
     null_rate: Annotated[Optional[float], typer.Option(help="Trigger null rate.")] = None,
     alpha: Annotated[float, typer.Option(help="Decision level.")] = 1e-6,
+    pack: o.Pack = None,
     out_dir: OutDir = None,
     csv_path: CsvOpt = None,
     plot_path: PlotOpt = None,
@@ -386,7 +387,7 @@ def finetune_cmd(
     ticket = load_ticket(model)
     with progress_bar(quiet or json_out) as progress:
         runner = _runner(ticket, preset, dataset, data_dir, None, batch_size, None, seed,
-                         no_compile, no_graph, out_dir, device, progress)
+                         no_compile, no_graph, out_dir, device, progress, pack)
         if trigger is not None and runner.data.num_classes != ticket.num_classes:
             raise TicketctlError(
                 f"--trigger checks answers in the model's {ticket.num_classes} classes; a "

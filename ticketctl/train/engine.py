@@ -306,8 +306,7 @@ class Trainer:
                 % len(self.trigger_y)
             cycle = cycle.view(self.steps_per_epoch, self.k)
         for b in range(self.steps_per_epoch):
-            lr = lr_at(self.cfg, (epoch - 1) * self.steps_per_epoch + b, self.steps_per_epoch)
-            self.lr_t.fill_(lr)
+            lr = self._set_lr(epoch, b)
             start = b * self.global_batch + self.rank * bs
             self.batch_idx.copy_(order[..., start:start + bs])
             if self.trigger_x is not None:
@@ -322,6 +321,11 @@ class Trainer:
             if fail_rank_for_tests() == self.rank:
                 raise RuntimeError(f"TICKETCTL_FAIL_RANK: rank {self.rank} fails on purpose")
         return float(self.loss_sum) / self.steps_per_epoch
+
+    def _set_lr(self, epoch: int, b: int) -> float:
+        lr = lr_at(self.cfg, (epoch - 1) * self.steps_per_epoch + b, self.steps_per_epoch)
+        self.lr_t.fill_(lr)
+        return lr
 
     def _epoch_order(self) -> torch.Tensor:
         return torch.randperm(len(self.data.train_y), generator=self.order_gen).to(self.device)

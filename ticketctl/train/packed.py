@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from ticketctl.errors import TicketctlError
 from ticketctl.train.config import TrainConfig
 from ticketctl.train.engine import EpochStats, Trainer, TrainResult, _nan_to_none, summarize
 from ticketctl.train.packing import pack_model, pack_states, packed_loss, stack_inputs, unpack_state
+from ticketctl.train.schedule import lr_at
 
 
 def pack_masks(masks: Sequence[Mask]) -> Mask:
@@ -42,6 +44,12 @@ class PackedTrainer(Trainer):
                          mask=pack_masks(masks) if masks is not None else None)
         self.batch_idx = torch.zeros((self.packs, self.main_batch), dtype=torch.long,
                                      device=self.device)
+        # per-model learning rates (set_schedules): each parameter's rows belong to one model
+        self.model_cfgs: list[TrainConfig] | None = None
+        self.lr_models = torch.zeros(self.packs, device=self.device)
+        self._rows = [torch.arange(self.packs, device=self.device).repeat_interleave(
+            p.shape[0] // self.packs).view(-1, *[1] * (p.dim() - 1))
+            for p in self.opt.params]
         self.order_gens = [torch.Generator() for _ in seeds]
         self.aug_gens = [torch.Generator() for _ in seeds] if self.aug_gen is not None else None
         self.reseed(list(seeds))
@@ -58,6 +66,28 @@ class PackedTrainer(Trainer):
                 g.manual_seed(s + 1)
         elif self.device.type == "cuda":
             torch.cuda.manual_seed(seeds[0] + 1)
+
+    def set_schedules(self, cfgs: Sequence[TrainConfig] | None) -> None:
+        """Give each model its own schedule (e.g. fine-tuning for 5, 10 and 20 epochs in one
+        pass): the run lasts the longest; a model whose schedule ended trains at rate 0 and
+        its result is taken at its own last epoch. None: every model follows `cfg`."""
+        if cfgs is not None:
+            if len(cfgs) != self.packs:
+                raise TicketctlError("one schedule per packed model")
+            longest = max(cfgs, key=lambda c: c.epochs)
+            for c in cfgs:
+                self.set_schedule(replace(c, epochs=longest.epochs, lr=longest.lr))
+            self.set_schedule(longest)
+        self.model_cfgs = list(cfgs) if cfgs is not None else None
+
+    def _set_lr(self, epoch: int, b: int) -> float:
+        lr = super()._set_lr(epoch, b)
+        if self.model_cfgs is not None:
+            step = (epoch - 1) * self.steps_per_epoch + b
+            rates = [lr_at(c, step, self.steps_per_epoch) if epoch <= c.epochs else 0.0
+                     for c in self.model_cfgs]
+            self.lr_models.copy_(torch.tensor(rates), non_blocking=True)
+        return lr
 
     def set_masks(self, masks: Sequence[Mask]) -> None:
         self.set_mask(pack_masks(masks))
@@ -109,7 +139,10 @@ class PackedTrainer(Trainer):
             out = self.forward(x)
         loss = packed_loss(out, y, self.packs, self.cfg.label_smoothing)
         loss.backward()
-        self.opt.step(self.lr_t)
+        if self.model_cfgs is not None:
+            self.opt.step([self.lr_models[r] for r in self._rows])
+        else:
+            self.opt.step(self.lr_t)
         self.loss_sum += loss.detach() / self.packs
 
     # ---- evaluation -----------------------------------------------------------------------
@@ -144,7 +177,9 @@ class PackedTrainer(Trainer):
             history: list[EpochStats] | None = None) -> list[TrainResult]:
         """Train every model and pick each one's best-validation epoch, as `Trainer.fit`."""
         end = self.cfg.epochs if end_epoch is None else end_epoch
+        ends = [c.epochs for c in self.model_cfgs] if self.model_cfgs else [end] * self.packs
         histories: list[list[EpochStats]] = [[] for _ in range(self.packs)]
+        self.final_states: list[dict[str, torch.Tensor] | None] = [None] * self.packs
         t0 = time.perf_counter()
         for epoch in range(start_epoch + 1, end + 1):
             te = time.perf_counter()
@@ -153,12 +188,23 @@ class PackedTrainer(Trainer):
             seconds = time.perf_counter() - te
             stats = [EpochStats(epoch, self.last_lr, loss, _nan_to_none(v), t, seconds)
                      for v, t in zip(vals, tests, strict=True)]
-            for h, s in zip(histories, stats, strict=True):
-                h.append(s)
+            for k, (h, s) in enumerate(zip(histories, stats, strict=True)):
+                if epoch <= ends[k]:
+                    h.append(s)
+                if epoch == ends[k] and self.model_cfgs is not None:
+                    # later epochs run at rate 0 but would still move its BatchNorm statistics
+                    self.final_states[k] = unpack_state(self.model_state(), k, self.packs)
             if on_epoch:
                 on_epoch(stats)
         seconds = time.perf_counter() - t0
         return [summarize(h, seconds) for h in histories]
+
+    def final_model_states(self) -> list[dict[str, torch.Tensor]]:
+        """Each model's state at the end of its own schedule (after `fit`)."""
+        now = self.model_states()
+        return [f if f is not None else n
+                for f, n in zip(getattr(self, "final_states", [None] * self.packs), now,
+                                strict=True)]
 
 
 def default_pack(device: torch.device, requested: int | None) -> int:
