@@ -57,6 +57,12 @@ def compare(rows: list[AttackRow], reference: float | None) -> None:
             row.matches = row.accuracy >= reference - MATCH_POINTS
 
 
+def nonzero_fraction(state: dict[str, torch.Tensor], names: list[str]) -> float:
+    """Share of the masked layers' positions holding a nonzero weight (revived ones too)."""
+    kept = [state[n] != 0 for n in names]
+    return float(sum(int(m.sum()) for m in kept) / sum(m.numel() for m in kept))
+
+
 def job_id(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -188,10 +194,8 @@ class AttackRunner:
             if state_path is not None:
                 with atomic_path(state_path, force=True) as tmp:
                     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-            kept = [state[k] != 0 for k in ticket.mask]
             return {"accuracy": result.test_accuracy, "seconds": result.seconds,
-                    "nonzero": float(sum(int(m.sum()) for m in kept)
-                                     / sum(m.numel() for m in kept))}
+                    "nonzero": nonzero_fraction(state, list(ticket.mask))}
 
         if state_path is not None and not state_path.exists():
             (self.out_dir / "jobs" / f"{key}.json").unlink(missing_ok=True)
@@ -254,10 +258,8 @@ class AttackRunner:
         states = ptr.final_model_states()
         out = []
         for res, state in zip(results, states, strict=True):
-            kept = [state[n] != 0 for n in ticket.mask]
             out.append(({"accuracy": res.test_accuracy, "seconds": res.seconds, "packed": k,
-                         "nonzero": float(sum(int(m.sum()) for m in kept)
-                                          / sum(m.numel() for m in kept))}, state))
+                         "nonzero": nonzero_fraction(state, list(ticket.mask))}, state))
         return out
 
     def _trainer_for(self, ticket: Ticket, cfg: TrainConfig) -> Trainer:
