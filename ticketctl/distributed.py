@@ -8,6 +8,7 @@ masks, are the same on every rank. Only rank 0 writes files."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import signal
@@ -61,8 +62,16 @@ def init_from_env(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S
 
 
 def shutdown() -> None:
+    """Leave the group together: wait for every rank, free the DDP wrappers (their reducer
+    threads must not outlive the group), then destroy it. Without this a rank that finishes
+    first can abort ("terminate called without an active exception")."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if sys.exc_info()[0] is None:  # failing: leave at once, torchrun stops the rest
+                dist.barrier()
+        finally:
+            gc.collect()
+            dist.destroy_process_group()
 
 
 def check_same(ctx: DistContext | None, digest: str, what: str) -> None:
