@@ -206,12 +206,14 @@ def main() -> int:
         elif name == "v3":
             if args.smoke and not Path(trigger).exists():
                 st.tc("trigger_new", "trigger", "new", "--signing-key", files / "owner.key",
-                      "-n", "50", "--out", trigger, "--force")
+                      "-n", "30", "--out", trigger, "--force")
+            # smoke: a longer schedule, so a set drawn from any fresh key is learnt
+            longer = ["--epochs", "16"] if args.smoke else []
             marked = st.tc("retrain_marked", "retrain", files / "signed.safetensors",
-                           *data_noset, *preset, "--trigger", trigger, "--trigger-per-batch",
-                           trig_pb, "--receipt", files / "receipt.json", "--signing-key",
-                           files / "owner.key", "--out", files / "marked.safetensors",
-                           "--force")
+                           *data_noset, *preset, *longer, "--trigger", trigger,
+                           "--trigger-per-batch", trig_pb, "--receipt", files / "receipt.json",
+                           "--signing-key", files / "owner.key", "--out",
+                           files / "marked.safetensors", "--force")
             null = st.tc("calibrate", "calibrate", "--trigger", trigger, "--arch", arch,
                          *data, *preset, "--epochs", "10" if not args.smoke else "2",
                          "--models", null_models, "--out", st.dir / "null-full.json",

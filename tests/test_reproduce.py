@@ -29,9 +29,9 @@ def test_reproduce_smoke_runs_every_stage_and_resumes(tmp_path):
     assert all(r["nokey"] is not None and r["fake1"] is not None for r in v1_rows)
     v2 = summary["v2"]["summary"]
     assert all(row["verified"] for row in v2["prune_omp"]["rows"])
-    # the set is derived from a fresh random owner key, so how fast it is learnt varies
-    # (78-100% seen); chance is 10%
-    assert summary["v3"]["summary"]["marked"]["trigger_accuracy"] >= 40
+    # the set is derived from a fresh random owner key; the smoke schedule learns any such
+    # set (100% in every run seen; chance is 10%)
+    assert summary["v3"]["summary"]["marked"]["trigger_accuracy"] >= 80
     attacks = summary["attacks"]["summary"]
     assert attacks["permute"]["rows"][0]["verified"] is True
     assert attacks["fake3"]["owner_receipt_matches_release"] is True
