@@ -4,7 +4,7 @@ import pickle
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_ticket, write_raw
+from helpers import make_ticket, write_raw
 
 from ticketctl.artifacts import Mask, load_ticket, read_header, save_ticket
 from ticketctl.errors import CheckFailed, TicketctlError

@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_ticket
+from helpers import assert_one_line_error, make_ticket, run
 from PIL import Image
-from test_cli import assert_one_line_error, run
 
 from ticketctl.artifacts import Mask, Ticket, save_ticket
 from ticketctl.attacks.finetune import adapt, head_names
@@ -158,9 +157,10 @@ def test_finetune_bad_input(signed, tmp_path):
     assert_one_line_error(result, contains="transfer")
 
 
-def test_packed_finetune_sweep_equals_one_row_at_a_time(signed, tmp_path):
+def test_packed_finetune_sweep_equals_one_row_at_a_time(signed, tmp_path, float64):
     """Rows of different lengths share one packed network, each with its own schedule; every
-    row ends where it would have ended alone."""
+    row ends where it would have ended alone. In float64 (the bounds are derived in
+    test_packed.py: rounding-order differences near 1e-13 after a few epochs, bound 1e-8)."""
     from ticketctl.attacks import AttackRunner
     from ticketctl.attacks.finetune import finetune
     from ticketctl.data import load_dataset
@@ -173,7 +173,7 @@ def test_packed_finetune_sweep_equals_one_row_at_a_time(signed, tmp_path):
     ra = finetune(alone, signed["ticket"], [1, 2, 3])
     rb = finetune(packed, signed["ticket"], [1, 2, 3])
     for a, b in zip(ra.rows, rb.rows, strict=True):
-        assert b.accuracy == pytest.approx(a.accuracy, abs=0.6)
+        assert b.accuracy == a.accuracy
     jobs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "b" / "jobs").glob("*.json")}
     assert sorted(j.get("packed") for j in jobs.values()) == [3, 3, 3]
     for stem in jobs:
@@ -181,7 +181,7 @@ def test_packed_finetune_sweep_equals_one_row_at_a_time(signed, tmp_path):
         y = _load(tmp_path / "b" / "jobs" / f"{stem}.safetensors")
         for name, t in x.items():
             if t.is_floating_point():
-                assert float((t - y[name]).abs().max()) <= 1e-5, (stem, name)
+                assert float((t - y[name]).abs().max()) <= 1e-8, (stem, name)
     # a rerun reuses the packed rows
     again = AttackRunner(data, cfg, out_dir=tmp_path / "b", pack=3)
     finetune(again, signed["ticket"], [1, 2, 3])

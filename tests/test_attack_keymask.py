@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, run
+from helpers import assert_one_line_error, run
 
 from ticketctl.artifacts import save_ticket
 from ticketctl.attacks import AttackRunner, fake1, forge_key, nokey
@@ -90,7 +90,9 @@ def test_attack_bad_input(parts, tmp_path):
                               *FAST), 2, "(0, 1)")
 
 
-def test_packed_fake1_sweep_equals_one_at_a_time(parts, tmp_path):
+def test_packed_fake1_sweep_equals_one_at_a_time(parts, tmp_path, float64):
+    """Packed and alone differ by rounding order only; in float64 that leaves the accuracies
+    exactly equal (see test_packed.py for the bound)."""
     data = load_dataset("digits")
     cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, nesterov=True, schedule="cosine")
     alone = fake1(AttackRunner(data, cfg, pack=1), parts["locked"], [0.1, 0.2, 0.3])
@@ -98,6 +100,6 @@ def test_packed_fake1_sweep_equals_one_at_a_time(parts, tmp_path):
     packed = fake1(runner, parts["locked"], [0.1, 0.2, 0.3])
     for a, b in zip(alone.rows, packed.rows, strict=True):
         assert a.details == b.details
-        assert b.accuracy == pytest.approx(a.accuracy, abs=0.6)
+        assert b.accuracy == a.accuracy
     jobs = [json.loads(p.read_text()) for p in (tmp_path / "sweep" / "jobs").glob("*.json")]
     assert sorted(j.get("packed", 1) for j in jobs) == [1, 2, 2]  # a pack of 2, then one

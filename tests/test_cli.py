@@ -7,27 +7,9 @@ import sys
 
 import pytest
 import torch
-from conftest import make_ticket, write_raw
-from typer.testing import CliRunner
+from helpers import HANG_GUARD_S, assert_one_line_error, make_ticket, run, write_raw
 
 from ticketctl.artifacts import save_ticket
-from ticketctl.cli.app import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, code=2, contains=""):
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:")
-    assert contains in " ".join(result.stderr.split())
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
 
 
 def test_help_lists_built_commands_with_descriptions():
@@ -136,10 +118,11 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.exit_code != 0 and result.exception is not None
 
 
+@pytest.mark.slow
 def test_demo_and_python_dash_m(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "ticketctl", "demo", "--out-dir", str(out),
-                           "--json"], capture_output=True, text=True, timeout=300)
+                           "--json"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     found = doc["find"]
@@ -163,5 +146,5 @@ def test_demo_and_python_dash_m(tmp_path):
     assert [r["strength"] for r in attacks["prune-omp"]["rows"]] == [0.1, 0.3, 0.5]
     assert all(r["p_value"] is not None for a in doc["attacks"] for r in a["rows"])
     again = subprocess.run([sys.executable, "-m", "ticketctl", "demo", "--out-dir", str(out)],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert again.returncode == 2 and "--force" in again.stderr

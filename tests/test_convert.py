@@ -2,7 +2,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import make_ticket
+from helpers import make_ticket
 from torch.nn.utils import prune
 
 from ticketctl.artifacts import load_ticket, save_ticket

@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import HANG_GUARD_S
 
 from ticketctl.artifacts import load_ticket
 from ticketctl.distributed import DistContext, check_same, relaunch_args
@@ -20,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIND = ["find", "--preset", "demo", "--max-rounds", "2", "--device", "cpu", "--json", "-q"]
 
 
-def _cli(*args, env=None, timeout=300):
+def _cli(*args, env=None, timeout=HANG_GUARD_S):
     return subprocess.run([sys.executable, "-m", "ticketctl", *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
@@ -32,6 +34,7 @@ def _jaccard(a, b):
     return inter / union
 
 
+@pytest.mark.slow
 def test_two_processes_find_the_ticket_one_process_finds(tmp_path):
     two = _cli(*FIND, "--nproc", "2", "--out", tmp_path / "t2.safetensors", "--run-dir",
                tmp_path / "run2")
@@ -54,25 +57,29 @@ def test_two_processes_find_the_ticket_one_process_finds(tmp_path):
     assert len(rows) == len(one_rows)
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_every_rank(tmp_path):
     result = _cli(*FIND, "--nproc", "2", "--out", tmp_path / "t.safetensors", "--run-dir",
-                  tmp_path / "run", env={"TICKETCTL_FAIL_RANK": "1"}, timeout=240)
+                  tmp_path / "run", env={"TICKETCTL_FAIL_RANK": "1"})
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: a distributed rank failed")
     assert not (tmp_path / "t.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_stuck_run_is_stopped_by_the_timeout(tmp_path):
-    result = _cli(*FIND, "--nproc", "2", "--dist-timeout", "2", "--out",
-                  tmp_path / "t.safetensors", "--run-dir", tmp_path / "run", timeout=120)
+    # 500 epochs take far longer than 2 s on any machine: the limit always cuts the run short
+    result = _cli(*FIND, "--nproc", "2", "--epochs", "500", "--dist-timeout", "2", "--out",
+                  tmp_path / "t.safetensors", "--run-dir", tmp_path / "run")
     assert result.returncode == 2
     assert "did not finish within 2 s" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_bad_distributed_options(tmp_path):
     result = _cli(*FIND, "--nproc", "2", "--batch-size", "63", "--out",
-                  tmp_path / "t.safetensors", "--run-dir", tmp_path / "run", timeout=120)
+                  tmp_path / "t.safetensors", "--run-dir", tmp_path / "run")
     assert result.returncode == 2
     assert "divide evenly" in result.stderr
     result = _cli(*FIND, "--nnodes", "2", "--out", tmp_path / "t.safetensors")
@@ -108,11 +115,12 @@ def test_ranks_holding_different_masks_are_caught(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_ddp_scaling_benchmark_smoke(tmp_path):
     out = tmp_path / "ddp.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks/ddp_scaling.py"), "--smoke",
                         "--json-out", str(out)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       timeout=HANG_GUARD_S, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["gpus"] for r in rows] == [1, 2]
@@ -120,6 +128,7 @@ def test_ddp_scaling_benchmark_smoke(tmp_path):
     assert rows[1]["steps_per_epoch"] == rows[0]["steps_per_epoch"] // 2
 
 
+@pytest.mark.slow
 def test_retrain_runs_data_parallel(tmp_path):
     found = _cli(*FIND, "--max-rounds", "1", "--out", tmp_path / "t.safetensors", "--run-dir",
                  tmp_path / "run")

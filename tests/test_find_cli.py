@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, run
+from helpers import assert_one_line_error, run
 
 from ticketctl.artifacts import load_ticket
 from ticketctl.prune import resolve_settings

@@ -8,6 +8,7 @@ import time
 import pytest
 import safetensors.torch
 import torch
+from helpers import HANG_GUARD_S
 
 from ticketctl.artifacts import load_ticket
 from ticketctl.prune import SearchConfig, SearchState, find_ticket, record_round, resolve_settings
@@ -94,19 +95,20 @@ def _find_cmd(run_dir, out):
             str(out), "--json", "--quiet"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_exactly_the_same_mask(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # identical arithmetic in every process
     ref_out, out = tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors"
     subprocess.run(_find_cmd(tmp_path / "ref", ref_out), check=True, env=env,
-                   capture_output=True, timeout=600)
+                   capture_output=True, timeout=HANG_GUARD_S)
 
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(_find_cmd(run_dir, out), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     epochs = run_dir / "epochs.jsonl"
-    deadline = time.time() + 300
+    deadline = time.monotonic() + HANG_GUARD_S
     killed_at = None
-    while time.time() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and proc.poll() is None:
         if epochs.exists():
             rows = [json.loads(x) for x in epochs.read_text().splitlines() if x.endswith("}")]
             mid = [r for r in rows if r["training"] == "round-2-trial-0" and r["epoch"] == 2]
@@ -120,7 +122,7 @@ def test_killed_run_resumes_to_exactly_the_same_mask(tmp_path):
     assert not out.exists()
 
     resumed = subprocess.run(_find_cmd(run_dir, out) + ["--resume"], env=env,
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert resumed.returncode == 0, resumed.stderr
     a, b = load_ticket(ref_out), load_ticket(out)
     assert a.mask == b.mask

@@ -6,15 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from helpers import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(run_dir, *extra):
     return subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), "--smoke",
                            "--run", str(run_dir), *extra], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+                          cwd=ROOT, timeout=HANG_GUARD_S)
 
 
+@pytest.mark.slow
 def test_reproduce_smoke_runs_every_stage_and_resumes(tmp_path):
     run = tmp_path / "repro"
     first = _run(run)

@@ -6,8 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_ticket
-from test_cli import assert_one_line_error, run
+from helpers import assert_one_line_error, make_ticket, run
 
 from ticketctl.artifacts import save_ticket
 from ticketctl.artifacts.convert import save_torch_prune

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_ticket, write_raw
-from test_cli import assert_one_line_error, run
+from helpers import assert_one_line_error, make_ticket, run, write_raw
 
 from ticketctl.artifacts import Mask, Ticket, load_ticket, save_ticket
 from ticketctl.errors import CheckFailed, TicketctlError

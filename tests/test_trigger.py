@@ -6,8 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_ticket
-from test_cli import assert_one_line_error, run
+from helpers import assert_one_line_error, make_ticket, run
 
 from ticketctl.artifacts import save_ticket
 from ticketctl.protect.trigger import TriggerSet, generate, load_trigger_set, save_trigger_set

@@ -47,8 +47,9 @@ def _device(device: str | torch.device) -> torch.device:
 
 
 def _to_unit(x: torch.Tensor, scale: float, device: torch.device) -> torch.Tensor:
-    """Move to ``device`` (before widening, so uint8 travels) and scale to float32 in [0, 1]."""
-    x = x.to(device).float()
+    """Move to ``device`` (before widening, so uint8 travels) and scale to [0, 1] in torch's
+    default float dtype (float32 unless a program, e.g. a float64 test, changes it)."""
+    x = x.to(device).to(torch.get_default_dtype())
     return x.div_(scale) if scale != 1.0 else x
 
 
@@ -62,7 +63,7 @@ def load_dataset(
     normalize: bool = True,
     synthetic_size: int = 50000,
 ) -> Dataset:
-    """Load a dataset once into normalised float32 tensors on ``device``.
+    """Load a dataset once into normalised tensors (torch's default float dtype) on ``device``.
 
     The validation split is held out of the training images by a permutation drawn from
     ``split_seed`` alone, so changing the training seed never changes it. ``val_size=None``
@@ -105,8 +106,8 @@ def load_dataset(
         std_t = torch.where(std_t > 0, std_t, torch.ones_like(std_t))
         mean, std = tuple(mean_t.tolist()), tuple(std_t.tolist())
     if normalize:
-        m = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        m = torch.tensor(mean, dtype=train_x.dtype, device=dev).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=train_x.dtype, device=dev).view(1, -1, 1, 1)
         for split in (train_x, val_x, test_x):
             split.sub_(m).div_(s)
 

@@ -55,7 +55,8 @@ class TriggerSet:
         """Images resized to the model's input (bilinear) and normalised like its training
         data; a channel mismatch is an error (except RGB to one channel, as grey)."""
         c, h, w = shape
-        x = torch.from_numpy(self.images).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(self.images).permute(0, 3, 1, 2)
+        x = x.to(torch.get_default_dtype()) / 255.0
         if x.shape[1] != c:
             if c == 1 and x.shape[1] == 3:
                 x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True)
@@ -65,8 +66,8 @@ class TriggerSet:
         if tuple(x.shape[2:]) != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False,
                               antialias=True)
-        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
         return ((x - m) / s).to(device)
 
 

@@ -29,6 +29,7 @@ from ticketctl.distributed import (
 )
 from ticketctl.errors import TicketctlError
 from ticketctl.train.config import TrainConfig
+from ticketctl.train.packing import loss_logits
 from ticketctl.train.schedule import lr_at
 from ticketctl.train.sgd import MaskedSGD
 
@@ -254,7 +255,7 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.forward(x)
-        loss = F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
+        loss = F.cross_entropy(loss_logits(out), y, label_smoothing=self.cfg.label_smoothing)
         loss.backward()
         self.opt.step(self.lr_t)
         self.loss_sum += loss.detach()

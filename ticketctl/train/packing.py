@@ -99,10 +99,16 @@ def stack_inputs(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 0, 2, 3, 4).reshape(n, k * c, h, w)
 
 
+def loss_logits(out: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: bf16/fp16 autocast outputs widened to fp32; fp32 or fp64 as they
+    are (a float64 run must not round its loss through fp32)."""
+    return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+
+
 def packed_loss(out: torch.Tensor, y: torch.Tensor, packs: int,
                 label_smoothing: float = 0.0) -> torch.Tensor:
     """The sum of the K models' mean losses: each model gets exactly its own gradient.
     out: N x (K*classes); y: K x N."""
     n = out.shape[0]
-    logits = out.float().view(n, packs, -1).permute(0, 2, 1)  # N x classes x K
+    logits = loss_logits(out).view(n, packs, -1).permute(0, 2, 1)  # N x classes x K
     return F.cross_entropy(logits, y.t(), label_smoothing=label_smoothing) * packs

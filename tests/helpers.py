@@ -1,0 +1,64 @@
+"""Helpers the test modules share: tiny tickets, raw safetensors writers for crafting bad
+files, the CLI runner and its one-line-error check, and the time guard for subprocesses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from typer.testing import CliRunner
+
+from ticketctl.artifacts import Mask, Ticket
+from ticketctl.artifacts.ticket import FORMAT_NAME, FORMAT_VERSION
+from ticketctl.cli.app import app
+from ticketctl.models import build_model, prunable_names
+from ticketctl.prune import magnitude_prune
+
+# A guard against a hung subprocess, not a speed check: a CI run may take up to 30 minutes in
+# all, so a single command is given 20 before the test calls it hung. Tests never assert how
+# fast something ran.
+HANG_GUARD_S = 1200
+
+_runner = CliRunner()
+
+
+def run(*args):
+    """Invoke the CLI in-process; stdout and stderr are kept apart."""
+    return _runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, code=2, contains=""):
+    """The shell contract for errors: exit code, one line on stderr, nothing on stdout."""
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    assert contains in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def make_ticket(seed: int = 0, density_rate: float = 0.5, width: int = 8) -> Ticket:
+    """A digits CNN pruned by magnitude at initialisation: a ticket in milliseconds."""
+    torch.manual_seed(seed)
+    model = build_model("digits_cnn", 10, width=width)
+    names = prunable_names(model)
+    mask = magnitude_prune(dict(model.named_parameters()), Mask.ones(model, names), density_rate)
+    return Ticket.from_model(model, mask, kind="ticket", arch="digits_cnn",
+                             arch_args={"width": width}, num_classes=10,
+                             dataset={"name": "digits"}, rewind_epoch=0, seed=seed)
+
+
+def write_raw(path: Path, tensors: dict, meta: dict | None, version: int = FORMAT_VERSION,
+              header: dict | None = None) -> Path:
+    """Write a safetensors file with arbitrary (possibly wrong) content and ticket metadata."""
+    if header is None:
+        header = {}
+        if meta is not None:
+            header = {"format": FORMAT_NAME, "format_version": str(version),
+                      "ticket": json.dumps(meta)}
+    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+                                metadata=header or None)
+    return path
