@@ -28,12 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def worker(args: argparse.Namespace) -> None:
     from ticketctl.artifacts import Mask
     from ticketctl.data import load_dataset
-    from ticketctl.device import resolve_device
+    from ticketctl.device import configure_cuda, resolve_device
     from ticketctl.distributed import init_from_env, shutdown
     from ticketctl.models import build_model, prunable_names
     from ticketctl.prune import resolve_settings
     from ticketctl.train import Trainer
 
+    configure_cuda()
     dev = resolve_device("cpu" if args.smoke else "auto")
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

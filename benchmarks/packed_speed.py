@@ -23,16 +23,17 @@ from pathlib import Path
 import torch
 
 from ticketctl.data import load_dataset
-from ticketctl.device import resolve_device
+from ticketctl.device import configure_cuda, resolve_device
 from ticketctl.prune import resolve_settings
 from ticketctl.train import Trainer
+from ticketctl.train.engine import Engine
 from ticketctl.train.packed import PackedTrainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import pruned_ticket  # noqa: E402
 
 
-def epoch_seconds(trainer: Trainer, epochs: int) -> float:
+def epoch_seconds(trainer: Engine, epochs: int) -> float:
     trainer.train_epoch(1)  # warm-up: compile and capture
     sync()
     times = []
@@ -58,6 +59,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json-out")
     args = ap.parse_args()
+    configure_cuda()
     dev = resolve_device("cpu" if args.smoke else "auto")
     if args.smoke:
         data = load_dataset("synthetic", device=dev, synthetic_size=512)
@@ -76,10 +78,10 @@ def main() -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         if k == 1:
-            tr: Trainer = Trainer(ticket.build_model(), data, cfg, mask=ticket.mask)
+            tr: Engine = Trainer(ticket.build_model(), data, cfg, mask=ticket.mask)
         else:
             tr = PackedTrainer(ticket.build_model(), data, cfg, [ticket.mask] * k,
-                               list(range(k)))
+                               list(range(k))).engine
         t0 = time.perf_counter()
         sec = epoch_seconds(tr, args.epochs)
         row = {"packs": k, "epoch_seconds": sec, "seconds_per_model_epoch": sec / k,

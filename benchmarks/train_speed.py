@@ -61,9 +61,10 @@ from torch import nn
 
 from ticketctl.artifacts import Mask
 from ticketctl.data import Dataset, augment_batch, load_dataset
-from ticketctl.device import resolve_device
+from ticketctl.device import configure_cuda, resolve_device
 from ticketctl.models import build_model, prunable_names
 from ticketctl.prune import magnitude_prune
+from ticketctl.train import TrainConfig, Trainer
 
 try:  # torchvision is optional: (a) falls back to hand-written transforms without it
     import torchvision
@@ -133,7 +134,7 @@ def backend_flags() -> dict[str, Any]:
 
 
 def restore_backend_flags(saved: dict[str, Any]) -> None:
-    """Undo global switches a config changed (e.g. cudnn.benchmark set by a trainer)."""
+    """Undo global switches a config changed (the (c) rows set ticketctl's, as its CLI does)."""
     if torch.backends.cudnn.benchmark != saved["cudnn_benchmark"]:
         torch.backends.cudnn.benchmark = saved["cudnn_benchmark"]
     if torch.get_float32_matmul_precision() != saved["float32_matmul_precision"]:
@@ -342,9 +343,8 @@ def reset_compiler() -> None:
 
 def bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant: str,
             round2: bool) -> tuple[dict[str, Any], nn.Module]:
-    from ticketctl.train import TrainConfig, Trainer  # imported late: may not exist yet
-
     reset_compiler()
+    configure_cuda()  # what the ticketctl CLI sets at start; undone after the row
     torch.manual_seed(0)
     flags = {"bf16": True, "channels_last": True, "compile": True, "cuda_graph": True}
     flags.update(C_VARIANTS[variant])
@@ -356,55 +356,38 @@ def bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant: 
     mask = fixed_mask(model)
     trainer = Trainer(model, data, cfg, mask=mask)
     summary = epoch_summary(run_epochs(epochs, device, trainer.train_epoch))
-    steps = int(getattr(trainer, "steps_per_epoch", len(data.train_y) // bs))
+    steps = trainer.steps_per_epoch
     row: dict[str, Any] = {"label": LABELS[variant], "flags": flags, "steps_per_epoch": steps,
                            "images_per_epoch": steps * bs, **summary}
-    row["compile_seconds"] = float(getattr(trainer, "compile_seconds", float("nan")))
+    row["compile_seconds"] = trainer.compile_seconds
     try:
         row["test_acc"] = float(trainer.evaluate("test"))
     except Exception as exc:  # noqa: BLE001 - timing stands without the sanity check
         row["eval_error"] = f"{type(exc).__name__}: {exc}"
     if round2:
-        row["round2"] = next_round(trainer, model, data, cfg, mask, init_state, summary, device)
+        row["round2"] = next_round(trainer, model, mask, init_state, summary, device)
     return row, model
 
 
-def next_round(trainer: Any, model: nn.Module, data: Dataset, cfg: Any, mask: Mask,
+def next_round(trainer: Trainer, model: nn.Module, mask: Mask,
                init_state: dict[str, torch.Tensor], summary: dict[str, Any],
                device: torch.device) -> dict[str, Any]:
-    """Start the next IMP round: prune, rewind, re-mask, reset momentum, one epoch.
-
-    Uses the trainer's in-place path (``load_model_state`` / ``set_mask`` /
-    ``load_optimizer_state(None)``, which keeps the compiled model and captured graph) when it
-    has one, else builds a new Trainer. Reports the set-up time and the first epoch's time.
-    """
-    from ticketctl.train import Trainer
-
+    """Start the next IMP round: prune, then rewind, re-mask and reset momentum in place
+    (`Trainer.restart`, which keeps the compiled model and captured graph), then one epoch.
+    Reports the set-up time and the first epoch's time."""
     sync(device)
     t0 = time.perf_counter()
     new_mask = magnitude_prune(dict(model.named_parameters()), mask, 0.2)
-    in_place = all(hasattr(trainer, a) for a in
-                   ("load_model_state", "set_mask", "load_optimizer_state"))
-    if in_place:
-        trainer.load_model_state(init_state)
-        trainer.set_mask(new_mask)
-        trainer.load_optimizer_state(None)
-        trainer2 = trainer
-    else:
-        rewind_(model, init_state)
-        new_mask.apply_(model)
-        trainer2 = Trainer(model, data, cfg, mask=new_mask)
+    trainer.restart(init_state, mask=new_mask)
     sync(device)
     setup = time.perf_counter() - t0
-    compile_before = float(getattr(trainer2, "compile_seconds", float("nan")))
-    log(f"    round 2 ({'same Trainer, in place' if in_place else 'new Trainer'}):")
-    first = run_epochs(1, device, trainer2.train_epoch)[0]
-    compile_after = float(getattr(trainer2, "compile_seconds", float("nan")))
+    compile_before = trainer.compile_seconds
+    log("    round 2 (same Trainer, in place):")
+    first = run_epochs(1, device, trainer.train_epoch)[0]
     return {
-        "path": "same Trainer, in place" if in_place else "new Trainer",
-        "setup_s": setup, "first_epoch_s": first,
+        "path": "same Trainer, in place", "setup_s": setup, "first_epoch_s": first,
         "excess_over_median_s": first - summary["median_s"],
-        "compile_seconds": compile_after - compile_before if in_place else compile_after,
+        "compile_seconds": trainer.compile_seconds - compile_before,
     }
 
 

@@ -24,9 +24,10 @@ from ticketctl.artifacts import load_ticket
 from ticketctl.attacks import AttackRunner
 from ticketctl.attacks.keymask import forge_key, forged_size
 from ticketctl.data import load_recorded_dataset
-from ticketctl.device import resolve_device
+from ticketctl.device import configure_cuda, resolve_device
 from ticketctl.protect import split_ticket
 from ticketctl.prune import resolve_settings
+from ticketctl.train.config import TrainOverrides
 
 
 def main() -> int:
@@ -46,11 +47,12 @@ def main() -> int:
     ap.add_argument("--json-out")
     ap.add_argument("--md-out")
     args = ap.parse_args()
+    configure_cuda()
     t0 = time.perf_counter()
     ticket = load_ticket(args.ticket)
     settings = resolve_settings(args.preset, arch=ticket.arch,
                                 dataset=(ticket.dataset or {}).get("name"),
-                                train={"epochs": args.epochs, "seed": args.seed})
+                                train=TrainOverrides(epochs=args.epochs, seed=args.seed))
     data = load_recorded_dataset(ticket.dataset or {}, None, args.data_dir,
                                  device=resolve_device(args.device))
     runner = AttackRunner(data, settings.train, out_dir=args.out_dir, pack=args.pack)
@@ -62,7 +64,7 @@ def main() -> int:
         return bool(args.budget_s) and time.perf_counter() - t0 > args.budget_s
 
     ref = runner.retrain(ticket, "original")
-    log(f"reference (ratio 0): {ref['accuracy']:.2f}%")
+    log(f"reference (ratio 0): {ref.accuracy:.2f}%")
     rows, jobs = [], []
     for score in args.scores.split(","):
         for ratio in [float(r) for r in args.ratios.split(",")]:
@@ -83,11 +85,11 @@ def main() -> int:
         chunk = jobs[start:start + runner.pack]
         results = runner.retrain_many([j[2] for j in chunk], [j[3] for j in chunk])
         for (row, cond, _, label), res in zip(chunk, results, strict=True):
-            row[cond] = res["accuracy"]
-            log(f"{label:28s} {res['accuracy']:.2f}%")
+            row[cond] = res.accuracy
+            log(f"{label:28s} {res.accuracy:.2f}%")
     meta = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "ticket_density": ticket.density,
-            "ticket_kept": ticket.mask.num_kept, "reference_accuracy": ref["accuracy"],
+            "ticket_kept": ticket.mask.num_kept, "reference_accuracy": ref.accuracy,
             "train": settings.train.to_dict(), "jobs_run": runner.jobs_run,
             "jobs_cached": runner.jobs_cached, "seconds": time.perf_counter() - t0,
             "sweep_seconds": time.perf_counter() - t_sweep, "pack": runner.pack,
@@ -96,7 +98,7 @@ def main() -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"ResNet V1 effect on {meta['gpu']} | ticket density {100 * ticket.density:.2f}% "
-             f"({ticket.mask.num_kept} weights) | reference {ref['accuracy']:.2f}% | "
+             f"({ticket.mask.num_kept} weights) | reference {ref.accuracy:.2f}% | "
              f"{settings.train.epochs} epochs",
              "", "| score | key ratio | key weights | no key | change | forged key | change |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -104,7 +106,7 @@ def main() -> int:
         cells = []
         for cond in ("nokey", "fake1"):
             acc = r.get(cond)
-            cells += ["-", "-"] if acc is None else [f"{acc:.2f}", f"{acc - ref['accuracy']:+.2f}"]
+            cells += ["-", "-"] if acc is None else [f"{acc:.2f}", f"{acc - ref.accuracy:+.2f}"]
         lines.append(f"| {r['score']} | {r['key_ratio']:g} | {r['key_weights']} | "
                      + " | ".join(cells) + " |")
     text = "\n".join(lines)

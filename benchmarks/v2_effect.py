@@ -26,11 +26,12 @@ import torch
 from ticketctl.artifacts import Mask, load_ticket
 from ticketctl.attacks.removal import added, random_prune
 from ticketctl.data import load_recorded_dataset
-from ticketctl.device import resolve_device
+from ticketctl.device import configure_cuda, resolve_device
 from ticketctl.models import build_model, prunable_names
 from ticketctl.protect.signature import masks_of, sign_ticket, verify_with_receipt
 from ticketctl.prune import magnitude_prune, resolve_settings
 from ticketctl.train import Trainer
+from ticketctl.train.config import TrainOverrides
 
 
 def log(msg: str) -> None:
@@ -38,10 +39,7 @@ def log(msg: str) -> None:
 
 
 def retrain(trainer: Trainer, ticket, seed: int) -> tuple[float, dict]:
-    trainer.set_mask(ticket.mask)
-    trainer.load_model_state(ticket.state)
-    trainer.load_optimizer_state(None)
-    trainer.reseed(seed)
+    trainer.restart(ticket.state, mask=ticket.mask, seeds=seed)
     res = trainer.fit(start_epoch=ticket.rewind_epoch or 0)
     return res.test_accuracy, trainer.model_state()
 
@@ -57,6 +55,7 @@ def main() -> int:
     ap.add_argument("--null-epochs", type=int, default=10)
     ap.add_argument("--json-out", required=True)
     args = ap.parse_args()
+    configure_cuda()
     t0 = time.perf_counter()
     ticket = load_ticket(args.ticket)
     signed, receipt, report, qr = sign_ticket(ticket, "signature", seed=0)
@@ -110,7 +109,7 @@ def main() -> int:
         out["attacks"] = attacks
     else:
         cfg = resolve_settings(args.preset, arch=ticket.arch, dataset="cifar10",
-                               train={"epochs": args.null_epochs}).train
+                               train=TrainOverrides(epochs=args.null_epochs)).train
         model = build_model(ticket.arch, ticket.num_classes, seed=1000, **ticket.arch_args)
         names = prunable_names(model)
         trainer = Trainer(model, data, cfg, mask=Mask.ones(model, names))
@@ -120,10 +119,7 @@ def main() -> int:
         for i in range(args.models):
             seed = 1000 + i
             fresh = build_model(ticket.arch, ticket.num_classes, seed=seed, **ticket.arch_args)
-            trainer.set_mask(full)
-            trainer.load_model_state(fresh.state_dict())
-            trainer.load_optimizer_state(None)
-            trainer.reseed(seed)
+            trainer.restart(fresh.state_dict(), mask=full, seeds=seed)
             res = trainer.fit()
             st = trainer.model_state()
             mask = magnitude_prune(st, full, rate)

@@ -15,9 +15,9 @@ import torch
 from bench_common import pruned_ticket, timed
 
 from ticketctl.artifacts import load_ticket, save_ticket
-from ticketctl.protect.model_file import read_model_masks
 from ticketctl.protect.receipt import load_receipt, save_receipt
-from ticketctl.protect.signature import sign_ticket, verify_with_receipt
+from ticketctl.protect.signature import sign_ticket
+from ticketctl.protect.verify import Marks
 
 
 def main() -> None:
@@ -36,8 +36,7 @@ def main() -> None:
             save_receipt(doc, Path(d) / "r.json", force=True)
 
         def verify() -> None:
-            _, masks = read_model_masks(Path(d) / "s.safetensors")
-            v = verify_with_receipt(masks, load_receipt(Path(d) / "r.json"))
+            v = verify(Path(d) / "s.safetensors", Marks(receipt=load_receipt(Path(d) / "r.json")))
             assert v.verified
 
         t_load = timed(lambda: load_ticket(src), args.repeats)

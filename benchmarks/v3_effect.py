@@ -19,12 +19,13 @@ import torch
 
 from ticketctl.artifacts import load_ticket
 from ticketctl.data import load_recorded_dataset
-from ticketctl.device import resolve_device
+from ticketctl.device import configure_cuda, resolve_device
 from ticketctl.protect.blackbox_verify import predict, score
 from ticketctl.protect.calibrate import calibrate
 from ticketctl.protect.trigger import load_trigger_set
 from ticketctl.prune import magnitude_prune, resolve_settings
 from ticketctl.train import Trainer
+from ticketctl.train.config import TrainOverrides
 
 
 def main() -> int:
@@ -39,6 +40,7 @@ def main() -> int:
     ap.add_argument("--null-epochs", type=int, default=10)
     ap.add_argument("--json-out", required=True)
     args = ap.parse_args()
+    configure_cuda()
     t0 = time.perf_counter()
     ticket = load_ticket(args.ticket)
     data = load_recorded_dataset(ticket.dataset or {}, None, args.data_dir,
@@ -54,9 +56,7 @@ def main() -> int:
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = {"seed": seed}
         for name, tr in (("plain", plain), ("marked", marked)):
-            tr.load_model_state(ticket.state)
-            tr.load_optimizer_state(None)
-            tr.reseed(seed)
+            tr.restart(ticket.state, seeds=seed)
             res = tr.fit(start_epoch=ticket.rewind_epoch or 0)
             out[f"{name}_test"] = res.test_accuracy
             out[f"{name}_trigger"] = score(predict(tr.model, x), ts.labels, 0.1).trigger_accuracy
@@ -72,7 +72,7 @@ def main() -> int:
         rows.append(out)
         print(out, file=sys.stderr, flush=True)
     null_cfg = resolve_settings(args.preset, arch=ticket.arch, dataset=data.name,
-                                train={"epochs": args.null_epochs}).train
+                                train=TrainOverrides(epochs=args.null_epochs)).train
     null = (calibrate(ticket.arch, data, ts, null_cfg, models=args.null_models)
             if args.null_models > 0 else None)
     result = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -15,6 +15,7 @@ from ticketctl.models import build_model, prunable_names
 from ticketctl.protect.receipt import save_receipt
 from ticketctl.protect.signature import sign_ticket
 from ticketctl.prune import magnitude_prune
+from ticketctl.train.config import TrainOverrides
 
 FAST = ["--preset", "demo", "--batch-size", "128"]
 
@@ -62,6 +63,9 @@ def test_dense_finetune_revives_pruned_positions(signed, tmp_path):
     assert result.exit_code == 0, result.stderr
     row = json.loads(result.stdout)["rows"][0]
     assert json.loads(result.stdout)["attack"] == "finetune-dense"
+    # Dense fine-tuning writes every position (1.0 in every run), the undefended read then
+    # sees a blur (0.546 in every run: a fixed function of the code once all are nonzero), and
+    # the kept-count defence restores the code (p 1.7e-108): margins far beyond any CPU.
     assert row["details"]["nonzero"] > 0.9  # nearly every position is nonzero now
     assert row["details"]["bit_match"] < 0.9  # the undefended read sees a blurred code
     # the kept-count defence reads the code again
@@ -167,7 +171,7 @@ def test_packed_finetune_sweep_equals_one_row_at_a_time(signed, tmp_path, float6
     from ticketctl.prune import resolve_settings
 
     data = load_dataset("digits")
-    cfg = resolve_settings("demo", train={"batch_size": 128}).train
+    cfg = resolve_settings("demo", train=TrainOverrides(batch_size=128)).train
     alone = AttackRunner(data, cfg, out_dir=tmp_path / "a", pack=1)
     packed = AttackRunner(data, cfg, out_dir=tmp_path / "b", pack=3)
     ra = finetune(alone, signed["ticket"], [1, 2, 3])

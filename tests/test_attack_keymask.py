@@ -11,8 +11,9 @@ from ticketctl.attacks import AttackRunner, fake1, forge_key, nokey
 from ticketctl.attacks.keymask import forged_size
 from ticketctl.data import load_dataset
 from ticketctl.protect import split_ticket
-from ticketctl.prune import find_ticket, resolve_settings
+from ticketctl.prune import SearchOverrides, find_ticket, resolve_settings
 from ticketctl.train import TrainConfig
+from ticketctl.train.config import TrainOverrides
 
 FAST = ["--epochs", "3", "--preset", "demo"]
 
@@ -20,8 +21,8 @@ FAST = ["--epochs", "3", "--preset", "demo"]
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     d = tmp_path_factory.mktemp("v1")
-    settings = resolve_settings("demo", train={"epochs": 3},
-                                search={"rates": [0.5], "max_rounds": 2})
+    settings = resolve_settings("demo", train=TrainOverrides(epochs=3),
+                                search=SearchOverrides(rates=[0.5], max_rounds=2))
     ticket = find_ticket(settings, d / "run", device="cpu").ticket
     key, locked = split_ticket(ticket, "omp", 0.2)
     return {"dir": d, "ticket": ticket, "key": key, "locked": locked,

@@ -175,5 +175,5 @@ def test_permutation_is_undone_after_the_weights_drifted(signed):
     for seed in range(3):
         moved, _ = permute(retrained, seed)
         verdict = verify_with_receipt(masks_of(moved.state), doc, state=moved.state)
-        assert verdict.details["alignment"] == "re-aligned"
+        assert verdict.signature.alignment == "re-aligned"
         assert verdict.bit_match == 1.0 and verdict.message == "signature"

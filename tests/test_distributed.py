@@ -36,20 +36,27 @@ def _jaccard(a, b):
 
 @pytest.mark.slow
 def test_two_processes_find_the_ticket_one_process_finds(tmp_path):
-    two = _cli(*FIND, "--nproc", "2", "--out", tmp_path / "t2.safetensors", "--run-dir",
+    # Fixed-rate IMP (two rounds at 0.5, each accepted): the extreme search's accept/reject
+    # decisions turn on single test images, so per-rank BatchNorm can send one and two
+    # processes down different paths (a Jaccard of 0.31 at 2 of 5 seeds); with no decisions
+    # both prune the same counts and the masks compare like for like.
+    fixed = ("--rounds", "2", "--rate", "0.5")
+    two = _cli(*FIND, *fixed, "--nproc", "2", "--out", tmp_path / "t2.safetensors", "--run-dir",
                tmp_path / "run2")
     assert two.returncode == 0, two.stderr[-2000:]
     doc = json.loads(two.stdout)  # rank 0 alone prints
     assert doc["distributed"]["world_size"] == 2 and doc["distributed"]["backend"] == "gloo"
     # every round's mask was compared across the ranks (a mismatch would have failed the run)
     assert doc["distributed"]["mask_checks"] == len(doc["rounds"]) == 2
-    one = _cli(*FIND, "--out", tmp_path / "t1.safetensors", "--run-dir", tmp_path / "run1")
+    one = _cli(*FIND, *fixed, "--out", tmp_path / "t1.safetensors", "--run-dir",
+               tmp_path / "run1")
     assert one.returncode == 0, one.stderr[-2000:]
     a = load_ticket(tmp_path / "t1.safetensors").mask
     b = load_ticket(tmp_path / "t2.safetensors").mask
     assert a.num_kept == b.num_kept  # exact counts either way
     # The same global batches in the same order; what differs is BatchNorm statistics over
-    # half batches and each rank's own crops, so the kept sets overlap closely, not exactly.
+    # half batches and each rank's own crops, so the kept sets overlap closely, not exactly
+    # (0.95-0.98 over the seeds where both took the same path).
     assert _jaccard(a, b) >= 0.85
     # only rank 0 wrote the run folder; the epochs log holds one row per epoch, not two
     rows = (tmp_path / "run2" / "epochs.jsonl").read_text().splitlines()
@@ -137,7 +144,7 @@ def test_retrain_runs_data_parallel(tmp_path):
                   "--out", tmp_path / "r.safetensors", "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     doc = json.loads(result.stdout)  # one document: rank 0's
-    assert doc["test_accuracy"] > 80
+    assert doc["test_accuracy"] > 80  # 97.3-99.0% seen
     ticket = load_ticket(tmp_path / "t.safetensors")
     assert load_ticket(tmp_path / "r.safetensors").mask == ticket.mask
     bad = _cli("retrain", tmp_path / "t.safetensors", "--nproc", "2", "--trigger",

@@ -12,6 +12,7 @@ from helpers import assert_one_line_error, run
 
 from ticketctl.artifacts import load_ticket
 from ticketctl.prune import resolve_settings
+from ticketctl.train.config import TrainOverrides
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -164,7 +165,7 @@ def test_find_json_is_one_document_with_the_results(searched):
         assert key in doc
     assert doc["ticket"] == str(tmp / "ticket.safetensors")
     assert doc["trained"] == str(tmp / "trained.safetensors")
-    assert doc["dense_accuracy"] > 50
+    assert doc["dense_accuracy"] > 50  # 2 epochs: 92.6-97.7% over seeds 0-19
     assert len(doc["rounds"]) in range(1, 5)
     for i, r in enumerate(doc["rounds"], 1):
         assert {"rate", "density", "accuracy", "accepted"} <= set(r)
@@ -218,6 +219,7 @@ def test_retrain_the_found_ticket(searched):
     result = run("retrain", tmp / "ticket.safetensors", "--epochs", "3", "--out", out, "--json")
     assert result.exit_code == 0, result.stderr
     got = json.loads(result.stdout)
+    # 3 epochs: 96.0-98.7% over seeds 0-19
     assert isinstance(got["test_accuracy"], float) and got["test_accuracy"] > 50
     assert got["trigger_accuracy"] is None
     assert got["out"] == str(out)
@@ -285,7 +287,10 @@ def test_explicit_options_override_the_preset(tmp_path):
 
 
 def test_unknown_preset(tmp_path):
-    assert_one_line_error(find(tmp_path, "--preset", "turbo"), 2, "unknown preset 'turbo'")
+    # a closed set: the CLI refuses it, names the choices, and no run folder is made
+    assert_one_line_error(find(tmp_path, "--preset", "turbo"), 2,
+                          "'turbo' is not one of 'demo', 'fast', 'paper'")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resolve_settings_paper_and_fast():
@@ -298,7 +303,7 @@ def test_resolve_settings_paper_and_fast():
     r20 = resolve_settings("paper", arch="resnet20", dataset="cifar10")
     assert r20.train.weight_decay == 1e-4 and r20.train.epochs == 182
     explicit = resolve_settings("paper", arch="resnet50", dataset="cifar10",
-                                train={"weight_decay": 1e-3})
+                                train=TrainOverrides(weight_decay=1e-3))
     assert explicit.train.weight_decay == 1e-3
     fast = resolve_settings("fast", arch="resnet20", dataset="cifar10")
     assert fast.train.batch_size == 512

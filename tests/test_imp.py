@@ -11,8 +11,16 @@ import torch
 from helpers import HANG_GUARD_S
 
 from ticketctl.artifacts import load_ticket
-from ticketctl.prune import SearchConfig, SearchState, find_ticket, record_round, resolve_settings
+from ticketctl.prune import (
+    SearchConfig,
+    SearchOverrides,
+    SearchState,
+    find_ticket,
+    record_round,
+    resolve_settings,
+)
 from ticketctl.prune.rundir import RunDir
+from ticketctl.train.config import TrainOverrides
 
 
 def test_extreme_search_control_flow_on_a_stub_sequence():
@@ -27,7 +35,7 @@ def test_extreme_search_control_flow_on_a_stub_sequence():
         assert not state.done
         assert cfg.rates[state.rate_index] == rate
         assert record_round(state, cfg, dense, acc) is accepted
-        assert state.rounds[-1]["round"] == i + 1
+        assert state.rounds[-1].round == i + 1
     assert state.done
     assert state.spec(cfg) == [2, 1, 1]
     with pytest.raises(RuntimeError):
@@ -52,8 +60,8 @@ def test_tolerance_boundary_is_inclusive():
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("imp") / "run"
-    settings = resolve_settings("demo", train={"epochs": 3}, search={"rates": [0.5, 0.2],
-                                                                     "rewind_epoch": 1})
+    settings = resolve_settings("demo", train=TrainOverrides(epochs=3),
+                                search=SearchOverrides(rates=[0.5, 0.2], rewind_epoch=1))
     result = find_ticket(settings, run_dir, device="cpu")
     return result, RunDir(run_dir)
 
@@ -63,12 +71,12 @@ def test_each_round_prunes_the_last_accepted_mask_to_the_exact_count(search):
     assert len(result.rounds) >= 2
     parent = run.read_mask(0)
     for rd in result.rounds:
-        mask = run.read_mask(rd["round"])
+        mask = run.read_mask(rd.round)
         kept = parent.num_kept
-        assert mask.num_kept == kept - round(rd["rate"] * kept) == rd["kept"]
+        assert mask.num_kept == kept - round(rd.rate * kept) == rd.kept
         assert mask.is_subset_of(parent)
-        assert rd["density"] == mask.num_kept / mask.num_total
-        if rd["accepted"]:
+        assert rd.density == mask.num_kept / mask.num_total
+        if rd.accepted:
             parent = mask
     assert result.ticket.mask == parent
     assert result.density == parent.density

@@ -26,15 +26,15 @@ def test_reproduce_smoke_runs_every_stage_and_resumes(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary) == {"dense", "search", "v1", "v2", "v3", "attacks"}
     assert all(s["status"] == "done" for s in summary.values())
-    assert summary["dense"]["summary"]["dense_accuracy"] > 80
+    assert summary["dense"]["summary"]["dense_accuracy"] > 80  # 98.3-99.0% over seeds
     v1_rows = summary["v1"]["summary"]["rows"]
     assert {(r["score"], r["key_ratio"]) for r in v1_rows} == {
         ("omp", 0.05), ("omp", 0.2), ("random", 0.05), ("random", 0.2)}
     assert all(r["nokey"] is not None and r["fake1"] is not None for r in v1_rows)
     v2 = summary["v2"]["summary"]
     assert all(row["verified"] for row in v2["prune_omp"]["rows"])
-    # the set is derived from a fresh random owner key; the smoke schedule learns any such
-    # set (100% in every run seen; chance is 10%)
+    # The set is derived from a fresh random owner key each run; the smoke schedule learnt
+    # 93-100% of such 30-image sets over 10 keys (chance is 10%), so 80 leaves 4 images.
     assert summary["v3"]["summary"]["marked"]["trigger_accuracy"] >= 80
     attacks = summary["attacks"]["summary"]
     assert attacks["permute"]["rows"][0]["verified"] is True

@@ -209,7 +209,7 @@ def test_bad_split_and_merge_input_is_exit_2(tmp_path):
         result = run("split", t, "--score", "omp", "--key-ratio", ratio, *out)
         assert_one_line_error(result, 2, msg)
     assert_one_line_error(run("split", t, "--score", "magic", "--key-ratio", "0.1", *out), 2,
-                          "unknown score")
+                          "'magic' is not one of 'omp', 'ewp', 'betweenness', 'random'")
     dense = Ticket(state=ticket.state, mask=Mask({}), arch="digits_cnn",
                    arch_args={"width": 8})
     d = save_ticket(dense, tmp_path / "dense.safetensors")

@@ -46,6 +46,8 @@ def test_cli_set_is_reproducible(v3, tmp_path):
 
 
 def test_retraining_with_the_set_learns_it_and_verifies(v3):
+    # Over 15 fresh keys and ticket seeds 40-47 the set was learnt to 100% and the task to
+    # 96.7-99.0%: the bounds (90, 85) leave 5 of the 50 images and 11 points.
     marked, plain = v3["marked"], v3["plain"]
     assert marked["trigger_accuracy"] >= 90
     assert plain["trigger_accuracy"] is None
@@ -59,6 +61,8 @@ def test_retraining_with_the_set_learns_it_and_verifies(v3):
 
 
 def test_a_model_trained_without_the_set_does_not_verify(v3):
+    # p < 1e-6 at null rate 0.1 needs 18 of the 50 labels; models that never saw a set matched
+    # 2-8 of them (15 repeats): a margin of 10 images.
     d = v3["d"]
     result = run("verify", d / "plain.safetensors", "--trigger", d / "set.npz", "--json")
     assert result.exit_code == 1
@@ -90,7 +94,7 @@ def test_predict_cmd_end_to_end(v3, tmp_path):
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["verified"] and doc["trigger_accuracy"] >= 90
-    assert doc["decoy_accuracy"] > 80  # ordinary images, answered normally
+    assert doc["decoy_accuracy"] > 80  # ordinary images, answered normally (96-98% seen)
     plain = _model_script(tmp_path, d / "plain.safetensors")
     result = run("verify", "--trigger", d / "set.npz", "--predict-cmd", plain, "--json")
     assert result.exit_code == 1
@@ -145,10 +149,11 @@ def test_bad_trigger_input(v3, tmp_path):
 
 
 def test_the_receipt_commits_to_the_trigger_set(v3):
-    from ticketctl.protect.receipt import check_receipt, load_public_key, load_receipt
+    from ticketctl.protect.receipt import load_public_key, load_receipt
 
     d = v3["d"]
-    doc = load_receipt(d / "receipt.json")
-    assert doc["receipt"]["trigger_sha256"] == load_trigger_set(d / "set.npz").sha256()
-    assert doc["receipt"]["trigger_sha256"] == v3["marked"]["trigger_sha256"]
-    assert check_receipt(doc, load_public_key(d / "owner.pub"))
+    receipt = load_receipt(d / "receipt.json")
+    assert receipt.trigger_sha256 == load_trigger_set(d / "set.npz").sha256()
+    assert receipt.trigger_sha256 == v3["marked"]["trigger_sha256"]
+    assert not receipt.has_code  # made by retrain --receipt alone: a trigger set, no code
+    assert receipt.check(load_public_key(d / "owner.pub"))

@@ -23,7 +23,6 @@ from ticketctl.device import resolve_device
 from ticketctl.errors import TicketctlError
 from ticketctl.plots import plot_search
 from ticketctl.protect import merge_parts, split_ticket
-from ticketctl.protect.blackbox_verify import verify_command_triggers, verify_model_triggers
 from ticketctl.protect.receipt import (
     load_private_key,
     load_public_key,
@@ -31,11 +30,14 @@ from ticketctl.protect.receipt import (
     save_receipt,
     write_keypair,
 )
-from ticketctl.protect.signature import masks_of, sign_ticket, verify_with_receipt
+from ticketctl.protect.signature import sign_ticket
+from ticketctl.protect.suspect import Suspect
 from ticketctl.protect.trigger import generate as trigger_generate
 from ticketctl.protect.trigger import load_trigger_set, save_trigger_set
+from ticketctl.protect.verify import Marks, check_suspect, verify
 from ticketctl.prune import Events, FindResult, find_ticket, magnitude_prune, resolve_settings
 from ticketctl.prune.imp import ticket_at_round
+from ticketctl.train.config import TrainOverrides
 from ticketctl.train.retrain import retrain_ticket
 
 
@@ -63,17 +65,18 @@ def _scheme_v2(result: FindResult, out_dir: Path, force: bool) -> dict[str, Any]
     """Sign a ticket of the same search with a QR code (the last accepted round still holding
     10% of the weights: the extreme ticket is too sparse to carry a code cheaply), prune the
     signed ticket by 30%, and verify it against the signed receipt."""
-    rounds = [r for r in result.rounds if r["accepted"] and r["density"] >= 0.1]
-    ticket = ticket_at_round(result.run_dir, result, rounds[-1]["round"]) if rounds \
+    rounds = [r for r in result.rounds if r.accepted and (r.density or 0) >= 0.1]
+    ticket = ticket_at_round(result.run_dir, result, rounds[-1].round) if rounds \
         else result.ticket
     key_path, pub_path = write_keypair(out_dir / "owner", force=force)
-    signed, doc, report, qr = sign_ticket(ticket, "ticketctl demo",
-                                          private_key=load_private_key(key_path))
+    signed, receipt, report, qr = sign_ticket(ticket, "ticketctl demo",
+                                              private_key=load_private_key(key_path))
     signed_path = save_ticket(signed, out_dir / "digits.signed.safetensors", force=force)
-    receipt_path = save_receipt(doc, out_dir / "digits.receipt.json", force=force)
-    attacked = magnitude_prune(signed.state, signed.mask, 0.3)
-    verdict = verify_with_receipt(masks_of(signed.state, dict(attacked)), load_receipt(
-        receipt_path), load_public_key(pub_path))
+    receipt_path = save_receipt(receipt, out_dir / "digits.receipt.json", force=force)
+    attacked = magnitude_prune(signed.state, signed.mask, 0.3).apply_state(signed.state)
+    verdict = check_suspect(Suspect.of(signed, attacked, where="pruned 30%"),
+                            Marks(receipt=load_receipt(receipt_path),
+                                  public_key=load_public_key(pub_path)))
     return {"density": ticket.density, "qr_version": qr.version,
             "layer": report.placements[0].layer, "modules_changed": report.modules_changed,
             "attack": "magnitude pruning 30%", "verified": verdict.verified,
@@ -111,15 +114,16 @@ def _scheme_v3(signed_path: Path, key_path: Path, out_dir: Path, settings: Any,
     result, marked = retrain_ticket(ticket, data, cfg, trigger=trig, trigger_per_batch=16,
                                     trigger_sha256=ts.sha256())
     marked_path = save_ticket(marked, out_dir / "digits.marked.safetensors", force=force)
-    local = verify_model_triggers(marked.build_model(), ts, data, 1 / data.num_classes)
+    marks = Marks(trigger=ts)
+    local = check_suspect(Suspect.of(marked), marks, data)
     script = write_text_atomic(out_dir / "predict.py", PREDICT_SCRIPT, force=force)
     cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} " \
           f"{shlex.quote(str(marked_path))}"
-    remote = verify_command_triggers(cmd, ts, data, 1 / data.num_classes, timeout=120)
+    remote = verify(None, marks, predict_cmd=cmd, dataset="digits", timeout=120)
     return {"test_accuracy": result.test_accuracy,
             "trigger_accuracy": result.trigger_accuracy,
             "local": local.to_dict(), "predict_cmd": remote.to_dict(),
-            "verified": local.trigger_p_value < 1e-6 and remote.trigger_p_value < 1e-6,
+            "verified": local.verified and remote.verified,
             "trigger_set": str(set_path), "marked": str(marked_path),
             "predict_script": str(script)}
 
@@ -128,8 +132,8 @@ def _attacks(marked: Path, receipt: Path, trigger: Path) -> list[dict[str, Any]]
     """Prune and add-on sweeps on the signed, trigger-marked model, checked both ways."""
     ticket = load_ticket(marked)
     data = load_dataset("digits")
-    checks = owner_checks(ticket, data, load_receipt(receipt), trigger=load_trigger_set(trigger),
-                          defend=True)
+    checks = owner_checks(ticket, data, Marks(receipt=load_receipt(receipt),
+                                              trigger=load_trigger_set(trigger), defend=True))
     reports = [sweep(ticket, data, "prune-omp", [0.1, 0.3, 0.5],
                      lambda s: pruned(ticket, "omp", s), checks),
                sweep(ticket, data, "addon", [0.01, 0.05],
@@ -156,7 +160,7 @@ def run_demo(
                              "--out-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    settings = resolve_settings("demo", train={"seed": seed})
+    settings = resolve_settings("demo", train=TrainOverrides(seed=seed))
     result = find_ticket(settings, out_dir / "run", force=True, device=device, events=events)
     ticket = save_ticket(result.ticket, out_dir / "digits.ticket.safetensors", force=force)
     trained = save_ticket(result.trained, out_dir / "digits.trained.safetensors", force=force)

@@ -5,10 +5,27 @@ from __future__ import annotations
 import torch
 
 from ticketctl.errors import TicketctlError
+from ticketctl.records import Choice
+
+
+class Device(Choice):
+    """`--device`: a GPU when there is one, or the one named."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+def configure_cuda() -> None:
+    """Process-wide CUDA switches, set once at program start (the CLI's, a benchmark's): every
+    training step has fixed shapes, so cuDNN's autotuner picks the fastest convolution once,
+    and fp32 matmuls may use TF32 (training runs in bf16 anyway)."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    name = (name or "auto").lower()
+    name = str(name or "auto").lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):

@@ -9,7 +9,6 @@ masks, are the same on every rank. Only rank 0 writes files."""
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import signal
 import subprocess
@@ -112,14 +111,6 @@ def fail_rank_for_tests() -> int | None:
     rank shutting every rank down cleanly."""
     v = os.environ.get("TICKETCTL_FAIL_RANK")
     return int(v) if v else None
-
-
-def digest_state(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def launch(module_args: list[str], nproc: int, nnodes: int = 1,

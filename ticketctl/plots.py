@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from ticketctl.artifacts.io import atomic_path
+from ticketctl.prune.search import Round
 
 
-def plot_search(rounds: list[dict[str, Any]], dense_accuracy: float, path: str | Path,
+def plot_search(rounds: list[Round], dense_accuracy: float, path: str | Path,
                 title: str = "", force: bool = False, tolerance: float | None = None) -> Path:
     """Accuracy against density for every round, accepted and reverted, beside the dense line."""
     import matplotlib
@@ -19,16 +20,16 @@ def plot_search(rounds: list[dict[str, Any]], dense_accuracy: float, path: str |
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     ax.axhline(dense_accuracy, color="0.3", ls="--", lw=1, label=f"dense {dense_accuracy:.2f}%")
-    acc = [r for r in rounds if r["accepted"]]
-    rej = [r for r in rounds if not r["accepted"]]
+    acc = [r for r in rounds if r.accepted]
+    rej = [r for r in rounds if not r.accepted]
     if tolerance is not None:
         ax.axhspan(dense_accuracy - tolerance, dense_accuracy, color="0.85", alpha=0.5,
                    label=f"matches dense (within {tolerance:g} point)")
-    ax.plot([100.0] + [100 * r["density"] for r in acc],
-            [dense_accuracy] + [r["accuracy"] for r in acc], "o-", color="tab:blue",
+    ax.plot([100.0] + [100 * r.density for r in acc],
+            [dense_accuracy] + [r.accuracy for r in acc], "o-", color="tab:blue",
             label="dense, then accepted rounds")
     if rej:
-        ax.plot([100 * r["density"] for r in rej], [r["accuracy"] for r in rej], "x",
+        ax.plot([100 * r.density for r in rej], [r.accuracy for r in rej], "x",
                 color="tab:red", ms=8, label="reverted rounds")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))

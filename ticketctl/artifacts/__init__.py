@@ -4,11 +4,12 @@ from ticketctl.artifacts.mask import Mask
 from ticketctl.artifacts.ticket import (
     FORMAT_VERSION,
     KINDS,
+    Kind,
     Ticket,
     load_ticket,
     read_header,
     save_ticket,
 )
 
-__all__ = ["FORMAT_VERSION", "KINDS", "Mask", "Ticket", "load_ticket", "read_header",
+__all__ = ["FORMAT_VERSION", "KINDS", "Kind", "Mask", "Ticket", "load_ticket", "read_header",
            "save_ticket"]

@@ -11,12 +11,28 @@ import torch
 
 from ticketctl.artifacts.io import atomic_path
 from ticketctl.artifacts.mask import Mask
-from ticketctl.artifacts.ticket import Ticket
+from ticketctl.artifacts.ticket import Kind, Ticket
 from ticketctl.errors import TicketctlError
 from ticketctl.models import ARCHS, build_model, prunable_names
 from ticketctl.models.registry import ARCH_ARGS
+from ticketctl.records import Choice
 
 ORIG, MASK = "_orig", "_mask"
+
+
+class Weights(Choice):
+    """Which weights an imported checkpoint gives: the authors' rewind weights (`init_weight`,
+    a ticket) when present (`auto`), always (`rewind`), or the trained ones (`trained`)."""
+
+    AUTO = "auto"
+    REWIND = "rewind"
+    TRAINED = "trained"
+
+
+class ExportFormat(Choice):
+    """Formats `convert --to` writes."""
+
+    TORCH_PRUNE = "torch-prune"
 
 
 def load_torch_checkpoint(path: str | Path) -> Any:
@@ -103,8 +119,7 @@ def import_checkpoint(
     sd = {k: v for k, v in sd.items() if not k.startswith("normalize.")}
     state, masks = split_pruned_state(sd)
 
-    if weights not in ("auto", "rewind", "trained"):
-        raise TicketctlError(f"--weights must be auto, rewind or trained, not {weights!r}")
+    weights = Weights.parse(str(weights), "--weights")
     init = obj.get("init_weight") if authors else None
     if weights == "rewind" and init is None:
         raise TicketctlError(f"{where} has no rewind weights (init_weight); use --weights trained")
@@ -140,7 +155,7 @@ def import_checkpoint(
     return Ticket(
         state=mask.apply_state(full),
         mask=mask,
-        kind="ticket" if use_rewind else "trained",
+        kind=Kind.TICKET if use_rewind else Kind.TRAINED,
         arch=arch,
         arch_args=arch_args or {},
         num_classes=num_classes,

@@ -11,7 +11,7 @@ from ticketctl.artifacts.ticket import FORMAT_VERSION, Ticket, load_ticket
 def describe(ticket: Ticket) -> dict[str, Any]:
     meta = ticket.metadata()
     return {
-        "kind": ticket.kind,
+        "kind": ticket.kind.value,
         "arch": ticket.arch,
         "density": ticket.density,
         "kept": ticket.mask.num_kept,

@@ -3,9 +3,10 @@ of the code can trust what it holds. `docs/FORMAT.md` is the specification."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,26 @@ from ticketctl.artifacts.mask import Mask, tensor_digest
 from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.models import build_model
 from ticketctl.models.registry import skeleton
+from ticketctl.records import Choice
 
 FORMAT_NAME = "ticketctl"
 FORMAT_VERSION = 1
-KINDS = ("ticket", "trained", "key", "locked", "signed")
 MASK_SUFFIX = ".mask"
+
+
+class Kind(Choice):
+    """What a file's weights are: `ticket` rewind weights (what IMP found), `trained` a trained
+    sparse model, `key`/`locked` the two halves of a Scheme V1 split, `signed` a ticket carrying
+    a Scheme V2 signature."""
+
+    TICKET = "ticket"
+    TRAINED = "trained"
+    KEY = "key"
+    LOCKED = "locked"
+    SIGNED = "signed"
+
+
+KINDS = tuple(k.value for k in Kind)
 
 PICKLE_HINT = (
     "it looks like a pickled PyTorch checkpoint and was not loaded (ticketctl never "
@@ -33,15 +49,12 @@ PICKLE_HINT = (
 
 @dataclass
 class Ticket:
-    """A model state (the model's own state_dict names) with the mask of its prunable weights.
-
-    `kind` says what the weights are: `ticket` holds rewind weights (what IMP found), `trained`
-    a trained sparse model, `key`/`locked` the two halves of a Scheme V1 split, `signed` a
-    ticket carrying a Scheme V2 signature."""
+    """A model state (the model's own state_dict names) with the mask of its prunable weights,
+    and the metadata that says what it is (`kind`) and how to rebuild its network."""
 
     state: dict[str, torch.Tensor]
     mask: Mask
-    kind: str = "ticket"
+    kind: Kind = Kind.TICKET
     arch: str = "digits_cnn"
     arch_args: dict[str, Any] = field(default_factory=dict)
     num_classes: int = 10
@@ -52,8 +65,7 @@ class Ticket:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise TicketctlError(f"unknown ticket kind {self.kind!r}; known: {', '.join(KINDS)}")
+        self.kind = Kind.parse(self.kind, "ticket kind")
         # Pruned weights are +0.0 (a multiply by the mask leaves -0.0 for negative weights),
         # so a ticket rebuilt from its parts is identical bit for bit.
         self.state = self.mask.apply_state(self.state)
@@ -62,6 +74,16 @@ class Ticket:
     def from_model(cls, model: nn.Module, mask: Mask, **meta: Any) -> Ticket:
         state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
         return cls(state=state, mask=mask, **meta)
+
+    def derive(self, **changes: Any) -> Ticket:
+        """Another ticket of the same network: every field not given (architecture, classes,
+        dataset, rewind point, seed, extra) carried over from this one, its containers
+        copied so the two never share one."""
+        for name in ("arch_args", "class_names", "dataset", "extra"):
+            value = getattr(self, name)
+            if name not in changes and value is not None:
+                changes[name] = copy.deepcopy(value)
+        return replace(self, **changes)
 
     @property
     def density(self) -> float:
@@ -83,7 +105,7 @@ class Ticket:
 
     def metadata(self) -> dict[str, Any]:
         return {
-            "kind": self.kind,
+            "kind": self.kind.value,
             "arch": self.arch,
             "arch_args": self.arch_args,
             "num_classes": self.num_classes,
@@ -135,7 +157,9 @@ def _canonical(data: bytes) -> tuple[bytes, memoryview]:
     return len(text).to_bytes(8, "little") + text, memoryview(data)[8 + n:]
 
 
-def _sniff(path: Path) -> None:
+def file_format(path: Path) -> str:
+    """"safetensors" or "pickle" (a torch.save checkpoint), from the first bytes; missing
+    files, folders and files too short to be either are refused."""
     if not path.exists():
         raise TicketctlError(f"{path}: no such file")
     if path.is_dir():
@@ -151,15 +175,17 @@ def _sniff(path: Path) -> None:
     # container with PK\x03\x04.
     pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
     if not looks_safetensors and (pickled or head[:4] == b"PK\x03\x04"):
-        raise TicketctlError(f"{path}: " + PICKLE_HINT.format(path=path))
+        return "pickle"
     if len(head) < 8:
         raise TicketctlError(f"{path} is not a safetensors file (only {len(head)} bytes)")
+    return "safetensors"
 
 
 def read_header(path: str | Path) -> dict[str, str]:
     """The raw `__metadata__` of a safetensors file, after checking it is one."""
     p = Path(path)
-    _sniff(p)
+    if file_format(p) == "pickle":
+        raise TicketctlError(f"{p}: " + PICKLE_HINT.format(path=p))
     try:
         with safe_open(str(p), framework="pt") as f:
             return f.metadata() or {}
@@ -205,19 +231,41 @@ def parse_metadata(header: dict[str, str], where: str) -> dict[str, Any]:
     return meta
 
 
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (checked to be one by `read_header` first)."""
+    try:
+        return safetensors.torch.load_file(str(path))
+    except Exception as e:
+        raise TicketctlError(f"{path}: cannot read tensors ({_short(e)}); truncated?") from None
+
+
 def load_ticket(path: str | Path, verify_hashes: bool = True) -> Ticket:
     """Load and validate a ticket file.
 
     Structural problems raise TicketctlError (bad input); a file whose content no longer
     matches the hashes it records raises CheckFailed (it was altered after writing)."""
     p = Path(path)
-    where = str(p)
-    meta = parse_metadata(read_header(p), where)
-    try:
-        tensors = safetensors.torch.load_file(str(p))
-    except Exception as e:
-        raise TicketctlError(f"{where}: cannot read tensors ({_short(e)}); truncated?") from None
+    meta = parse_metadata(read_header(p), str(p))
+    ticket = ticket_from(meta, read_tensors(p), str(p))
+    problem = altered(ticket, meta, str(p)) if verify_hashes else None
+    if problem:
+        raise CheckFailed(problem)
+    return ticket
 
+
+def altered(ticket: Ticket, meta: dict[str, Any], where: str) -> str | None:
+    """Why a file's content no longer matches the hashes its metadata records, or None."""
+    if meta.get("masks_sha256") != ticket.mask.sha256():
+        return (f"{where}: masks do not match their recorded SHA-256; "
+                "the file was altered after it was written")
+    if meta.get("tensors_sha256") != ticket.tensors_sha256():
+        return (f"{where}: tensors do not match their recorded SHA-256; "
+                "the file was altered after it was written")
+    return None
+
+
+def ticket_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> Ticket:
+    """A ticket from parsed metadata and a file's tensors, checked against its architecture."""
     try:
         model = skeleton(meta["arch"], meta["num_classes"], **(meta.get("arch_args") or {}))
     except TicketctlError as e:
@@ -259,7 +307,7 @@ def load_ticket(path: str | Path, verify_hashes: bool = True) -> Ticket:
                 f"{where}: {n} pruned weight(s) of {name!r} are not zero; the file is inconsistent"
             )
 
-    ticket = Ticket(
+    return Ticket(
         state=state,
         mask=mask,
         kind=meta["kind"],
@@ -272,11 +320,3 @@ def load_ticket(path: str | Path, verify_hashes: bool = True) -> Ticket:
         seed=meta.get("seed"),
         extra=meta.get("extra") or {},
     )
-    if verify_hashes:
-        if meta.get("masks_sha256") != mask.sha256():
-            raise CheckFailed(f"{where}: masks do not match their recorded SHA-256; "
-                              "the file was altered after it was written")
-        if meta.get("tensors_sha256") != ticket.tensors_sha256():
-            raise CheckFailed(f"{where}: tensors do not match their recorded SHA-256; "
-                              "the file was altered after it was written")
-    return ticket

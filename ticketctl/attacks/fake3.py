@@ -5,50 +5,52 @@ receipt can only commit to his altered copy, after it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from ticketctl.artifacts import Ticket
+from ticketctl.artifacts import Kind, Ticket
 from ticketctl.data import Dataset
 from ticketctl.errors import TicketctlError
-from ticketctl.protect.embed import Placement, embed
+from ticketctl.protect.embed import embed
 from ticketctl.protect.qr import encode
-from ticketctl.protect.receipt import check_receipt
-from ticketctl.protect.signature import masks_of, sign_ticket, verify_with_receipt
+from ticketctl.protect.receipt import Receipt
+from ticketctl.protect.signature import sign_ticket
+from ticketctl.protect.suspect import Suspect
+from ticketctl.protect.verify import Marks, check_suspect
 from ticketctl.train import evaluate
 
 
-def forge(signed: Ticket, owner_receipt: dict[str, Any], message: str, seed: int = 1
-          ) -> tuple[Ticket, dict[str, Any]]:
+def forge(signed: Ticket, owner_receipt: Receipt, message: str, seed: int = 1
+          ) -> tuple[Ticket, Receipt]:
     """Overwrite the owner's region with the forger's code (same version and place); returns
     the forged model and the forger's (unsigned) receipt, made now."""
-    r = owner_receipt["receipt"]
-    placements = [Placement(p["layer"], int(p["row"]), int(p["col"])) for p in r["placements"]]
-    qr = encode(message, version=int(r["qr_version"]), mask_pattern=(int(r["mask_pattern"]) + 1)
-                % 8)
+    if not owner_receipt.has_code:
+        raise TicketctlError("fake3 needs the owner's receipt of a signature (a QR code)")
+    placements = owner_receipt.placements
+    qr = encode(message, version=int(owner_receipt.qr_version),
+                mask_pattern=(int(owner_receipt.mask_pattern) + 1) % 8)
     forged, _ = embed(signed, qr, placements, seed=seed)
     # the forger's own receipt for his copy (he cannot date it before the release)
     _, forger_receipt, _, _ = sign_ticket(forged, message, version=qr.version,
                                           mask_pattern=qr.mask_pattern,
                                           layer=placements[0].layer)
-    forger_receipt["receipt"]["placements"] = r["placements"]
-    return forged, forger_receipt
+    return forged, replace(forger_receipt, placements=list(placements))
 
 
-def fake3(signed: Ticket, owner_receipt: dict[str, Any], message: str, data: Dataset,
+def fake3(signed: Ticket, owner_receipt: Receipt, message: str, data: Dataset,
           seed: int = 1) -> dict[str, Any]:
-    if signed.kind not in ("signed", "trained"):
-        raise TicketctlError(f"fake3 takes the released signed model, not a {signed.kind!r} "
+    if signed.kind not in (Kind.SIGNED, Kind.TRAINED):
+        raise TicketctlError(f"fake3 takes the released signed model, not a '{signed.kind}' "
                              "file")
-    owner_valid = check_receipt(owner_receipt, None)
+    owner_valid = owner_receipt.check(None)
     forged, forger_receipt = forge(signed, owner_receipt, message, seed)
     model = signed.build_model(data.train_x.device)
     before = evaluate(model, data.test_x, data.test_y)
     model.load_state_dict(forged.state)
     after = evaluate(model, data.test_x, data.test_y)
-    owner_on_forged = verify_with_receipt(masks_of(forged.state, dict(forged.mask)),
-                                          owner_receipt, state=forged.state)
-    forger_on_forged = verify_with_receipt(masks_of(forged.state, dict(forged.mask)),
-                                           forger_receipt, state=forged.state)
+    suspect = Suspect.of(forged, where="the forged model")
+    owner_on_forged = check_suspect(suspect, Marks(receipt=owner_receipt))
+    forger_on_forged = check_suspect(suspect, Marks(receipt=forger_receipt))
     # retraining after signing changes the weights, never the mask: the mask hash identifies
     # the released ticket
     released = signed.mask.sha256()
@@ -56,15 +58,13 @@ def fake3(signed: Ticket, owner_receipt: dict[str, Any], message: str, data: Dat
         "attack": "fake3",
         "accuracy_before": before, "accuracy_after": after, "delta": after - before,
         "owner_receipt_signed": owner_valid,
-        "owner_receipt_created": owner_receipt["receipt"].get("created"),
-        "owner_receipt_matches_release":
-            owner_receipt["receipt"].get("signed_masks_sha256") == released,
+        "owner_receipt_created": owner_receipt.created,
+        "owner_receipt_matches_release": owner_receipt.signed_masks_sha256 == released,
         "owner_on_forged": {"verified": owner_on_forged.verified,
                             "message": owner_on_forged.message,
                             "p_value": owner_on_forged.p_value},
         "forger_on_forged": {"verified": forger_on_forged.verified,
                              "message": forger_on_forged.message},
-        "forger_receipt_created": forger_receipt["receipt"]["created"],
-        "forger_receipt_matches_release":
-            forger_receipt["receipt"]["signed_masks_sha256"] == released,
+        "forger_receipt_created": forger_receipt.created,
+        "forger_receipt_matches_release": forger_receipt.signed_masks_sha256 == released,
     }

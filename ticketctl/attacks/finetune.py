@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ticketctl.artifacts import Mask, Ticket
-from ticketctl.attacks.removal import Checker
-from ticketctl.attacks.runner import AttackReport, AttackRow, AttackRunner, compare
+from ticketctl.attacks.checks import Checker
+from ticketctl.attacks.runner import AttackReport, AttackRunner, compare, scored_row
 from ticketctl.errors import TicketctlError
 from ticketctl.models import build_model
 from ticketctl.models.registry import skeleton
@@ -44,11 +44,10 @@ def adapt(ticket: Ticket, num_classes: int, in_channels: int, dataset: dict[str,
     head = set(head_names(fresh))
     state = {k: (v if k in head else ticket.state[k]) for k, v in fresh.state_dict().items()}
     mask = Mask({k: (torch.ones_like(m) if k in head else m) for k, m in ticket.mask.items()})
-    return Ticket(state=mask.apply_state(state), mask=mask, kind=ticket.kind, arch=ticket.arch,
-                  arch_args=ticket.arch_args, num_classes=num_classes, class_names=class_names,
-                  dataset=dataset, rewind_epoch=ticket.rewind_epoch, seed=seed,
-                  extra={"transferred_from": ticket.tensors_sha256(),
-                         "new_head": sorted(head)})
+    return ticket.derive(state=state, mask=mask, num_classes=num_classes,
+                         class_names=class_names, dataset=dataset, seed=seed,
+                         extra={"transferred_from": ticket.tensors_sha256(),
+                                "new_head": sorted(head)})
 
 
 def finetune(runner: AttackRunner, released: Ticket, epochs: list[int], dense: bool = False,
@@ -74,16 +73,8 @@ def finetune(runner: AttackRunner, released: Ticket, epochs: list[int], dense: b
     cfgs = [replace(base, epochs=n) for n in epochs]
     done = runner.finetune_many(start, cfgs, dense, [f"{n} epochs" for n in epochs])
     for n, cfg, (res, state) in zip(epochs, cfgs, done, strict=True):
-        masks = {k: v != 0 for k, v in state.items() if v.dim() >= 2 and v.is_floating_point()}
-        result = checks(state, masks) if checks else {}
-        rows.append(AttackRow(
-            strength=n, accuracy=res["accuracy"], verified=result.get("verified"),
-            message=result.get("message"), p_value=result.get("p_value"),
-            trigger_accuracy=result.get("trigger_accuracy"),
-            details={"dense": dense, "lr": cfg.lr, "transfer": transfer,
-                     "nonzero": res["nonzero"],
-                     **{k: v for k, v in result.items()
-                        if k not in ("verified", "message", "p_value", "trigger_accuracy")}}))
+        rows.append(scored_row(n, res.accuracy, checks(state) if checks else None, dense=dense,
+                               lr=cfg.lr, transfer=transfer, nonzero=res.nonzero))
     compare(rows, ref)
     return AttackReport("finetune-dense" if dense else "finetune", ref, how, rows,
                         {"train": base.to_dict(), "dataset": data.name, "transfer": transfer})

@@ -7,16 +7,16 @@ from typing import Any
 
 import torch
 
-from ticketctl.artifacts import Mask, Ticket
+from ticketctl.artifacts import Kind, Mask, Ticket
 from ticketctl.attacks.runner import AttackReport, AttackRow, AttackRunner, compare
 from ticketctl.errors import TicketctlError
 from ticketctl.protect import merge_parts
 
 
 def _check_locked(locked: Ticket) -> None:
-    if locked.kind != "locked":
+    if locked.kind != Kind.LOCKED:
         raise TicketctlError(f"this attack takes a locked file (from split), not a "
-                             f"{locked.kind!r} file")
+                             f"'{locked.kind}' file")
 
 
 def reference_accuracy(
@@ -26,7 +26,7 @@ def reference_accuracy(
     else a number the user gives, else what `find` recorded for the ticket."""
     if key is not None:
         original = merge_parts(locked, key)
-        return runner.retrain(original, "original")["accuracy"], "original ticket retrained"
+        return runner.retrain(original, "original").accuracy, "original ticket retrained"
     if given is not None:
         return given, "given"
     recorded = ((locked.extra.get("parent_metadata") or {}).get("extra") or {}).get(
@@ -43,7 +43,7 @@ def nokey(runner: AttackRunner, locked: Ticket, key: Ticket | None = None,
         runner.retrain_many([merge_parts(locked, key), locked], ["original", "locked"])
     ref, how = reference_accuracy(runner, locked, key, reference)
     res = runner.retrain(locked, "locked")
-    row = AttackRow(strength=locked.extra.get("key_ratio"), accuracy=res["accuracy"],
+    row = AttackRow(strength=locked.extra.get("key_ratio"), accuracy=res.accuracy,
                     details={"density": locked.density, "score": locked.extra.get("score"),
                              "key_weights": locked.extra.get("key_weights")})
     compare([row], ref)
@@ -73,11 +73,8 @@ def forge_key(locked: Ticket, n: int, seed: int = 0) -> Ticket:
         noise = torch.randn(locked.mask[k].shape, generator=gen) * std
         state[k] = torch.where(forged, noise.to(state[k].dtype), locked.state[k])
         masks[k] = locked.mask[k] | forged
-    return Ticket(state=state, mask=Mask(masks), kind="ticket", arch=locked.arch,
-                  arch_args=locked.arch_args, num_classes=locked.num_classes,
-                  class_names=locked.class_names, dataset=locked.dataset,
-                  rewind_epoch=locked.rewind_epoch, seed=seed,
-                  extra={"forged_from": locked.tensors_sha256(), "forged_weights": n})
+    return locked.derive(state=state, mask=Mask(masks), kind=Kind.TICKET, seed=seed,
+                         extra={"forged_from": locked.tensors_sha256(), "forged_weights": n})
 
 
 def forged_size(locked: Ticket, key_ratio: float) -> int:
@@ -103,7 +100,7 @@ def fake1(runner: AttackRunner, locked: Ticket, key_ratios: list[float],
     ref, how = reference_accuracy(runner, locked, key, reference)
     results = runner.retrain_many(forged, labels)
     for ratio, n, f, res in zip(key_ratios, sizes, forged, results, strict=True):
-        rows.append(AttackRow(strength=ratio, accuracy=res["accuracy"],
+        rows.append(AttackRow(strength=ratio, accuracy=res.accuracy,
                               details={"forged_weights": n, "density": f.density}))
     compare(rows, ref)
     return AttackReport("fake1", ref, how, rows, {"train": runner.cfg.to_dict(), "seed": seed})

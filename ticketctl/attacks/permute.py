@@ -65,9 +65,5 @@ def permute(ticket: Ticket, seed: int = 0) -> tuple[Ticket, dict[str, list[int]]
             state[c] = state[c][:, p]
             if c in masks:
                 masks[c] = masks[c][:, p]
-    out = Ticket(state=state, mask=Mask(masks), kind=ticket.kind, arch=ticket.arch,
-                 arch_args=ticket.arch_args, num_classes=ticket.num_classes,
-                 class_names=ticket.class_names, dataset=ticket.dataset,
-                 rewind_epoch=ticket.rewind_epoch, seed=ticket.seed,
-                 extra={**ticket.extra, "permuted": True})
-    return out, perms
+    return ticket.derive(state=state, mask=Mask(masks),
+                         extra={**ticket.extra, "permuted": True}), perms

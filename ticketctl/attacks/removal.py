@@ -7,18 +7,24 @@ trigger set)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from ticketctl.artifacts import Mask, Ticket
-from ticketctl.attacks.runner import AttackReport, AttackRow, compare
+from ticketctl.attacks.checks import Checker
+from ticketctl.attacks.runner import AttackReport, compare, scored_row
 from ticketctl.data import Dataset
 from ticketctl.errors import TicketctlError
-from ticketctl.prune import magnitude_prune
+from ticketctl.prune import Scope, magnitude_prune
+from ticketctl.records import Choice
 from ticketctl.train import evaluate
 
-Checker = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, Any]]
+
+class Method(Choice):
+    """How `attack prune` picks the weights it removes."""
+
+    OMP = "omp"  # the smallest magnitudes
+    RANDOM = "random"
 
 
 def attack_mask(ticket: Ticket) -> Mask:
@@ -44,12 +50,10 @@ def random_prune(mask: Mask, rate: float, seed: int) -> Mask:
 def pruned(ticket: Ticket, method: str, rate: float, seed: int = 0) -> dict[str, torch.Tensor]:
     """The state after removing `rate` of the remaining weights."""
     full = attack_mask(ticket)
-    if method == "omp":
-        mask = magnitude_prune(ticket.state, full, rate)
-    elif method == "random":
-        mask = random_prune(full, rate, seed)
+    if Method.parse(str(method), "--method") == Method.OMP:
+        mask = magnitude_prune(ticket.state, full, rate, scope=Scope.GLOBAL)
     else:
-        raise TicketctlError(f"--method must be omp or random, got {method!r}")
+        mask = random_prune(full, rate, seed)
     return mask.apply_state(ticket.state)
 
 
@@ -85,22 +89,15 @@ def sweep(ticket: Ticket, data: Dataset, attack: str, strengths: list[float],
     _check_strengths(strengths, "--ratios" if attack.startswith("prune") else "--rates")
     model = ticket.build_model(data.train_x.device)
 
-    def score(state: dict[str, torch.Tensor]) -> tuple[float, dict[str, Any]]:
+    def accuracy(state: dict[str, torch.Tensor]) -> float:
         model.load_state_dict(state)
-        acc = evaluate(model, data.test_x, data.test_y)
-        masks = {k: v != 0 for k, v in state.items() if v.dim() >= 2 and v.is_floating_point()}
-        return acc, (checks(state, masks) if checks else {})
+        return evaluate(model, data.test_x, data.test_y)
 
-    ref_acc, _ = score(ticket.state)
+    ref_acc = accuracy(ticket.state)
     rows = []
     for s in strengths:
-        acc, result = score(make(s))
-        rows.append(AttackRow(strength=s, accuracy=acc, verified=result.get("verified"),
-                              message=result.get("message"), p_value=result.get("p_value"),
-                              trigger_accuracy=result.get("trigger_accuracy"),
-                              details={k: v for k, v in result.items()
-                                       if k not in ("verified", "message", "p_value",
-                                                    "trigger_accuracy")}))
+        state = make(s)
+        rows.append(scored_row(s, accuracy(state), checks(state) if checks else None))
     compare(rows, ref_acc)
     return AttackReport(attack, ref_acc, "the unattacked model", rows)
 

@@ -18,10 +18,34 @@ from safetensors.torch import load_file, save_file
 from ticketctl.artifacts import Mask, Ticket
 from ticketctl.artifacts.io import atomic_path, write_text_atomic
 from ticketctl.data import Dataset
-from ticketctl.train import EpochStats, TrainConfig, Trainer
+from ticketctl.protect.verdict import Verdict
+from ticketctl.records import Record
+from ticketctl.train import EpochStats, TrainConfig, Trainer, TrainResult
 from ticketctl.train.packed import PackedTrainer, default_pack
 
 MATCH_POINTS = 1.0  # the paper's criterion: within 1 accuracy point of the reference
+
+
+@dataclass
+class JobResult(Record):
+    """What one training job of a sweep measured, cached as JSON in the sweep's folder."""
+
+    accuracy: float  # test accuracy (at the best-validation epoch for a retraining)
+    seconds: float
+    val_accuracy: float | None = None
+    best_epoch: int | None = None
+    density: float | None = None  # of the retrained ticket
+    nonzero: float | None = None  # share of masked positions nonzero after fine-tuning
+    packed: int | None = None  # trained in a packed network of this many models
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def retrained(cls, res: TrainResult, ticket: Ticket, packed: int | None = None
+                  ) -> JobResult:
+        return cls(res.test_accuracy, res.seconds, res.val_accuracy, res.best_epoch,
+                   ticket.density, packed=packed)
 
 
 @dataclass
@@ -35,6 +59,25 @@ class AttackRow:
     p_value: float | None = None
     trigger_accuracy: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
+
+
+def scored_row(strength: Any, accuracy: float, verdict: Verdict | None,
+               **details: Any) -> AttackRow:
+    """A sweep's row: the attacked model's accuracy and what the owner's checks found."""
+    if verdict is None:
+        return AttackRow(strength=strength, accuracy=accuracy, details=details)
+    found: dict[str, Any] = {}
+    if verdict.signature is not None:
+        found.update(bit_match=verdict.bit_match, alignment=verdict.signature.alignment)
+    if verdict.defended is not None:
+        found.update(defended_message=verdict.defended.message,
+                     defended_p_value=verdict.defended.p_value,
+                     defended_verified=verdict.defended.passes(verdict.alpha))
+    if verdict.trigger is not None:
+        found.update(trigger_p_value=verdict.trigger_p_value)
+    return AttackRow(strength=strength, accuracy=accuracy, verified=verdict.verified,
+                     message=verdict.message, p_value=verdict.p_value,
+                     trigger_accuracy=verdict.trigger_accuracy, details={**details, **found})
 
 
 @dataclass
@@ -93,31 +136,31 @@ class AttackRunner:
         self.jobs_run = 0
         self.jobs_cached = 0
 
-    def cached(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def cached(self, key: str, fn: Callable[[], JobResult]) -> JobResult:
         """Run fn once per key; with an out_dir its result survives the process."""
         path = self.out_dir / "jobs" / f"{key}.json" if self.out_dir else None
         if key in self._memo:  # asked again in this process: not counted twice
             return self._memo[key]
         if path is not None and path.exists():
             self.jobs_cached += 1
-            self._memo[key] = json.loads(path.read_text())
+            self._memo[key] = JobResult.from_dict(json.loads(path.read_text()))
             return self._memo[key]
         result = fn()
         self._memo[key] = result
         self.jobs_run += 1
         if path is not None:
-            write_text_atomic(path, json.dumps(result), force=True)
+            write_text_atomic(path, json.dumps(result.to_dict()), force=True)
         return result
 
     def _retrain_key(self, ticket: Ticket) -> str:
         return job_id("retrain", ticket.tensors_sha256(), self.cfg.to_dict(), self.data.info())
 
-    def retrain(self, ticket: Ticket, label: str = "") -> dict[str, Any]:
+    def retrain(self, ticket: Ticket, label: str = "") -> JobResult:
         """Train a ticket from its (rewind) weights under its mask; cached by content."""
         return self.cached(self._retrain_key(ticket), lambda: self._retrain(ticket, label))
 
     def retrain_many(self, tickets: list[Ticket], labels: list[str] | None = None
-                     ) -> list[dict[str, Any]]:
+                     ) -> list[JobResult]:
         """`retrain` for several tickets of one architecture, the uncached ones trained
         `self.pack` at a time in one packed network; each result is cached on its own."""
         labels = labels or [""] * len(tickets)
@@ -139,8 +182,7 @@ class AttackRunner:
         return key in self._memo or (self.out_dir is not None
                                      and (self.out_dir / "jobs" / f"{key}.json").exists())
 
-    def _retrain_packed(self, tickets: list[Ticket], labels: list[str]
-                        ) -> list[dict[str, Any]]:
+    def _retrain_packed(self, tickets: list[Ticket], labels: list[str]) -> list[JobResult]:
         first = tickets[0]
         starts = {t.rewind_epoch or 0 for t in tickets}
         if len(starts) > 1 or any((t.arch, t.num_classes, t.arch_args, list(t.mask)) !=
@@ -155,47 +197,35 @@ class AttackRunner:
                                                [t.mask for t in tickets], seeds)
         ptr = self._packed[tkey]
         ptr.set_schedule(self.cfg)
-        ptr.set_masks([t.mask for t in tickets])
-        ptr.load_model_states([t.state for t in tickets])
-        ptr.load_optimizer_state(None)
-        ptr.reseed(seeds)
-        start = starts.pop()
-        if start >= self.cfg.epochs:
-            start = 0
+        ptr.restart([t.state for t in tickets], seeds, masks=[t.mask for t in tickets])
         name = ", ".join(labels)
         cb = (lambda st: self.on_epoch(name, st[0])) if self.on_epoch else None
-        results = ptr.fit(start_epoch=start, on_epoch=cb)
-        return [{"accuracy": r.test_accuracy, "val_accuracy": r.val_accuracy,
-                 "best_epoch": r.best_epoch, "seconds": r.seconds, "density": t.density,
-                 "packed": len(tickets)} for r, t in zip(results, tickets, strict=True)]
+        results = ptr.fit(start_epoch=_start_epoch(starts.pop(), self.cfg), on_epoch=cb)
+        return [JobResult.retrained(r, t, packed=len(tickets))
+                for r, t in zip(results, tickets, strict=True)]
+
+    def _finetune_key(self, ticket: Ticket, cfg: TrainConfig, dense: bool) -> str:
+        return job_id("finetune", ticket.tensors_sha256(), cfg.to_dict(), self.data.info(), dense)
 
     def finetune(self, ticket: Ticket, cfg: TrainConfig, dense: bool, label: str = ""
-                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                 ) -> tuple[JobResult, dict[str, torch.Tensor]]:
         """Train a released model further from its current weights (momentum from zero),
         under its mask or, `dense`, under none; the trained state is kept beside the job's
         result so a rerun reuses it."""
-        key = job_id("finetune", ticket.tensors_sha256(), cfg.to_dict(), self.data.info(),
-                     dense)
+        key = self._finetune_key(ticket, cfg, dense)
         states: dict[str, dict[str, torch.Tensor]] = {}
         state_path = self.out_dir / "jobs" / f"{key}.safetensors" if self.out_dir else None
 
-        def run() -> dict[str, Any]:
-            mask = Mask({k: torch.ones_like(m) for k, m in ticket.mask.items()}) if dense \
-                else ticket.mask
+        def run() -> JobResult:
             trainer = self._trainer_for(ticket, cfg)
-            trainer.set_mask(mask)
-            trainer.load_model_state(ticket.state)
-            trainer.load_optimizer_state(None)
-            trainer.reseed(cfg.seed)
+            trainer.restart(ticket.state, mask=_finetune_mask(ticket, dense), seeds=cfg.seed)
             cb = (lambda s: self.on_epoch(label, s)) if self.on_epoch else None
             result = trainer.fit(start_epoch=0, on_epoch=cb)
             state = trainer.model_state()
             states["state"] = state
-            if state_path is not None:
-                with atomic_path(state_path, force=True) as tmp:
-                    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-            return {"accuracy": result.test_accuracy, "seconds": result.seconds,
-                    "nonzero": nonzero_fraction(state, list(ticket.mask))}
+            self._save_state(key, state)
+            return JobResult(result.test_accuracy, result.seconds,
+                             nonzero=nonzero_fraction(state, list(ticket.mask)))
 
         if state_path is not None and not state_path.exists():
             (self.out_dir / "jobs" / f"{key}.json").unlink(missing_ok=True)
@@ -205,12 +235,16 @@ class AttackRunner:
         state = self._states.get(key) or load_file(str(state_path))
         return res, state
 
+    def _save_state(self, key: str, state: dict[str, torch.Tensor]) -> None:
+        if self.out_dir is not None:
+            with atomic_path(self.out_dir / "jobs" / f"{key}.safetensors", force=True) as tmp:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+
     def finetune_many(self, ticket: Ticket, cfgs: list[TrainConfig], dense: bool,
-                      labels: list[str]) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+                      labels: list[str]) -> list[tuple[JobResult, dict[str, torch.Tensor]]]:
         """`finetune` for several schedules of one model (a sweep over epochs), the uncached
         ones trained together in packed networks, each with its own learning-rate schedule."""
-        keys = [job_id("finetune", ticket.tensors_sha256(), c.to_dict(), self.data.info(),
-                       dense) for c in cfgs]
+        keys = [self._finetune_key(ticket, c, dense) for c in cfgs]
         todo = [i for i, k in enumerate(keys) if not self._finetune_done(k)]
         width = self.pack if len(todo) > 1 else 1
         for start in range(0, len(todo), width):
@@ -221,10 +255,7 @@ class AttackRunner:
                                             ", ".join(labels[i] for i in chunk))
             for i, (res, state) in zip(chunk, results, strict=True):
                 self._states[keys[i]] = state
-                if self.out_dir is not None:
-                    with atomic_path(self.out_dir / "jobs" / f"{keys[i]}.safetensors",
-                                     force=True) as tmp:
-                        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+                self._save_state(keys[i], state)
                 self.cached(keys[i], lambda res=res: res)
         return [self.finetune(ticket, c, dense, lab) for c, lab in zip(cfgs, labels,
                                                                         strict=True)]
@@ -236,9 +267,8 @@ class AttackRunner:
             and (self.out_dir / "jobs" / f"{key}.safetensors").exists()
 
     def _finetune_packed(self, ticket: Ticket, cfgs: list[TrainConfig], dense: bool,
-                         label: str) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
-        mask = Mask({k: torch.ones_like(m) for k, m in ticket.mask.items()}) if dense \
-            else ticket.mask
+                         label: str) -> list[tuple[JobResult, dict[str, torch.Tensor]]]:
+        mask = _finetune_mask(ticket, dense)
         longest = max(cfgs, key=lambda c: c.epochs)
         k = len(cfgs)
         tkey = ("finetune", ticket.arch, ticket.num_classes,
@@ -249,18 +279,12 @@ class AttackRunner:
                                                [mask] * k, seeds)
         ptr = self._packed[tkey]
         ptr.set_schedules(cfgs)
-        ptr.set_masks([mask] * k)
-        ptr.load_model_states([ticket.state] * k)
-        ptr.load_optimizer_state(None)
-        ptr.reseed(seeds)
+        ptr.restart([ticket.state] * k, seeds, masks=[mask] * k)
         cb = (lambda st: self.on_epoch(label, st[0])) if self.on_epoch else None
         results = ptr.fit(start_epoch=0, on_epoch=cb)
-        states = ptr.final_model_states()
-        out = []
-        for res, state in zip(results, states, strict=True):
-            out.append(({"accuracy": res.test_accuracy, "seconds": res.seconds, "packed": k,
-                         "nonzero": nonzero_fraction(state, list(ticket.mask))}, state))
-        return out
+        return [(JobResult(res.test_accuracy, res.seconds, packed=k,
+                           nonzero=nonzero_fraction(state, list(ticket.mask))), state)
+                for res, state in zip(results, ptr.final_model_states(), strict=True)]
 
     def _trainer_for(self, ticket: Ticket, cfg: TrainConfig) -> Trainer:
         """One trainer (one captured graph) per architecture and mask layout, reused."""
@@ -272,17 +296,22 @@ class AttackRunner:
         self._trainer.set_schedule(cfg)
         return self._trainer
 
-    def _retrain(self, ticket: Ticket, label: str) -> dict[str, Any]:
+    def _retrain(self, ticket: Ticket, label: str) -> JobResult:
         trainer = self._trainer_for(ticket, self.cfg)
-        trainer.set_mask(ticket.mask)
-        trainer.load_model_state(ticket.state)
-        trainer.load_optimizer_state(None)
-        trainer.reseed(self.cfg.seed)
-        start = ticket.rewind_epoch or 0
-        if start >= self.cfg.epochs:
-            start = 0
+        trainer.restart(ticket.state, mask=ticket.mask, seeds=self.cfg.seed)
         cb = (lambda s: self.on_epoch(label, s)) if self.on_epoch else None
-        result = trainer.fit(start_epoch=start, on_epoch=cb)
-        return {"accuracy": result.test_accuracy, "val_accuracy": result.val_accuracy,
-                "best_epoch": result.best_epoch, "seconds": result.seconds,
-                "density": ticket.density}
+        result = trainer.fit(start_epoch=_start_epoch(ticket.rewind_epoch, self.cfg),
+                             on_epoch=cb)
+        return JobResult.retrained(result, ticket)
+
+
+def _start_epoch(rewind_epoch: int | None, cfg: TrainConfig) -> int:
+    """Retraining resumes after the ticket's rewind epoch (from 0 if the schedule is shorter)."""
+    start = rewind_epoch or 0
+    return 0 if start >= cfg.epochs else start
+
+
+def _finetune_mask(ticket: Ticket, dense: bool) -> Mask:
+    """Fine-tuning keeps the released mask; `dense` lets every pruned weight grow back."""
+    return Mask({k: torch.ones_like(m) for k, m in ticket.mask.items()}) if dense \
+        else ticket.mask

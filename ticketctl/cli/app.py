@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import typer
+from typer.core import TyperGroup
 
 from ticketctl import __version__
 from ticketctl.cli import attack, trigger
+from ticketctl.cli.common import console
 from ticketctl.cli.convert import convert
 from ticketctl.cli.data import data
 from ticketctl.cli.demo import demo
@@ -14,9 +19,40 @@ from ticketctl.cli.inspect import inspect
 from ticketctl.cli.retrain import retrain
 from ticketctl.cli.sign import keygen, sign, verify
 from ticketctl.cli.split import merge, split
+from ticketctl.device import configure_cuda
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a missing option, a value outside its choices, a word that is not a
+    number) as one line on stderr with exit status 2, like every other error, instead of
+    Click's usage box. Help screens and exit codes are otherwise Typer's."""
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as e:  # Click's exceptions (Typer vendors Click: matched by shape)
+            code = getattr(e, "exit_code", None)
+            if not isinstance(code, int) or not callable(getattr(e, "format_message", None)):
+                if type(e).__name__ != "Abort":
+                    raise
+                console.print("[bold red]error:[/] aborted", highlight=False)
+                sys.exit(1)
+            if type(e).__name__ != "NoArgsIsHelpError":  # whose help is already printed
+                ctx = getattr(e, "ctx", None)
+                hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                console.print(f"[bold red]error:[/] {e.format_message()}{hint}",
+                              highlight=False, soft_wrap=True)
+            sys.exit(code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
     name="ticketctl",
+    cls=OneLineErrors,
     help="Find, protect and verify lottery tickets (sparse masks found by IMP).",
     no_args_is_help=True,
     add_completion=False,
@@ -37,6 +73,7 @@ def _root(
                                  help="Print the version and exit."),
 ) -> None:
     """Find, protect and verify lottery tickets (sparse masks found by IMP)."""
+    configure_cuda()  # process-wide switches, once, before any command computes
 
 
 app.command("find")(find)

@@ -1,15 +1,15 @@
-"""What every command shares: the standard options, error handling, JSON and Rich output.
-Data goes to stdout (only with --json); everything for people goes to stderr."""
+"""What every command shares: the console, JSON output, one-line errors, progress bars and the
+launch of distributed ranks. Data goes to stdout (only with --json); everything for people
+goes to stderr."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -25,12 +25,6 @@ from rich.progress import (
 from ticketctl.errors import TicketctlError
 
 console = Console(stderr=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables on stderr.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 
 
 def _clean(obj: Any) -> Any:
@@ -52,29 +46,6 @@ def emit_json(obj: Any) -> None:
 def fail(message: str, code: int = 2) -> None:
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one line on stderr and the right exit status."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
-        except TicketctlError as e:
-            if kwargs.get("debug"):
-                raise
-            fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-        except Exception as e:  # anything unforeseen still gets one line
-            if kwargs.get("debug"):
-                raise
-            fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", 2)
-
-    return wrapper
 
 
 def show_progress(quiet: bool) -> bool:

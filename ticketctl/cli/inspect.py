@@ -1,3 +1,5 @@
+"""`ticketctl inspect`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,20 +8,16 @@ from typing import Annotated
 import typer
 
 from ticketctl.artifacts.describe import describe_file
-from ticketctl.cli.common import DebugOpt, JsonOpt, QuietOpt, emit_json, handle_errors
+from ticketctl.cli.options import Output, command
 from ticketctl.cli.render import ticket_table
 
 
-@handle_errors
+@command
 def inspect(
+    *,
     file: Annotated[Path, typer.Argument(help="A ticket file (.safetensors).")],
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    output: Output,
 ) -> None:
     """Show what a ticket file holds: per-layer density, metadata and hashes."""
     info = describe_file(file)
-    if json_out:
-        emit_json(info)
-    elif not quiet:
-        ticket_table(info)
+    output.emit(info, lambda: ticket_table(info))

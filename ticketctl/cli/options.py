@@ -1,93 +1,336 @@
-"""Options shared by the commands that train, declared once."""
+"""The CLI's options, declared once. Options that travel together are a group: a dataclass
+whose fields are the flags, each carrying its help (OpenLTH's way: the flags are generated
+from the settings). A command takes a group as one typed parameter and `command` turns it into
+the group's flags (written after the subcommand, as always), then hands the function one
+object per group; groups may hold groups. Closed sets of choices are `Choice` enums, so Click
+checks them and --help lists them."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from rich.progress import Progress
+from typer.models import ParameterInfo
 
+from ticketctl.artifacts.io import check_output_path
+from ticketctl.cli.common import console, emit_json, fail, launch_ranks, progress_bar
+from ticketctl.device import Device
 from ticketctl.errors import TicketctlError
+from ticketctl.protect.receipt import load_public_key, load_receipt
+from ticketctl.protect.trigger import load_trigger_set
+from ticketctl.protect.verdict import ALPHA
+from ticketctl.protect.verify import Marks
+from ticketctl.prune import Preset
+from ticketctl.train.config import Schedule, TrainOverrides
 
 P_TRAIN = "Training (override the preset)"
 P_DATA = "Data"
 P_CUDA = "CUDA speed-ups (on by default on a GPU)"
+P_DIST = "Distributed"
+P_MARKS = "The owner's marks"
+
+
+# ---- the mechanism ----------------------------------------------------------------------------
+def option(*flags: str, default: Any = None, help: str | None = None, panel: str | None = None,
+           **typer_options: Any) -> Any:
+    """A group's field: its default, and how it shows on the command line (its flags, help and
+    help panel; the panel defaults to the group's)."""
+    return dataclasses.field(default=default, metadata={
+        "flags": flags, "help": help, "panel": panel, "typer": typer_options})
+
+
+def nested(cls: type) -> Any:
+    """A group's field that is another group, expanded in place."""
+    return dataclasses.field(default_factory=cls)
+
+
+class Without:
+    """`Annotated[Group, Without("epochs")]`: the group without these flags, at any depth
+    (their defaults stand), for a command that declares its own."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = frozenset(names)
+
+
+def group(panel: str | None = None) -> Callable[[type], type]:
+    """Make a class of options a dataclass and a group that `command` expands; its options
+    show under `panel` in --help unless they name their own."""
+
+    def mark(cls: type) -> type:
+        cls = dataclass(cls)
+        cls.__option_panel__ = panel  # type: ignore[attr-defined]
+        return cls
+
+    return mark
+
+
+def _group_of(annotation: Any) -> tuple[type | None, frozenset[str]]:
+    without: frozenset[str] = frozenset()
+    if typing.get_origin(annotation) is Annotated:
+        base, *extras = typing.get_args(annotation)
+        for e in extras:
+            if isinstance(e, Without):
+                without = e.names
+        annotation = base
+    if isinstance(annotation, type) and hasattr(annotation, "__option_panel__"):
+        return annotation, without
+    return None, without
+
+
+Builder = Callable[[dict[str, Any]], Any]
+
+
+def _expand(cls: type, without: frozenset[str]) -> tuple[list[inspect.Parameter], Builder]:
+    """A group's flags as parameters, and how to build the group from their values."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    params: list[inspect.Parameter] = []
+    parts: list[tuple[str, Builder | None]] = []
+    for f in dataclasses.fields(cls):
+        sub, sub_without = _group_of(hints[f.name])
+        if sub is not None:
+            sub_params, build = _expand(sub, without | sub_without)
+            params += sub_params
+            parts.append((f.name, build))
+        elif f.name not in without:
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=f.default,
+                                            annotation=_annotation(hints[f.name], f, cls)))
+            parts.append((f.name, None))
+
+    def build(values: dict[str, Any]) -> Any:
+        return cls(**{name: b(values) if b else values.pop(name) for name, b in parts})
+
+    return params, build
+
+
+def _annotation(hint: Any, f: dataclasses.Field, cls: type) -> Any:
+    """The Typer annotation of a group's field: its own when it already is one (a shared
+    alias such as `Pack`), else made from the field's `option` metadata."""
+    if typing.get_origin(hint) is Annotated and any(
+            isinstance(x, ParameterInfo) for x in typing.get_args(hint)[1:]):
+        return hint
+    meta = f.metadata
+    return Annotated[hint, typer.Option(
+        *meta.get("flags", ()), help=meta.get("help"),
+        rich_help_panel=meta.get("panel") or cls.__option_panel__, **meta.get("typer", {}))]
+
+
+def _debug(values: Any) -> bool:
+    """Whether --debug was given, wherever its group sits."""
+    if isinstance(values, Output):
+        return values.debug
+    if dataclasses.is_dataclass(values):
+        return any(_debug(getattr(values, f.name)) for f in dataclasses.fields(values))
+    return False
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A Typer command from `fn`: its group-typed parameters become the groups' flags, and
+    errors become one line on stderr with the right exit status (a traceback with --debug)."""
+    sig = inspect.signature(fn, eval_str=True)
+    params: list[inspect.Parameter] = []
+    builders: dict[str, Builder] = {}
+    for p in sig.parameters.values():
+        cls, without = _group_of(p.annotation)
+        if cls is None:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+            continue
+        group_params, builders[p.name] = _expand(cls, without)
+        params += group_params
+    seen = [p.name for p in params]
+    if len(seen) != len(set(seen)):
+        raise TypeError(f"{fn.__name__}: an option is declared twice")
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        for name, build in builders.items():
+            kwargs[name] = build(kwargs)
+        debug = any(_debug(v) for v in kwargs.values())
+        try:
+            return fn(**kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except TicketctlError as e:
+            if debug:
+                raise
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as e:  # anything unforeseen still gets one line
+            if debug:
+                raise
+            fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", 2)
+
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+# ---- every command ----------------------------------------------------------------------------
+@group()
+class Output:
+    """How a command reports: JSON on stdout or text on stderr, and whether it may overwrite."""
+
+    json_out: bool = option("--json", default=False, help="Print one JSON document on stdout.")
+    quiet: bool = option("--quiet", "-q", default=False, help="No progress or tables on stderr.")
+    debug: bool = option("--debug", default=False, help="Show tracebacks on errors.")
+    force: bool = option("--force", default=False, help="Overwrite existing output files.")
+
+    def check(self, *paths: Path | None) -> None:
+        """Refuse outputs that exist (without --force) or sit in missing folders, before any
+        work is done."""
+        for p in paths:
+            if p is not None:
+                check_output_path(p, self.force)
+
+    def emit(self, doc: Any, text: Callable[[], None]) -> None:
+        """`doc` as JSON with --json, else `text()` unless --quiet."""
+        if self.json_out:
+            emit_json(doc)
+        elif not self.quiet:
+            text()
+
+    @contextmanager
+    def progress(self, silent: bool = False) -> Iterator[Progress]:
+        with progress_bar(self.quiet or self.json_out or silent) as p:
+            yield p
+
+
+@group()
+class Compute:
+    device: Device = option("--device", default=Device.AUTO, help="Where to compute.")
+
+
+# ---- data -------------------------------------------------------------------------------------
+@group(panel=P_DATA)
+class DataOptions:
+    dataset: str | None = option(help="digits, cifar10, cifar100, imagefolder or synthetic "
+                                 "(default: the model's, else digits).")
+    data_dir: Path | None = option(help="Folder holding cifar-10-batches-py/, "
+                                   "cifar-100-python/ or train/ and test/.")
+
+
+@group(panel=P_DATA)
+class Split:
+    val_size: int | None = option(
+        help="Training images held out for validation (default 5,000 on CIFAR).")
+    split_seed: int | None = option(
+        help="Seed of the validation split (default: the ticket's, else 0).")
+
 
 Arch = Annotated[Optional[str], typer.Option(
     help="resnet20, resnet18, resnet50, vgg16 or digits_cnn.", rich_help_panel=P_DATA)]
-DatasetOpt = Annotated[Optional[str], typer.Option(
-    "--dataset", help="digits, cifar10, cifar100, imagefolder or synthetic.",
-    rich_help_panel=P_DATA)]
-DataDir = Annotated[Optional[Path], typer.Option(
-    help="Folder holding cifar-10-batches-py/, cifar-100-python/ or train/ and test/.",
-    rich_help_panel=P_DATA)]
-ValSize = Annotated[Optional[int], typer.Option(
-    help="Training images held out for validation (default 5,000 on CIFAR).",
-    rich_help_panel=P_DATA)]
-SplitSeed = Annotated[int, typer.Option(help="Seed of the validation split.",
-                                        rich_help_panel=P_DATA)]
-Epochs = Annotated[Optional[int], typer.Option(help="Epochs per training.",
-                                               rich_help_panel=P_TRAIN)]
-BatchSize = Annotated[Optional[int], typer.Option(rich_help_panel=P_TRAIN)]
-Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate.", rich_help_panel=P_TRAIN)]
-Momentum = Annotated[Optional[float], typer.Option(rich_help_panel=P_TRAIN)]
-WeightDecay = Annotated[Optional[float], typer.Option(rich_help_panel=P_TRAIN)]
-Nesterov = Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov",
-                                                  rich_help_panel=P_TRAIN, show_default=False)]
-Schedule = Annotated[Optional[str], typer.Option(help="multistep or cosine.",
-                                                 rich_help_panel=P_TRAIN)]
-Milestones = Annotated[Optional[str], typer.Option(
-    help="Epochs where multistep divides the rate by 10, e.g. 91,136.", rich_help_panel=P_TRAIN)]
-Warmup = Annotated[Optional[int], typer.Option("--warmup-epochs", rich_help_panel=P_TRAIN)]
-Seed = Annotated[int, typer.Option(help="Seed for every random choice.", rich_help_panel=P_TRAIN)]
-NoCompile = Annotated[bool, typer.Option("--no-compile", help="Do not torch.compile.",
-                                         rich_help_panel=P_CUDA)]
-NoGraph = Annotated[bool, typer.Option("--no-graph", help="Do not capture CUDA graphs.",
-                                       rich_help_panel=P_CUDA)]
-NoBf16 = Annotated[bool, typer.Option("--no-bf16", help="Train in fp32.",
-                                      rich_help_panel=P_CUDA)]
-NoChannelsLast = Annotated[bool, typer.Option("--no-channels-last", rich_help_panel=P_CUDA)]
 
 
-def parse_floats(text: str | None, what: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise TicketctlError(f"{what} must be comma-separated numbers, got {text!r}") from None
+# ---- training ---------------------------------------------------------------------------------
+@group(panel=P_TRAIN)
+class Training:
+    """A preset schedule and the settings given explicitly over it."""
 
+    preset: Preset | None = option(
+        help="Training schedule (default: demo on digits, else paper).")
+    epochs: int | None = option(help="Epochs per training.")
+    batch_size: int | None = option()
+    lr: float | None = option(help="Peak learning rate.")
+    momentum: float | None = option()
+    weight_decay: float | None = option()
+    nesterov: bool | None = option("--nesterov/--no-nesterov", show_default=False)
+    schedule: Schedule | None = option()
+    milestones: str | None = option(
+        help="Epochs where multistep divides the rate by 10, e.g. 91,136.")
+    warmup_epochs: int | None = option()
+    seed: int = option(default=0, help="Seed for every random choice.")
+    no_compile: bool = option("--no-compile", default=False, panel=P_CUDA,
+                              help="Do not torch.compile.")
+    no_graph: bool = option("--no-graph", default=False, panel=P_CUDA,
+                            help="Do not capture CUDA graphs.")
+    no_bf16: bool = option("--no-bf16", default=False, panel=P_CUDA, help="Train in fp32.")
+    no_channels_last: bool = option("--no-channels-last", default=False, panel=P_CUDA)
 
-def parse_ints(text: str | None, what: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise TicketctlError(f"{what} must be comma-separated integers, got {text!r}") from None
+    def overrides(self) -> TrainOverrides:
+        return TrainOverrides(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, nesterov=self.nesterov,
+            schedule=self.schedule.value if self.schedule else None,
+            milestones=parse_ints(self.milestones, "--milestones"),
+            warmup_epochs=self.warmup_epochs, seed=self.seed,
+            compile=False if self.no_compile else None,
+            cuda_graph=False if self.no_graph else None, bf16=False if self.no_bf16 else None,
+            channels_last=False if self.no_channels_last else None)
 
-
-def train_overrides(epochs, batch_size, lr, momentum, weight_decay, nesterov, schedule,
-                    milestones, warmup_epochs, seed, no_compile, no_graph, no_bf16,
-                    no_channels_last) -> dict:
-    return dict(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                weight_decay=weight_decay, nesterov=nesterov, schedule=schedule,
-                milestones=parse_ints(milestones, "--milestones"), warmup_epochs=warmup_epochs,
-                seed=seed, compile=False if no_compile else None,
-                cuda_graph=False if no_graph else None, bf16=False if no_bf16 else None,
-                channels_last=False if no_channels_last else None)
 
 Pack = Annotated[Optional[int], typer.Option(
     "--pack", help="Train this many independent models in one packed network (default: 8 "
     "on CUDA, 1 on CPU; 1 turns packing off).", rich_help_panel=P_CUDA)]
 
-P_DIST = "Distributed"
-Nproc = Annotated[int, typer.Option(
-    help="Data-parallel processes on this host (torchrun; NCCL on GPUs, gloo on CPUs); "
-         "--batch-size stays the global batch.", rich_help_panel=P_DIST)]
-Nnodes = Annotated[int, typer.Option(help="Hosts taking part (each runs the command).",
-                                     rich_help_panel=P_DIST)]
-RdzvEndpoint = Annotated[Optional[str], typer.Option(
-    help="HOST:PORT where the hosts meet (several hosts).", rich_help_panel=P_DIST)]
-DistTimeout = Annotated[float, typer.Option(
-    help="Seconds before a stuck distributed run is stopped (exit 2).", rich_help_panel=P_DIST)]
+
+@group(panel=P_DIST)
+class Distributed:
+    nproc: int = option(default=1, help="Data-parallel processes on this host (torchrun; "
+                        "NCCL on GPUs, gloo on CPUs); --batch-size stays the global batch.")
+    nnodes: int = option(default=1, help="Hosts taking part (each runs the command).")
+    rdzv_endpoint: str | None = option(help="HOST:PORT where the hosts meet (several hosts).")
+    dist_timeout: float = option(
+        default=3600.0, help="Seconds before a stuck distributed run is stopped (exit 2).")
+
+    @property
+    def wanted(self) -> bool:
+        return self.nproc > 1 or self.nnodes > 1
+
+    def launched(self) -> bool:
+        """In the user's process with --nproc/--nnodes above 1: run this command as torchrun
+        ranks and return True once they finished."""
+        return launch_ranks(self.nproc, self.nnodes, self.rdzv_endpoint, self.dist_timeout)
+
+
+# ---- the owner's marks ------------------------------------------------------------------------
+@group(panel=P_MARKS)
+class OwnerMarks:
+    """The receipt (white box) and trigger set (black box) a suspect is checked against."""
+
+    receipt: Path | None = option(help="The owner's receipt (Scheme V2).")
+    public_key: Path | None = option(help="PREFIX.pub: the receipt must be signed by this key.")
+    trigger: Path | None = option(
+        help="The owner's trigger set (Scheme V3): checks the model's answers.")
+    null_rate: float | None = option(
+        help="Chance agreement with the trigger labels (default 1/classes; see calibrate).")
+    alpha: float = option(default=ALPHA, help="Decision level for the p-values.")
+
+    def load(self, defend: bool = False) -> Marks:
+        return Marks(receipt=load_receipt(self.receipt) if self.receipt else None,
+                     public_key=load_public_key(self.public_key) if self.public_key else None,
+                     trigger=load_trigger_set(self.trigger) if self.trigger else None,
+                     null_rate=self.null_rate, alpha=self.alpha, defend=defend)
+
+
+# ---- parsing lists ------------------------------------------------------------------------------
+def parse_floats(text: str | None, what: str) -> list[float] | None:
+    return _parse_list(text, what, float)
+
+
+def parse_ints(text: str | None, what: str) -> list[int] | None:
+    return _parse_list(text, what, int)
+
+
+def _parse_list(text: str | None, what: str, cast: Callable[[str], Any]) -> list[Any] | None:
+    if text is None:
+        return None
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        kind = "integers" if cast is int else "numbers"
+        raise TicketctlError(f"{what} must be comma-separated {kind}, got {text!r}") from None
+
+
+__all__ = ["Arch", "Compute", "DataOptions", "Distributed", "Output", "OwnerMarks", "Pack",
+           "Split", "Training", "Without", "command", "console", "group", "nested", "option",
+           "parse_floats", "parse_ints"]

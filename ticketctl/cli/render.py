@@ -7,7 +7,7 @@ from typing import Any
 from rich.table import Table
 
 from ticketctl.cli.common import console
-from ticketctl.prune import Events
+from ticketctl.prune import Events, Round
 
 
 def pct(x: float | None, digits: int = 2) -> str:
@@ -66,24 +66,24 @@ class ProgressEvents(Events):
                              info=f"ep {s.epoch} val {s.val_accuracy or 0:.2f}% "
                                   f"test {s.test_accuracy:.2f}%")
 
-    def round(self, r: dict[str, Any]) -> None:
+    def round(self, r: Round) -> None:
         if not self.verbose:
             return
-        mark = "[green]accepted" if r["accepted"] else "[red]reverted"
+        mark = "[green]accepted" if r.accepted else "[red]reverted"
         self.progress.console.print(
-            f"round {r['round']}: rate {r['rate']} density {100 * r['density']:.3f}% "
-            f"accuracy {r['accuracy']:.2f}% {mark}", highlight=False)
+            f"round {r.round}: rate {r.rate} density {pct(r.density, 3)} "
+            f"accuracy {r.accuracy:.2f}% {mark}", highlight=False)
 
 
-def rounds_table(rounds: list[dict[str, Any]], dense_accuracy: float, ticket_accuracy: float,
+def rounds_table(rounds: list[Round], dense_accuracy: float, ticket_accuracy: float,
                  density: float) -> Table:
     table = Table(title=f"dense {dense_accuracy:.2f}% -> ticket "
                         f"{ticket_accuracy:.2f}% at {100 * density:.3f}% density")
     for col in ("round", "rate", "density", "accuracy", "accepted"):
         table.add_column(col, justify="right")
     for r in rounds:
-        table.add_row(str(r["round"]), str(r["rate"]), f"{100 * r['density']:.3f}%",
-                      f"{r['accuracy']:.2f}%", "yes" if r["accepted"] else "[red]no")
+        table.add_row(str(r.round), str(r.rate), pct(r.density, 3), f"{r.accuracy:.2f}%",
+                      "yes" if r.accepted else "[red]no")
     return table
 
 

@@ -1,3 +1,5 @@
+"""`ticketctl split` and `ticketctl merge` (Scheme V1)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,25 +8,17 @@ from typing import Annotated, Optional
 import typer
 
 from ticketctl.artifacts import load_ticket, save_ticket
-from ticketctl.artifacts.io import check_output_path
-from ticketctl.cli.common import (
-    DebugOpt,
-    ForceOpt,
-    JsonOpt,
-    QuietOpt,
-    console,
-    emit_json,
-    handle_errors,
-)
+from ticketctl.cli.common import console
+from ticketctl.cli.options import Output, command
 from ticketctl.errors import TicketctlError
-from ticketctl.protect import merge_parts, split_ticket
-from ticketctl.protect.scores import SCORES
+from ticketctl.protect import Score, merge_parts, split_ticket
 
 
-@handle_errors
+@command
 def split(
+    *,
     ticket_path: Annotated[Path, typer.Argument(metavar="TICKET", help="The ticket to lock.")],
-    score: Annotated[str, typer.Option(help="omp, ewp, betweenness or random.")],
+    score: Annotated[Score, typer.Option(help="How to rank the kept weights for the key.")],
     key_ratio: Annotated[float, typer.Option(
         help="Key size as a fraction of the ticket's kept weights, e.g. 0.1.")],
     key: Annotated[Path, typer.Option(help="Write the secret key here.")],
@@ -33,52 +27,41 @@ def split(
     walks: Annotated[int, typer.Option(help="ewp: number of random walks.")] = 10_000,
     pivots: Annotated[Optional[int], typer.Option(
         help="betweenness: sample this many source channels (default: exact).")] = None,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
-    force: ForceOpt = False,
+    output: Output,
 ) -> None:
     """Scheme V1: split a ticket into a small secret key and the locked rest."""
-    if score not in SCORES:
-        raise TicketctlError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if key.resolve() == locked.resolve():
         raise TicketctlError("--key and --locked must be different files")
-    for p in (key, locked):
-        check_output_path(p, force)
+    output.check(key, locked)
     ticket = load_ticket(ticket_path)
-    options = {"walks": walks} if score == "ewp" else {"pivots": pivots} \
-        if score == "betweenness" else {}
-    key_t, locked_t = split_ticket(ticket, score, key_ratio, seed=seed, **options)
-    save_ticket(key_t, key, force=force)
-    save_ticket(locked_t, locked, force=force)
+    options = {"walks": walks} if score == Score.EWP else {"pivots": pivots} \
+        if score == Score.BETWEENNESS else {}
+    key_t, locked_t = split_ticket(ticket, score.value, key_ratio, seed=seed, **options)
+    save_ticket(key_t, key, force=output.force)
+    save_ticket(locked_t, locked, force=output.force)
     result = {"key_ratio": key_ratio, "key_weights": key_t.mask.num_kept,
               "locked_weights": locked_t.mask.num_kept, "key": str(key), "locked": str(locked),
-              "score": score, "seed": seed, "ticket_sha256": key_t.extra["parent_sha256"],
+              "score": score.value, "seed": seed, "ticket_sha256": key_t.extra["parent_sha256"],
               "density_locked": locked_t.density}
-    if json_out:
-        emit_json(result)
-    elif not quiet:
-        console.print(f"key: {result['key_weights']:,} weights ({score}) -> {key}; locked: "
-                      f"{result['locked_weights']:,} weights -> {locked}", highlight=False)
+    output.emit(result, lambda: console.print(
+        f"key: {result['key_weights']:,} weights ({score}) -> {key}; locked: "
+        f"{result['locked_weights']:,} weights -> {locked}", highlight=False))
 
 
-@handle_errors
+@command
 def merge(
+    *,
     locked: Annotated[Path, typer.Argument(metavar="LOCKED", help="The locked ticket.")],
     key: Annotated[Path, typer.Argument(metavar="KEY", help="Its key.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Write the rebuilt ticket here.")],
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
-    force: ForceOpt = False,
+    output: Output,
 ) -> None:
     """Join a locked ticket and its key back into the exact original ticket."""
-    check_output_path(out, force)
+    output.check(out)
     merged = merge_parts(load_ticket(locked), load_ticket(key))
-    save_ticket(merged, out, force=force)
-    if json_out:
-        emit_json({"out": str(out), "identical": True, "ticket_sha256": merged.tensors_sha256(),
-                   "density": merged.density})
-    elif not quiet:
-        console.print(f"wrote {out}: identical to the original ticket "
-                      f"(sha256 {merged.tensors_sha256()[:16]}...)", highlight=False)
+    save_ticket(merged, out, force=output.force)
+    output.emit({"out": str(out), "identical": True, "ticket_sha256": merged.tensors_sha256(),
+                 "density": merged.density},
+                lambda: console.print(f"wrote {out}: identical to the original ticket "
+                                      f"(sha256 {merged.tensors_sha256()[:16]}...)",
+                                      highlight=False))

@@ -9,18 +9,16 @@ from typing import Annotated, Optional
 import typer
 from cryptography.hazmat.primitives import serialization
 
-from ticketctl.artifacts.io import check_output_path, write_text_atomic
-from ticketctl.cli import options as o
-from ticketctl.cli.common import (
-    DebugOpt,
-    DeviceOpt,
-    ForceOpt,
-    JsonOpt,
-    QuietOpt,
-    console,
-    emit_json,
-    handle_errors,
-    progress_bar,
+from ticketctl.artifacts.io import write_text_atomic
+from ticketctl.cli.common import console
+from ticketctl.cli.options import (
+    Arch,
+    Compute,
+    DataOptions,
+    Output,
+    Pack,
+    Training,
+    command,
 )
 from ticketctl.data import load_dataset
 from ticketctl.device import resolve_device
@@ -33,70 +31,60 @@ app = typer.Typer(help="Scheme V3 trigger sets.", no_args_is_help=True)
 
 
 @app.command("new")
-@handle_errors
+@command
 def new(
+    *,
     signing_key: Annotated[Path, typer.Option(help="PREFIX.key: the set is derived from it.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The trigger set (.npz).")],
     n: Annotated[int, typer.Option("-n", help="Number of images.")] = 100,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
     channels: Annotated[int, typer.Option(help="1 (grey) or 3 (RGB).")] = 3,
     classes: Annotated[int, typer.Option(help="Labels are drawn from 0..classes-1.")] = 10,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
-    force: ForceOpt = False,
+    output: Output,
 ) -> None:
     """Make a trigger set derived from the owner's key: the same key gives the same set."""
-    check_output_path(out, force)
+    output.check(out)
     key = load_private_key(signing_key)
     raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                             serialization.NoEncryption())
     ts = generate(raw, n=n, size=size, channels=channels, num_classes=classes)
-    save_trigger_set(ts, out, force=force)
-    if json_out:
-        emit_json({"out": str(out), "n": n, "sha256": ts.sha256()})
-    elif not quiet:
-        console.print(f"wrote {out}: {n} images {size}x{size}x{channels}, sha256 "
-                      f"{ts.sha256()[:16]}...", highlight=False)
+    save_trigger_set(ts, out, force=output.force)
+    output.emit({"out": str(out), "n": n, "sha256": ts.sha256()}, lambda: console.print(
+        f"wrote {out}: {n} images {size}x{size}x{channels}, sha256 {ts.sha256()[:16]}...",
+        highlight=False))
 
 
-@handle_errors
+@command
 def calibrate(
+    *,
     trigger: Annotated[Path, typer.Option(help="The trigger set.")],
     out: Annotated[Optional[Path], typer.Option(help="Write the calibration JSON here.")] = None,
     models: Annotated[int, typer.Option(help="Independent models to train.")] = 10,
-    pack: o.Pack = None,
-    arch: o.Arch = None,
-    dataset: o.DatasetOpt = None,
-    data_dir: o.DataDir = None,
-    preset: Annotated[Optional[str], typer.Option(help="Training schedule preset.")] = None,
-    epochs: o.Epochs = None,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
-    force: ForceOpt = False,
-    device: DeviceOpt = "auto",
+    arch: Arch = None,
+    data: DataOptions,
+    training: Training,
+    pack: Pack = None,
+    output: Output,
+    compute: Compute,
 ) -> None:
     """Measure how often models trained without the trigger set agree with it; write the
     upper 99% bound as the null rate for `verify --null-rate`."""
-    if out is not None:
-        check_output_path(out, force)
-    settings = resolve_settings(preset, arch=arch, dataset=dataset, train={"epochs": epochs})
+    output.check(out)
+    settings = resolve_settings(training.preset, arch=arch, dataset=data.dataset,
+                                train=training.overrides())
     settings.train.validate()
-    data = load_dataset(settings.dataset, data_dir, device=resolve_device(device))
+    dataset = load_dataset(settings.dataset, data.data_dir,
+                           device=resolve_device(compute.device))
     ts = load_trigger_set(trigger)
-    with progress_bar(quiet or json_out) as progress:
+    with output.progress() as progress:
         task = progress.add_task("null models", total=models, info="")
-        result = run_calibration(settings.arch, data, ts, settings.train, models=models,
+        result = run_calibration(settings.arch, dataset, ts, settings.train, models=models,
                                  pack=pack,
                                  on_model=lambda i, a: progress.update(
                                      task, completed=i + 1, info=f"agreement {100 * a:.0f}%"))
     if out is not None:
-        write_text_atomic(out, json.dumps(result, indent=2), force=force)
-    if json_out:
-        emit_json(result)
-    elif not quiet:
-        console.print(f"{models} models without the set agree with it "
-                      f"{100 * result['mean_agreement']:.1f}% on average (max "
-                      f"{100 * result['max_agreement']:.1f}%); null rate (upper 99% bound) "
-                      f"{result['null_rate']:.4f}", highlight=False)
+        write_text_atomic(out, json.dumps(result, indent=2), force=output.force)
+    output.emit(result, lambda: console.print(
+        f"{models} models without the set agree with it {100 * result['mean_agreement']:.1f}% "
+        f"on average (max {100 * result['max_agreement']:.1f}%); null rate (upper 99% bound) "
+        f"{result['null_rate']:.4f}", highlight=False))

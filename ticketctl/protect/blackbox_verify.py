@@ -4,9 +4,6 @@ rate: 1/classes by default, or a rate calibrated on independently trained models
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import torch
 from torch import nn
@@ -15,29 +12,13 @@ from ticketctl.data import Dataset
 from ticketctl.protect.blackbox import plan_queries, run_predict_cmd, split_answers
 from ticketctl.protect.stats import binomial_tail
 from ticketctl.protect.trigger import TriggerSet
+from ticketctl.protect.verdict import TriggerReading
 
 
-@dataclass
-class TriggerVerdict:
-    trigger_accuracy: float
-    trigger_p_value: float
-    matches: int
-    n: int
-    null_rate: float
-    decoy_accuracy: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"trigger_accuracy": self.trigger_accuracy,
-                "trigger_p_value": self.trigger_p_value, "trigger_matches": self.matches,
-                "trigger_n": self.n, "null_rate": self.null_rate,
-                "trigger_test": "binomial: trigger labels matched, against the null rate",
-                "decoy_accuracy": self.decoy_accuracy}
-
-
-def score(predicted: np.ndarray, labels: np.ndarray, null_rate: float) -> TriggerVerdict:
+def score(predicted: np.ndarray, labels: np.ndarray, null_rate: float) -> TriggerReading:
     k = int((np.asarray(predicted) == np.asarray(labels)).sum())
     n = len(labels)
-    return TriggerVerdict(100.0 * k / n, binomial_tail(k, n, null_rate), k, n, null_rate)
+    return TriggerReading(100.0 * k / n, binomial_tail(k, n, null_rate), k, n, null_rate)
 
 
 @torch.no_grad()
@@ -56,13 +37,13 @@ def to_uint8(data: Dataset, x: torch.Tensor) -> np.ndarray:
 
 
 def verify_model_triggers(model: nn.Module, ts: TriggerSet, data: Dataset,
-                          null_rate: float) -> TriggerVerdict:
+                          null_rate: float) -> TriggerReading:
     x = ts.tensor(data.input_shape, data.mean, data.std, device=next(model.parameters()).device)
     return score(predict(model, x), ts.labels, null_rate)
 
 
 def verify_command_triggers(cmd: str, ts: TriggerSet, data: Dataset, null_rate: float,
-                            seed: int = 0, timeout: float = 300.0) -> TriggerVerdict:
+                            seed: int = 0, timeout: float = 300.0) -> TriggerReading:
     """Query a model behind a command: the triggers (at the data's image size) shuffled among
     as many test images, so the service cannot tell them apart by position."""
     triggers = to_uint8(data, ts.tensor(data.input_shape, data.mean, data.std))

@@ -49,15 +49,11 @@ def calibrate(arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, models
                            else Trainer(template, data, cfg, mask=full))
         trainer = trainers[k]
         if isinstance(trainer, PackedTrainer):
-            trainer.load_model_states(fresh)
-            trainer.load_optimizer_state(None)
-            trainer.reseed(seeds)
+            trainer.restart(fresh, seeds)
             results = trainer.fit()
             states = trainer.model_states()
         else:
-            trainer.load_model_state(fresh[0])
-            trainer.load_optimizer_state(None)
-            trainer.reseed(seeds[0])
+            trainer.restart(fresh[0], seeds=seeds[0])
             results = [trainer.fit()]
             states = [trainer.model_state()]
         for res, state in zip(results, states, strict=True):

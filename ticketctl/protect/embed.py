@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy.signal import correlate
 
-from ticketctl.artifacts import Mask, Ticket
+from ticketctl.artifacts import Kind, Mask, Ticket
 from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.protect.qr import QRCode, encode, function_module_map
 
@@ -181,11 +181,8 @@ def embed(ticket: Ticket, qr: QRCode, placements: list[Placement], support: int 
         raise RuntimeError("density compensation failed")  # a bug, not bad input
     report = EmbedReport(placements, changed, added, removed, delta, ticket.density,
                          signed_mask.density)
-    signed = Ticket(state=state, mask=signed_mask, kind="signed", arch=ticket.arch,
-                    arch_args=ticket.arch_args, num_classes=ticket.num_classes,
-                    class_names=ticket.class_names, dataset=ticket.dataset,
-                    rewind_epoch=ticket.rewind_epoch, seed=ticket.seed,
-                    extra={**ticket.extra, "signed_from": ticket.tensors_sha256()})
+    signed = ticket.derive(state=state, mask=signed_mask, kind=Kind.SIGNED,
+                           extra={**ticket.extra, "signed_from": ticket.tensors_sha256()})
     return signed, report
 
 

@@ -8,9 +8,12 @@ holding the owner's public key can check that it was not changed."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ticketctl.artifacts.io import check_output_path, write_bytes_atomic, write_text_atomic
 from ticketctl.errors import CheckFailed, TicketctlError
+from ticketctl.protect.embed import Placement
 
 RECEIPT_FORMAT = "ticketctl-receipt"
 RECEIPT_VERSION = 1
@@ -78,20 +82,134 @@ def public_raw(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def make_receipt(fields: dict[str, Any], private: Ed25519PrivateKey | None) -> dict[str, Any]:
-    doc: dict[str, Any] = {"format": RECEIPT_FORMAT, "version": RECEIPT_VERSION,
-                           "receipt": fields, "public_key": None, "signature": None}
-    if private is not None:
-        doc["public_key"] = base64.b64encode(public_raw(private.public_key())).decode()
-        doc["signature"] = base64.b64encode(private.sign(canonical(fields))).decode()
-    return doc
+@dataclass
+class Receipt:
+    """What the owner commits to before release, and the signature over it. The fields a
+    receipt does not hold are None: one made by `retrain --receipt` alone commits a trigger set
+    and no code. Written as {"format", "version", "receipt": {fields}, "public_key",
+    "signature"}; the signature covers the canonical JSON of the fields."""
+
+    created: str | None = None
+    message_sha256: str | None = None
+    qr_version: int | None = None
+    mask_pattern: int | None = None
+    error_correction: str | None = None
+    placements: list[Placement] = field(default_factory=list)
+    matrix: str | None = None  # the embedded module matrix, row-major bits as hex
+    matrix_sha256: str | None = None
+    data_modules: int | None = None
+    support: int | None = None
+    signed_ticket_sha256: str | None = None
+    signed_masks_sha256: str | None = None
+    magnitude_floor: float | None = None  # the smallest kept |w| at signing (add-on defence)
+    arch: str | None = None
+    ticketctl: str | None = None
+    kept_counts: dict[str, int] | None = None  # kept weights per signed layer (add-on defence)
+    fingerprints: dict[str, Any] | None = None  # per signed layer (permutation re-alignment)
+    trigger_sha256: str | None = None
+    trigger_n: int | None = None
+    trigger_committed: str | None = None
+    other: dict[str, Any] = field(default_factory=dict)  # fields of a newer ticketctl, kept
+    public_key: str | None = None  # base64 raw Ed25519 key of the signer
+    signature: str | None = None  # base64 Ed25519 signature of the fields
+    _signed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def has_code(self) -> bool:
+        """Whether it commits a QR code (Scheme V2), not only a trigger set."""
+        return self.qr_version is not None and self.matrix is not None
+
+    def fields(self) -> dict[str, Any]:
+        """The committed fields as written (and signed): those the receipt holds."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in _UNSIGNED:
+                continue
+            value = getattr(self, f.name)
+            if f.name == "placements":
+                value = [{"layer": p.layer, "row": p.row, "col": p.col} for p in value] or None
+            if value is not None:
+                out[f.name] = value
+        return {**out, **self.other}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": RECEIPT_FORMAT, "version": RECEIPT_VERSION, "receipt": self.fields(),
+                "public_key": self.public_key, "signature": self.signature}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], where: str = "the receipt") -> Receipt:
+        r = doc["receipt"]
+        known = {f.name for f in dataclasses.fields(cls)} - _UNSIGNED
+        try:
+            values = {k: v for k, v in r.items() if k in known and k != "placements"}
+            placements = [Placement(p["layer"], int(p["row"]), int(p["col"]))
+                          for p in r.get("placements") or []]
+            return cls(**values, placements=placements,
+                       other={k: v for k, v in r.items() if k not in known},
+                       public_key=doc.get("public_key"), signature=doc.get("signature"),
+                       _signed=r)
+        except (KeyError, TypeError, ValueError) as e:
+            raise TicketctlError(f"{where} is not a readable receipt ({e})") from None
+
+    def sign(self, private: Ed25519PrivateKey | None) -> Receipt:
+        """Sign the fields as they are now (None: leave it unsigned)."""
+        self._signed = None
+        if private is None:
+            self.public_key = self.signature = None
+        else:
+            self.public_key = base64.b64encode(public_raw(private.public_key())).decode()
+            self.signature = base64.b64encode(private.sign(canonical(self.fields()))).decode()
+        return self
+
+    def check(self, public: Ed25519PublicKey | None) -> bool:
+        """True when the receipt is signed and unchanged. With a public key the signer must
+        be that key's owner; without one only the receipt's own key is checked (integrity,
+        not identity). Raises CheckFailed when the signature does not hold."""
+        if not self.signature or not self.public_key:
+            if public is not None:
+                raise CheckFailed("the receipt is not signed, so it cannot be checked against "
+                                  "--public-key")
+            return False
+        embedded = base64.b64decode(self.public_key)
+        if public is not None and public_raw(public) != embedded:
+            raise CheckFailed("the receipt was signed by another key than --public-key")
+        key = Ed25519PublicKey.from_public_bytes(embedded)
+        # as read from the file, byte for byte: what was signed, whatever this version parses
+        signed = self._signed if self._signed is not None else self.fields()
+        try:
+            key.verify(base64.b64decode(self.signature), canonical(signed))
+        except InvalidSignature:
+            raise CheckFailed("the receipt's signature does not match its content: it was "
+                              "altered after signing") from None
+        return True
+
+    def with_trigger(self, trigger_sha256: str, n: int,
+                     private: Ed25519PrivateKey | None) -> Receipt:
+        """Commit a trigger set and sign again; a signed receipt needs the same key."""
+        if self.signature and private is not None and self.public_key != \
+                base64.b64encode(public_raw(private.public_key())).decode():
+            raise TicketctlError("the receipt was signed by another key than --signing-key")
+        if self.signature and private is None:
+            raise TicketctlError("the receipt is signed: pass --signing-key to sign it again")
+        out = dataclasses.replace(self, trigger_sha256=trigger_sha256, trigger_n=n,
+                                  trigger_committed=_now())
+        return out.sign(private)
 
 
-def save_receipt(doc: dict[str, Any], path: str | Path, force: bool = False) -> Path:
-    return write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", force)
+_UNSIGNED = frozenset({"other", "public_key", "signature", "_signed"})
 
 
-def load_receipt(path: str | Path) -> dict[str, Any]:
+def trigger_receipt(trigger_sha256: str, n: int, private: Ed25519PrivateKey | None) -> Receipt:
+    """A new receipt that commits a trigger set only."""
+    return Receipt(created=_now()).with_trigger(trigger_sha256, n, private)
+
+
+def save_receipt(receipt: Receipt, path: str | Path, force: bool = False) -> Path:
+    return write_text_atomic(path, json.dumps(receipt.to_dict(), indent=2, sort_keys=True) +
+                             "\n", force)
+
+
+def load_receipt(path: str | Path) -> Receipt:
     p = Path(path)
     try:
         doc = json.loads(p.read_text())
@@ -104,46 +222,8 @@ def load_receipt(path: str | Path) -> dict[str, Any]:
         raise TicketctlError(f"{p} is not a ticketctl receipt")
     if int(doc.get("version", 0)) > RECEIPT_VERSION:
         raise TicketctlError(f"{p} is a newer receipt version; upgrade ticketctl")
-    return doc
-
-
-def check_receipt(doc: dict[str, Any], public: Ed25519PublicKey | None) -> bool:
-    """True when the receipt is signed and unchanged. With a public key the signer must be
-    that key's owner; without one only the receipt's own key is checked (integrity, not
-    identity). Raises CheckFailed when the signature does not hold."""
-    if not doc.get("signature") or not doc.get("public_key"):
-        if public is not None:
-            raise CheckFailed("the receipt is not signed, so it cannot be checked against "
-                              "--public-key")
-        return False
-    embedded = base64.b64decode(doc["public_key"])
-    if public is not None and public_raw(public) != embedded:
-        raise CheckFailed("the receipt was signed by another key than --public-key")
-    key = Ed25519PublicKey.from_public_bytes(embedded)
-    try:
-        key.verify(base64.b64decode(doc["signature"]), canonical(doc["receipt"]))
-    except InvalidSignature:
-        raise CheckFailed("the receipt's signature does not match its content: it was "
-                          "altered after signing") from None
-    return True
-
-
-def add_trigger(doc: dict[str, Any] | None, trigger_sha256: str, n: int,
-                private: Ed25519PrivateKey | None) -> dict[str, Any]:
-    """Commit a trigger set to a receipt (an existing one from `sign`, or a new one) and sign
-    it again; an existing signed receipt needs the same key."""
-    fields = dict(doc["receipt"]) if doc else {"created": _now()}
-    if doc and doc.get("signature") and private is not None:
-        if doc.get("public_key") != base64.b64encode(public_raw(private.public_key())).decode():
-            raise TicketctlError("the receipt was signed by another key than --signing-key")
-    if doc and doc.get("signature") and private is None:
-        raise TicketctlError("the receipt is signed: pass --signing-key to sign it again")
-    fields.update({"trigger_sha256": trigger_sha256, "trigger_n": n,
-                   "trigger_committed": _now()})
-    return make_receipt(fields, private)
+    return Receipt.from_dict(doc, str(p))
 
 
 def _now() -> str:
-    import time
-
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -25,6 +25,7 @@ import torch
 from ticketctl.artifacts import Ticket
 from ticketctl.errors import TicketctlError
 from ticketctl.protect.channel_graph import ChannelGraph, build_channel_graph
+from ticketctl.records import Choice
 
 Scores = dict[str, torch.Tensor]
 UNSEEN = -1.0e18  # below any real path rank
@@ -115,11 +116,20 @@ def betweenness_scores(ticket: Ticket, seed: int = 0, pivots: int | None = None,
     return _kernel_scores(ticket, graph, edge_betweenness(graph, pivots, seed), -1.0)
 
 
+class Score(Choice):
+    """How `split` ranks a ticket's kept weights for its key."""
+
+    OMP = "omp"
+    EWP = "ewp"
+    BETWEENNESS = "betweenness"
+    RANDOM = "random"
+
+
 SCORES: dict[str, Callable[..., Scores]] = {
-    "omp": omp_scores,
-    "ewp": ewp_scores,
-    "betweenness": betweenness_scores,
-    "random": random_scores,
+    Score.OMP.value: omp_scores,
+    Score.EWP.value: ewp_scores,
+    Score.BETWEENNESS.value: betweenness_scores,
+    Score.RANDOM.value: random_scores,
 }
 
 

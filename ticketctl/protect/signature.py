@@ -4,7 +4,6 @@ suspect model against a receipt, or scan it for any code when there is none."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,8 +32,9 @@ from ticketctl.protect.qr import (
     function_module_map,
 )
 from ticketctl.protect.qr.layout import mask_matrix
-from ticketctl.protect.receipt import check_receipt, make_receipt, sha256
+from ticketctl.protect.receipt import Receipt, sha256
 from ticketctl.protect.stats import binomial_tail, precision_tail
+from ticketctl.protect.verdict import ALPHA, SignatureReading, Verdict, decide
 
 
 def _pack(matrix: np.ndarray) -> str:
@@ -99,7 +99,9 @@ def sign_ticket(
     seed: int = 0,
     values: dict[str, torch.Tensor] | None = None,
     max_version: int = 10,
-) -> tuple[Ticket, dict[str, Any], EmbedReport, QRCode]:
+) -> tuple[Ticket, Receipt, EmbedReport, QRCode]:
+    """Embed `message` as a QR code in the mask; returns the signed ticket, the receipt that
+    commits to it (signed with `private_key` when given), what changed, and the code."""
     if not message:
         raise TicketctlError("--message must not be empty")
     if not len(ticket.mask):
@@ -107,51 +109,22 @@ def sign_ticket(
     qr = best_code(ticket, message, version, mask_pattern, layer, max_version)
     placements = choose_placements(ticket, qr, layer=layer, copies=copies)
     signed, report = embed(ticket, qr, placements, support=support, seed=seed, values=values)
-    data = ~function_module_map(qr.version)
-    fields = {
-        "message_sha256": sha256(message),
-        "qr_version": qr.version,
-        "mask_pattern": qr.mask_pattern,
-        "error_correction": "H",
-        "placements": [{"layer": p.layer, "row": p.row, "col": p.col} for p in placements],
-        "matrix": _pack(qr.matrix),
-        "matrix_sha256": sha256(qr.matrix.astype(np.uint8).tobytes()),
-        "data_modules": int(data.sum()),
-        "support": support,
-        "signed_ticket_sha256": signed.tensors_sha256(),
-        "signed_masks_sha256": signed.mask.sha256(),
-        "magnitude_floor": magnitude_floor(signed),
-        "arch": signed.arch,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "ticketctl": __version__,
-    }
-    # the owner's add-on defence: how many weights each signed layer keeps (retraining never
-    # changes it; revived positions make it larger)
-    fields["kept_counts"] = {p.layer: int(signed.mask[p.layer].sum()) for p in placements}
-    fields["fingerprints"] = {p.layer: fingerprints(signed.state[p.layer], signed.mask[p.layer])
-                              for p in placements}
-    signed.extra = {**signed.extra, "receipt_matrix_sha256": fields["matrix_sha256"]}
-    fields["signed_ticket_sha256"] = signed.tensors_sha256()
-    return signed, make_receipt(fields, private_key), report, qr
-
-
-@dataclass
-class Verdict:
-    verified: bool
-    message: str | None
-    bit_match: float | None
-    p_value: float | None
-    alpha: float
-    receipt_valid: bool | None
-    details: dict[str, Any] = field(default_factory=dict)
-    trigger_accuracy: float | None = None
-    trigger_p_value: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"verified": self.verified, "message": self.message, "bit_match": self.bit_match,
-                "p_value": self.p_value, "trigger_accuracy": self.trigger_accuracy,
-                "trigger_p_value": self.trigger_p_value, "alpha": self.alpha,
-                "receipt_valid": self.receipt_valid, **self.details}
+    matrix_sha256 = sha256(qr.matrix.astype(np.uint8).tobytes())
+    signed.extra = {**signed.extra, "receipt_matrix_sha256": matrix_sha256}
+    receipt = Receipt(
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        message_sha256=sha256(message), qr_version=qr.version, mask_pattern=qr.mask_pattern,
+        error_correction="H", placements=list(placements), matrix=_pack(qr.matrix),
+        matrix_sha256=matrix_sha256,
+        data_modules=int((~function_module_map(qr.version)).sum()), support=support,
+        signed_ticket_sha256=signed.tensors_sha256(), signed_masks_sha256=signed.mask.sha256(),
+        magnitude_floor=magnitude_floor(signed), arch=signed.arch, ticketctl=__version__,
+        # the owner's add-on defence: how many weights each signed layer keeps (retraining
+        # never changes it; revived positions make it larger)
+        kept_counts={p.layer: int(signed.mask[p.layer].sum()) for p in placements},
+        fingerprints={p.layer: fingerprints(signed.state[p.layer], signed.mask[p.layer])
+                      for p in placements})
+    return signed, receipt.sign(private_key), report, qr
 
 
 def masks_of(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None
@@ -166,13 +139,13 @@ def masks_of(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | No
 
 
 def _decode_any(masks: dict[str, torch.Tensor], placements: list[Placement],
-                r: dict[str, Any]) -> tuple[Any, int | None]:
+                r: Receipt) -> tuple[Any, int | None]:
     """Decode at rising read thresholds: a kernel must keep 1, then 2, then 3 weights to read
     dark. Pruning only turns dark modules light, which the one-sided decoder expects; an
     add-on attack turns light modules dark with single small weights, which a higher
     threshold reads as light again. Last, plain two-sided RS at threshold 1."""
-    version, pattern = int(r["qr_version"]), int(r["mask_pattern"])
-    support = int(r.get("support", 3))
+    version, pattern = int(r.qr_version), int(r.mask_pattern)
+    support = int(r.support if r.support is not None else 3)
     for t in range(1, max(1, support) + 1):
         matrix, _ = extract(masks, placements, version, pattern, min_count=t)
         result = decode_matrix(matrix, version, pattern)
@@ -183,44 +156,47 @@ def _decode_any(masks: dict[str, torch.Tensor], placements: list[Placement],
     return result, (1 if result.message is not None else None)
 
 
-def verify_with_receipt(masks: dict[str, torch.Tensor], doc: dict[str, Any],
-                        public_key: Any = None, alpha: float = 1e-6,
-                        floor_defence: bool = False,
-                        state: dict[str, torch.Tensor] | None = None) -> Verdict:
+def read_signature(masks: dict[str, torch.Tensor], receipt: Receipt, public_key: Any = None,
+                   floor_defence: bool = False,
+                   state: dict[str, torch.Tensor] | None = None) -> SignatureReading:
     """Check the receipt, read the code where it says, decode it, and test the bits against
-    the committed matrix. Verified when p < alpha or the decoded message is the committed one.
+    the committed matrix.
 
     floor_defence: the owner's answer to add-on attacks (needs `state`): prune weights below
     the receipt's magnitude floor, then keep only the recorded number of largest weights in
     each signed layer, which removes small revived weights the floor alone lets through."""
-    valid = check_receipt(doc, public_key)
-    r = doc["receipt"]
-    for p in r["placements"]:
-        if p["layer"] not in masks:
+    valid = receipt.check(public_key)
+    if not receipt.has_code:
+        raise TicketctlError("the receipt commits no QR code (only a trigger set): check the "
+                             "model with --trigger")
+    for p in receipt.placements:
+        if p.layer not in masks:
             raise CheckFailed(f"the receipt is for another ticket: this model has no layer "
-                              f"{p['layer']!r} (receipt for a {r.get('arch')} model)")
-    n = 17 + 4 * int(r["qr_version"])
-    placements = [Placement(p["layer"], int(p["row"]), int(p["col"])) for p in r["placements"]]
+                              f"{p.layer!r} (receipt for a {receipt.arch} model)")
+    version = int(receipt.qr_version)
+    n = 17 + 4 * version
+    placements = receipt.placements
     if floor_defence:
         if state is None:
             raise TicketctlError("the magnitude-floor defence needs the model's weights")
-        floor = float(r["magnitude_floor"])
+        floor = float(receipt.magnitude_floor)
         masks = {k: m & (state[k].abs() >= floor) if k in state else m for k, m in masks.items()}
-        for k, count in (r.get("kept_counts") or {}).items():
+        for k, count in (receipt.kept_counts or {}).items():
             if k in masks and k in state:
                 masks[k] = keep_largest(state[k], masks[k], int(count))
-    expected = _unpack(r["matrix"], n)
-    data = ~function_module_map(int(r["qr_version"]))
+    expected = _unpack(receipt.matrix, n)
+    data = ~function_module_map(version)
     total = int(data.sum())
     views = [("as stored", masks)]
-    if r.get("fingerprints") and state is not None:  # channels may have been permuted
+    if receipt.fingerprints and state is not None:  # channels may have been permuted
         aligned = dict(masks)
         for p in placements:
-            aligned[p.layer] = align(state[p.layer], masks[p.layer], r["fingerprints"][p.layer])
+            aligned[p.layer] = align(state[p.layer], masks[p.layer],
+                                     receipt.fingerprints[p.layer])
         views.append(("re-aligned", aligned))
     best = None
     for label, view in views:
-        m, _ = extract(view, placements, int(r["qr_version"]), int(r["mask_pattern"]))
+        m, _ = extract(view, placements, version, int(receipt.mask_pattern))
         agree = int((m[data] == expected[data]).sum())
         if best is None or agree > best[0]:
             best = (agree, label, view, m)
@@ -230,20 +206,34 @@ def verify_with_receipt(masks: dict[str, torch.Tensor], doc: dict[str, Any],
     obs_dark = int(matrix[data].sum())
     hits = int((matrix[data] & expected[data]).sum())
     p_prec = precision_tail(hits, obs_dark, int(expected[data].sum()), total)
-    result, threshold = _decode_any(masks, placements, r)
-    message_ok = result.message is not None and sha256(result.message) == r["message_sha256"]
-    verified = bool(p < alpha or message_ok)
-    return Verdict(
-        verified=verified, message=result.message, bit_match=matches / total, p_value=p,
-        alpha=alpha, receipt_valid=valid,
-        details={"test": "binomial: bit matches over embedded data modules, null rate 0.5",
-                 "data_modules": total, "matches": matches, "precision_p_value": p_prec,
-                 "decoded_matches_receipt": message_ok, "decode_method": result.method,
-                 "decode_min_count": threshold,
-                 "placements": r["placements"], "comparisons": len(views),
-                 "alignment": alignment,
-                 "floor_defence": floor_defence},
-    )
+    result, threshold = _decode_any(masks, placements, receipt)
+    message_ok = result.message is not None and \
+        sha256(result.message) == receipt.message_sha256
+    return SignatureReading(
+        message=result.message, bit_match=matches / total, p_value=p, receipt_valid=valid,
+        data_modules=total, matches=matches, precision_p_value=p_prec,
+        decoded_matches_receipt=message_ok, decode_method=result.method,
+        decode_min_count=threshold,
+        placements=[{"layer": q.layer, "row": q.row, "col": q.col} for q in placements],
+        comparisons=len(views), alignment=alignment, floor_defence=floor_defence)
+
+
+def verify_with_receipt(masks: dict[str, torch.Tensor], receipt: Receipt,
+                        public_key: Any = None, alpha: float = ALPHA,
+                        floor_defence: bool = False,
+                        state: dict[str, torch.Tensor] | None = None) -> Verdict:
+    """The white-box verdict alone: `read_signature`, decided at `alpha`."""
+    return decide(alpha, signature=read_signature(masks, receipt, public_key,
+                                                  floor_defence=floor_defence, state=state))
+
+
+def read_code(masks: dict[str, torch.Tensor], receipt: Receipt) -> np.ndarray:
+    """The module matrix where the receipt placed the code (for a picture of it)."""
+    if not receipt.has_code:
+        raise TicketctlError("the receipt commits no QR code to draw")
+    matrix, _ = extract(masks, receipt.placements, int(receipt.qr_version),
+                        int(receipt.mask_pattern))
+    return matrix
 
 
 def _header_survivors(dark: np.ndarray, version: int, pattern: int, n: int,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ticketctl.artifacts import Mask, Ticket
+from ticketctl.artifacts import Kind, Mask, Ticket
 from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.protect.scores import compute_scores, top_kept
 
@@ -35,8 +35,8 @@ def split_ticket(
     """Return (key, locked)."""
     if not len(ticket.mask):
         raise TicketctlError("this file has no mask: nothing to split")
-    if ticket.kind not in ("ticket", "trained", "signed"):
-        raise TicketctlError(f"cannot split a {ticket.kind!r} file; split a ticket")
+    if ticket.kind not in (Kind.TICKET, Kind.TRAINED, Kind.SIGNED):
+        raise TicketctlError(f"cannot split a '{ticket.kind}' file; split a ticket")
     n = key_size(ticket, key_ratio)
     key_bits = top_kept(ticket, compute_scores(ticket, score, seed=seed, **score_options), n)
     key_mask = Mask(key_bits)
@@ -50,17 +50,14 @@ def split_ticket(
         "locked_weights": locked_mask.num_kept,
         **{f"score_{k}": v for k, v in score_options.items() if v is not None},
     }
-    common = dict(arch=ticket.arch, arch_args=ticket.arch_args, num_classes=ticket.num_classes,
-                  class_names=ticket.class_names, dataset=ticket.dataset,
-                  rewind_epoch=ticket.rewind_epoch, seed=ticket.seed)
     # The key holds only its weights: every other tensor is zero, so it is useless alone.
     key_state = {k: torch.zeros_like(v) for k, v in ticket.state.items()}
     for k in key_mask:
         key_state[k] = torch.where(key_mask[k], ticket.state[k], torch.zeros_like(key_state[k]))
-    key = Ticket(state=key_state, mask=key_mask, kind="key", extra={**origin, "part": "key"},
-                 **common)
-    locked = Ticket(state=locked_mask.apply_state(ticket.state), mask=locked_mask,
-                    kind="locked", extra={**origin, "part": "locked"}, **common)
+    key = ticket.derive(state=key_state, mask=key_mask, kind=Kind.KEY,
+                        extra={**origin, "part": "key"})
+    locked = ticket.derive(state=locked_mask.apply_state(ticket.state), mask=locked_mask,
+                           kind=Kind.LOCKED, extra={**origin, "part": "locked"})
     return key, locked
 
 
@@ -68,8 +65,8 @@ def merge_parts(locked: Ticket, key: Ticket) -> Ticket:
     """Rebuild the original ticket; raises CheckFailed when the parts do not belong together
     or the result is not bit-identical to the ticket both parts recorded."""
     kinds = (locked.kind, key.kind)
-    if kinds != ("locked", "key"):
-        if kinds == ("key", "locked"):
+    if kinds != (Kind.LOCKED, Kind.KEY):
+        if kinds == (Kind.KEY, Kind.LOCKED):
             raise TicketctlError("arguments in the wrong order: merge LOCKED KEY")
         raise TicketctlError(f"merge needs a locked file and a key file, got {kinds[0]} and "
                              f"{kinds[1]}")
@@ -91,9 +88,8 @@ def merge_parts(locked: Ticket, key: Ticket) -> Ticket:
     for k in key.mask:
         state[k] = torch.where(key.mask[k], key.state[k], locked.state[k])
     meta = locked.extra.get("parent_metadata") or {}
-    merged = Ticket(
-        state=state, mask=mask, kind=meta.get("kind", "ticket"), arch=locked.arch,
-        arch_args=locked.arch_args, num_classes=locked.num_classes,
+    merged = locked.derive(
+        state=state, mask=mask, kind=meta.get("kind", Kind.TICKET),
         class_names=meta.get("class_names", locked.class_names),
         dataset=meta.get("dataset", locked.dataset),
         rewind_epoch=meta.get("rewind_epoch", locked.rewind_epoch),

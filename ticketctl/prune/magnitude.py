@@ -8,6 +8,14 @@ import torch
 
 from ticketctl.artifacts import Mask
 from ticketctl.errors import TicketctlError
+from ticketctl.records import Choice
+
+
+class Scope(Choice):
+    """Where magnitude pruning ranks weights: all prunable layers together, or per layer."""
+
+    GLOBAL = "global"
+    LAYER = "layer"
 
 
 def _remove_smallest(scores: torch.Tensor, alive: torch.Tensor, n_remove: int) -> torch.Tensor:
@@ -33,11 +41,10 @@ def magnitude_prune(
         raise TicketctlError(f"pruning rate must be in (0, 1), got {rate}")
     names = list(mask)
     w = {n: weights[n].detach().to("cpu", torch.float32).abs() for n in names}
-    if scope == "layer":
+    scope = Scope.parse(str(scope), "pruning scope")
+    if scope == Scope.LAYER:
         return Mask({n: _remove_smallest(w[n], mask[n], round(rate * int(mask[n].sum())))
                      for n in names})
-    if scope != "global":
-        raise TicketctlError(f"unknown pruning scope {scope!r}; use global or layer")
     flat_scores = torch.cat([w[n].reshape(-1) for n in names])
     flat_alive = torch.cat([mask[n].reshape(-1) for n in names])
     keep = _remove_smallest(flat_scores, flat_alive, round(rate * int(flat_alive.sum())))

@@ -7,25 +7,36 @@ from typing import Any
 
 from ticketctl.errors import TicketctlError
 from ticketctl.prune.imp import FindSettings
-from ticketctl.prune.search import SearchConfig
+from ticketctl.prune.search import SearchConfig, SearchOverrides
+from ticketctl.records import Choice
 from ticketctl.train import TrainConfig
+from ticketctl.train.config import TrainOverrides
+
+
+class Preset(Choice):
+    """The presets' names."""
+
+    DEMO = "demo"
+    FAST = "fast"
+    PAPER = "paper"
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe (Section 4.1): 182 epochs, drops at 91/136, late rewinding to epoch 3.
-    "paper": {
+    Preset.PAPER.value: {
         "train": dict(epochs=182, batch_size=128, lr=0.1, momentum=0.9, nesterov=False,
                       weight_decay=1e-4, schedule="multistep", milestones=[91, 136],
                       warmup_epochs=0),
         "search": dict(rewind_epoch=3),
     },
     # A short GPU schedule: large batch, Nesterov, warm-up then cosine; see docs/FIND.md.
-    "fast": {
+    Preset.FAST.value: {
         "train": dict(epochs=40, batch_size=512, lr=0.4, momentum=0.9, nesterov=True,
                       weight_decay=5e-4, schedule="cosine", milestones=[], warmup_epochs=2),
         "search": dict(rewind_epoch=3),
     },
     # The embedded digits on a CPU: the whole search in about a minute.
-    "demo": {
+    Preset.DEMO.value: {
         "arch": "digits_cnn", "dataset": "digits",
         "train": dict(epochs=8, batch_size=64, lr=0.05, momentum=0.9, nesterov=True,
                       weight_decay=5e-4, schedule="cosine", milestones=[], warmup_epochs=1),
@@ -43,24 +54,24 @@ def resolve_settings(
     *,
     arch: str | None = None,
     dataset: str | None = None,
-    train: dict[str, Any] | None = None,
-    search: dict[str, Any] | None = None,
+    train: TrainOverrides | None = None,
+    search: SearchOverrides | None = None,
     **data: Any,
 ) -> FindSettings:
     """Preset values first, then every option the user gave explicitly (non-None)."""
-    name = preset or default_preset(dataset or "digits")
+    name = str(preset) if preset is not None else default_preset(dataset or "digits")
     if name not in PRESETS:
         raise TicketctlError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     p = PRESETS[name]
+    train, search = train or TrainOverrides(), search or SearchOverrides()
     arch = arch or p.get("arch") or ("resnet20" if (dataset or p.get("dataset")) not in
                                      (None, "digits") else "digits_cnn")
     dataset = dataset or p.get("dataset") or "digits"
-    t = {**p["train"], **{k: v for k, v in (train or {}).items() if v is not None}}
-    if name == "paper" and arch == "resnet50" and (train or {}).get("weight_decay") is None:
-        t["weight_decay"] = 5e-4  # the paper's ResNet-50 setting
-    s = {**p["search"], **{k: v for k, v in (search or {}).items() if v is not None}}
-    settings = FindSettings(arch=arch, dataset=dataset,
-                            train=replace(TrainConfig(), **t), search=replace(SearchConfig(), **s))
+    t = train.apply(replace(TrainConfig(), **p["train"]))
+    if name == "paper" and arch == "resnet50" and train.weight_decay is None:
+        t = replace(t, weight_decay=5e-4)  # the paper's ResNet-50 setting
+    settings = FindSettings(arch=arch, dataset=dataset, train=t,
+                            search=search.apply(replace(SearchConfig(), **p["search"])))
     for k, v in data.items():
         if v is not None:
             setattr(settings, k, v)

@@ -1,6 +1,7 @@
 """The run folder of a search: resolved settings, metrics, the mask of every round and the
 checkpoints that let `--resume` continue after a kill at any moment. Every file is written
-atomically, and the search state is the single source of truth for what has finished."""
+atomically, and the search state is the single source of truth for what has finished. The
+files' names live here and nowhere else; each JSON file has its typed record."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import io
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,53 @@ import torch
 from ticketctl.artifacts import Mask
 from ticketctl.artifacts.io import write_bytes_atomic, write_text_atomic
 from ticketctl.errors import TicketctlError
+from ticketctl.prune.search import Round, SearchState, TrialResult
+from ticketctl.records import Record
+from ticketctl.train.engine import EpochStats
 
 MARKER = "ticketctl-run"
+
+# The files of a run folder.
+CONFIG = "config.json"  # the resolved settings and their hash
+DENSE = "dense.json"  # Dense: the dense training's result
+STATE = "state.json"  # the search state (every finished round) and the epoch-log position
+PENDING = "pending.json"  # the finished trials of the round in progress
+RESULT = "result.json"  # the summary `find --json` prints
+REWIND = "rewind.safetensors"  # weights and momentum at the rewind epoch
+CHECKPOINT = "checkpoint.safetensors"  # the training in progress, after its last epoch
+TRAINED_CURRENT = "trained-current.safetensors"  # trained under the last accepted mask
+TRAINED_CANDIDATE = "trained-candidate.safetensors"  # trained under this round's candidate
+EPOCHS = "epochs.jsonl"  # one row per trained epoch, across every training
+ROUNDS = "rounds.jsonl"
+ROUNDS_CSV, EPOCHS_CSV = "rounds.csv", "epochs.csv"
+
+
+def mask_file(round_no: int) -> str:
+    return f"masks/round-{round_no:03d}.safetensors"
+
+
+@dataclass
+class Dense(Record):
+    """The dense training: its result and where its epochs end in the epoch log."""
+
+    accuracy: float
+    val_accuracy: float | None
+    best_epoch: int
+    seconds: float
+    seq: int
+
+
+@dataclass
+class Checkpoint:
+    """A training in progress, after its last finished epoch."""
+
+    key: str
+    epoch: int
+    seq: int
+    history: list[EpochStats]
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -44,7 +91,7 @@ class RunDir:
     def open(cls, path: Path, settings: dict[str, Any], resume: bool, force: bool) -> RunDir:
         """Start a run folder, or reopen one for --resume after checking its settings."""
         run = cls(path)
-        cfg = run.path / "config.json"
+        cfg = run.path / CONFIG
         if run.path.exists() and any(run.path.iterdir()):
             if not cfg.exists():
                 raise TicketctlError(f"run folder {run.path} exists and is not a ticketctl run; "
@@ -100,20 +147,76 @@ class RunDir:
         return safetensors.torch.load_file(str(p)), meta
 
     def write_mask(self, round_no: int, mask: Mask, meta: dict[str, Any]) -> None:
-        self.write_tensors(f"masks/round-{round_no:03d}.safetensors",
-                           {k: v.to(torch.uint8) for k, v in mask.items()}, meta)
+        self.write_tensors(mask_file(round_no), {k: v.to(torch.uint8) for k, v in mask.items()},
+                           meta)
 
     def read_mask(self, round_no: int) -> Mask | None:
-        got = self.read_tensors(f"masks/round-{round_no:03d}.safetensors")
+        got = self.read_tensors(mask_file(round_no))
         return Mask(got[0]) if got else None
 
+    # ---- the typed files ------------------------------------------------------------------------
+    def read_dense(self) -> Dense | None:
+        d = self.read_json(DENSE)
+        return Dense.from_dict(d) if d is not None else None
+
+    def write_dense(self, dense: Dense) -> None:
+        self.write_json(DENSE, dense.to_dict())
+
+    def read_state(self) -> tuple[SearchState, int] | None:
+        """The search state and the epoch-log position it was written at."""
+        d = self.read_json(STATE)
+        return (SearchState.from_dict(d), d["seq"]) if d is not None else None
+
+    def write_state(self, state: SearchState, seq: int) -> None:
+        self.write_json(STATE, {**state.to_dict(), "seq": seq})
+
+    def read_pending(self, round_no: int) -> tuple[list[TrialResult], int | None]:
+        """The finished trials of round `round_no` (none if another round was pending)."""
+        d = self.read_json(PENDING) or {}
+        if d.get("round") != round_no or not d.get("trials"):
+            return [], None
+        return [TrialResult.from_dict(t) for t in d["trials"]], d["seq"]
+
+    def write_pending(self, round_no: int, trials: list[TrialResult], seq: int) -> None:
+        self.write_json(PENDING, {"round": round_no, "trials": [t.to_dict() for t in trials],
+                                  "seq": seq})
+
+    def read_rewind(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """The rewind point: (model state, optimizer state)."""
+        got = self.read_tensors(REWIND)
+        if got is None:
+            return None
+        return _prefixed(got[0], "model."), _prefixed(got[0], "opt.")
+
+    def write_rewind(self, model: dict[str, torch.Tensor],
+                     optimizer: dict[str, torch.Tensor]) -> None:
+        self.write_tensors(REWIND, {**_with_prefix(model, "model."),
+                                    **_with_prefix(optimizer, "opt.")})
+
+    def read_checkpoint(self, key: str) -> Checkpoint | None:
+        """The checkpoint of training `key`, if the last one written was of that training."""
+        got = self.read_tensors(CHECKPOINT)
+        if got is None or got[1].get("key") != key:
+            return None
+        tensors, meta = got
+        return Checkpoint(key, meta["epoch"], meta["seq"],
+                          [EpochStats(**h) for h in meta["history"]],
+                          _prefixed(tensors, "model."), _prefixed(tensors, "opt."),
+                          {k: v for k, v in tensors.items() if k.startswith("rng.")})
+
+    def write_checkpoint(self, ck: Checkpoint) -> None:
+        self.write_tensors(CHECKPOINT, {**_with_prefix(ck.model, "model."),
+                                        **_with_prefix(ck.optimizer, "opt."), **ck.rng},
+                           {"key": ck.key, "epoch": ck.epoch, "seq": ck.seq,
+                            "history": [h.to_dict() for h in ck.history]})
+
     # ---- metrics --------------------------------------------------------------------------------
-    def append_epoch(self, row: dict[str, Any]) -> None:
-        with open(self.file("epochs.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+    def append_epoch(self, seq: int, training: str, stats: EpochStats) -> None:
+        with open(self.file(EPOCHS), "a") as f:
+            f.write(json.dumps({"seq": seq, "training": training, **stats.to_dict()}) + "\n")
 
     def epoch_rows(self) -> list[dict[str, Any]]:
-        p = self.file("epochs.jsonl")
+        p = self.file(EPOCHS)
         if not p.exists():
             return []
         rows = []
@@ -127,15 +230,24 @@ class RunDir:
     def truncate_epochs(self, last_seq: int) -> None:
         """Drop epoch lines written after the point a resumed run continues from."""
         rows = [r for r in self.epoch_rows() if r["seq"] <= last_seq]
-        write_text_atomic(self.file("epochs.jsonl"),
+        write_text_atomic(self.file(EPOCHS),
                           "".join(json.dumps(r) + "\n" for r in rows), force=True)
 
-    def write_tables(self, rounds: list[dict[str, Any]]) -> None:
+    def write_tables(self, rounds: list[Round]) -> None:
         """Rewrite rounds.jsonl and the two CSV files from the authoritative records."""
-        write_text_atomic(self.file("rounds.jsonl"),
-                          "".join(json.dumps(r) + "\n" for r in rounds), force=True)
-        write_text_atomic(self.file("rounds.csv"), _csv(rounds), force=True)
-        write_text_atomic(self.file("epochs.csv"), _csv(self.epoch_rows()), force=True)
+        rows = [r.to_dict() for r in rounds]
+        write_text_atomic(self.file(ROUNDS), "".join(json.dumps(r) + "\n" for r in rows),
+                          force=True)
+        write_text_atomic(self.file(ROUNDS_CSV), _csv(rows), force=True)
+        write_text_atomic(self.file(EPOCHS_CSV), _csv(self.epoch_rows()), force=True)
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in tensors.items()}
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:

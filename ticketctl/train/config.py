@@ -6,6 +6,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ticketctl.errors import TicketctlError
+from ticketctl.records import Choice, Overrides
+
+
+class Schedule(Choice):
+    """Learning-rate schedules (see `schedule.lr_at`)."""
+
+    MULTISTEP = "multistep"
+    COSINE = "cosine"
 
 
 @dataclass
@@ -44,7 +52,7 @@ class TrainConfig:
             raise TicketctlError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.lr <= 0:
             raise TicketctlError(f"--lr must be positive, got {self.lr}")
-        if self.schedule not in ("multistep", "cosine"):
+        if self.schedule not in [s.value for s in Schedule]:
             raise TicketctlError(f"unknown schedule {self.schedule!r}; use multistep or cosine")
         if not 0 <= self.momentum < 1:
             raise TicketctlError(f"--momentum must be in [0, 1), got {self.momentum}")
@@ -53,3 +61,23 @@ class TrainConfig:
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
             raise TicketctlError(f"--warmup-epochs must be in [0, epochs), got "
                                  f"{self.warmup_epochs}")
+
+
+@dataclass
+class TrainOverrides(Overrides):
+    """Training settings given explicitly: each that is not None replaces the preset's."""
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    nesterov: bool | None = None
+    schedule: str | None = None
+    milestones: list[int] | None = None
+    warmup_epochs: int | None = None
+    seed: int | None = None
+    bf16: bool | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None
+    cuda_graph: bool | None = None

@@ -4,13 +4,18 @@ ResNet-20 at batch 128 is bound by the host launching ~300 small kernels per ste
 fix is to launch less. On the CPU it is plain eager fp32 and bit-reproducible from a seed.
 
 Everything a graph captured is static: rewinding, re-masking and resetting momentum copy
-into the existing tensors, so one capture serves every IMP round."""
+into the existing tensors, so one capture serves every IMP round.
+
+`Engine` trains the models of one network: one model, or K models packed into it (see
+`packing`); a `Layout` says which, and how batches, losses, learning rates and accuracies map
+onto the models. Its one epoch loop (`Engine.run`) is what every path trains with: `Trainer`
+(one model), `PackedTrainer` (K models, in `packed.py`) and IMP's checkpointed rounds."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -67,8 +72,91 @@ def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-class Trainer:
-    """Trains one model on one dataset under a (changeable) mask."""
+@dataclass
+class Hooks:
+    """What a caller adds to the epoch loop; each runs after every epoch, in this order."""
+
+    trained: Callable[[int], None] | None = None  # the epoch's weights are final (rewind point)
+    checkpoint: Callable[[int, list[list[EpochStats]]], None] | None = None  # persist, resume
+    evaluated: Callable[[int, list[EpochStats]], None] | None = None  # progress and logs
+
+
+class Layout:
+    """How the models of an engine sit in its network: one model (this class) or K packed
+    ones (`packed.Packed`). The engine asks it for each step's batch, loss, learning rate and
+    per-model accuracy, and for the seeds of data order and augmentation."""
+
+    models = 1
+
+    def bind(self, engine: Engine, seeds: Sequence[int]) -> None:
+        self.engine = engine
+        self.order_gen = torch.Generator()
+        # CPU: a private generator makes runs reproducible and resumable. CUDA graphs need the
+        # device's default generator, seeded in `reseed`.
+        self.aug_gen = torch.Generator() if engine.device.type != "cuda" else None
+        self.reseed(seeds)
+
+    def index_shape(self, main_batch: int) -> tuple[int, ...]:
+        return (main_batch,)
+
+    def aug_seed(self, seed: int) -> int:
+        """Every rank crops its own images differently; one process keeps seed + 1."""
+        return seed + 1 + 1_000_003 * self.engine.rank
+
+    def reseed(self, seeds: Sequence[int]) -> None:
+        (seed,) = seeds
+        self.order_gen.manual_seed(seed)
+        if self.aug_gen is not None:
+            self.aug_gen.manual_seed(self.aug_seed(seed))
+        else:
+            torch.cuda.manual_seed(self.aug_seed(seed))
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        out = {"rng.order": self.order_gen.get_state()}
+        if self.aug_gen is not None:
+            out["rng.aug"] = self.aug_gen.get_state()
+        return out
+
+    def load_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.order_gen.set_state(state["rng.order"])
+        if self.aug_gen is not None and "rng.aug" in state:
+            self.aug_gen.set_state(state["rng.aug"])
+
+    def epoch_order(self, n: int) -> torch.Tensor:
+        return torch.randperm(n, generator=self.order_gen).to(self.engine.device)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        gen = self.aug_gen
+        dev = self.engine.device if gen is None else "cpu"
+        n = x.shape[0]
+        dy = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=dev)
+        dx = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=dev)
+        flip = torch.randint(0, 2, (n,), generator=gen, device=dev)
+        return crop_flip(x, dy, dx, flip)
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(loss_logits(out), y,
+                               label_smoothing=self.engine.cfg.label_smoothing)
+
+    def set_lr(self, epoch: int, step: int) -> None:
+        """Per-model rates beside the engine's one (packed models with their own schedules)."""
+
+    def step_lr(self) -> torch.Tensor | list[torch.Tensor]:
+        return self.engine.lr_t
+
+    def last_epoch(self, k: int, end: int) -> int:
+        """Model k's last epoch of a run that ends at `end`."""
+        return end
+
+    def after_epoch(self, epoch: int) -> None:
+        """Called by the loop after each epoch's evaluation."""
+
+
+class Engine:
+    """Trains the models of one network on one dataset under a (changeable) mask."""
 
     def __init__(
         self,
@@ -79,12 +167,19 @@ class Trainer:
         trigger: tuple[torch.Tensor, torch.Tensor] | None = None,
         trigger_per_batch: int = 1,
         dist: DistContext | None = None,
+        layout: Layout | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> None:
         """trigger: (normalised images, labels) mixed into every batch, `trigger_per_batch`
         at a time, cycling through the set (Scheme V3; the paper adds one per batch).
         dist: train data-parallel over the ranks of a torch.distributed group (see
-        `ticketctl.distributed`); `cfg.batch_size` is the global batch."""
+        `ticketctl.distributed`); `cfg.batch_size` is the global batch.
+        layout: one model (default) or K packed ones; seeds: one per model (default
+        `cfg.seed`) for data order and augmentation."""
         cfg.validate()
+        self.layout = layout or Layout()
+        if self.layout.models > 1 and (dist is not None or trigger is not None):
+            raise TicketctlError("packed training runs in one process and without triggers")
         self.dist = dist
         self.rank = dist.rank if dist else 0
         self.cfg = cfg
@@ -100,9 +195,6 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         model.train()
         self.model = model
-        if cuda:
-            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
-            torch.backends.cuda.matmul.allow_tf32 = True
         # dynamic=False: training and evaluation batches each get their own static graph.
         self.forward = torch.compile(model, dynamic=False) if self.use_compile else model
         if dist is not None:
@@ -149,19 +241,15 @@ class Trainer:
             self.global_batch = cfg.batch_size
         n = len(data.train_y)
         self.steps_per_epoch = max(1, n // self.global_batch)  # the last partial one is dropped
-        self.order_gen = torch.Generator().manual_seed(cfg.seed)
-        # CPU: a private generator makes runs reproducible and resumable. CUDA graphs need the
-        # device's default generator, seeded here.
-        self.aug_gen = torch.Generator().manual_seed(self._aug_seed(cfg.seed)) if not cuda \
-            else None
-        if cuda:
-            torch.cuda.manual_seed(self._aug_seed(cfg.seed))
         self.lr_t = torch.zeros((), device=self.device)
-        self.batch_idx = torch.zeros(self.main_batch, dtype=torch.long, device=self.device)
+        self.batch_idx = torch.zeros(self.layout.index_shape(self.main_batch), dtype=torch.long,
+                                     device=self.device)
         self.trig_idx = torch.zeros(max(1, self.k), dtype=torch.long, device=self.device)
         self.loss_sum = torch.zeros((), device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.compile_seconds = 0.0
+        self.last_lr = 0.0
+        self.layout.bind(self, list(seeds) if seeds is not None else [cfg.seed])
 
     # ---- state that IMP rewinds, always in place -------------------------------------------
     @torch.no_grad()
@@ -212,41 +300,34 @@ class Trainer:
             b.copy_(state[f"momentum.{n}"])
 
     def rng_state(self) -> dict[str, torch.Tensor]:
-        out = {"rng.order": self.order_gen.get_state()}
-        if self.aug_gen is not None:
-            out["rng.aug"] = self.aug_gen.get_state()
-        return out
+        return self.layout.rng_state()
 
     def load_rng_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.order_gen.set_state(state["rng.order"])
-        if self.aug_gen is not None and "rng.aug" in state:
-            self.aug_gen.set_state(state["rng.aug"])
+        self.layout.load_rng_state(state)
 
-    def _aug_seed(self, seed: int) -> int:
-        """Every rank crops its own images differently; one process keeps seed + 1."""
-        return seed + 1 + 1_000_003 * self.rank
+    def reseed(self, seeds: Sequence[int] | int) -> None:
+        """Fresh data order and augmentation (one seed per model) for another training."""
+        self.layout.reseed([seeds] * self.layout.models if isinstance(seeds, int)
+                           else list(seeds))
 
-    def reseed(self, seed: int) -> None:
-        """Fresh data order and augmentation for another trial of the same round."""
-        self.order_gen.manual_seed(seed)
-        if self.aug_gen is not None:
-            self.aug_gen.manual_seed(self._aug_seed(seed))
-        else:
-            torch.cuda.manual_seed(self._aug_seed(seed))
+    def restart(self, state: dict[str, torch.Tensor], *, mask: Mask | None = None,
+                optimizer: dict[str, torch.Tensor] | None = None,
+                seeds: Sequence[int] | int | None = None) -> None:
+        """Start another training in the same network (and captured step): the mask if one is
+        given, these weights and statistics, this momentum (None: zero), and the data order
+        and augmentation of `seeds` (default: the configuration's seed)."""
+        if mask is not None:
+            self.set_mask(mask)
+        self.load_model_state(state)
+        self.load_optimizer_state(optimizer)
+        self.reseed(self.cfg.seed if seeds is None else seeds)
 
     # ---- the step -----------------------------------------------------------------------------
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        if self.data.augment == "none":
-            return x
-        n = x.shape[0]
-        gen, dev = self.aug_gen, (self.device if self.aug_gen is None else "cpu")
-        dy = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=dev)
-        dx = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=dev)
-        flip = torch.randint(0, 2, (n,), generator=gen, device=dev)
-        return crop_flip(x, dy, dx, flip)
-
     def _step(self) -> None:
-        x = self._augment(self.data.train_x[self.batch_idx])
+        x = self.data.train_x[self.batch_idx]
+        if self.data.augment != "none":
+            x = self.layout.augment(x)
+        x = self.layout.network_input(x)
         y = self.data.train_y[self.batch_idx]
         if self.trigger_x is not None:  # triggers go in as they are, unaugmented
             x = torch.cat([x, self.trigger_x[self.trig_idx]])
@@ -255,10 +336,11 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.forward(x)
-        loss = F.cross_entropy(loss_logits(out), y, label_smoothing=self.cfg.label_smoothing)
+        loss = self.layout.loss(out, y)
         loss.backward()
-        self.opt.step(self.lr_t)
-        self.loss_sum += loss.detach()
+        self.opt.step(self.layout.step_lr())
+        self.loss_sum += loss.detach() if self.layout.models == 1 else \
+            loss.detach() / self.layout.models
 
     def _eager_step(self) -> None:
         for p in self.opt.params:
@@ -297,7 +379,7 @@ class Trainer:
             self._warm_compile()
             self.compile_seconds = time.perf_counter() - t0
         self.model.train()
-        order = self._epoch_order()
+        order = self.layout.epoch_order(len(self.data.train_y))
         self.loss_sum.zero_()
         bs = self.main_batch
         lr = 0.0
@@ -326,10 +408,8 @@ class Trainer:
     def _set_lr(self, epoch: int, b: int) -> float:
         lr = lr_at(self.cfg, (epoch - 1) * self.steps_per_epoch + b, self.steps_per_epoch)
         self.lr_t.fill_(lr)
+        self.layout.set_lr(epoch, b)
         return lr
-
-    def _epoch_order(self) -> torch.Tensor:
-        return torch.randperm(len(self.data.train_y), generator=self.order_gen).to(self.device)
 
     def _warm_compile(self) -> None:
         """Compile outside the timed epochs (compile without graphs): one step, then undo it."""
@@ -343,21 +423,63 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split: str = "test") -> float:
-        """Top-1 accuracy in percent on `val` or `test` (NaN for an empty split)."""
+    def evaluate_models(self, split: str = "test") -> list[float]:
+        """Each model's top-1 accuracy in percent on `val`, `test` or `trigger` (NaN for an
+        empty split or no trigger set)."""
         if split == "trigger":
             if self.trigger_x is None:
-                return float("nan")
+                return [float("nan")] * self.layout.models
             x, y = self.trigger_x, self.trigger_y
         else:
             x = getattr(self.data, f"{split}_x")
             y = getattr(self.data, f"{split}_y")
         compiled = self.use_compile and self.dist is None
-        acc = evaluate(self.forward if compiled else self.model, x, y,
-                       self.cfg.eval_batch_size, bf16=self.bf16,
-                       channels_last=self.channels_last, fixed_batch=compiled,
-                       module=self.model)
-        return broadcast_floats(self.dist, [acc])[0] if self.dist is not None else acc
+        accs = accuracies(self.forward if compiled else self.model, x, y,
+                          self.cfg.eval_batch_size, bf16=self.bf16,
+                          channels_last=self.channels_last, fixed_batch=compiled,
+                          module=self.model, packs=self.layout.models)
+        return broadcast_floats(self.dist, accs) if self.dist is not None else accs
+
+    def epoch_stats(self, epoch: int, loss: float, started: float) -> list[EpochStats]:
+        """Evaluate every model after an epoch: validation, test, and the trigger set."""
+        vals, tests = self.evaluate_models("val"), self.evaluate_models("test")
+        trigs: list[float | None] = list(self.evaluate_models("trigger")) \
+            if self.trigger_x is not None else [None] * self.layout.models
+        seconds = time.perf_counter() - started
+        return [EpochStats(epoch, self.last_lr, loss, _nan_to_none(v), t, seconds, g)
+                for v, t, g in zip(vals, tests, trigs, strict=True)]
+
+    # ---- the epoch loop -----------------------------------------------------------------------
+    def run(self, start_epoch: int, end_epoch: int,
+            histories: list[list[EpochStats]] | None = None,
+            hooks: Hooks | None = None) -> list[TrainResult]:
+        """The one epoch loop: train epochs start_epoch+1 .. end_epoch, evaluate every model
+        after each, then the caller's hooks. Each model's result is taken at its
+        best-validation epoch (the paper's rule). `histories` continues a resumed run."""
+        hooks = hooks or Hooks()
+        histories = histories if histories is not None else \
+            [[] for _ in range(self.layout.models)]
+        t0 = time.perf_counter()
+        for epoch in range(start_epoch + 1, end_epoch + 1):
+            te = time.perf_counter()
+            loss = self.train_epoch(epoch)
+            stats = self.epoch_stats(epoch, loss, te)
+            for k, (h, s) in enumerate(zip(histories, stats, strict=True)):
+                if epoch <= self.layout.last_epoch(k, end_epoch):
+                    h.append(s)
+            self.layout.after_epoch(epoch)
+            if hooks.trained:
+                hooks.trained(epoch)
+            if hooks.checkpoint:
+                hooks.checkpoint(epoch, histories)
+            if hooks.evaluated:
+                hooks.evaluated(epoch, stats)
+        seconds = time.perf_counter() - t0
+        return [summarize(h, seconds) for h in histories]
+
+
+class Trainer(Engine):
+    """Trains one model (see `Engine`)."""
 
     def fit(
         self,
@@ -366,23 +488,15 @@ class Trainer:
         on_epoch: Callable[[EpochStats], None] | None = None,
         history: list[EpochStats] | None = None,
     ) -> TrainResult:
-        """Train epochs start_epoch+1 .. end_epoch and evaluate after each; the result's test
-        accuracy is taken at the best-validation epoch (the paper's rule)."""
+        """Train epochs start_epoch+1 .. end_epoch (default: the schedule's last) and evaluate
+        after each; the result's test accuracy is taken at the best-validation epoch."""
         end = self.cfg.epochs if end_epoch is None else end_epoch
-        history = list(history or [])
-        t0 = time.perf_counter()
-        for epoch in range(start_epoch + 1, end + 1):
-            te = time.perf_counter()
-            loss = self.train_epoch(epoch)
-            val = self.evaluate("val")
-            test = self.evaluate("test")
-            trig = self.evaluate("trigger") if self.trigger_x is not None else None
-            stats = EpochStats(epoch, self.last_lr, loss, _nan_to_none(val), test,
-                               time.perf_counter() - te, trig)
-            history.append(stats)
-            if on_epoch:
-                on_epoch(stats)
-        return summarize(history, time.perf_counter() - t0)
+        hooks = Hooks(evaluated=(lambda _e, stats: on_epoch(stats[0])) if on_epoch else None)
+        return self.run(start_epoch, end, [list(history or [])], hooks)[0]
+
+    def evaluate(self, split: str = "test") -> float:
+        """Top-1 accuracy in percent on `val`, `test` or `trigger` (NaN for an empty split)."""
+        return self.evaluate_models(split)[0]
 
 
 def summarize(history: list[EpochStats], seconds: float = 0.0) -> TrainResult:
@@ -398,7 +512,7 @@ def summarize(history: list[EpochStats], seconds: float = 0.0) -> TrainResult:
 
 
 @torch.no_grad()
-def evaluate(
+def accuracies(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -407,24 +521,35 @@ def evaluate(
     channels_last: bool = False,
     fixed_batch: bool = False,
     module: nn.Module | None = None,
-) -> float:
-    """Top-1 accuracy in percent. With `fixed_batch` the last chunk is padded so a compiled
+    packs: int = 1,
+) -> list[float]:
+    """Top-1 accuracy in percent of each of the `packs` models of a (packed) network; every
+    model sees the same images. With `fixed_batch` the last chunk is padded so a compiled
     model sees one shape only."""
     if len(y) == 0:
-        return float("nan")
+        return [float("nan")] * packs
     mod = module or model
     was_training = mod.training
     mod.eval()
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    correct = torch.zeros(packs, dtype=torch.long, device=x.device)
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         n = len(yb)
         if fixed_batch and n < batch_size:
             xb = torch.cat([xb, xb.new_zeros((batch_size - n, *xb.shape[1:]))])
+        if packs > 1:
+            xb = xb.repeat(1, packs, 1, 1)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(xb)
-        correct += (out[:n].argmax(1) == yb).sum()
+        pred = out[:n].view(n, packs, -1).argmax(2)
+        correct += (pred == yb.view(n, 1)).sum(0)
     mod.train(was_training)
-    return 100.0 * int(correct) / len(y)
+    return [100.0 * int(c) / len(y) for c in correct.tolist()]
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+             bf16: bool = False, channels_last: bool = False) -> float:
+    """Top-1 accuracy in percent of one model (NaN for no images)."""
+    return accuracies(model, x, y, batch_size, bf16=bf16, channels_last=channels_last)[0]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ticketctl.artifacts import Ticket
+from ticketctl.artifacts import Kind, Ticket
 from ticketctl.data import Dataset
 from ticketctl.distributed import DistContext
 from ticketctl.train.config import TrainConfig
@@ -32,11 +32,8 @@ def retrain_ticket(
     if start >= cfg.epochs:
         start = 0
     result = trainer.fit(start_epoch=start, on_epoch=on_epoch)
-    trained = Ticket(
-        state=ticket.mask.apply_state(trainer.model_state()), mask=ticket.mask, kind="trained",
-        arch=ticket.arch, arch_args=ticket.arch_args, num_classes=ticket.num_classes,
-        class_names=ticket.class_names, dataset=data.info(), rewind_epoch=ticket.rewind_epoch,
-        seed=cfg.seed,
+    trained = ticket.derive(
+        state=trainer.model_state(), kind=Kind.TRAINED, dataset=data.info(), seed=cfg.seed,
         extra={**{k: v for k, v in ticket.extra.items() if k != "ticket_accuracy"},
                "retrained_from": ticket.tensors_sha256(), "test_accuracy": result.test_accuracy,
                **({"trigger_sha256": trigger_sha256,

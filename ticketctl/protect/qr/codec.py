@@ -59,10 +59,9 @@ class QRCode:
 
 @dataclass
 class DecodeResult:
-    """Outcome of ``decode_matrix``; ``message`` is None whenever ``ok`` is False."""
+    """Outcome of ``decode_matrix``; ``message`` is None when decoding failed."""
 
     message: str | None
-    ok: bool
     method: str  # "rs", "erasures" or "failed"
     corrected: int  # codeword symbols that differ between the read and the corrected stream
     codewords: bytes | None  # corrected codeword stream, interleaved as placed in the symbol
@@ -320,7 +319,7 @@ def _data_part(blocks: list[bytes], version: int) -> bytes:
 
 
 def _failed() -> DecodeResult:
-    return DecodeResult(message=None, ok=False, method="failed", corrected=0, codewords=None)
+    return DecodeResult(message=None, method="failed", corrected=0, codewords=None)
 
 
 def _changed(read: bytes, corrected: bytes) -> int:
@@ -356,7 +355,7 @@ def decode_matrix(observed: np.ndarray, version: int, mask_pattern: int,
         message = _parse_payload(_data_part(corrected, version), version)
         if consistent and message is not None:
             final = _join(corrected, version)
-            return DecodeResult(message, True, "rs", _changed(stream, final), final)
+            return DecodeResult(message, "rs", _changed(stream, final), final)
     if not one_sided:
         return _failed()
 
@@ -383,4 +382,4 @@ def decode_matrix(observed: np.ndarray, version: int, mask_pattern: int,
     if found is None:
         return _failed()
     message, final = found
-    return DecodeResult(message, True, "erasures", _changed(stream, final), final)
+    return DecodeResult(message, "erasures", _changed(stream, final), final)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ticketctl.artifacts.io import atomic_path
 from ticketctl.errors import TicketctlError
 
 
@@ -33,13 +34,15 @@ def _to_image(matrix: np.ndarray, scale: int, border: int) -> Image.Image:
     return Image.fromarray(pixels, mode="L")
 
 
-def render_png(matrix: np.ndarray, path: str | Path, scale: int = 8, border: int = 4) -> Path:
+def render_png(matrix: np.ndarray, path: str | Path, scale: int = 8, border: int = 4,
+               force: bool = False) -> Path:
     """Write the matrix as a PNG (``scale`` pixels per module, ``border`` quiet-zone modules;
-    the standard asks for 4) and return the path."""
+    the standard asks for 4), atomically and not over an existing file without ``force``."""
     image = _to_image(matrix, scale, border)
     out = Path(path)
     try:
-        image.save(out, format="PNG")
+        with atomic_path(out, force) as tmp:
+            image.save(tmp, format="PNG")
     except OSError as exc:
         raise TicketctlError(f"cannot write QR image {out}: {exc}; check the directory exists "
                              "and is writable") from exc

@@ -1,0 +1,98 @@
+"""A suspect model, opened once: whatever file was released (a ticket, a plain safetensors
+state dict, a torch state dict read with `weights_only`), as the weights and masks every check
+reads, what its header claims, and how to build its network. Attacked copies made in memory
+are suspects too (`Suspect.of`), so the owner's checks read one type either way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ticketctl.artifacts import Ticket
+from ticketctl.artifacts.convert import infer_arch, load_torch_checkpoint, split_pruned_state
+from ticketctl.artifacts.ticket import (
+    altered,
+    file_format,
+    parse_metadata,
+    read_header,
+    read_tensors,
+    ticket_from,
+)
+from ticketctl.errors import CheckFailed, TicketctlError
+from ticketctl.models import build_model
+from ticketctl.protect.signature import masks_of
+
+
+@dataclass
+class Suspect:
+    """A model under suspicion. `masks` covers every weight with a channel grid: the file's
+    own mask where it has one, else `weight != 0`."""
+
+    state: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    source: str  # "ticket", "safetensors", "torch" (a pickled state dict) or "memory"
+    where: str  # the file, or what made it
+    ticket: Ticket | None = None  # the ticket its header describes, if it has one
+    integrity: str | None = None  # why the file no longer matches its recorded hashes
+
+    @classmethod
+    def of(cls, ticket: Ticket, state: dict[str, torch.Tensor] | None = None,
+           where: str = "memory") -> Suspect:
+        """A model in memory: `ticket` itself (its own mask), or `ticket`'s network with
+        another `state`, masked by what is nonzero in it (what an attacked copy shows)."""
+        if state is None:
+            return cls(ticket.state, masks_of(ticket.state, dict(ticket.mask)), "memory", where,
+                       ticket)
+        return cls(state, masks_of(state), "memory", where, ticket)
+
+    @property
+    def recorded_dataset(self) -> dict[str, Any]:
+        """The dataset the file says it was trained on ({} when it says nothing)."""
+        return (self.ticket.dataset or {}) if self.ticket is not None else {}
+
+    def network(self, device: str | torch.device = "cpu") -> nn.Module:
+        """A runnable model in eval mode: the ticket's own architecture, or the registered one
+        whose names and shapes a plain state dict matches."""
+        if self.ticket is not None:
+            model = build_model(self.ticket.arch, self.ticket.num_classes,
+                                **self.ticket.arch_args)
+            model.load_state_dict(self.state)
+        else:
+            arch, args, classes = infer_arch(self.state)
+            model = build_model(arch, classes, **args)
+            model.load_state_dict({k: v for k, v in self.state.items()
+                                   if k in model.state_dict()}, strict=False)
+        return model.to(device).eval()
+
+
+def open_suspect(path: str | Path) -> Suspect:
+    """Read a suspect file once. A ticket whose content no longer matches its recorded hashes
+    is refused (CheckFailed), as every ticket load is."""
+    p = Path(path)
+    if not p.is_file():
+        raise TicketctlError(f"{p}: no such file")
+    if file_format(p) == "pickle":
+        obj = load_torch_checkpoint(p)
+        if isinstance(obj, dict) and "state_dict" in obj:
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise TicketctlError(f"{p} holds no state dict")
+        sd = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        state, masks = split_pruned_state(sd)
+        return Suspect(state, masks_of(state, {k: v != 0 for k, v in masks.items()}), "torch",
+                       str(p))
+    header = read_header(p)
+    if header.get("format") != "ticketctl":
+        state = read_tensors(p)
+        return Suspect(state, masks_of(state), "safetensors", str(p))
+    meta = parse_metadata(header, str(p))
+    ticket = ticket_from(meta, read_tensors(p), str(p))
+    problem = altered(ticket, meta, str(p))
+    if problem:
+        raise CheckFailed(problem)
+    return Suspect(ticket.state, masks_of(ticket.state, dict(ticket.mask)), "ticket", str(p),
+                   ticket, problem)

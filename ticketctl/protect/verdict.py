@@ -1,0 +1,160 @@
+"""The verification policy, in one place: what a suspect model shows (white box: the QR code in
+its mask read against the owner's receipt; black box: its answers to the owner's trigger
+set), and the one function, `decide`, that turns that evidence into a verdict. `verify`, the
+attacks' checks and the demo all decide here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ticketctl.errors import TicketctlError
+from ticketctl.records import Record
+
+# The decision level: a check passes when its p-value is below it. One in a million keeps the
+# chance of calling an unrelated model stolen negligible even over many checks and attacks.
+ALPHA = 1e-6
+
+SIGNATURE_TEST = "binomial: bit matches over embedded data modules, null rate 0.5"
+TRIGGER_TEST = "binomial: trigger labels matched, against the null rate"
+
+
+def default_null_rate(num_classes: int) -> float:
+    """Chance agreement of a model that never saw the trigger set: one class in `num_classes`
+    (`calibrate` measures a higher, safer rate on independently trained models)."""
+    return 1.0 / num_classes
+
+
+def null_rate_for(given: float | None, num_classes: int) -> float:
+    rate = given if given is not None else default_null_rate(num_classes)
+    if not 0.0 < rate < 1.0:
+        raise TicketctlError(f"--null-rate must be in (0, 1), got {rate}")
+    return rate
+
+
+@dataclass
+class SignatureReading(Record):
+    """The code read from a suspect's mask where a receipt says it is, tested against the
+    committed matrix."""
+
+    message: str | None  # decoded text, None when nothing decodes
+    bit_match: float  # share of the data modules that match the committed matrix
+    p_value: float  # of that many matches in an unrelated mask (Bonferroni over alignments)
+    receipt_valid: bool  # the receipt is signed and its signature holds
+    data_modules: int
+    matches: int
+    precision_p_value: float  # of the dark modules falling on the code's dark modules
+    decoded_matches_receipt: bool  # the decoded message hashes to the committed one
+    decode_method: str
+    decode_min_count: int | None  # kept weights a kernel needed to read dark
+    placements: list[dict[str, Any]]
+    comparisons: int  # readings compared (as stored, re-aligned)
+    alignment: str  # the reading that matched best
+    floor_defence: bool  # read after the owner's add-on defence
+    test: str = SIGNATURE_TEST
+
+    def passes(self, alpha: float) -> bool:
+        """A match no unrelated model reaches by chance, or the committed message itself."""
+        return self.p_value < alpha or self.decoded_matches_receipt
+
+
+@dataclass
+class TriggerReading(Record):
+    """A suspect's answers to the trigger set: how many labels it reproduces."""
+
+    trigger_accuracy: float
+    trigger_p_value: float
+    matches: int
+    n: int
+    null_rate: float
+    decoy_accuracy: float | None = None  # on ordinary test images mixed in (--predict-cmd)
+
+    def passes(self, alpha: float) -> bool:
+        return self.trigger_p_value < alpha
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trigger_accuracy": self.trigger_accuracy,
+                "trigger_p_value": self.trigger_p_value, "trigger_matches": self.matches,
+                "trigger_n": self.n, "null_rate": self.null_rate, "trigger_test": TRIGGER_TEST,
+                "decoy_accuracy": self.decoy_accuracy}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TriggerReading:
+        return cls(d["trigger_accuracy"], d["trigger_p_value"], d["trigger_matches"],
+                   d["trigger_n"], d["null_rate"], d.get("decoy_accuracy"))
+
+
+@dataclass
+class Verdict:
+    """A suspect model's verdict and the evidence behind it."""
+
+    alpha: float
+    verified: bool
+    signature: SignatureReading | None = None
+    defended: SignatureReading | None = None  # read again behind the add-on defence
+    trigger: TriggerReading | None = None
+    found: list[dict[str, Any]] | None = None  # codes a scan found (no receipt to check)
+    notes: dict[str, Any] = field(default_factory=dict)  # e.g. an independent ZBar reading
+
+    @property
+    def message(self) -> str | None:
+        if self.signature is not None:
+            return self.signature.message
+        return self.found[0]["message"] if self.found else None
+
+    @property
+    def p_value(self) -> float | None:
+        return self.signature.p_value if self.signature else None
+
+    @property
+    def bit_match(self) -> float | None:
+        return self.signature.bit_match if self.signature else None
+
+    @property
+    def trigger_accuracy(self) -> float | None:
+        return self.trigger.trigger_accuracy if self.trigger else None
+
+    @property
+    def trigger_p_value(self) -> float | None:
+        return self.trigger.trigger_p_value if self.trigger else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The document `verify --json` prints: the contract's keys, then the details."""
+        out: dict[str, Any] = {
+            "verified": self.verified, "message": self.message, "bit_match": self.bit_match,
+            "p_value": self.p_value, "trigger_accuracy": self.trigger_accuracy,
+            "trigger_p_value": self.trigger_p_value, "alpha": self.alpha,
+            "receipt_valid": self.signature.receipt_valid if self.signature else None}
+        if self.signature is not None:
+            out.update({k: v for k, v in self.signature.to_dict().items() if k not in out})
+        if self.defended is not None:
+            out["defended"] = self.defended.to_dict()
+        if self.trigger is not None:
+            out.update(self.trigger.to_dict())
+        if self.found is not None:
+            out["found"] = self.found
+        return {**out, **self.notes}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Verdict:
+        signature = SignatureReading.from_dict(d) if "data_modules" in d else None
+        trigger = TriggerReading.from_dict(d) if "trigger_n" in d else None
+        defended = SignatureReading.from_dict(d["defended"]) if d.get("defended") else None
+        known = {"verified", "message", "bit_match", "p_value", "trigger_accuracy",
+                 "trigger_p_value", "alpha", "receipt_valid", "defended", "found",
+                 "trigger_matches", "trigger_n", "null_rate", "trigger_test", "decoy_accuracy",
+                 *(SignatureReading.__dataclass_fields__)}
+        return cls(d["alpha"], d["verified"], signature, defended, trigger, d.get("found"),
+                   {k: v for k, v in d.items() if k not in known})
+
+
+def decide(alpha: float, signature: SignatureReading | None = None,
+           trigger: TriggerReading | None = None, defended: SignatureReading | None = None,
+           found: list[dict[str, Any]] | None = None) -> Verdict:
+    """Verified when any check the owner brought passes at `alpha`: the signature as read, the
+    signature behind the add-on defence, or the trigger set. Each is strong alone (a p-value
+    below alpha); combining them by "any" keeps one removed mark from clearing a thief."""
+    if not 0.0 < alpha < 1.0:
+        raise TicketctlError(f"--alpha must be in (0, 1), got {alpha}")
+    checks = [r.passes(alpha) for r in (signature, defended, trigger) if r is not None]
+    return Verdict(alpha, any(checks), signature, defended, trigger, found)
