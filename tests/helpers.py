@@ -21,7 +21,10 @@ from ticketctl.prune import magnitude_prune
 # fast something ran.
 HANG_GUARD_S = 1200
 
-_runner = CliRunner()
+try:  # Click before 8.2 mixes stderr into stdout unless told not to
+    _runner = CliRunner(mix_stderr=False)
+except TypeError:  # Click 8.2 and later (vendored by Typer 0.2x) always keep them apart
+    _runner = CliRunner()
 
 
 def run(*args):

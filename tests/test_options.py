@@ -4,7 +4,7 @@ listed in --help, and usage errors on one line like every other error."""
 import inspect
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import pytest
 import torch
@@ -24,7 +24,7 @@ class Inner:
 
 @group(panel="Panel")
 class Outer:
-    name: str | None = option(help="A name.")
+    name: Optional[str] = option(help="A name.")
     inner: Inner = nested(Inner)
     output: Output = nested(Output)
 

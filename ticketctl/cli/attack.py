@@ -64,8 +64,8 @@ def attack(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 class Report:
     """Where a sweep's rows go besides the table or JSON."""
 
-    csv_path: Path | None = option("--csv", help="Also write the rows as CSV.")
-    plot_path: Path | None = option("--plot",
+    csv_path: Optional[Path] = option("--csv", help="Also write the rows as CSV.")
+    plot_path: Optional[Path] = option("--plot",
                                     help="PNG of accuracy and -log10 p against strength.")
 
     def write(self, report: AttackReport, force: bool) -> None:
@@ -108,11 +108,11 @@ class Retraining:
 
     training: Training = nested(Training)
     pack: Pack = None
-    key: Path | None = option(help="The owner's key: the original ticket is retrained the "
+    key: Optional[Path] = option(help="The owner's key: the original ticket is retrained the "
                               "same way as the reference.")
-    reference_accuracy: float | None = option(
+    reference_accuracy: Optional[float] = option(
         help="Reference accuracy of the original ticket, if no --key is given.")
-    out_dir: Path | None = option(
+    out_dir: Optional[Path] = option(
         help="Sweep folder: finished rows are kept there and reused on a rerun.")
 
     def key_ticket(self) -> Ticket | None:

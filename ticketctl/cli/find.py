@@ -36,13 +36,13 @@ P_SEARCH = "Search"
 class Search:
     """The extreme-ticket search, or fixed-rate IMP with --rounds and --rate."""
 
-    rates: str | None = option(
+    rates: Optional[str] = option(
         help="Decreasing pruning rates of the extreme search [0.2,0.1,0.05,0.01].")
-    tolerance: float | None = option(help="Accuracy points below dense a ticket may lose [1.0].")
-    rewind_epoch: int | None = option(
+    tolerance: Optional[float] = option(help="Accuracy points below dense a ticket may lose [1.0].")
+    rewind_epoch: Optional[int] = option(
         help="Rewind to the weights after this epoch (0 = initialisation) [3].")
-    rounds: int | None = option(help="Fixed-rate IMP: this many rounds at --rate (no search).")
-    rate: float | None = option(help="The rate of fixed-rate IMP.")
+    rounds: Optional[int] = option(help="Fixed-rate IMP: this many rounds at --rate (no search).")
+    rate: Optional[float] = option(help="The rate of fixed-rate IMP.")
     scope: Scope = option(default=Scope.GLOBAL, help="Rank weights globally or per layer.")
     trials: int = option(
         default=1, help="Accept a round on the mean test accuracy of this many retrainings.")

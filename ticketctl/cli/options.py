@@ -213,17 +213,17 @@ class Compute:
 # ---- data -------------------------------------------------------------------------------------
 @group(panel=P_DATA)
 class DataOptions:
-    dataset: str | None = option(help="digits, cifar10, cifar100, imagefolder or synthetic "
+    dataset: Optional[str] = option(help="digits, cifar10, cifar100, imagefolder or synthetic "
                                  "(default: the model's, else digits).")
-    data_dir: Path | None = option(help="Folder holding cifar-10-batches-py/, "
+    data_dir: Optional[Path] = option(help="Folder holding cifar-10-batches-py/, "
                                    "cifar-100-python/ or train/ and test/.")
 
 
 @group(panel=P_DATA)
 class Split:
-    val_size: int | None = option(
+    val_size: Optional[int] = option(
         help="Training images held out for validation (default 5,000 on CIFAR).")
-    split_seed: int | None = option(
+    split_seed: Optional[int] = option(
         help="Seed of the validation split (default: the ticket's, else 0).")
 
 
@@ -236,18 +236,18 @@ Arch = Annotated[Optional[str], typer.Option(
 class Training:
     """A preset schedule and the settings given explicitly over it."""
 
-    preset: Preset | None = option(
+    preset: Optional[Preset] = option(
         help="Training schedule (default: demo on digits, else paper).")
-    epochs: int | None = option(help="Epochs per training.")
-    batch_size: int | None = option()
-    lr: float | None = option(help="Peak learning rate.")
-    momentum: float | None = option()
-    weight_decay: float | None = option()
-    nesterov: bool | None = option("--nesterov/--no-nesterov", show_default=False)
-    schedule: Schedule | None = option()
-    milestones: str | None = option(
+    epochs: Optional[int] = option(help="Epochs per training.")
+    batch_size: Optional[int] = option()
+    lr: Optional[float] = option(help="Peak learning rate.")
+    momentum: Optional[float] = option()
+    weight_decay: Optional[float] = option()
+    nesterov: Optional[bool] = option("--nesterov/--no-nesterov", show_default=False)
+    schedule: Optional[Schedule] = option()
+    milestones: Optional[str] = option(
         help="Epochs where multistep divides the rate by 10, e.g. 91,136.")
-    warmup_epochs: int | None = option()
+    warmup_epochs: Optional[int] = option()
     seed: int = option(default=0, help="Seed for every random choice.")
     no_compile: bool = option("--no-compile", default=False, panel=P_CUDA,
                               help="Do not torch.compile.")
@@ -278,7 +278,7 @@ class Distributed:
     nproc: int = option(default=1, help="Data-parallel processes on this host (torchrun; "
                         "NCCL on GPUs, gloo on CPUs); --batch-size stays the global batch.")
     nnodes: int = option(default=1, help="Hosts taking part (each runs the command).")
-    rdzv_endpoint: str | None = option(help="HOST:PORT where the hosts meet (several hosts).")
+    rdzv_endpoint: Optional[str] = option(help="HOST:PORT where the hosts meet (several hosts).")
     dist_timeout: float = option(
         default=3600.0, help="Seconds before a stuck distributed run is stopped (exit 2).")
 
@@ -297,11 +297,11 @@ class Distributed:
 class OwnerMarks:
     """The receipt (white box) and trigger set (black box) a suspect is checked against."""
 
-    receipt: Path | None = option(help="The owner's receipt (Scheme V2).")
-    public_key: Path | None = option(help="PREFIX.pub: the receipt must be signed by this key.")
-    trigger: Path | None = option(
+    receipt: Optional[Path] = option(help="The owner's receipt (Scheme V2).")
+    public_key: Optional[Path] = option(help="PREFIX.pub: the receipt must be signed by this key.")
+    trigger: Optional[Path] = option(
         help="The owner's trigger set (Scheme V3): checks the model's answers.")
-    null_rate: float | None = option(
+    null_rate: Optional[float] = option(
         help="Chance agreement with the trigger labels (default 1/classes; see calibrate).")
     alpha: float = option(default=ALPHA, help="Decision level for the p-values.")
 
