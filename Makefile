@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # build. Override with `make TORCH='torch==X' ...`.
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 
-.PHONY: demo test lint clean zbar
+.PHONY: demo test quick lint clean zbar
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed zbar
 	$(BIN)/ruff check ticketctl tests benchmarks fixtures
 	$(BIN)/python -m pytest -q
+
+# The quick loop: everything but the end-to-end runs in subprocesses (marked slow).
+quick: $(BIN)/.installed zbar
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check ticketctl tests benchmarks fixtures
