@@ -157,3 +157,16 @@ def test_the_receipt_commits_to_the_trigger_set(v3):
     assert receipt.trigger_sha256 == v3["marked"]["trigger_sha256"]
     assert not receipt.has_code  # made by retrain --receipt alone: a trigger set, no code
     assert receipt.check(load_public_key(d / "owner.pub"))
+
+
+def test_a_receipt_of_a_trigger_set_alone_checks_the_black_box(v3):
+    """`retrain --receipt` alone commits a trigger set and no code: with --trigger it gives
+    the black-box verdict; without one it says what is missing."""
+    d = v3["d"]
+    result = run("verify", d / "marked.safetensors", "--receipt", d / "receipt.json",
+                 "--trigger", d / "set.npz", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["verified"] and doc["p_value"] is None and doc["trigger_p_value"] < 1e-6
+    result = run("verify", d / "marked.safetensors", "--receipt", d / "receipt.json")
+    assert_one_line_error(result, 2, "only a trigger set")

@@ -55,7 +55,10 @@ def check_suspect(suspect: Suspect, marks: Marks, data: Dataset | None = None,
     suspect's weights, saves building one. `compare_defence` reads the code both as stored
     and behind the defence (an attack sweep shows both); otherwise `marks.defend` picks one."""
     signature = defended = trigger = None
-    if marks.receipt is not None:
+    if marks.receipt is not None and not marks.receipt.has_code and marks.trigger is None:
+        raise TicketctlError("the receipt commits no QR code (only a trigger set): check the "
+                             "model with --trigger")
+    if marks.receipt is not None and marks.receipt.has_code:
         signature = read_signature(suspect.masks, marks.receipt, marks.public_key,
                                    floor_defence=marks.defend and not compare_defence,
                                    state=suspect.state)
@@ -97,7 +100,7 @@ def verify(model: str | Path | None, marks: Marks, *, predict_cmd: str | None = 
         data = load_recorded_dataset({}, dataset, data_dir)
         marks.trigger.check_classes(data.num_classes)
         signature = None
-        if suspect is not None and marks.receipt is not None:
+        if suspect is not None and marks.receipt is not None and marks.receipt.has_code:
             signature = read_signature(suspect.masks, marks.receipt, marks.public_key,
                                        floor_defence=marks.defend, state=suspect.state)
         reading = verify_command_triggers(predict_cmd, marks.trigger, data,
