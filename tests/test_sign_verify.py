@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, make_ticket, run
+from helpers import assert_one_line_error, make_ticket, run, write_raw
 
 from ticketctl.artifacts import save_ticket
 from ticketctl.artifacts.convert import save_torch_prune
@@ -149,7 +149,7 @@ def test_plain_state_dicts_verify_by_nonzero_weights(signed_setup, tmp_path):
 def test_no_receipt_scan_reports_the_message(signed_setup):
     d = signed_setup["d"]
     result = run("verify", d / "s.safetensors", "--json")
-    assert result.exit_code == 0
+    assert result.exit_code == 1  # found, but nothing to verify it against: not verified
     doc = json.loads(result.stdout)
     assert doc["message"] == "signature" and doc["found"][0]["layer"]
     assert json.loads(run("verify", d / "t.safetensors", "--json").stdout)["message"] is None
@@ -216,3 +216,33 @@ def test_copies_vote_module_wise(tmp_path):
     assert signed.mask.num_kept == ticket.mask.num_kept
     verdict = verify_with_receipt(masks_of(signed.state, dict(signed.mask)), doc)
     assert verdict.verified and verdict.message == "sig"
+
+
+def test_a_suspect_file_is_checked_whatever_its_header_claims(signed_setup, tmp_path):
+    """A thief who edits the recorded hash, breaks the header or strips it does not dodge
+    the check: the weights and masks are read as they are and the mismatch is a finding."""
+    import safetensors.torch
+
+    from ticketctl.artifacts import load_ticket
+
+    d = signed_setup["d"]
+    signed = load_ticket(d / "s.safetensors")
+    meta = signed.metadata()
+    forged_hash = {**meta, "tensors_sha256": "0" * 64}
+    broken = {**meta, "arch": "resnet20"}  # tensors do not fit the claimed architecture
+    files = {"hash": write_raw(tmp_path / "hash.safetensors", signed.tensors(), forged_hash),
+             "arch": write_raw(tmp_path / "arch.safetensors", signed.tensors(), broken),
+             "plain": tmp_path / "plain.safetensors"}
+    safetensors.torch.save_file(signed.tensors(), str(files["plain"]))  # no header at all
+    for name, path in files.items():
+        result = run("verify", path, "--receipt", d / "r.json", "--json")
+        assert result.exit_code == 0, (name, result.stderr)
+        doc = json.loads(result.stdout)
+        assert doc["verified"] is True and doc["message"] == "signature", name
+        assert bool(doc["findings"]) == (name != "plain"), (name, doc["findings"])
+    assert "altered after it was written" in json.loads(
+        run("verify", files["hash"], "--receipt", d / "r.json", "--json").stdout)["findings"][0]
+    # the user's own input to a transformation stays strict
+    assert_one_line_error(run("split", files["hash"], "--score", "omp", "--key-ratio", "0.1",
+                              "--key", tmp_path / "k", "--locked", tmp_path / "l"), 1,
+                          "altered after it was written")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from ticketctl.artifacts import load_ticket, save_ticket
 from ticketctl.cli.common import console
@@ -110,13 +111,16 @@ def verify(
                            dataset=data.dataset, data_dir=data.data_dir, qr_png=qr_png,
                            force=output.force)
     output.emit(verdict.to_dict(), lambda: _print_verdict(verdict))
-    if owner.empty:
-        return  # a scan reports what it finds; there is nothing to verify against
+    if owner.empty:  # a scan reports the codes it finds, but proves nothing
+        raise CheckFailed("not verified: nothing to verify against; pass --receipt and/or "
+                          "--trigger")
     if not verdict.verified:
         raise CheckFailed("not verified: no check passed at the chosen alpha")
 
 
 def _print_verdict(v: Verdict) -> None:
+    for finding in v.findings:
+        console.print(f"[yellow]note:[/] {escape(finding)}", highlight=False)
     if v.signature is not None:
         s = v.signature
         console.print(f"white box: message {s.message!r}, bit match {100 * s.bit_match:.1f}% of "

@@ -1,11 +1,17 @@
 """A suspect model, opened once: whatever file was released (a ticket, a plain safetensors
 state dict, a torch state dict read with `weights_only`), as the weights and masks every check
 reads, what its header claims, and how to build its network. Attacked copies made in memory
-are suspects too (`Suspect.of`), so the owner's checks read one type either way."""
+are suspects too (`Suspect.of`), so the owner's checks read one type either way.
+
+A suspect file is untrusted by definition: its header may lie, be broken or be missing, and
+its recorded hashes may not match (a thief edits one hex digit to dodge a check). None of that
+stops the checks: the weights and masks are read as they are, and what does not hold is
+reported as a finding beside the verdict. Only a file that holds no readable tensors at all
+is refused."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +21,8 @@ from torch import nn
 from ticketctl.artifacts import Ticket
 from ticketctl.artifacts.convert import infer_arch, load_torch_checkpoint, split_pruned_state
 from ticketctl.artifacts.ticket import (
+    FORMAT_NAME,
+    MASK_SUFFIX,
     altered,
     file_format,
     parse_metadata,
@@ -22,7 +30,7 @@ from ticketctl.artifacts.ticket import (
     read_tensors,
     ticket_from,
 )
-from ticketctl.errors import CheckFailed, TicketctlError
+from ticketctl.errors import TicketctlError
 from ticketctl.models import build_model
 from ticketctl.protect.signature import masks_of
 
@@ -36,8 +44,8 @@ class Suspect:
     masks: dict[str, torch.Tensor]
     source: str  # "ticket", "safetensors", "torch" (a pickled state dict) or "memory"
     where: str  # the file, or what made it
-    ticket: Ticket | None = None  # the ticket its header describes, if it has one
-    integrity: str | None = None  # why the file no longer matches its recorded hashes
+    ticket: Ticket | None = None  # the ticket its header describes, if that holds
+    findings: list[str] = field(default_factory=list)  # what the file claims that is false
 
     @classmethod
     def of(cls, ticket: Ticket, state: dict[str, torch.Tensor] | None = None,
@@ -69,9 +77,21 @@ class Suspect:
         return model.to(device).eval()
 
 
+def _plain(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                      dict[str, torch.Tensor]]:
+    """A safetensors file read without trusting its header: the state, and the `.mask`
+    tensors that fit a weight of the same name."""
+    state = {k: v for k, v in tensors.items() if not k.endswith(MASK_SUFFIX)}
+    masks = {}
+    for k, v in tensors.items():
+        name = k[: -len(MASK_SUFFIX)]
+        if k.endswith(MASK_SUFFIX) and name in state and v.shape == state[name].shape:
+            masks[name] = v != 0
+    return state, masks
+
+
 def open_suspect(path: str | Path) -> Suspect:
-    """Read a suspect file once. A ticket whose content no longer matches its recorded hashes
-    is refused (CheckFailed), as every ticket load is."""
+    """Read a suspect file once, whatever its header claims (see the module's docstring)."""
     p = Path(path)
     if not p.is_file():
         raise TicketctlError(f"{p}: no such file")
@@ -86,13 +106,18 @@ def open_suspect(path: str | Path) -> Suspect:
         return Suspect(state, masks_of(state, {k: v != 0 for k, v in masks.items()}), "torch",
                        str(p))
     header = read_header(p)
-    if header.get("format") != "ticketctl":
-        state = read_tensors(p)
-        return Suspect(state, masks_of(state), "safetensors", str(p))
-    meta = parse_metadata(header, str(p))
-    ticket = ticket_from(meta, read_tensors(p), str(p))
+    tensors = read_tensors(p)
+    if header.get("format") != FORMAT_NAME:
+        state, masks = _plain(tensors)
+        return Suspect(state, masks_of(state, masks), "safetensors", str(p))
+    try:
+        meta = parse_metadata(header, str(p))
+        ticket = ticket_from(meta, tensors, str(p))
+    except TicketctlError as e:  # a broken or lying header: read the tensors as they are
+        state, masks = _plain(tensors)
+        return Suspect(state, masks_of(state, masks), "safetensors", str(p),
+                       findings=[f"the ticketctl header does not hold ({e}); the tensors "
+                                 "were read as they are"])
     problem = altered(ticket, meta, str(p))
-    if problem:
-        raise CheckFailed(problem)
     return Suspect(ticket.state, masks_of(ticket.state, dict(ticket.mask)), "ticket", str(p),
-                   ticket, problem)
+                   ticket, [problem + "; checked anyway"] if problem else [])

@@ -94,6 +94,7 @@ class Verdict:
     defended: SignatureReading | None = None  # read again behind the add-on defence
     trigger: TriggerReading | None = None
     found: list[dict[str, Any]] | None = None  # codes a scan found (no receipt to check)
+    findings: list[str] = field(default_factory=list)  # what the suspect file claims falsely
     notes: dict[str, Any] = field(default_factory=dict)  # e.g. an independent ZBar reading
 
     @property
@@ -133,6 +134,7 @@ class Verdict:
             out.update(self.trigger.to_dict())
         if self.found is not None:
             out["found"] = self.found
+        out["findings"] = self.findings
         return {**out, **self.notes}
 
     @classmethod
@@ -143,9 +145,9 @@ class Verdict:
         known = {"verified", "message", "bit_match", "p_value", "trigger_accuracy",
                  "trigger_p_value", "alpha", "receipt_valid", "defended", "found",
                  "trigger_matches", "trigger_n", "null_rate", "trigger_test", "decoy_accuracy",
-                 *(SignatureReading.__dataclass_fields__)}
+                 "findings", *(SignatureReading.__dataclass_fields__)}
         return cls(d["alpha"], d["verified"], signature, defended, trigger, d.get("found"),
-                   {k: v for k, v in d.items() if k not in known})
+                   list(d.get("findings") or []), {k: v for k, v in d.items() if k not in known})
 
 
 def decide(alpha: float, signature: SignatureReading | None = None,

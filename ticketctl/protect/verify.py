@@ -72,7 +72,9 @@ def check_suspect(suspect: Suspect, marks: Marks, data: Dataset | None = None,
         net = network if network is not None else suspect.network(data.train_x.device)
         trigger = verify_model_triggers(net, marks.trigger, data,
                                         null_rate_for(marks.null_rate, data.num_classes))
-    return decide(marks.alpha, signature=signature, trigger=trigger, defended=defended)
+    verdict = decide(marks.alpha, signature=signature, trigger=trigger, defended=defended)
+    verdict.findings = list(suspect.findings)
+    return verdict
 
 
 def verify(model: str | Path | None, marks: Marks, *, predict_cmd: str | None = None,
@@ -90,7 +92,8 @@ def verify(model: str | Path | None, marks: Marks, *, predict_cmd: str | None = 
         raise TicketctlError("--predict-cmd needs --trigger SET")
     suspect = open_suspect(model) if model is not None else None
     if suspect is not None and marks.empty:
-        return Verdict(marks.alpha, False, found=scan(suspect.masks))
+        return Verdict(marks.alpha, False, found=scan(suspect.masks),
+                       findings=list(suspect.findings))
     if predict_cmd is None:
         data = None
         if marks.trigger is not None:
@@ -107,6 +110,7 @@ def verify(model: str | Path | None, marks: Marks, *, predict_cmd: str | None = 
                                           null_rate_for(marks.null_rate, data.num_classes),
                                           timeout=timeout)
         verdict = decide(marks.alpha, signature=signature, trigger=reading)
+        verdict.findings = list(suspect.findings) if suspect is not None else []
     if qr_png is not None and suspect is not None and marks.receipt is not None:
         verdict.notes.update(draw_code(suspect, marks.receipt, qr_png, force))
     return verdict
