@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ticketctl.protect.trigger import generate, save_trigger_set
+
 STAGES = ("dense", "search", "v1", "v2", "v3", "attacks")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -205,9 +207,11 @@ def main() -> int:
                                "--rates", "0.005,0.01,0.02,0.05,0.1", "--defend", *chk)
         elif name == "v3":
             if args.smoke and not Path(trigger).exists():
-                st.tc("trigger_new", "trigger", "new", "--signing-key", files / "owner.key",
-                      "-n", "30", "--out", trigger, "--force")
-            # smoke: a longer schedule, so a set drawn from any fresh key is learnt
+                # a fixed set at the digits' own size: a set drawn from each run's fresh owner
+                # key, downsampled to 8x8 grey, was sometimes half unlearnable (two images
+                # alike but labelled apart), which made the smoke test a matter of luck
+                save_trigger_set(generate(b"ticketctl reproduce --smoke", n=30, size=8,
+                                          channels=1), trigger, force=True)
             longer = ["--epochs", "16"] if args.smoke else []
             marked = st.tc("retrain_marked", "retrain", files / "signed.safetensors",
                            *data_noset, *preset, *longer, "--trigger", trigger,
