@@ -162,3 +162,30 @@ def test_demo_and_python_dash_m(tmp_path):
     again = subprocess.run([sys.executable, "-m", "ticketctl", "demo", "--out-dir", str(out)],
                            capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert again.returncode == 2 and "--force" in again.stderr
+
+
+def test_text_from_files_and_users_is_printed_literally(tmp_path, ticket):
+    """Metadata, messages and paths are data: Rich markup in them is shown, not applied (a
+    `[/]` used to crash every command), and terminal escape sequences are shown as \\xNN."""
+    hostile = "[/][bold]x[link=http://e]y \x1b]0;title\x07\x1b[2J"
+    ticket.extra = {"note": hostile}
+    path = save_ticket(ticket, tmp_path / "t.safetensors")
+    result = run("inspect", path)
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stderr.split())
+    assert "[/][bold]x[link=http://e]y" in text and "\\x1b]0;title\\x07" in text
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+    meta = {**ticket.metadata(), "kind": "[/]"}
+    bad = write_raw(tmp_path / "kind.safetensors", ticket.tensors(), meta)
+    assert_one_line_error(run("inspect", bad), 2, "unknown kind '[/]'")
+
+
+def test_a_message_with_brackets_is_signed_and_shown_as_written(tmp_path):
+    t = save_ticket(make_ticket(seed=6, width=32), tmp_path / "t.safetensors")
+    message = "(c) [acme] 2026 [/]"
+    result = run("sign", t, "--message", message, "--out", tmp_path / "s.safetensors",
+                 "--receipt", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    result = run("verify", tmp_path / "s.safetensors", "--receipt", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    assert repr(message) in " ".join(result.stderr.split())

@@ -10,7 +10,7 @@ from typer.core import TyperGroup
 
 from ticketctl import __version__
 from ticketctl.cli import attack, trigger
-from ticketctl.cli.common import console
+from ticketctl.cli.common import console, plain
 from ticketctl.cli.convert import convert
 from ticketctl.cli.data import data
 from ticketctl.cli.demo import demo
@@ -44,7 +44,7 @@ class OneLineErrors(TyperGroup):
             if type(e).__name__ != "NoArgsIsHelpError":  # whose help is already printed
                 ctx = getattr(e, "ctx", None)
                 hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-                console.print(f"[bold red]error:[/] {e.format_message()}{hint}",
+                console.print(f"[bold red]error:[/] {plain(e.format_message() + hint)}",
                               highlight=False, soft_wrap=True)
             sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else 0)

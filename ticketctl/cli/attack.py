@@ -24,7 +24,7 @@ from ticketctl.attacks.keymask import summary_rows
 from ticketctl.attacks.permute import permute
 from ticketctl.attacks.removal import Method, added, mark_removed, pruned
 from ticketctl.attacks.removal import sweep as sweep_removal
-from ticketctl.cli.common import console
+from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
     Compute,
     DataOptions,
@@ -142,7 +142,7 @@ def _table(report: AttackReport) -> Table:
     rows = summary_rows(report)
     ref = report.reference_accuracy
     table = Table(title=f"attack {report.attack}: reference "
-                        f"{'-' if ref is None else f'{ref:.2f}%'} ({report.reference})")
+                        f"{'-' if ref is None else f'{ref:.2f}%'} ({plain(report.reference)})")
     cols = ["strength", "accuracy", "change", "matches"]
     extra = [c for c in ("message", "bit_match", "p_value", "defended_message",
                          "defended_p_value", "trigger_accuracy", "verified")
@@ -158,7 +158,7 @@ def _table(report: AttackReport) -> Table:
             cells.append("-" if v is None else f"{v:.2g}" if c.endswith("p_value") else
                          f"{100 * v:.1f}%" if c == "bit_match" else
                          f"{v:.1f}%" if c == "trigger_accuracy" else
-                         ("yes" if v else "[red]no") if c == "verified" else str(v))
+                         ("yes" if v else "[red]no") if c == "verified" else plain(v))
         table.add_row(*cells)
     return table
 
@@ -283,7 +283,7 @@ def fake3_cmd(
     sweep.output.emit(result, lambda: console.print(
         f"fake3: accuracy {result['accuracy_before']:.2f}% -> {result['accuracy_after']:.2f}%"
         f" ({result['delta']:+.2f}); the forger's code reads "
-        f"{result['forger_on_forged']['message']!r}; the owner's receipt (signed "
+        f"{plain(repr(result['forger_on_forged']['message']))}; the owner's receipt (signed "
         f"{result['owner_receipt_signed']}, made {result['owner_receipt_created']}) "
         f"{'matches' if result['owner_receipt_matches_release'] else 'does not match'} the "
         f"released model; the forger's receipt (made {result['forger_receipt_created']}) "

@@ -9,7 +9,7 @@ import typer
 
 from ticketctl.artifacts import load_ticket, save_ticket
 from ticketctl.artifacts.convert import ExportFormat, Weights, import_checkpoint, save_torch_prune
-from ticketctl.cli.common import console
+from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import Output, command
 
 
@@ -44,5 +44,5 @@ def convert(
                   "num_classes": ticket.num_classes, "density": ticket.density,
                   "masks_sha256": ticket.mask.sha256()}
     output.emit(result, lambda: console.print(
-        f"wrote {out} ({result['kind']}, {result['arch']}, density "
+        f"wrote {plain(out)} ({plain(result['kind'])}, {plain(result['arch'])}, density "
         f"{100 * result['density']:.2f}%)", highlight=False))

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ticketctl.cli.common import console
+from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import Output, Split, command
 from ticketctl.data import load_dataset
 
@@ -28,7 +28,8 @@ def data(
                       split_seed=split.split_seed or 0, synthetic_size=5000)
 
     def text() -> None:
-        table = Table(title=f"{ds.name}: {ds.num_classes} classes, input {ds.input_shape}")
+        table = Table(title=f"{plain(ds.name)}: {ds.num_classes} classes, input "
+                            f"{ds.input_shape}")
         for col in ("split", "images"):
             table.add_column(col)
         for name, y in (("train", ds.train_y), ("val", ds.val_y), ("test", ds.test_y)):

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ticketctl.cli.common import console
+from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import Output, command
 from ticketctl.cli.render import ProgressEvents, attacks_table, rounds_table, ticket_table
 from ticketctl.demo import default_out_dir, run_demo
@@ -48,7 +48,8 @@ def _print_demo(result: dict[str, Any]) -> None:
     console.print(
         f"Scheme V2: version-{v2['qr_version']} code in {v2['layer']} of the "
         f"{100 * v2['density']:.1f}% ticket; after {v2['attack']}: "
-        f"{'verified' if v2['verified'] else 'NOT verified'}, message {v2['message']!r}, "
+        f"{'verified' if v2['verified'] else 'NOT verified'}, message "
+        f"{plain(repr(v2['message']))}, "
         f"bit match {100 * v2['bit_match']:.1f}%, p = {v2['p_value']:.2g}", highlight=False)
     v3 = result["v3"]
     console.print(
@@ -58,5 +59,5 @@ def _print_demo(result: dict[str, Any]) -> None:
         f"{v3['predict_cmd']['trigger_p_value']:.2g}: "
         f"{'verified' if v3['verified'] else 'NOT verified'}", highlight=False)
     console.print(attacks_table(result["attacks"]))
-    console.print(f"files in {result['out_dir']} ({result['seconds']:.1f} s): "
-                  + ", ".join(Path(p).name for p in result["files"]), highlight=False)
+    console.print(f"files in {plain(result['out_dir'])} ({result['seconds']:.1f} s): "
+                  + ", ".join(plain(Path(p).name) for p in result["files"]), highlight=False)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ticketctl.artifacts import save_ticket
-from ticketctl.cli.common import console
+from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
     Arch,
     Compute,
@@ -122,8 +122,10 @@ def find(
                                    result.density))
         spec = ", ".join(f"{k}: {v}" for k, v in result.spec.items())
         console.print(f"pruning specification (accepted rounds per rate): {spec}; "
-                      f"{result.seconds:.1f} s; run folder {result.run_dir}", highlight=False)
-        console.print(f"wrote {out}" + (f" and {trained}" if trained else ""), highlight=False)
+                      f"{result.seconds:.1f} s; run folder {plain(result.run_dir)}",
+                      highlight=False)
+        console.print(f"wrote {plain(out)}" + (f" and {plain(trained)}" if trained else ""),
+                      highlight=False)
 
     output.emit({**result.summary(), "ticket": str(out),
                  "trained": str(trained) if trained else None,

@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ticketctl.cli.common import console
+from ticketctl.cli.common import console, plain
 from ticketctl.prune import Events, Round
 
 
@@ -22,14 +22,16 @@ def _dataset(d: dict[str, Any]) -> str:
 
 
 def ticket_table(info: dict[str, Any]) -> None:
-    table = Table(title=f"{info.get('file', '')}  [dim]({info['kind']}, {info['arch']})[/]")
+    table = Table(title=f"{plain(info.get('file', ''))}  "
+                        f"[dim]({plain(info['kind'])}, {plain(info['arch'])})[/]")
     table.add_column("layer")
     table.add_column("shape")
     table.add_column("kept", justify="right")
     table.add_column("total", justify="right")
     table.add_column("density", justify="right")
     for row in info["layers"]:
-        table.add_row(row["name"], "x".join(str(s) for s in row["shape"]), f"{row['kept']:,}",
+        table.add_row(plain(row["name"]), "x".join(str(s) for s in row["shape"]),
+                      f"{row['kept']:,}",
                       f"{row['total']:,}", pct(row["density"]))
     table.add_section()
     table.add_row("[bold]total", "", f"{info['kept']:,}", f"{info['prunable']:,}",
@@ -42,9 +44,10 @@ def ticket_table(info: dict[str, Any]) -> None:
     for key, value in (meta.get("extra") or {}).items():
         fields.append((key, value))
     for key, value in fields:
-        console.print(f"[bold]{key:>13}[/] {value if value is not None else '-'}", highlight=False)
+        console.print(f"[bold]{plain(f'{key:>13}')}[/] "
+                      f"{plain(value) if value is not None else '-'}", highlight=False)
     for key, value in info["hashes"].items():
-        console.print(f"[bold]{key:>13}[/] {value}", highlight=False)
+        console.print(f"[bold]{key:>13}[/] {plain(value)}", highlight=False)
 
 
 class ProgressEvents(Events):
@@ -99,7 +102,7 @@ def attacks_table(reports: list[dict[str, Any]]) -> Table:
             d = r.get("details") or {}
             table.add_row(
                 rep["attack"], f"{100 * r['strength']:g}%", f"{r['accuracy']:.1f}%",
-                str(r["message"]) if r["message"] else "-",
+                plain(r["message"]) if r["message"] else "-",
                 "-" if r["p_value"] is None else f"{r['p_value']:.1e}",
                 "-" if d.get("defended_p_value") is None else f"{d['defended_p_value']:.1e}",
                 "-" if r["trigger_accuracy"] is None else f"{r['trigger_accuracy']:.0f}%",

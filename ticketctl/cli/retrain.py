@@ -9,7 +9,7 @@ import torch
 import typer
 
 from ticketctl.artifacts import load_ticket, save_ticket
-from ticketctl.cli.common import console
+from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
     Compute,
     DataOptions,
@@ -107,7 +107,7 @@ def retrain(
             f", trigger accuracy {result.trigger_accuracy:.1f}%"
         console.print(f"test accuracy {result.test_accuracy:.2f}% at best validation "
                       f"(epoch {result.best_epoch}){trig_note}, density "
-                      f"{100 * ticket.density:.3f}%" + (f"; wrote {out}" if out else ""),
+                      f"{100 * ticket.density:.3f}%" + (f"; wrote {plain(out)}" if out else ""),
                       highlight=False)
 
     output.emit({"test_accuracy": result.test_accuracy, "val_accuracy": result.val_accuracy,

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 
 from ticketctl.artifacts import load_ticket, save_ticket
-from ticketctl.cli.common import console
+from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import DataOptions, Output, OwnerMarks, command
 from ticketctl.errors import CheckFailed
 from ticketctl.protect.qr.image import render_png
@@ -28,7 +27,7 @@ def keygen(
     """Make an Ed25519 key pair for signing receipts."""
     key, pub = write_keypair(out, force=output.force)
     output.emit({"key": str(key), "pub": str(pub)}, lambda: console.print(
-        f"wrote {key} (private, mode 600) and {pub}", highlight=False))
+        f"wrote {plain(key)} (private, mode 600) and {plain(pub)}", highlight=False))
 
 
 @command
@@ -80,10 +79,10 @@ def sign(
                       "weights; expect an accuracy cost (sign a denser ticket, or retrain and "
                       "compare)", highlight=False)
     output.emit(result, lambda: console.print(
-        f"signed: version-{qr.version} code (mask {qr.mask_pattern}) in {first.layer} at "
-        f"({first.row}, {first.col}); {report.modules_changed} modules changed; density "
-        f"{100 * report.density_before:.4f}% -> {100 * report.density_after:.4f}%; wrote {out} "
-        f"and {receipt}", highlight=False))
+        f"signed: version-{qr.version} code (mask {qr.mask_pattern}) in {plain(first.layer)} "
+        f"at ({first.row}, {first.col}); {report.modules_changed} modules changed; density "
+        f"{100 * report.density_before:.4f}% -> {100 * report.density_after:.4f}%; wrote "
+        f"{plain(out)} and {plain(receipt)}", highlight=False))
 
 
 @command
@@ -120,15 +119,16 @@ def verify(
 
 def _print_verdict(v: Verdict) -> None:
     for finding in v.findings:
-        console.print(f"[yellow]note:[/] {escape(finding)}", highlight=False)
+        console.print(f"[yellow]note:[/] {plain(finding)}", highlight=False)
     if v.signature is not None:
         s = v.signature
-        console.print(f"white box: message {s.message!r}, bit match {100 * s.bit_match:.1f}% of "
+        console.print(f"white box: message {plain(repr(s.message))}, bit match "
+                      f"{100 * s.bit_match:.1f}% of "
                       f"{s.data_modules} modules, p = {s.p_value:.3g}; receipt signature "
                       f"{'valid' if s.receipt_valid else 'not checked'}", highlight=False)
     elif v.found is not None:
         console.print("no receipt: " + ("; ".join(
-            f"{f['message']!r} in {f['layer']} at ({f['row']}, {f['col']})"
+            f"{plain(repr(f['message']))} in {plain(f['layer'])} at ({f['row']}, {f['col']})"
             for f in v.found) or "no code found"), highlight=False)
     if v.trigger is not None:
         t = v.trigger

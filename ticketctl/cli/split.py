@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ticketctl.artifacts import load_ticket, save_ticket
-from ticketctl.cli.common import console
+from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import Output, command
 from ticketctl.errors import TicketctlError
 from ticketctl.protect import Score, merge_parts, split_ticket
@@ -44,8 +44,8 @@ def split(
               "score": score.value, "seed": seed, "ticket_sha256": key_t.extra["parent_sha256"],
               "density_locked": locked_t.density}
     output.emit(result, lambda: console.print(
-        f"key: {result['key_weights']:,} weights ({score}) -> {key}; locked: "
-        f"{result['locked_weights']:,} weights -> {locked}", highlight=False))
+        f"key: {result['key_weights']:,} weights ({score}) -> {plain(key)}; locked: "
+        f"{result['locked_weights']:,} weights -> {plain(locked)}", highlight=False))
 
 
 @command
@@ -62,6 +62,6 @@ def merge(
     save_ticket(merged, out, force=output.force)
     output.emit({"out": str(out), "identical": True, "ticket_sha256": merged.tensors_sha256(),
                  "density": merged.density},
-                lambda: console.print(f"wrote {out}: identical to the original ticket "
+                lambda: console.print(f"wrote {plain(out)}: identical to the original ticket "
                                       f"(sha256 {merged.tensors_sha256()[:16]}...)",
                                       highlight=False))

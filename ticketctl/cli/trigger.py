@@ -10,7 +10,7 @@ import typer
 from cryptography.hazmat.primitives import serialization
 
 from ticketctl.artifacts.io import write_text_atomic
-from ticketctl.cli.common import console
+from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
     Arch,
     Compute,
@@ -50,7 +50,8 @@ def new(
     ts = generate(raw, n=n, size=size, channels=channels, num_classes=classes)
     save_trigger_set(ts, out, force=output.force)
     output.emit({"out": str(out), "n": n, "sha256": ts.sha256()}, lambda: console.print(
-        f"wrote {out}: {n} images {size}x{size}x{channels}, sha256 {ts.sha256()[:16]}...",
+        f"wrote {plain(out)}: {n} images {size}x{size}x{channels}, sha256 "
+        f"{ts.sha256()[:16]}...",
         highlight=False))
 
 
