@@ -202,3 +202,32 @@ def test_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path, ti
         raise AssertionError("no padding gave a header length ending in 0x80")
     loaded = load_ticket(path)
     assert loaded.mask == ticket.mask
+
+
+def test_keys_and_receipts_are_owner_only_from_the_start(tmp_path, monkeypatch):
+    """Under a permissive umask the private key and the receipt are still created 0600 (not
+    widened, then narrowed); the public key follows the umask."""
+    import os
+
+    from helpers import run
+
+    old = os.umask(0)
+    try:
+        assert run("keygen", "--out", tmp_path / "owner").exit_code == 0
+        t = save_ticket(make_ticket(seed=2, width=32), tmp_path / "t.safetensors")
+        result = run("sign", t, "--message", "m", "--out", tmp_path / "s.safetensors",
+                     "--receipt", tmp_path / "r.json", "--signing-key", tmp_path / "owner.key")
+        assert result.exit_code == 0, result.stderr
+    finally:
+        os.umask(old)
+    assert (tmp_path / "owner.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "owner.pub").stat().st_mode & 0o777 == 0o666
+
+
+def test_a_dangling_link_is_not_replaced_without_force(tmp_path, ticket):
+    link = tmp_path / "out.safetensors"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(TicketctlError, match="--force"):
+        save_ticket(ticket, link)
+    assert link.is_symlink()

@@ -246,3 +246,12 @@ def test_a_suspect_file_is_checked_whatever_its_header_claims(signed_setup, tmp_
     assert_one_line_error(run("split", files["hash"], "--score", "omp", "--key-ratio", "0.1",
                               "--key", tmp_path / "k", "--locked", tmp_path / "l"), 1,
                           "altered after it was written")
+
+
+def test_an_unsigned_receipt_is_said_loudly(tmp_path):
+    t = save_ticket(make_ticket(seed=8, width=32), tmp_path / "t.safetensors")
+    result = run("sign", t, "--message", "m", "--out", tmp_path / "s.safetensors", "--receipt",
+                 tmp_path / "r.json", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["receipt_signed"] is False
+    assert "not signed" in result.stderr and "keygen" in result.stderr

@@ -128,6 +128,18 @@ def test_calibrate_gives_a_null_rate(v3, tmp_path):
     assert 0 < doc["null_rate"] < 1 and doc["null_rate"] >= doc["mean_agreement"]
     assert len(doc["agreements"]) == 2
     assert json.loads((tmp_path / "null.json").read_text())["null_rate"] == doc["null_rate"]
+    # verify reads what calibrate wrote, for the set it was made for only
+    result = run("verify", d / "marked.safetensors", "--trigger", d / "set.npz", "--null-rate",
+                 tmp_path / "null.json", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["null_rate"] == doc["null_rate"]
+    other = TriggerSet(np.zeros((4, 8, 8, 1), np.uint8), np.arange(4))
+    save_trigger_set(other, tmp_path / "other.npz")
+    result = run("verify", d / "marked.safetensors", "--trigger", tmp_path / "other.npz",
+                 "--null-rate", tmp_path / "null.json")
+    assert_one_line_error(result, 2, "another trigger set")
+    assert_one_line_error(run("verify", d / "marked.safetensors", "--trigger", d / "set.npz",
+                              "--null-rate", "lots"), 2, "number or a calibration file")
 
 
 def test_bad_trigger_input(v3, tmp_path):

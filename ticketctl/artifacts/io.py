@@ -19,7 +19,7 @@ def check_output_path(path: str | Path, force: bool = False) -> Path:
         raise TicketctlError(f"cannot write {p}: folder {parent} does not exist; create it first")
     if p.is_dir():
         raise TicketctlError(f"cannot write {p}: it is a folder; give a file name")
-    if p.exists() and not force:
+    if (p.exists() or p.is_symlink()) and not force:  # a dangling link is a file too
         raise TicketctlError(f"{p} already exists; pass --force to overwrite it")
     return p
 
@@ -33,27 +33,32 @@ def _default_mode(p: Path) -> int:
 
 
 @contextmanager
-def atomic_path(path: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+def atomic_path(path: str | Path, force: bool = False, private: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+    `private` files (keys, receipts) keep the owner-only mode they are created with, so they
+    are never readable by others, not even for a moment."""
     p = check_output_path(path, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
     os.close(fd)
     try:
         yield Path(tmp)
-        if p.exists() and not force:  # appeared while we were writing
+        if (p.exists() or p.is_symlink()) and not force:  # appeared while we were writing
             raise TicketctlError(f"{p} already exists; pass --force to overwrite it")
-        os.chmod(tmp, _default_mode(p))  # mkstemp makes 0600; give the file a normal mode
+        # mkstemp makes 0600: keep it for private files, else give the file a normal mode
+        os.chmod(tmp, 0o600 if private else _default_mode(p))
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes, force: bool = False) -> Path:
-    with atomic_path(path, force) as tmp:
+def write_bytes_atomic(path: str | Path, data: bytes, force: bool = False,
+                       private: bool = False) -> Path:
+    with atomic_path(path, force, private) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def write_text_atomic(path: str | Path, text: str, force: bool = False) -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8"), force)
+def write_text_atomic(path: str | Path, text: str, force: bool = False,
+                      private: bool = False) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"), force, private)

@@ -25,6 +25,7 @@ from ticketctl.artifacts.io import check_output_path
 from ticketctl.cli.common import console, emit_json, fail, launch_ranks, progress_bar
 from ticketctl.device import Device
 from ticketctl.errors import TicketctlError
+from ticketctl.protect.calibrate import read_null_rate
 from ticketctl.protect.receipt import load_public_key, load_receipt
 from ticketctl.protect.trigger import load_trigger_set
 from ticketctl.protect.verdict import ALPHA
@@ -301,15 +302,18 @@ class OwnerMarks:
     public_key: Optional[Path] = option(help="PREFIX.pub: the receipt must be signed by this key.")
     trigger: Optional[Path] = option(
         help="The owner's trigger set (Scheme V3): checks the model's answers.")
-    null_rate: Optional[float] = option(
-        help="Chance agreement with the trigger labels (default 1/classes; see calibrate).")
+    null_rate: Optional[str] = option(
+        help="Chance agreement with the trigger labels: a number, or the JSON `calibrate "
+             "--out` wrote (default 1/classes).")
     alpha: float = option(default=ALPHA, help="Decision level for the p-values.")
 
     def load(self, defend: bool = False) -> Marks:
+        trigger = load_trigger_set(self.trigger) if self.trigger else None
         return Marks(receipt=load_receipt(self.receipt) if self.receipt else None,
                      public_key=load_public_key(self.public_key) if self.public_key else None,
-                     trigger=load_trigger_set(self.trigger) if self.trigger else None,
-                     null_rate=self.null_rate, alpha=self.alpha, defend=defend)
+                     trigger=trigger, alpha=self.alpha, defend=defend,
+                     null_rate=read_null_rate(self.null_rate, trigger) if self.null_rate
+                     else None)
 
 
 # ---- parsing lists ------------------------------------------------------------------------------

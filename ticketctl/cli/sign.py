@@ -74,6 +74,11 @@ def sign(
               "weights_removed": report.weights_removed, "out": str(out),
               "receipt": str(receipt), "receipt_signed": key is not None,
               "moved_fraction": moved}
+    if key is None and not output.quiet:
+        console.print("[yellow]warning:[/] the receipt is not signed (no --signing-key): anyone "
+                      "can write one like it, so it cannot show that the code was yours before "
+                      "a forger's (attack fake3); make a key with `ticketctl keygen`",
+                      highlight=False)
     if moved > 0.1 and not output.quiet:
         console.print(f"[yellow]warning:[/] signing moved {100 * moved:.0f}% of the ticket's "
                       "weights; expect an accuracy cost (sign a denser ticket, or retrain and "

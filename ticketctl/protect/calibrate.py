@@ -5,7 +5,9 @@ rate `verify --null-rate` can take."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,3 +73,26 @@ def calibrate(arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, models
             "agreements": agreements, "test_accuracies": accuracies, "models": models,
             "trigger_sha256": ts.sha256(), "arch": arch, "dataset": data.name,
             "train": cfg.to_dict(), "pack": width}
+
+
+def read_null_rate(value: str, trigger: TriggerSet | None = None) -> float:
+    """`--null-rate`: a number, or the calibration JSON `calibrate --out` wrote (which must be
+    for this trigger set)."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    path = Path(value)
+    if not path.is_file():
+        raise TicketctlError(f"--null-rate must be a number or a calibration file; {value!r} "
+                             "is neither")
+    try:
+        doc = json.loads(path.read_text())
+        rate, sha = float(doc["null_rate"]), doc.get("trigger_sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise TicketctlError(f"{path} is not a calibration file from `ticketctl calibrate "
+                             "--out` (no null_rate)") from None
+    if trigger is not None and sha is not None and sha != trigger.sha256():
+        raise TicketctlError(f"{path} calibrates another trigger set than --trigger "
+                             f"(sha256 {sha[:12]}... vs {trigger.sha256()[:12]}...)")
+    return rate

@@ -11,7 +11,6 @@ import base64
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +46,7 @@ def write_keypair(prefix: str | Path, force: bool = False) -> tuple[Path, Path]:
                                 serialization.NoEncryption())
     pub = private.public_key().public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    write_bytes_atomic(key_path, pem, force=force)
-    os.chmod(key_path, 0o600)
+    write_bytes_atomic(key_path, pem, force=force, private=True)
     write_bytes_atomic(pub_path, pub, force=force)
     return key_path, pub_path
 
@@ -205,8 +203,9 @@ def trigger_receipt(trigger_sha256: str, n: int, private: Ed25519PrivateKey | No
 
 
 def save_receipt(receipt: Receipt, path: str | Path, force: bool = False) -> Path:
+    """Owner-only: a receipt tells where the code sits, which a forger would want to know."""
     return write_text_atomic(path, json.dumps(receipt.to_dict(), indent=2, sort_keys=True) +
-                             "\n", force)
+                             "\n", force, private=True)
 
 
 def load_receipt(path: str | Path) -> Receipt:
