@@ -114,3 +114,22 @@ def test_restart_is_a_fresh_training_in_the_same_network():
     reused.fit()
     a, b = fresh.model_state(), reused.model_state()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_with_json_every_failure_is_one_json_document_too(tmp_path):
+    import json
+
+    path = save_ticket(make_ticket(), tmp_path / "t.safetensors")
+    cases = [(["inspect", tmp_path / "missing", "--json"], 2, "bad input"),
+             (["split", path, "--score", "bogus", "--json"], 2, "usage"),
+             (["keygen", "--out", tmp_path / "no" / "k", "--json"], 2, "bad input")]
+    for args, code, kind in cases:
+        result = run(*args)
+        assert result.exit_code == code, result.stderr
+        doc = json.loads(result.stdout)  # exactly one document
+        assert doc["error"] == kind and doc["exit_code"] == code and doc["message"]
+        assert result.stderr.startswith("error:")
+    # a failed check that printed its result prints no second document
+    result = run("verify", path, "--json")
+    assert result.exit_code == 1
+    assert "verified" in json.loads(result.stdout) and "error" not in json.loads(result.stdout)

@@ -10,7 +10,7 @@ from typer.core import TyperGroup
 
 from ticketctl import __version__
 from ticketctl.cli import attack, trigger
-from ticketctl.cli.common import console, plain
+from ticketctl.cli.common import console, emit_json, plain
 from ticketctl.cli.convert import convert
 from ticketctl.cli.data import data
 from ticketctl.cli.demo import demo
@@ -44,6 +44,10 @@ class OneLineErrors(TyperGroup):
             if type(e).__name__ != "NoArgsIsHelpError":  # whose help is already printed
                 ctx = getattr(e, "ctx", None)
                 hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                words = sys.argv[1:] if args is None else [str(a) for a in args]
+                if "--json" in words:
+                    emit_json({"error": "usage", "exit_code": code,
+                               "message": e.format_message() + hint})
                 console.print(f"[bold red]error:[/] {plain(e.format_message() + hint)}",
                               highlight=False, soft_wrap=True)
             sys.exit(code)

@@ -55,7 +55,15 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def fail(message: str, code: int = 2) -> None:
+ERROR_KINDS = {1: "check failed", 2: "bad input", 130: "interrupted"}
+
+
+def fail(message: str, code: int = 2, as_json: bool = False, kind: str | None = None) -> None:
+    """One line on stderr and the exit status; with --json also one JSON document on stdout
+    (`error`, `exit_code`, `message`), so a script reading stdout sees the failure."""
+    if as_json:
+        emit_json({"error": kind or ERROR_KINDS.get(code, "error"), "exit_code": code,
+                   "message": message})
     console.print(f"[bold red]error:[/] {plain(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 

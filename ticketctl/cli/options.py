@@ -96,6 +96,8 @@ def _expand(cls: type, without: frozenset[str]) -> tuple[list[inspect.Parameter]
     params: list[inspect.Parameter] = []
     parts: list[tuple[str, Builder | None]] = []
     for f in dataclasses.fields(cls):
+        if not f.init:  # state the group keeps (Output.emitted), not an option
+            continue
         sub, sub_without = _group_of(hints[f.name])
         if sub is not None:
             sub_params, build = _expand(sub, without | sub_without)
@@ -125,13 +127,16 @@ def _annotation(hint: Any, f: dataclasses.Field, cls: type) -> Any:
         rich_help_panel=meta.get("panel") or cls.__option_panel__, **meta.get("typer", {}))]
 
 
-def _debug(values: Any) -> bool:
-    """Whether --debug was given, wherever its group sits."""
+def _output(values: Any) -> Output | None:
+    """The command's Output group, wherever it sits."""
     if isinstance(values, Output):
-        return values.debug
+        return values
     if dataclasses.is_dataclass(values):
-        return any(_debug(getattr(values, f.name)) for f in dataclasses.fields(values))
-    return False
+        for f in dataclasses.fields(values):
+            found = _output(getattr(values, f.name))
+            if found is not None:
+                return found
+    return None
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -155,21 +160,24 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(**kwargs: Any) -> Any:
         for name, build in builders.items():
             kwargs[name] = build(kwargs)
-        debug = any(_debug(v) for v in kwargs.values())
+        output = next((o for o in map(_output, kwargs.values()) if o is not None), Output())
+        # a command that printed its result (a verdict that then fails) prints no second one
+        as_json = output.json_out and not output.emitted
         try:
             return fn(**kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except TicketctlError as e:
-            if debug:
+            if output.debug:
                 raise
-            fail(str(e), e.exit_code)
+            fail(str(e), e.exit_code, as_json=output.json_out and not output.emitted)
         except KeyboardInterrupt:
-            fail("interrupted", 130)
+            fail("interrupted", 130, as_json=as_json)
         except Exception as e:  # anything unforeseen still gets one line
-            if debug:
+            if output.debug:
                 raise
-            fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", 2)
+            fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", 2,
+                 as_json=output.json_out and not output.emitted, kind="unexpected")
 
     wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
@@ -193,10 +201,13 @@ class Output:
             if p is not None:
                 check_output_path(p, self.force)
 
+    emitted: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
+
     def emit(self, doc: Any, text: Callable[[], None]) -> None:
         """`doc` as JSON with --json, else `text()` unless --quiet."""
         if self.json_out:
             emit_json(doc)
+            self.emitted = True
         elif not self.quiet:
             text()
 
