@@ -1,6 +1,7 @@
 """`attack prune` and `attack addon`: exact counts, the sweep's table, JSON, CSV and plot."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -177,3 +178,13 @@ def test_permutation_is_undone_after_the_weights_drifted(signed):
         verdict = verify_with_receipt(masks_of(moved.state), doc, state=moved.state)
         assert verdict.signature.alignment == "re-aligned"
         assert verdict.bit_match == 1.0 and verdict.message == "signature"
+
+
+def test_tables_never_cut_numbers_when_not_a_terminal(signed):
+    """Piped or logged output used to squeeze tables to 80 columns and cut p-values
+    ("6.1e-1..." for 6.1e-108)."""
+    result = run("attack", "addon", signed["path"], "--rates", "0.01,0.05", "--receipt",
+                 signed["receipt"], "--defend")
+    assert result.exit_code == 0, result.stderr
+    assert "…" not in result.stderr and "..." not in result.stderr
+    assert re.search(r"\de-\d{2,3}", result.stderr)  # p-values with their whole exponent

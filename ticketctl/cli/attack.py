@@ -148,7 +148,7 @@ def _table(report: AttackReport) -> Table:
                          "defended_p_value", "trigger_accuracy", "verified")
              if any(row.get(c) is not None for row in rows)]
     for col in cols + extra:
-        table.add_column(col.replace("_", " "), justify="right")
+        table.add_column(col.replace("_", " "), justify="right", overflow="fold")
     for r, row in zip(report.rows, rows, strict=True):
         cells = [f"{r.strength}", f"{r.accuracy:.2f}%",
                  "-" if r.delta is None else f"{r.delta:+.2f}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,9 @@ from rich.progress import (
 
 from ticketctl.errors import TicketctlError
 
-console = Console(stderr=True)
+# Not a terminal (a pipe, a log file, CI): Rich would assume 80 columns and squeeze tables,
+# cutting numbers ("6.1e-1..." for 6.1e-108); give it room instead, and tables fold, never cut.
+console = Console(stderr=True, width=None if os.isatty(2) else 200)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 

@@ -31,7 +31,7 @@ def data(
         table = Table(title=f"{plain(ds.name)}: {ds.num_classes} classes, input "
                             f"{ds.input_shape}")
         for col in ("split", "images"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for name, y in (("train", ds.train_y), ("val", ds.val_y), ("test", ds.test_y)):
             table.add_row(name, f"{len(y):,}")
         console.print(table)

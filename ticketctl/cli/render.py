@@ -24,11 +24,11 @@ def _dataset(d: dict[str, Any]) -> str:
 def ticket_table(info: dict[str, Any]) -> None:
     table = Table(title=f"{plain(info.get('file', ''))}  "
                         f"[dim]({plain(info['kind'])}, {plain(info['arch'])})[/]")
-    table.add_column("layer")
-    table.add_column("shape")
-    table.add_column("kept", justify="right")
-    table.add_column("total", justify="right")
-    table.add_column("density", justify="right")
+    table.add_column("layer", overflow="fold")
+    table.add_column("shape", overflow="fold")
+    table.add_column("kept", justify="right", overflow="fold")
+    table.add_column("total", justify="right", overflow="fold")
+    table.add_column("density", justify="right", overflow="fold")
     for row in info["layers"]:
         table.add_row(plain(row["name"]), "x".join(str(s) for s in row["shape"]),
                       f"{row['kept']:,}",
@@ -83,7 +83,7 @@ def rounds_table(rounds: list[Round], dense_accuracy: float, ticket_accuracy: fl
     table = Table(title=f"dense {dense_accuracy:.2f}% -> ticket "
                         f"{ticket_accuracy:.2f}% at {100 * density:.3f}% density")
     for col in ("round", "rate", "density", "accuracy", "accepted"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for r in rounds:
         table.add_row(str(r.round), str(r.rate), pct(r.density, 3), f"{r.accuracy:.2f}%",
                       "yes" if r.accepted else "[red]no")
@@ -96,7 +96,7 @@ def attacks_table(reports: list[dict[str, Any]]) -> Table:
     table = Table(title="attacks on the signed, trigger-marked model")
     for col in ("attack", "strength", "accuracy", "message", "p", "p defended", "trigger",
                 "verified"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for rep in reports:
         for r in rep["rows"]:
             d = r.get("details") or {}
