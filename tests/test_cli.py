@@ -189,3 +189,14 @@ def test_a_message_with_brackets_is_signed_and_shown_as_written(tmp_path):
     result = run("verify", tmp_path / "s.safetensors", "--receipt", tmp_path / "r.json")
     assert result.exit_code == 0, result.stderr
     assert repr(message) in " ".join(result.stderr.split())
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(tmp_path):
+    """A log or a pipe gets progress lines (what, how far, time left) where a terminal gets a
+    bar; --quiet and --json keep stderr free of them."""
+    args = ["find", "--epochs", "2", "--max-rounds", "0", "--run-dir", tmp_path / "run"]
+    result = run(*args, "--out", tmp_path / "a.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert "dense: 2/2" in result.stderr
+    result = run(*args, "--out", tmp_path / "b.safetensors", "--force", "--quiet")
+    assert result.exit_code == 0 and "dense:" not in result.stderr

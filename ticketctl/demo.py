@@ -159,17 +159,23 @@ def run_demo(
         raise TicketctlError(f"{out_dir} exists and is not empty; pass --force or another "
                              "--out-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
+    events = events or Events()
     t0 = time.perf_counter()
     settings = resolve_settings("demo", train=TrainOverrides(seed=seed))
+    events.stage("1/5 finding an extreme ticket: dense training, then pruning rounds")
     result = find_ticket(settings, out_dir / "run", force=True, device=device, events=events)
     ticket = save_ticket(result.ticket, out_dir / "digits.ticket.safetensors", force=force)
     trained = save_ticket(result.trained, out_dir / "digits.trained.safetensors", force=force)
     plot = plot_search(result.rounds, result.dense_accuracy, out_dir / "search.png",
                        title="digits_cnn on digits: extreme-ticket search", force=force,
                        tolerance=settings.search.tolerance)
+    events.stage("2/5 Scheme V1: a key split off, merged back, the locked part retrained")
     v1 = _scheme_v1(result.ticket, out_dir, settings, device, force)
+    events.stage("3/5 Scheme V2: a QR code signed into the mask, verified after pruning")
     v2 = _scheme_v2(result, out_dir, force)
+    events.stage("4/5 Scheme V3: retraining with a trigger set, a black-box check")
     v3 = _scheme_v3(Path(v2["signed"]), out_dir / "owner.key", out_dir, settings, force)
+    events.stage("5/5 attacks: pruning and add-on sweeps, every mark checked")
     attacks = _attacks(Path(v3["marked"]), Path(v2["receipt"]), Path(v3["trigger_set"]))
     return {
         "out_dir": str(out_dir),

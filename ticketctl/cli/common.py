@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -71,17 +72,63 @@ def fail(message: str, code: int = 2, as_json: bool = False, kind: str | None = 
     raise typer.Exit(code)
 
 
-def show_progress(quiet: bool) -> bool:
-    return not quiet and console.is_terminal
+class LineProgress:
+    """Progress for a log or a pipe: a plain line per task at most every `every` seconds (and
+    when it ends), with what it reported and the time left, where a terminal gets a bar."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.console = console
+        self.every = every
+        self.tasks: dict[int, dict[str, Any]] = {}
+
+    def add_task(self, description: str, total: float | None = None, **fields: Any) -> int:
+        task = len(self.tasks)
+        self.tasks[task] = {"description": description, "total": total, "completed": 0.0,
+                            "fields": fields, "start": time.monotonic(), "shown": 0.0}
+        return task
+
+    def update(self, task: int, completed: float | None = None, advance: float | None = None,
+               **fields: Any) -> None:
+        t = self.tasks[task]
+        t["completed"] = completed if completed is not None else t["completed"] + (advance or 0)
+        t["fields"].update(fields)
+        now = time.monotonic()
+        done = t["total"] is not None and t["completed"] >= t["total"]
+        if done or now - t["shown"] >= self.every:
+            t["shown"] = now
+            self.console.print(self._line(t, now), highlight=False, soft_wrap=True)
+
+    def remove_task(self, task: int) -> None:
+        self.tasks.pop(task, None)
+
+    @staticmethod
+    def _line(t: dict[str, Any], now: float) -> str:
+        elapsed = now - t["start"]
+        total, done = t["total"], t["completed"]
+        count = f"{done:g}/{total:g}" if total else f"{done:g}"
+        left = ""
+        if total and 0 < done < total:
+            left = f", about {_duration(elapsed / done * (total - done))} left"
+        info = t["fields"].get("info") or ""
+        return (f"{plain(t['description'])}: {count} {plain(info)} ({_duration(elapsed)}"
+                f"{left})").replace("  ", " ")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 @contextmanager
-def progress_bar(quiet: bool) -> Iterator[Progress]:
-    """A Rich progress bar on stderr, silent under --quiet or when stderr is not a terminal."""
+def progress_bar(quiet: bool) -> Iterator[Progress | LineProgress]:
+    """A Rich progress bar on a terminal; plain progress lines when stderr is a log or a pipe;
+    nothing under --quiet (or --json, which passes quiet)."""
+    if not quiet and not console.is_terminal:
+        yield LineProgress()
+        return
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, disable=not show_progress(quiet), transient=False,
+        console=console, disable=quiet, transient=False,
     )
     with progress:
         yield progress

@@ -69,6 +69,10 @@ class ProgressEvents(Events):
                              info=f"ep {s.epoch} val {s.val_accuracy or 0:.2f}% "
                                   f"test {s.test_accuracy:.2f}%")
 
+    def stage(self, what: str) -> None:
+        if self.verbose:
+            self.progress.console.print(f"[bold]{plain(what)}[/]", highlight=False)
+
     def round(self, r: Round) -> None:
         if not self.verbose:
             return

@@ -82,6 +82,9 @@ class Events:
 
     def round(self, record: Round) -> None: ...
 
+    def stage(self, what: str) -> None:
+        """A longer pipeline (the demo) starts another stage."""
+
 
 @dataclass
 class FindResult:
