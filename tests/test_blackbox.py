@@ -213,3 +213,24 @@ def test_missing_command_and_bad_workdir(tmp_path: Path):
     with pytest.raises(TicketctlError, match="does not exist"):
         run_predict_cmd("true", _images([1]), workdir=tmp_path / "missing")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_is_bounded(tmp_path: Path):
+    """A command that prints without end is stopped at a few kB, not read into memory."""
+    start = time.monotonic()
+    with pytest.raises(TicketctlError, match="printed more than") as err:
+        run_predict_cmd("yes", _images([1, 2]), timeout=600, workdir=tmp_path)
+    assert time.monotonic() - start < 600  # stopped for its output, not by the timeout
+    assert "\n" not in str(err.value)
+
+
+def test_a_child_left_behind_neither_delays_nor_survives(tmp_path: Path):
+    """The command answers and exits, leaving a child that holds its stdout open: the answer
+    counts (no timeout), and the child is ended with the command's group."""
+    pid_file = tmp_path / "child"
+    script = tmp_path / "answer.sh"
+    script.write_text(f"sleep 600 &\necho $! > {shlex.quote(str(pid_file))}\necho '[3]'\n")
+    labels = run_predict_cmd(f"sh {shlex.quote(str(script))}", _images([1]), timeout=300,
+                             workdir=tmp_path)
+    assert labels == [3]
+    assert _gone(int(pid_file.read_text()), wait=60)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import shlex
 import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,14 +85,68 @@ def _last_line(text: str) -> str:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the shell and everything it started, not just the shell, then reap it. The pipes
-    are closed rather than drained, so a straggler that escaped the group cannot hang us."""
+    """Kill the shell and everything it started (its process group, and any descendant that
+    moved to another group), then reap it. The pipes are closed rather than drained, so a
+    straggler that escaped cannot hang us."""
+    from ticketctl.distributed import _descendants
+
+    stragglers = _descendants(proc.pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for pid in stragglers:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
+
+
+class _TooMuch(Exception):
+    pass
+
+
+_GRACE_S = 2.0  # after the command exits, how long a child may hold its pipes open
+_STDERR_KEPT = 64 * 1024
+
+
+def _communicate(proc: subprocess.Popen, timeout: float, limit: int) -> tuple[bytes, bytes]:
+    """Read the command's stdout (at most `limit` bytes: raises _TooMuch beyond) and the last
+    64 kB of its stderr until both end, or until `_GRACE_S` after it exited (a child it left
+    behind may hold them open: its answer is complete). Raises TimeoutExpired at `timeout`."""
+    out, err = bytearray(), bytearray()
+    sel = selectors.DefaultSelector()
+    for stream in (proc.stdout, proc.stderr):
+        os.set_blocking(stream.fileno(), False)
+        sel.register(stream, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    exited_at = None
+    try:
+        while True:
+            now = time.monotonic()
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is not None and (not sel.get_map() or now - exited_at > _GRACE_S):
+                break
+            if now >= deadline:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            if not sel.get_map():  # pipes closed, command still running: wait for it
+                time.sleep(min(deadline - now, 0.05))
+                continue
+            for key, _ in sel.select(min(deadline - now, 0.2)):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                elif key.fileobj is proc.stdout:
+                    out += chunk
+                    if len(out) > limit:
+                        raise _TooMuch
+                else:
+                    err += chunk
+                    del err[:-_STDERR_KEPT]
+    finally:
+        sel.close()
+    return bytes(out), bytes(err)
 
 
 def _parse_labels(stdout: str, expected: int, shown: str) -> list[int]:
@@ -154,17 +210,27 @@ def run_predict_cmd(
             raise TicketctlError(
                 f"could not start prediction command {shown}: {_one_line(str(exc))}"
             ) from None
+        # a JSON list of labels: a few characters per image (anything far beyond is not an
+        # answer, and a command printing without end must not fill the memory)
+        limit = 4096 + 32 * len(images)
         try:
-            out_bytes, err_bytes = proc.communicate(timeout=timeout)
+            out_bytes, err_bytes = _communicate(proc, timeout, limit)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raise TicketctlError(
                 f"prediction command {shown} did not finish within {timeout:g} seconds and was "
                 "killed; check the service or raise the timeout"
             ) from None
+        except _TooMuch:
+            _kill_group(proc)
+            raise TicketctlError(
+                f"prediction command {shown} printed more than {limit:,} bytes for "
+                f"{len(images)} images and was stopped; it must print one JSON list of labels"
+            ) from None
         except BaseException:
             _kill_group(proc)
             raise
+        _kill_group(proc)  # reap it, and end any child it left running
         stdout = out_bytes.decode("utf-8", errors="replace")
         stderr = err_bytes.decode("utf-8", errors="replace")
         if proc.returncode != 0:
