@@ -69,19 +69,26 @@ def test_runner_reuses_finished_rows(parts, tmp_path):
 def test_attack_cli_json_and_csv(parts, tmp_path):
     result = run("attack", "nokey", parts["locked_path"], "--key", parts["key_path"], *FAST,
                  "--json", "--csv", tmp_path / "rows.csv", "--out-dir", tmp_path / "s")
-    assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["attack"] == "nokey"
     row = doc["rows"][0]
+    # exit 1 exactly when the lock had no effect (retrained without the key it still matches)
+    assert result.exit_code == (1 if row["matches"] else 0), result.stderr
+    if row["matches"]:
+        assert "the lock had no effect" in result.stderr
     for key in ("strength", "accuracy", "verified", "message", "p_value"):
         assert key in row
     assert row["strength"] == 0.2 and 0 <= row["accuracy"] <= 100
     assert (tmp_path / "rows.csv").read_text().startswith("attack,strength,accuracy")
     result = run("attack", "fake1", parts["locked_path"], "--key-ratio", "0.05,0.2", *FAST,
-                 "--json", "--out-dir", tmp_path / "s", "--reference-accuracy", "97.5")
-    assert result.exit_code == 0, result.stderr
+                 "--json", "--out-dir", tmp_path / "s", "--reference-accuracy", "102")
+    assert result.exit_code == 0, result.stderr  # none can reach 101 points: no forgery works
     doc = json.loads(result.stdout)
-    assert doc["reference_accuracy"] == 97.5 and len(doc["rows"]) == 2
+    assert doc["reference_accuracy"] == 102 and len(doc["rows"]) == 2
+    result = run("attack", "fake1", parts["locked_path"], "--key-ratio", "0.05", *FAST,
+                 "--json", "--out-dir", tmp_path / "s", "--reference-accuracy", "1")
+    assert result.exit_code == 1 and "the lock had no effect" in result.stderr
+    assert json.loads(result.stdout)["rows"][0]["matches"] is True
 
 
 def test_attack_bad_input(parts, tmp_path):

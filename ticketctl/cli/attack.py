@@ -24,6 +24,7 @@ from ticketctl.attacks.keymask import summary_rows
 from ticketctl.attacks.permute import permute
 from ticketctl.attacks.removal import Method, added, mark_removed, pruned
 from ticketctl.attacks.removal import sweep as sweep_removal
+from ticketctl.attacks.runner import MATCH_POINTS
 from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
     Compute,
@@ -168,6 +169,16 @@ def _refuse_removed(report: AttackReport, what: str) -> None:
         raise CheckFailed(f"{what} still matches the original but fails every check")
 
 
+def _refuse_lock_broken(report: AttackReport, how: str) -> None:
+    """A V1 attack succeeds when the locked ticket, retrained {how}, matches the reference."""
+    broken = [r for r in report.rows if r.matches]
+    if broken:
+        r = broken[0]
+        raise CheckFailed(f"the lock had no effect: retrained {how}, the locked ticket reaches "
+                          f"{r.accuracy:.2f}% against the reference "
+                          f"{report.reference_accuracy:.2f}% (within {MATCH_POINTS:g} point)")
+
+
 def _retraining_sweep(path: Path, retraining: Retraining, sweep: Sweep,
                       run: Callable[[AttackRunner, Ticket], AttackReport]) -> AttackReport:
     """An attack that trains: its runner, its progress bars, then the rows."""
@@ -181,9 +192,11 @@ def _retraining_sweep(path: Path, retraining: Retraining, sweep: Sweep,
 # ---- attacks on a locked ticket (Scheme V1) ------------------------------------------------------
 @attack("nokey")
 def nokey_cmd(*, locked: Locked, retraining: Retraining, sweep: Sweep) -> None:
-    """Retrain a locked ticket from its rewind weights without the key."""
-    _retraining_sweep(locked, retraining, sweep, lambda runner, lt: nokey(
-        runner, lt, key=retraining.key_ticket(), reference=retraining.reference_accuracy))
+    """Retrain a locked ticket from its rewind weights without the key; exits 1 when that
+    still matches the reference (the lock had no effect)."""
+    _refuse_lock_broken(_retraining_sweep(locked, retraining, sweep, lambda runner, lt: nokey(
+        runner, lt, key=retraining.key_ticket(), reference=retraining.reference_accuracy)),
+        "without the key")
 
 
 @attack("fake1")
@@ -194,11 +207,13 @@ def fake1_cmd(
     retraining: Retraining,
     sweep: Sweep,
 ) -> None:
-    """Retrain a locked ticket with a forged random key of the same size (ambiguity attack)."""
+    """Retrain a locked ticket with a forged random key of the same size (ambiguity attack);
+    exits 1 when a forged key matches the reference (the forgery works)."""
     ratios = parse_floats(key_ratio, "--key-ratio") or []
-    _retraining_sweep(locked, retraining, sweep, lambda runner, lt: fake1(
+    _refuse_lock_broken(_retraining_sweep(locked, retraining, sweep, lambda runner, lt: fake1(
         runner, lt, ratios, key=retraining.key_ticket(),
-        reference=retraining.reference_accuracy, seed=retraining.training.seed))
+        reference=retraining.reference_accuracy, seed=retraining.training.seed)),
+        "with a forged key")
 
 
 # ---- removal attacks on a released model, checked by every mark ---------------------------------
