@@ -49,6 +49,18 @@ def test_finetune_keeps_the_mask_and_the_signature(signed, tmp_path):
         assert row["verified"] is True and row["message"] == "signature"
     states = sorted(out.glob("jobs/*.safetensors"))
     assert len(states) == 2
+    # each row's accuracy is that of the weights kept for it (its best-validation epoch)
+    from ticketctl.data import load_recorded_dataset
+    from ticketctl.train import evaluate
+
+    data = load_recorded_dataset(signed["ticket"].dataset)
+    model = signed["ticket"].build_model().eval()
+    reported = sorted(r["accuracy"] for r in doc["rows"])
+    measured = []
+    for path in states:
+        model.load_state_dict(_load(path))
+        measured.append(evaluate(model, data.test_x, data.test_y))
+    assert sorted(measured) == reported
     for path in states:
         state = _load(path)
         for k, m in signed["ticket"].mask.items():

@@ -311,3 +311,27 @@ def test_resolve_settings_paper_and_fast():
     assert fast.train.nesterov is True
     assert resolve_settings(None, dataset="cifar10").train.epochs == 182
     assert resolve_settings(None, dataset="digits").train.batch_size == 64
+
+
+def _accuracy_of(path) -> float:
+    """The test accuracy of a saved model, evaluated afresh on the data it records."""
+    from ticketctl.data import load_recorded_dataset
+    from ticketctl.train import evaluate
+
+    t = load_ticket(path)
+    data = load_recorded_dataset(t.dataset)
+    return evaluate(t.build_model().eval(), data.test_x, data.test_y)
+
+
+def test_saved_models_are_the_ones_whose_numbers_are_reported(searched, tmp_path):
+    """The reported accuracy is the best-validation epoch's; the file saved is that epoch's
+    model, so evaluating it gives the same number (the same arithmetic on the same CPU)."""
+    tmp, doc = searched
+    trained = load_ticket(tmp / "trained.safetensors")
+    assert _accuracy_of(tmp / "trained.safetensors") == trained.extra["test_accuracy"]
+    out = tmp_path / "r.safetensors"
+    result = run("retrain", tmp / "ticket.safetensors", "--epochs", "4", "--out", out,
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert _accuracy_of(out) == got["test_accuracy"] == load_ticket(out).extra["test_accuracy"]

@@ -58,6 +58,8 @@ def test_retraining_with_the_set_learns_it_and_verifies(v3):
     doc = json.loads(result.stdout)
     assert doc["verified"] and doc["trigger_p_value"] < 1e-6
     assert doc["trigger_accuracy"] >= 90 and doc["null_rate"] == pytest.approx(0.1)
+    # the saved model is the one whose numbers retrain reported
+    assert doc["trigger_accuracy"] == marked["trigger_accuracy"]
 
 
 def test_a_model_trained_without_the_set_does_not_verify(v3):

@@ -221,7 +221,7 @@ class AttackRunner:
             trainer.restart(ticket.state, mask=_finetune_mask(ticket, dense), seeds=cfg.seed)
             cb = (lambda s: self.on_epoch(label, s)) if self.on_epoch else None
             result = trainer.fit(start_epoch=0, on_epoch=cb)
-            state = trainer.model_state()
+            state = trainer.best_state()  # the epoch whose accuracy the row reports
             states["state"] = state
             self._save_state(key, state)
             return JobResult(result.test_accuracy, result.seconds,
@@ -284,7 +284,7 @@ class AttackRunner:
         results = ptr.fit(start_epoch=0, on_epoch=cb)
         return [(JobResult(res.test_accuracy, res.seconds, packed=k,
                            nonzero=nonzero_fraction(state, list(ticket.mask))), state)
-                for res, state in zip(results, ptr.final_model_states(), strict=True)]
+                for res, state in zip(results, ptr.best_model_states(), strict=True)]
 
     def _trainer_for(self, ticket: Ticket, cfg: TrainConfig) -> Trainer:
         """One trainer (one captured graph) per architecture and mask layout, reused."""

@@ -26,6 +26,8 @@ from ticketctl.errors import TicketctlError
 from ticketctl.models import ARCHS, build_model, prunable_names
 from ticketctl.prune.magnitude import magnitude_prune
 from ticketctl.prune.rundir import (
+    BEST_CANDIDATE,
+    BEST_CURRENT,
     RESULT,
     TRAINED_CANDIDATE,
     TRAINED_CURRENT,
@@ -154,6 +156,7 @@ class Search:
             res = self._train(self.trainer, "dense", 0,
                               trained=lambda e: self._save_rewind() if e == rewind_at else None)
             self.run.write_tensors(TRAINED_CURRENT, self.trainer.model_state())
+            self.run.write_tensors(BEST_CURRENT, self.trainer.best_state())
             self.run.write_mask(0, self.full, {"round": 0, "rate": None})
             self.dense = Dense(res.test_accuracy, res.val_accuracy, res.best_epoch, res.seconds,
                                self.seq)
@@ -182,6 +185,7 @@ class Search:
                      seconds=time.perf_counter() - t_round)
         if self.state.accepted_rounds > accepted_before:
             self.run.write_tensors(TRAINED_CURRENT, self.run.read_tensors(TRAINED_CANDIDATE)[0])
+            self.run.write_tensors(BEST_CURRENT, self.run.read_tensors(BEST_CANDIDATE)[0])
         self.run.write_state(self.state, self.seq)
         self.run.write_tables(self.state.rounds)
         self.events.round(self.state.rounds[-1])
@@ -211,6 +215,7 @@ class Search:
             res = self._train(self.trainer, f"round-{r}-trial-{trial}", self.scfg.rewind_epoch)
             if trial == 0:
                 self.run.write_tensors(TRAINED_CANDIDATE, self.trainer.model_state())
+                self.run.write_tensors(BEST_CANDIDATE, self.trainer.best_state())
             trials.append(TrialResult(res.test_accuracy, res.val_accuracy, res.best_epoch,
                                       res.seconds))
             self.run.write_pending(r, trials, self.seq)
@@ -241,6 +246,7 @@ class Search:
         results = ptr.fit(start_epoch=self.scfg.rewind_epoch, on_epoch=on_epoch)
         if first == 0:
             self.run.write_tensors(TRAINED_CANDIDATE, ptr.model_states()[0])
+            self.run.write_tensors(BEST_CANDIDATE, ptr.best_model_states()[0])
         trials = trials + [TrialResult(res.test_accuracy, res.val_accuracy, res.best_epoch,
                                        res.seconds, packed=width) for res in results]
         self.run.write_pending(r, trials, self.seq)
@@ -250,13 +256,14 @@ class Search:
                trained: Callable[[int], Any] | None = None) -> TrainResult:
         """Train epochs start_epoch+1..E, checkpointing after each so a kill loses one epoch."""
         history: list[EpochStats] = []
+        best = None
         epoch = start_epoch
         ck = self.run.read_checkpoint(key)
         if ck is not None:
             trainer.load_model_state(ck.model)
             trainer.load_optimizer_state(ck.optimizer)
             trainer.load_rng_state(ck.rng)
-            history, epoch, self.seq = ck.history, ck.epoch, ck.seq
+            history, epoch, self.seq, best = ck.history, ck.epoch, ck.seq, ck.best
         self.run.truncate_epochs(self.seq)
         self.events.training(key, epoch + 1, trainer.cfg.epochs)
 
@@ -264,12 +271,12 @@ class Search:
             self.seq += 1
             self.run.write_checkpoint(Checkpoint(
                 key, e, self.seq, histories[0], trainer.model_state(),
-                trainer.optimizer_state(), trainer.rng_state()))
+                trainer.optimizer_state(), trainer.rng_state(), trainer.best_states[0]))
             self.run.append_epoch(self.seq, key, histories[0][-1])
 
         hooks = Hooks(trained=trained, checkpoint=checkpoint,
                       evaluated=lambda _e, stats: self.events.epoch(stats[0]))
-        return trainer.run(epoch, trainer.cfg.epochs, [history], hooks)[0]
+        return trainer.run(epoch, trainer.cfg.epochs, [history], hooks, best=[best])[0]
 
     def _accepted_mask(self) -> Mask | None:
         last = self.state.last_accepted
@@ -281,7 +288,11 @@ class Search:
         final = self._accepted_mask() or self.full
         last = self.state.last_accepted
         ticket_acc = last.accuracy if last else self.dense.accuracy
-        trained_state, _ = self.run.read_tensors(TRAINED_CURRENT)
+        # the model whose accuracy is reported: trial 0 at its best-validation epoch (a run
+        # folder from before these were kept has the final weights only)
+        saved = self.run.read_tensors(BEST_CURRENT) or self.run.read_tensors(TRAINED_CURRENT)
+        trained_accuracy = last.accuracies[0] if last and last.accuracies else \
+            (last.accuracy if last else self.dense.accuracy)
         spec = dict(zip([str(r) for r in self.scfg.rates], self.state.spec(self.scfg),
                         strict=True))
         extra = {"spec": spec, "dense_accuracy": self.dense.accuracy,
@@ -296,7 +307,8 @@ class Search:
         result = FindResult(
             dense_accuracy=self.dense.accuracy, ticket_accuracy=ticket_acc,
             density=final.density, rounds=self.state.rounds, spec=spec, ticket=ticket,
-            trained=ticket.derive(state=trained_state, kind=Kind.TRAINED),
+            trained=ticket.derive(state=saved[0], kind=Kind.TRAINED,
+                                  extra={**extra, "test_accuracy": trained_accuracy}),
             run_dir=str(self.run.path), seconds=time.perf_counter() - self.started,
             dense=self.dense,
             distributed=None if self.dist is None else {

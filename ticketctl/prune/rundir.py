@@ -36,6 +36,10 @@ REWIND = "rewind.safetensors"  # weights and momentum at the rewind epoch
 CHECKPOINT = "checkpoint.safetensors"  # the training in progress, after its last epoch
 TRAINED_CURRENT = "trained-current.safetensors"  # trained under the last accepted mask
 TRAINED_CANDIDATE = "trained-candidate.safetensors"  # trained under this round's candidate
+# The same trainings at their best-validation epoch: the model the reported accuracy
+# describes, which `find --trained` writes (pruning uses the final weights above).
+BEST_CURRENT = "best-current.safetensors"
+BEST_CANDIDATE = "best-candidate.safetensors"
 EPOCHS = "epochs.jsonl"  # one row per trained epoch, across every training
 ROUNDS = "rounds.jsonl"
 ROUNDS_CSV, EPOCHS_CSV = "rounds.csv", "epochs.csv"
@@ -67,6 +71,7 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     optimizer: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor] | None = None  # the best-validation epoch's weights so far
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -202,11 +207,13 @@ class RunDir:
         return Checkpoint(key, meta["epoch"], meta["seq"],
                           [EpochStats(**h) for h in meta["history"]],
                           _prefixed(tensors, "model."), _prefixed(tensors, "opt."),
-                          {k: v for k, v in tensors.items() if k.startswith("rng.")})
+                          {k: v for k, v in tensors.items() if k.startswith("rng.")},
+                          _prefixed(tensors, "best.") or None)
 
     def write_checkpoint(self, ck: Checkpoint) -> None:
         self.write_tensors(CHECKPOINT, {**_with_prefix(ck.model, "model."),
-                                        **_with_prefix(ck.optimizer, "opt."), **ck.rng},
+                                        **_with_prefix(ck.optimizer, "opt."), **ck.rng,
+                                        **_with_prefix(ck.best or {}, "best.")},
                            {"key": ck.key, "epoch": ck.epoch, "seq": ck.seq,
                             "history": [h.to_dict() for h in ck.history]})
 

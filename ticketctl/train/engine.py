@@ -154,6 +154,10 @@ class Layout:
     def after_epoch(self, epoch: int) -> None:
         """Called by the loop after each epoch's evaluation."""
 
+    def split_state(self, state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The network's state as each model's."""
+        return [state]
+
 
 class Engine:
     """Trains the models of one network on one dataset under a (changeable) mask."""
@@ -452,13 +456,17 @@ class Engine:
     # ---- the epoch loop -----------------------------------------------------------------------
     def run(self, start_epoch: int, end_epoch: int,
             histories: list[list[EpochStats]] | None = None,
-            hooks: Hooks | None = None) -> list[TrainResult]:
+            hooks: Hooks | None = None,
+            best: list[dict[str, torch.Tensor] | None] | None = None) -> list[TrainResult]:
         """The one epoch loop: train epochs start_epoch+1 .. end_epoch, evaluate every model
         after each, then the caller's hooks. Each model's result is taken at its
-        best-validation epoch (the paper's rule). `histories` continues a resumed run."""
+        best-validation epoch (the paper's rule), and that epoch's weights are kept in
+        `best_states`, so what is saved is the model the numbers describe. `histories` and
+        `best` continue a resumed run."""
         hooks = hooks or Hooks()
         histories = histories if histories is not None else \
             [[] for _ in range(self.layout.models)]
+        self.best_states = list(best) if best is not None else [None] * self.layout.models
         t0 = time.perf_counter()
         for epoch in range(start_epoch + 1, end_epoch + 1):
             te = time.perf_counter()
@@ -467,6 +475,7 @@ class Engine:
             for k, (h, s) in enumerate(zip(histories, stats, strict=True)):
                 if epoch <= self.layout.last_epoch(k, end_epoch):
                     h.append(s)
+            self._keep_best(epoch, histories)
             self.layout.after_epoch(epoch)
             if hooks.trained:
                 hooks.trained(epoch)
@@ -476,6 +485,17 @@ class Engine:
                 hooks.evaluated(epoch, stats)
         seconds = time.perf_counter() - t0
         return [summarize(h, seconds) for h in histories]
+
+
+    def _keep_best(self, epoch: int, histories: list[list[EpochStats]]) -> None:
+        """Copy the weights of every model for which this epoch is now the best (by the same
+        rule as `summarize`)."""
+        new = [k for k, h in enumerate(histories)
+               if h and h[-1].epoch == epoch and summarize(h).best_epoch == epoch]
+        if new:
+            states = self.layout.split_state(self.model_state())
+            for k in new:
+                self.best_states[k] = states[k]
 
 
 class Trainer(Engine):
@@ -493,6 +513,11 @@ class Trainer(Engine):
         end = self.cfg.epochs if end_epoch is None else end_epoch
         hooks = Hooks(evaluated=(lambda _e, stats: on_epoch(stats[0])) if on_epoch else None)
         return self.run(start_epoch, end, [list(history or [])], hooks)[0]
+
+    def best_state(self) -> dict[str, torch.Tensor]:
+        """The weights of the epoch the last `fit` reports (its best-validation epoch)."""
+        best = getattr(self, "best_states", [None])[0]
+        return best if best is not None else self.model_state()
 
     def evaluate(self, split: str = "test") -> float:
         """Top-1 accuracy in percent on `val`, `test` or `trigger` (NaN for an empty split)."""

@@ -117,6 +117,9 @@ class Packed(Layout):
                 # later epochs run at rate 0 but would still move its BatchNorm statistics
                 self.final_states[k] = unpack_state(self.engine.model_state(), k, self.models)
 
+    def split_state(self, state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [unpack_state(state, k, self.models) for k in range(self.models)]
+
 
 class PackedTrainer:
     """`packs` models trained together in one packed network (an `Engine` with the `Packed`
@@ -186,6 +189,12 @@ class PackedTrainer:
         """Each model's state at the end of its own schedule (after `fit`)."""
         return [f if f is not None else n
                 for f, n in zip(self.layout.final_states, self.model_states(), strict=True)]
+
+    def best_model_states(self) -> list[dict[str, torch.Tensor]]:
+        """Each model's state at the epoch its result reports (its best-validation epoch
+        within its own schedule), after `fit`."""
+        return [b if b is not None else f for b, f in
+                zip(self.engine.best_states, self.final_model_states(), strict=True)]
 
 
 def default_pack(device: torch.device, requested: int | None) -> int:

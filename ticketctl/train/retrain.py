@@ -24,7 +24,8 @@ def retrain_ticket(
     dist: DistContext | None = None,
 ) -> tuple[TrainResult, Ticket]:
     """Train epochs rewind_epoch+1..epochs from the ticket's weights (momentum starts at
-    zero: a ticket file holds weights, not optimizer state) and return the trained model."""
+    zero: a ticket file holds weights, not optimizer state) and return the trained model: the
+    weights of the best-validation epoch, whose test and trigger accuracy the result reports."""
     model = ticket.build_model()
     trainer = Trainer(model, data, cfg, mask=ticket.mask, trigger=trigger,
                       trigger_per_batch=trigger_per_batch, dist=dist)
@@ -33,7 +34,7 @@ def retrain_ticket(
         start = 0
     result = trainer.fit(start_epoch=start, on_epoch=on_epoch)
     trained = ticket.derive(
-        state=trainer.model_state(), kind=Kind.TRAINED, dataset=data.info(), seed=cfg.seed,
+        state=trainer.best_state(), kind=Kind.TRAINED, dataset=data.info(), seed=cfg.seed,
         extra={**{k: v for k, v in ticket.extra.items() if k != "ticket_accuracy"},
                "retrained_from": ticket.tensors_sha256(), "test_accuracy": result.test_accuracy,
                **({"trigger_sha256": trigger_sha256,
