@@ -335,3 +335,27 @@ def test_saved_models_are_the_ones_whose_numbers_are_reported(searched, tmp_path
     assert result.exit_code == 0, result.stderr
     got = json.loads(result.stdout)
     assert _accuracy_of(out) == got["test_accuracy"] == load_ticket(out).extra["test_accuracy"]
+
+
+def test_a_preset_follows_a_shorter_schedule_and_conflicts_come_together(tmp_path):
+    """--preset fast --epochs 1 used to fail on the preset's warm-up, then on its rewind
+    epoch; what depends on the schedule's length now follows it. What the user set and cannot
+    work is refused, every problem in one line."""
+    fast = resolve_settings("fast", arch="resnet20", dataset="cifar10",
+                            train=TrainOverrides(epochs=1))
+    fast.validate()
+    assert fast.train.warmup_epochs == 0 and fast.search.rewind_epoch == 0
+    doc = find_json(tmp_path, "--preset", "demo", "--epochs", "1", "--max-rounds", "0")
+    assert doc["rounds"] == []
+    result = find(tmp_path, "--epochs", "2", "--rewind-epoch", "5", "--warmup-epochs", "3",
+                  "--tolerance", "-1", run_dir="other")
+    assert_one_line_error(result, 2, "--warmup-epochs")
+    for flag in ("--rewind-epoch 5", "--tolerance"):
+        assert flag in result.stderr
+
+
+def test_resuming_a_finished_run_says_so(tmp_path):
+    assert find(tmp_path, "--epochs", "2", "--max-rounds", "0").exit_code == 0
+    result = find(tmp_path, "--epochs", "2", "--max-rounds", "0", "--resume",
+                  out="again.safetensors")
+    assert result.exit_code == 0 and "had finished" in result.stderr

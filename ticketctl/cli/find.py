@@ -28,6 +28,7 @@ from ticketctl.device import resolve_device
 from ticketctl.distributed import init_from_env, shutdown
 from ticketctl.plots import plot_search
 from ticketctl.prune import Scope, SearchOverrides, default_run_dir, find_ticket, resolve_settings
+from ticketctl.prune.rundir import RESULT
 
 P_SEARCH = "Search"
 
@@ -90,6 +91,16 @@ def find(
     settings.validate()
     output.check(out, trained, plot)  # fail now, not after an hour of training
     folder = run_dir or default_run_dir(settings)
+    if not output.quiet and not output.json_out:
+        if resume and (folder / RESULT).exists():
+            console.print(f"note: the run in {plain(folder)} had finished; this is its result",
+                          highlight=False)
+        elif training.preset is None and training.epochs is None and \
+                settings.dataset != "digits" and resolve_device(compute.device).type == "cpu":
+            console.print(f"[yellow]warning:[/] with no --preset, {plain(settings.dataset)} "
+                          f"uses the paper's schedule, {settings.train.epochs} epochs for "
+                          "every training, which takes days on a CPU; pass --preset fast or "
+                          "--epochs N", highlight=False)
     if dist.launched():
         return
     ctx = init_from_env(resolve_device(compute.device))

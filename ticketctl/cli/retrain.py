@@ -25,8 +25,9 @@ from ticketctl.distributed import init_from_env, shutdown
 from ticketctl.errors import TicketctlError
 from ticketctl.protect.receipt import load_private_key, load_receipt, save_receipt, trigger_receipt
 from ticketctl.protect.trigger import load_trigger_set
+from ticketctl.protect.verdict import default_null_rate, matches_needed
 from ticketctl.prune import resolve_settings
-from ticketctl.train.retrain import retrain_ticket
+from ticketctl.train.retrain import default_trigger_per_batch, retrain_ticket
 
 
 @command
@@ -40,8 +41,9 @@ def retrain(
     training: Training,
     trigger: Annotated[Optional[Path], typer.Option(
         help="Scheme V3: mix this trigger set (.npz or folder) into every batch.")] = None,
-    trigger_per_batch: Annotated[int, typer.Option(
-        help="Trigger images per batch (the paper: 1).")] = 1,
+    trigger_per_batch: Annotated[Optional[int], typer.Option(
+        help="Trigger images per batch (default: enough for each image to be seen about 260 "
+             "times over the schedule; the paper's 1 is far too few at batch 512).")] = None,
     receipt: Annotated[Optional[Path], typer.Option(
         help="Commit the trigger set's SHA-256 to this receipt (updated in place, or new).")
     ] = None,
@@ -55,6 +57,8 @@ def retrain(
     output.check(out)
     if receipt is not None and trigger is None:
         raise TicketctlError("--receipt records a trigger set: pass --trigger too")
+    if trigger_per_batch is not None and trigger is None:
+        raise TicketctlError("--trigger-per-batch needs --trigger SET")
     if dist.wanted and trigger is not None:
         raise TicketctlError("--trigger does not run distributed yet: drop --nproc")
     if dist.launched():
@@ -69,11 +73,21 @@ def retrain(
                                     device=resolve_device(compute.device),
                                     val_size=split.val_size, split_seed=split.split_seed)
     trig, trig_set = None, None
+    # every input is read before the training, so a bad one fails now, not after it
+    key = load_private_key(signing_key) if signing_key else None
+    prior = load_receipt(receipt) if receipt is not None and receipt.exists() else None
     if trigger is not None:
         trig_set = load_trigger_set(trigger)
         trig_set.check_classes(ticket.num_classes)
         trig = (trig_set.tensor(dataset.input_shape, dataset.mean, dataset.std),
                 torch.from_numpy(trig_set.labels))
+        if trigger_per_batch is None:
+            trigger_per_batch, views = default_trigger_per_batch(
+                len(trig_set.labels), len(dataset.train_y), settings.train,
+                ticket.rewind_epoch or 0)
+            if not output.quiet:
+                console.print(f"{trigger_per_batch} trigger images per batch: each seen about "
+                              f"{views:.0f} times", highlight=False)
     ctx = init_from_env(dataset.train_x.device)
     try:
         with output.progress(silent=ctx is not None) as progress:
@@ -87,7 +101,7 @@ def retrain(
 
             result, trained = retrain_ticket(
                 ticket, dataset, settings.train, on_epoch=on_epoch, trigger=trig,
-                trigger_per_batch=trigger_per_batch,
+                trigger_per_batch=trigger_per_batch or 1,
                 trigger_sha256=trig_set.sha256() if trig_set else None, dist=ctx)
     finally:
         shutdown()
@@ -96,11 +110,22 @@ def retrain(
     if out is not None:
         save_ticket(trained, out, force=output.force)
     if receipt is not None and trig_set is not None:
-        key = load_private_key(signing_key) if signing_key else None
         sha, n = trig_set.sha256(), len(trig_set.labels)
-        updated = load_receipt(receipt).with_trigger(sha, n, key) if receipt.exists() \
+        updated = prior.with_trigger(sha, n, key) if prior is not None \
             else trigger_receipt(sha, n, key)
         save_receipt(updated, receipt, force=True)
+    if trig_set is not None and not output.quiet:
+        need = matches_needed(len(trig_set.labels), default_null_rate(ticket.num_classes))
+        got = round((result.trigger_accuracy or 0) * len(trig_set.labels) / 100)
+        n = len(trig_set.labels)
+        if need is None:
+            console.print(f"[yellow]warning:[/] a set of {n} trigger images cannot verify at "
+                          "the default alpha even when every label is reproduced; use a "
+                          "larger set", highlight=False)
+        elif got < need:
+            console.print(f"[yellow]warning:[/] the model reproduces {got} of the {n} trigger "
+                          f"labels and `verify --trigger` needs {need}: train longer or raise "
+                          "--trigger-per-batch", highlight=False)
 
     def text() -> None:
         trig_note = "" if result.trigger_accuracy is None else \
@@ -114,4 +139,5 @@ def retrain(
                  "best_epoch": result.best_epoch, "trigger_accuracy": result.trigger_accuracy,
                  "trigger_sha256": trig_set.sha256() if trig_set else None,
                  "out": str(out) if out else None, "density": ticket.density,
+                 "trigger_per_batch": trigger_per_batch if trig_set else None,
                  "seconds": result.seconds}, text)

@@ -160,3 +160,14 @@ def decide(alpha: float, signature: SignatureReading | None = None,
         raise TicketctlError(f"--alpha must be in (0, 1), got {alpha}")
     checks = [r.passes(alpha) for r in (signature, defended, trigger) if r is not None]
     return Verdict(alpha, any(checks), signature, defended, trigger, found)
+
+
+def matches_needed(n: int, null_rate: float, alpha: float = ALPHA) -> int | None:
+    """The fewest of n trigger labels a model must reproduce to verify at `alpha` (None if
+    even all n do not suffice: the set is too small)."""
+    from ticketctl.protect.stats import binomial_tail
+
+    for k in range(n + 1):
+        if binomial_tail(k, n, null_rate) < alpha:
+            return k
+    return None

@@ -45,6 +45,7 @@ from ticketctl.prune.search import (
     record_round,
 )
 from ticketctl.train import EpochStats, TrainConfig, Trainer, TrainResult
+from ticketctl.train.config import raise_all
 from ticketctl.train.engine import Hooks
 from ticketctl.train.packed import PackedTrainer, default_pack
 
@@ -65,14 +66,13 @@ class FindSettings:
                 "train": self.train.to_dict(), "search": self.search.to_dict()}
 
     def validate(self) -> None:
+        """Every problem at once, so one rerun fixes them all."""
+        out = []
         if self.arch not in ARCHS:
-            raise TicketctlError(f"unknown architecture {self.arch!r}; known: "
-                                 f"{', '.join(sorted(ARCHS))}")
+            out.append(f"unknown architecture {self.arch!r}; known: {', '.join(sorted(ARCHS))}")
         if self.dataset not in DATASETS:
-            raise TicketctlError(f"unknown dataset {self.dataset!r}; known: "
-                                 f"{', '.join(DATASETS)}")
-        self.train.validate()
-        self.search.validate(self.train.epochs)
+            out.append(f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
+        raise_all(out + self.train.problems() + self.search.problems(self.train.epochs))
 
 
 class Events:

@@ -70,8 +70,16 @@ def resolve_settings(
     t = train.apply(replace(TrainConfig(), **p["train"]))
     if name == "paper" and arch == "resnet50" and train.weight_decay is None:
         t = replace(t, weight_decay=5e-4)  # the paper's ResNet-50 setting
-    settings = FindSettings(arch=arch, dataset=dataset, train=t,
-                            search=search.apply(replace(SearchConfig(), **p["search"])))
+    s = search.apply(replace(SearchConfig(), **p["search"]))
+    # A preset's settings that depend on its length follow a shorter --epochs (the user's own
+    # settings are kept, and refused if they cannot work): warm-up and the rewind point
+    # must come before the last epoch.
+    last = max(0, t.epochs - 1)
+    if train.warmup_epochs is None and t.warmup_epochs > last:
+        t = replace(t, warmup_epochs=last)
+    if search.rewind_epoch is None and s.rewind_epoch > last:
+        s = replace(s, rewind_epoch=last)
+    settings = FindSettings(arch=arch, dataset=dataset, train=t, search=s)
     for k, v in data.items():
         if v is not None:
             setattr(settings, k, v)

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ticketctl.errors import TicketctlError
 from ticketctl.prune.magnitude import Scope
 from ticketctl.records import Overrides, Record
+from ticketctl.train.config import raise_all
 
 PAPER_RATES = (0.2, 0.1, 0.05, 0.01)
 
@@ -32,30 +32,35 @@ class SearchConfig:
         return asdict(self)
 
     def validate(self, epochs: int) -> None:
+        raise_all(self.problems(epochs))
+
+    def problems(self, epochs: int) -> list[str]:
+        """Every setting that cannot work, each with the flag that fixes it."""
+        out = []
         if not self.rates:
-            raise TicketctlError("--rates needs at least one rate")
-        for r in self.rates:
-            if not 0.0 < r < 1.0:
-                raise TicketctlError(f"pruning rates must be in (0, 1), got {r}")
+            out.append("--rates needs at least one rate")
+        bad = [r for r in self.rates if not 0.0 < r < 1.0]
+        if bad:
+            out.append(f"pruning rates must be in (0, 1), got {bad[0]}")
         if any(b >= a for a, b in zip(self.rates, self.rates[1:], strict=False)):
-            raise TicketctlError(f"--rates must be strictly decreasing, got "
-                                 f"{','.join(str(r) for r in self.rates)}")
+            out.append(f"--rates must be strictly decreasing, got "
+                       f"{','.join(str(r) for r in self.rates)}")
         if self.tolerance < 0:
-            raise TicketctlError(f"--tolerance must be 0 or more, got {self.tolerance}")
+            out.append(f"--tolerance must be 0 or more, got {self.tolerance}")
         if not 0 <= self.rewind_epoch < epochs:
-            raise TicketctlError(f"--rewind-epoch {self.rewind_epoch} must be below the number "
-                                 f"of epochs ({epochs}); 0 rewinds to the initialisation")
+            out.append(f"--rewind-epoch {self.rewind_epoch} must be below the number of epochs "
+                       f"({epochs}); 0 rewinds to the initialisation")
         if self.mode not in ("extreme", "fixed"):
-            raise TicketctlError(f"unknown search mode {self.mode!r}")
+            out.append(f"unknown search mode {self.mode!r}")
         if self.mode == "fixed" and (self.rounds is None or self.rounds < 1):
-            raise TicketctlError("fixed-rate IMP needs --rounds N (at least 1)")
+            out.append("fixed-rate IMP needs --rounds N (at least 1)")
         if self.scope not in [s.value for s in Scope]:
-            raise TicketctlError(f"--scope must be global or layer, got {self.scope!r}")
+            out.append(f"--scope must be global or layer, got {self.scope!r}")
         if self.max_rounds < 0:
-            raise TicketctlError(f"--max-rounds must be 0 (dense only) or more, got "
-                                 f"{self.max_rounds}")
+            out.append(f"--max-rounds must be 0 (dense only) or more, got {self.max_rounds}")
         if self.trials < 1:
-            raise TicketctlError(f"--trials must be at least 1, got {self.trials}")
+            out.append(f"--trials must be at least 1, got {self.trials}")
+        return out
 
 
 @dataclass

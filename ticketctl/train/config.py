@@ -46,21 +46,33 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def validate(self) -> None:
+        raise_all(self.problems())
+
+    def problems(self) -> list[str]:
+        """Every setting that cannot work, each with the flag that fixes it."""
+        out = []
         if self.epochs < 1:
-            raise TicketctlError(f"--epochs must be at least 1, got {self.epochs}")
+            out.append(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise TicketctlError(f"--batch-size must be at least 1, got {self.batch_size}")
+            out.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.lr <= 0:
-            raise TicketctlError(f"--lr must be positive, got {self.lr}")
+            out.append(f"--lr must be positive, got {self.lr}")
         if self.schedule not in [s.value for s in Schedule]:
-            raise TicketctlError(f"unknown schedule {self.schedule!r}; use multistep or cosine")
+            out.append(f"unknown schedule {self.schedule!r}; use multistep or cosine")
         if not 0 <= self.momentum < 1:
-            raise TicketctlError(f"--momentum must be in [0, 1), got {self.momentum}")
+            out.append(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
-            raise TicketctlError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
-            raise TicketctlError(f"--warmup-epochs must be in [0, epochs), got "
-                                 f"{self.warmup_epochs}")
+            out.append(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= max(1, self.epochs):
+            out.append(f"--warmup-epochs must be in [0, epochs={self.epochs}), got "
+                       f"{self.warmup_epochs}")
+        return out
+
+
+def raise_all(problems: list[str]) -> None:
+    """One error naming every problem at once, so a user fixes them in one go."""
+    if problems:
+        raise TicketctlError("; ".join(problems))
 
 
 @dataclass
