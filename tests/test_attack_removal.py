@@ -135,6 +135,10 @@ def test_fake3_overwrites_the_code_but_not_the_receipts_history(signed):
     assert doc["forger_receipt_matches_release"] is False
     assert doc["forger_receipt_created"] >= doc["owner_receipt_created"]
     assert doc["accuracy_after"] <= doc["accuracy_before"] + 1.0
+    # rows like every other attack: the forged model, and what the owner's receipt reads in it
+    (row,) = doc["rows"]
+    assert doc["attack"] == "fake3" and row["accuracy"] == doc["accuracy_after"]
+    assert row["verified"] is False and row["details"]["forger_message"] == "mine now"
 
 
 def test_alignment_uses_kernel_patterns_when_weights_and_counts_say_nothing():

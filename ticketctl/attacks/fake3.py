@@ -6,9 +6,9 @@ receipt can only commit to his altered copy, after it."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 from ticketctl.artifacts import Kind, Ticket
+from ticketctl.attacks.runner import AttackReport, compare, scored_row
 from ticketctl.data import Dataset
 from ticketctl.errors import TicketctlError
 from ticketctl.protect.embed import embed
@@ -38,7 +38,9 @@ def forge(signed: Ticket, owner_receipt: Receipt, message: str, seed: int = 1
 
 
 def fake3(signed: Ticket, owner_receipt: Receipt, message: str, data: Dataset,
-          seed: int = 1) -> dict[str, Any]:
+          seed: int = 1) -> AttackReport:
+    """One row (the whole region overwritten): the forged model's accuracy and what the
+    owner's receipt still reads in it; the facts say whose receipt predates the release."""
     if signed.kind not in (Kind.SIGNED, Kind.TRAINED):
         raise TicketctlError(f"fake3 takes the released signed model, not a '{signed.kind}' "
                              "file")
@@ -54,8 +56,9 @@ def fake3(signed: Ticket, owner_receipt: Receipt, message: str, data: Dataset,
     # retraining after signing changes the weights, never the mask: the mask hash identifies
     # the released ticket
     released = signed.mask.sha256()
-    return {
-        "attack": "fake3",
+    row = scored_row(1.0, after, owner_on_forged, forger_message=forger_on_forged.message)
+    compare([row], before)
+    return AttackReport("fake3", before, "the released model", [row], {"seed": seed}, {
         "accuracy_before": before, "accuracy_after": after, "delta": after - before,
         "owner_receipt_signed": owner_valid,
         "owner_receipt_created": owner_receipt.created,
@@ -67,4 +70,4 @@ def fake3(signed: Ticket, owner_receipt: Receipt, message: str, data: Dataset,
                              "message": forger_on_forged.message},
         "forger_receipt_created": forger_receipt.created,
         "forger_receipt_matches_release": forger_receipt.signed_masks_sha256 == released,
-    }
+    })

@@ -87,9 +87,11 @@ class AttackReport:
     reference: str
     rows: list[AttackRow]
     settings: dict[str, Any] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)  # attack-specific findings, top-level
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        return {**{k: v for k, v in d.items() if k != "facts"}, **self.facts}
 
 
 def compare(rows: list[AttackRow], reference: float | None) -> None:

@@ -289,12 +289,15 @@ def fake3_cmd(
     message: Annotated[str, typer.Option(help="The forger's message.")],
     receipt: Annotated[Path, typer.Option(help="The owner's receipt.")],
     seed: Seed = 1,
-    sweep: Annotated[Sweep, Without("csv_path", "plot_path")],
+    sweep: Sweep,
 ) -> None:
     """An insider overwrites the signed region with his own code: accuracy cost, and whose
     receipt predates the release."""
+    sweep.output.check(sweep.report.csv_path, sweep.report.plot_path)
     ticket = load_ticket(signed)
-    result = fake3(ticket, load_receipt(receipt), message, sweep.dataset(ticket), seed=seed)
+    report = fake3(ticket, load_receipt(receipt), message, sweep.dataset(ticket), seed=seed)
+    sweep.report.write(report, sweep.output.force)
+    result = report.to_dict()
     sweep.output.emit(result, lambda: console.print(
         f"fake3: accuracy {result['accuracy_before']:.2f}% -> {result['accuracy_after']:.2f}%"
         f" ({result['delta']:+.2f}); the forger's code reads "
