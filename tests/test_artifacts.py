@@ -231,3 +231,15 @@ def test_a_dangling_link_is_not_replaced_without_force(tmp_path, ticket):
     with pytest.raises(TicketctlError, match="--force"):
         save_ticket(ticket, link)
     assert link.is_symlink()
+
+
+def test_nan_or_infinite_weights_are_refused(tmp_path, ticket):
+    for value in (float("nan"), float("inf")):
+        tensors = ticket.tensors()
+        name = "fc.bias"
+        tensors[name] = tensors[name].clone()
+        tensors[name][0] = value
+        meta = {**ticket.metadata()}
+        path = write_raw(tmp_path / "bad.safetensors", tensors, meta)
+        with pytest.raises(TicketctlError, match="'fc.bias' holds 1 NaN or infinite"):
+            load_ticket(path)

@@ -11,7 +11,7 @@ import torch
 
 from ticketctl.artifacts.io import atomic_path
 from ticketctl.artifacts.mask import Mask
-from ticketctl.artifacts.ticket import Kind, Ticket
+from ticketctl.artifacts.ticket import Kind, Ticket, check_finite
 from ticketctl.errors import TicketctlError
 from ticketctl.models import ARCHS, build_model, prunable_names
 from ticketctl.models.registry import ARCH_ARGS
@@ -146,6 +146,7 @@ def import_checkpoint(
             f"unexpected: {', '.join(extra[:3]) or '-'}); check --arch and --num-classes"
         )
     full = {k: state.get(k, expected[k]).to(expected[k].dtype).clone() for k in expected}
+    check_finite(full, where)
     params = dict(model.named_parameters())
     if masks:
         mask = Mask({k: v for k, v in masks.items()})

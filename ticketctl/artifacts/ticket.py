@@ -231,6 +231,16 @@ def parse_metadata(header: dict[str, str], where: str) -> dict[str, Any]:
     return meta
 
 
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """NaN or infinite weights train to nothing and poison every magnitude ranking: refuse
+    them at the boundary, naming the tensor."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise TicketctlError(f"{where}: tensor {name!r} holds {bad} NaN or infinite "
+                                 "value(s); the file cannot be used")
+
+
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (checked to be one by `read_header` first)."""
     try:
@@ -306,6 +316,7 @@ def ticket_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
             raise TicketctlError(
                 f"{where}: {n} pruned weight(s) of {name!r} are not zero; the file is inconsistent"
             )
+    check_finite(state, where)
 
     return Ticket(
         state=state,
