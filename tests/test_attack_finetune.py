@@ -191,7 +191,7 @@ def test_packed_finetune_sweep_equals_one_row_at_a_time(signed, tmp_path, float6
     for a, b in zip(ra.rows, rb.rows, strict=True):
         assert b.accuracy == a.accuracy
     jobs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "b" / "jobs").glob("*.json")}
-    assert sorted(j.get("packed") for j in jobs.values()) == [3, 3, 3]
+    assert sorted(j["result"].get("packed") for j in jobs.values()) == [3, 3, 3]
     for stem in jobs:
         x = _load(tmp_path / "a" / "jobs" / f"{stem}.safetensors")
         y = _load(tmp_path / "b" / "jobs" / f"{stem}.safetensors")

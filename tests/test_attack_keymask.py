@@ -58,6 +58,17 @@ def test_runner_reuses_finished_rows(parts, tmp_path):
     second = nokey(again, parts["locked"], key=parts["key"])
     assert again.jobs_run == 0 and again.jobs_cached == 2
     assert second.rows[0].accuracy == first.rows[0].accuracy
+    # a forged record is not believed: the job runs again and the true number comes back
+    record_path = next(p for p in (tmp_path / "sweep" / "jobs").glob("*.json")
+                       if json.loads(p.read_text())["result"]["accuracy"] ==
+                       first.rows[0].accuracy)
+    record = json.loads(record_path.read_text())
+    record["result"]["accuracy"] = 12.5
+    record_path.write_text(json.dumps(record))
+    third = AttackRunner(data, cfg, out_dir=tmp_path / "sweep")
+    assert nokey(third, parts["locked"], key=parts["key"]).rows[0].accuracy == \
+        first.rows[0].accuracy
+    assert third.jobs_run == 1 and third.jobs_cached == 1
     report = fake1(again, parts["locked"], [0.1, 0.2], key=parts["key"])
     assert [r.strength for r in report.rows] == [0.1, 0.2]
     assert again.jobs_run == 2  # only the two forged tickets were trained
@@ -110,4 +121,4 @@ def test_packed_fake1_sweep_equals_one_at_a_time(parts, tmp_path, float64):
         assert a.details == b.details
         assert b.accuracy == a.accuracy
     jobs = [json.loads(p.read_text()) for p in (tmp_path / "sweep" / "jobs").glob("*.json")]
-    assert sorted(j.get("packed", 1) for j in jobs) == [1, 2, 2]  # a pack of 2, then one
+    assert sorted(j["result"].get("packed", 1) for j in jobs) == [1, 2, 2]  # 2, then one

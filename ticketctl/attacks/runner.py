@@ -112,6 +112,70 @@ def job_id(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class JobStore:
+    """A sweep folder's finished jobs. Each is a JSON record of the job's key, its result and
+    the SHA-256 of the weights kept beside it (fine-tuning), sealed by a SHA-256 over all of
+    them: a record that was edited, cut short, left from another job or paired with other
+    weights is not believed, and the job runs again. (The seal keeps out accidents and naive
+    edits; a forger who recomputes it can still lie, so a sweep folder is as trustworthy as
+    whoever could write it.)"""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        assert self.folder is not None
+        return self.folder / f"{key}.json", self.folder / f"{key}.safetensors"
+
+    def write(self, key: str, result: JobResult, state: dict[str, torch.Tensor] | None) -> None:
+        if self.folder is None:
+            return
+        record_path, state_path = self._paths(key)
+        state_sha = None
+        if state is not None:  # the weights first: a record never names missing ones
+            with atomic_path(state_path, force=True) as tmp:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            state_sha = _file_sha256(state_path)
+        record = {"job": key, "result": result.to_dict(), "state_sha256": state_sha}
+        record["sha256"] = _seal(record)
+        write_text_atomic(record_path, json.dumps(record), force=True)
+
+    def read(self, key: str, keeps_state: bool = False
+             ) -> tuple[JobResult, dict[str, torch.Tensor] | None] | None:
+        if self.folder is None:
+            return None
+        record_path, state_path = self._paths(key)
+        try:
+            record = json.loads(record_path.read_text())
+            seal = record.pop("sha256")
+            if record["job"] != key or seal != _seal(record):
+                return None
+            result = JobResult.from_dict(record["result"])
+            if not keeps_state:
+                return result, None
+            if record["state_sha256"] is None or \
+                    _file_sha256(state_path) != record["state_sha256"]:
+                return None
+            return result, load_file(str(state_path))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # missing, or not a record this version wrote: run the job
+
+
+def _seal(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class AttackRunner:
     def __init__(
         self,
@@ -130,28 +194,41 @@ class AttackRunner:
         self._states: dict[str, dict[str, torch.Tensor]] = {}
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        if self.out_dir is not None:
-            (self.out_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(self.out_dir / "jobs" if self.out_dir is not None else None)
         self.on_epoch = on_epoch
         self._trainer: Trainer | None = None
         self._trainer_key: tuple | None = None
         self.jobs_run = 0
         self.jobs_cached = 0
 
-    def cached(self, key: str, fn: Callable[[], JobResult]) -> JobResult:
-        """Run fn once per key; with an out_dir its result survives the process."""
-        path = self.out_dir / "jobs" / f"{key}.json" if self.out_dir else None
+    def _lookup(self, key: str, keeps_state: bool = False) -> JobResult | None:
+        """A finished job: from this process, else from the sweep folder if its record holds
+        (then counted as cached, and its kept weights loaded when it has them)."""
         if key in self._memo:  # asked again in this process: not counted twice
             return self._memo[key]
-        if path is not None and path.exists():
-            self.jobs_cached += 1
-            self._memo[key] = JobResult.from_dict(json.loads(path.read_text()))
-            return self._memo[key]
-        result = fn()
-        self._memo[key] = result
+        got = self.store.read(key, keeps_state)
+        if got is None:
+            return None
+        self.jobs_cached += 1
+        self._memo[key], state = got
+        if state is not None:
+            self._states[key] = state
+        return self._memo[key]
+
+    def cached(self, key: str,
+               fn: Callable[[], tuple[JobResult, dict[str, torch.Tensor] | None]],
+               keeps_state: bool = False) -> JobResult:
+        """Run fn once per key (it returns the result and, for jobs that keep them, the
+        trained weights); with an out_dir both survive the process."""
+        found = self._lookup(key, keeps_state)
+        if found is not None:
+            return found
+        result, state = fn()
         self.jobs_run += 1
-        if path is not None:
-            write_text_atomic(path, json.dumps(result.to_dict()), force=True)
+        self.store.write(key, result, state)
+        self._memo[key] = result
+        if state is not None:
+            self._states[key] = state
         return result
 
     def _retrain_key(self, ticket: Ticket) -> str:
@@ -159,7 +236,7 @@ class AttackRunner:
 
     def retrain(self, ticket: Ticket, label: str = "") -> JobResult:
         """Train a ticket from its (rewind) weights under its mask; cached by content."""
-        return self.cached(self._retrain_key(ticket), lambda: self._retrain(ticket, label))
+        return self.cached(self._retrain_key(ticket), lambda: (self._retrain(ticket, label), None))
 
     def retrain_many(self, tickets: list[Ticket], labels: list[str] | None = None
                      ) -> list[JobResult]:
@@ -177,12 +254,11 @@ class AttackRunner:
             results = self._retrain_packed([tickets[i] for i in chunk],
                                            [labels[i] for i in chunk])
             for i, res in zip(chunk, results, strict=True):
-                self.cached(keys[i], lambda res=res: res)
+                self.cached(keys[i], lambda res=res: (res, None))
         return [self.retrain(t, lab) for t, lab in zip(tickets, labels, strict=True)]
 
     def _is_cached(self, key: str) -> bool:
-        return key in self._memo or (self.out_dir is not None
-                                     and (self.out_dir / "jobs" / f"{key}.json").exists())
+        return self._lookup(key) is not None
 
     def _retrain_packed(self, tickets: list[Ticket], labels: list[str]) -> list[JobResult]:
         first = tickets[0]
@@ -215,32 +291,18 @@ class AttackRunner:
         under its mask or, `dense`, under none; the trained state is kept beside the job's
         result so a rerun reuses it."""
         key = self._finetune_key(ticket, cfg, dense)
-        states: dict[str, dict[str, torch.Tensor]] = {}
-        state_path = self.out_dir / "jobs" / f"{key}.safetensors" if self.out_dir else None
 
-        def run() -> JobResult:
+        def run() -> tuple[JobResult, dict[str, torch.Tensor]]:
             trainer = self._trainer_for(ticket, cfg)
             trainer.restart(ticket.state, mask=_finetune_mask(ticket, dense), seeds=cfg.seed)
             cb = (lambda s: self.on_epoch(label, s)) if self.on_epoch else None
             result = trainer.fit(start_epoch=0, on_epoch=cb)
             state = trainer.best_state()  # the epoch whose accuracy the row reports
-            states["state"] = state
-            self._save_state(key, state)
             return JobResult(result.test_accuracy, result.seconds,
-                             nonzero=nonzero_fraction(state, list(ticket.mask)))
+                             nonzero=nonzero_fraction(state, list(ticket.mask))), state
 
-        if state_path is not None and not state_path.exists():
-            (self.out_dir / "jobs" / f"{key}.json").unlink(missing_ok=True)
-        res = self.cached(key, run)
-        if "state" in states:
-            self._states[key] = states["state"]
-        state = self._states.get(key) or load_file(str(state_path))
-        return res, state
-
-    def _save_state(self, key: str, state: dict[str, torch.Tensor]) -> None:
-        if self.out_dir is not None:
-            with atomic_path(self.out_dir / "jobs" / f"{key}.safetensors", force=True) as tmp:
-                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        res = self.cached(key, run, keeps_state=True)
+        return res, self._states[key]
 
     def finetune_many(self, ticket: Ticket, cfgs: list[TrainConfig], dense: bool,
                       labels: list[str]) -> list[tuple[JobResult, dict[str, torch.Tensor]]]:
@@ -256,17 +318,13 @@ class AttackRunner:
             results = self._finetune_packed(ticket, [cfgs[i] for i in chunk], dense,
                                             ", ".join(labels[i] for i in chunk))
             for i, (res, state) in zip(chunk, results, strict=True):
-                self._states[keys[i]] = state
-                self._save_state(keys[i], state)
-                self.cached(keys[i], lambda res=res: res)
+                self.cached(keys[i], lambda res=res, state=state: (res, state),
+                            keeps_state=True)
         return [self.finetune(ticket, c, dense, lab) for c, lab in zip(cfgs, labels,
                                                                         strict=True)]
 
     def _finetune_done(self, key: str) -> bool:
-        if key in self._states:
-            return True
-        return self.out_dir is not None and (self.out_dir / "jobs" / f"{key}.json").exists() \
-            and (self.out_dir / "jobs" / f"{key}.safetensors").exists()
+        return key in self._states or self._lookup(key, keeps_state=True) is not None
 
     def _finetune_packed(self, ticket: Ticket, cfgs: list[TrainConfig], dense: bool,
                          label: str) -> list[tuple[JobResult, dict[str, torch.Tensor]]]:
