@@ -5,6 +5,8 @@ second; the run folder and every output always live inside tmp_path."""
 
 import json
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,6 +125,44 @@ def test_existing_run_folder_needs_resume_or_force(tmp_path):
     result = find(tmp_path, *dense_only, "--force", out="again.safetensors", run_dir="other")
     assert_one_line_error(result, 2, "not a ticketctl run")
     assert (tmp_path / "other" / "precious.txt").read_text() == "x"
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
+    dense_only = ("--epochs", "2", "--max-rounds", "0")
+    assert find(tmp_path, *dense_only).exit_code == 0
+    def files():
+        return {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()
+                if p.is_file() and p.name != "run.lock"}
+
+    before = files()
+    # Another process reopens the folder (as `find --resume` does) and holds it.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_RUN, str(tmp_path / "run")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        for extra in (("--resume",), ("--force",)):
+            result = find(tmp_path, *dense_only, *extra, out="again.safetensors")
+            assert_one_line_error(result, 2, "in use by process")
+            assert str(holder.pid) in result.stderr
+        assert files() == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    # Once the holder is gone, the same folder resumes.
+    assert find(tmp_path, *dense_only, "--resume", out="again.safetensors").exit_code == 0
+
+
+HOLD_RUN = """
+import json, sys
+from pathlib import Path
+from ticketctl.prune.rundir import CONFIG, RunDir
+path = Path(sys.argv[1])
+settings = json.loads((path / CONFIG).read_text())["settings"]
+RunDir.open(path, settings, resume=True, force=False)
+print("holding", flush=True)
+sys.stdin.read()
+"""
 
 
 def test_resume_of_a_missing_run_folder(tmp_path):

@@ -91,11 +91,9 @@ def find(
     settings.validate()
     output.check(out, trained, plot)  # fail now, not after an hour of training
     folder = run_dir or default_run_dir(settings)
+    finished = resume and (folder / RESULT).exists()
     if not output.quiet and not output.json_out:
-        if resume and (folder / RESULT).exists():
-            console.print(f"note: the run in {plain(folder)} had finished; this is its result",
-                          highlight=False)
-        elif training.preset is None and training.epochs is None and \
+        if not finished and training.preset is None and training.epochs is None and \
                 settings.dataset != "digits" and resolve_device(compute.device).type == "cpu":
             console.print(f"[yellow]warning:[/] with no --preset, {plain(settings.dataset)} "
                           f"uses the paper's schedule, {settings.train.epochs} epochs for "
@@ -129,6 +127,9 @@ def find(
                     title=f"{settings.arch} on {settings.dataset}: extreme-ticket search")
 
     def text() -> None:
+        if finished:
+            console.print(f"note: the run in {plain(folder)} had finished; this is its result",
+                          highlight=False)
         console.print(rounds_table(result.rounds, result.dense_accuracy, result.ticket_accuracy,
                                    result.density))
         spec = ", ".join(f"{k}: {v}" for k, v in result.spec.items())

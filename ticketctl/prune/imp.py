@@ -341,10 +341,13 @@ def find_ticket(
     search = Search.open(settings, Path(run_path), resume=resume, force=force,
                          device=resolve_device(device), events=events or Events(), pack=pack,
                          dist=dist)
-    search.train_dense()
-    while not search.state.done:
-        search.run_round()
-    return search.result()
+    try:
+        search.train_dense()
+        while not search.state.done:
+            search.run_round()
+        return search.result()
+    finally:
+        search.run.unlock()
 
 
 def _on_scratch_copy(settings: FindSettings, run_path: Path, resume: bool, device: str,

@@ -6,9 +6,11 @@ files' names live here and nowhere else; each JSON file has its typed record."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,10 @@ from ticketctl.records import Record
 from ticketctl.train.engine import EpochStats
 
 MARKER = "ticketctl-run"
+
+# Held (flock) by the process working in the folder; a second process is refused.
+LOCK = "run.lock"
+_HELD: dict[str, int] = {}  # real path -> descriptor holding its lock
 
 # The files of a run folder.
 CONFIG = "config.json"  # the resolved settings and their hash
@@ -94,34 +100,70 @@ class RunDir:
     # ---- opening ------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: Path, settings: dict[str, Any], resume: bool, force: bool) -> RunDir:
-        """Start a run folder, or reopen one for --resume after checking its settings."""
+        """Start a run folder, or reopen one for --resume after checking its settings. The
+        folder stays locked until `unlock` (or this process ends): a second run on it (a
+        second --resume, or --force) is refused instead of mixing its files with this one's."""
         run = cls(path)
         cfg = run.path / CONFIG
-        if run.path.exists() and any(run.path.iterdir()):
+        if run.path.exists() and any(p.name != LOCK for p in run.path.iterdir()):
             if not cfg.exists():
                 raise TicketctlError(f"run folder {run.path} exists and is not a ticketctl run; "
                                      "choose another --run-dir")
+            run._lock()
             if resume:
                 old = json.loads(cfg.read_text())
                 diffs = _diff(old.get("settings"), settings)
                 if diffs:
+                    run.unlock()
                     raise TicketctlError(
                         f"cannot resume {run.path}: it was made with different settings "
                         f"({'; '.join(diffs[:3])}); use the same options or another --run-dir"
                     )
                 return run
             if not force:
+                run.unlock()
                 raise TicketctlError(f"run folder {run.path} already exists; pass --resume to "
                                      "continue it or --force to start it over")
-            shutil.rmtree(run.path)
+            for p in run.path.iterdir():  # start over, keeping the lock this process holds
+                if p.name != LOCK:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         elif resume:
             raise TicketctlError(f"nothing to resume: run folder {run.path} does not exist")
         run.path.mkdir(parents=True, exist_ok=True)
+        run._lock()
         (run.path / "masks").mkdir(exist_ok=True)
         write_text_atomic(cfg, json.dumps({"kind": MARKER, "settings": settings,
                                            "settings_hash": settings_hash(settings)},
                                           indent=2, sort_keys=True), force=True)
         return run
+
+    # ---- the lock ---------------------------------------------------------------------------
+    def _lock(self) -> None:
+        """Take the folder's lock until `unlock` or the end of this process (the kernel drops
+        it when the process dies, so a killed run leaves nothing stale behind). Within one
+        process the lock is shared, so a library caller may reopen a folder it holds."""
+        key = os.path.realpath(self.path)
+        if key in _HELD:
+            return
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise TicketctlError(f"run folder {self.path} is in use by process {holder}; "
+                                 "wait for it to finish or choose another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD[key] = fd
+
+    def unlock(self) -> None:
+        """Let another process work in the folder (the lock file itself stays: removing it
+        would let two processes lock two different files of the same name)."""
+        fd = _HELD.pop(os.path.realpath(self.path), None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     # ---- small JSON and tensor files ------------------------------------------------------------
     def file(self, name: str) -> Path:
