@@ -200,3 +200,16 @@ def test_progress_is_plain_lines_when_not_a_terminal(tmp_path):
     assert "dense: 2/2" in result.stderr
     result = run(*args, "--out", tmp_path / "b.safetensors", "--force", "--quiet")
     assert result.exit_code == 0 and "dense:" not in result.stderr
+
+
+def test_threads_are_set_and_checked(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert run("find", "--epochs", "1", "--max-rounds", "0", "--threads", "1", "--out",
+                   tmp_path / "t.safetensors", "--run-dir", tmp_path / "run").exit_code == 0
+        assert torch.get_num_threads() == 1
+        result = run("find", "--threads", "0", "--out", tmp_path / "u.safetensors")
+        assert_one_line_error(result, 2, "--threads")
+        assert_one_line_error(run("demo", "--threads", "0"), 2, "--threads")
+    finally:
+        torch.set_num_threads(before)

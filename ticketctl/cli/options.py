@@ -23,7 +23,7 @@ from typer.models import ParameterInfo
 
 from ticketctl.artifacts.io import check_output_path
 from ticketctl.cli.common import console, emit_json, fail, launch_ranks, progress_bar
-from ticketctl.device import Device
+from ticketctl.device import Device, configure_threads
 from ticketctl.errors import TicketctlError
 from ticketctl.protect.calibrate import read_null_rate
 from ticketctl.protect.receipt import load_public_key, load_receipt
@@ -220,6 +220,12 @@ class Output:
 @group()
 class Compute:
     device: Device = option("--device", default=Device.AUTO, help="Where to compute.")
+    threads: Optional[int] = option(
+        min=1, help="CPU threads per operation (default: one per core); 1 is fastest for small "
+             "networks on a shared machine.")
+
+    def __post_init__(self) -> None:
+        configure_threads(self.threads)
 
 
 # ---- data -------------------------------------------------------------------------------------
