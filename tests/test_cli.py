@@ -213,3 +213,27 @@ def test_threads_are_set_and_checked(tmp_path):
         assert_one_line_error(run("demo", "--threads", "0"), 2, "--threads")
     finally:
         torch.set_num_threads(before)
+
+
+def test_help_and_version_import_no_heavy_library():
+    """`--help` and `--version` list commands without importing them (PyTorch and SciPy take
+    seconds to import); a command's own module loads when it runs."""
+    probe = ("import sys\nfrom ticketctl.cli.app import app\n"
+             "try:\n    app(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print({m: m in sys.modules for m in ('torch', 'scipy', 'matplotlib')})")
+    for args in (["--help"], ["--version"], []):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
+                              text=True, timeout=HANG_GUARD_S)
+        last = proc.stdout.strip().splitlines()[-1]
+        assert last == "{'torch': False, 'scipy': False, 'matplotlib': False}", (args, last)
+
+
+def test_the_root_help_is_each_commands_own():
+    """The root --help lists commands from a table (so it imports none): each entry must be
+    the first paragraph of the command's own help."""
+    from ticketctl.cli.app import COMMANDS, load_command
+
+    for name, spec in COMMANDS.items():
+        cmd = load_command(name)
+        first = " ".join((cmd.help or "").split("\n\n")[0].split())
+        assert spec.help == first, name
