@@ -33,7 +33,7 @@ def keygen(
 @command
 def sign(
     *,
-    ticket_path: Annotated[Path, typer.Argument(metavar="TICKET")],
+    ticket_path: Annotated[Path, typer.Argument(metavar="TICKET", help="The ticket to sign.")],
     message: Annotated[str, typer.Option(help="The owner's message, written as a QR code.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The signed ticket.")],
     receipt: Annotated[Path, typer.Option(help="The receipt (JSON) to keep private.")],
