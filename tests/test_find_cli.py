@@ -13,6 +13,7 @@ import torch
 from helpers import assert_one_line_error, run
 
 from ticketctl.artifacts import load_ticket
+from ticketctl.cli import find as find_cli
 from ticketctl.prune import resolve_settings
 from ticketctl.train.config import TrainOverrides
 
@@ -277,8 +278,19 @@ def test_retrain_the_found_ticket(searched):
 # ---- fixed-rate IMP, dense only, trials, presets -------------------------------------------------
 
 
-def test_fixed_rate_imp_prunes_exact_counts(tmp_path):
-    doc = find_json(tmp_path, "--epochs", "2", "--rounds", "3", "--rate", "0.3")
+def test_fixed_rate_imp_prunes_exact_counts(tmp_path, monkeypatch):
+    titles = []
+    real = find_cli.plot_search
+
+    def plot(*args, **kw):
+        titles.append(kw["title"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(find_cli, "plot_search", plot)
+    doc = find_json(tmp_path, "--epochs", "2", "--rounds", "3", "--rate", "0.3",
+                    "--plot", tmp_path / "fixed.png")
+    assert titles == ["digits_cnn on digits: fixed-rate IMP, 3 rounds at rate 0.3"]
+    assert (tmp_path / "fixed.png").read_bytes()[:8] == PNG_MAGIC
     assert len(doc["rounds"]) == 3
     assert all(r["accepted"] and r["rate"] == 0.3 for r in doc["rounds"])
     assert doc["spec"] == {"0.3": 3}
