@@ -174,8 +174,8 @@ def describe_stream(stream: BinaryIO, label: str = "-", limit: int | None = None
                 copied += len(chunk)
                 if copied > limit:
                     raise TicketctlError(f"{label}: stdin holds more than {limit:,} bytes, "
-                                         "more than any ticket; save it to a file and inspect "
-                                         "the file")
+                                         "more than inspect reads from a pipe; save it to a "
+                                         "file and inspect the file")
         if copied == 0:
             raise TicketctlError(f"{label}: stdin is empty; pipe a file in "
                                  "(ticketctl inspect - < FILE)")
