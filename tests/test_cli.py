@@ -33,12 +33,15 @@ def test_inspect_json_is_the_only_stdout(tmp_path, ticket):
     assert all({"name", "shape", "density"} <= set(r) for r in doc["layers"])
 
 
-def test_inspect_table_goes_to_stderr(tmp_path, ticket):
+def test_inspect_report_goes_to_stdout(tmp_path, ticket):
+    """The report is inspect's result: on stdout, for pipes (and nothing on stderr)."""
     path = save_ticket(ticket, tmp_path / "t.safetensors")
     result = run("inspect", path)
     assert result.exit_code == 0
-    assert result.stdout == ""
-    assert "conv2.weight" in result.stderr and "total" in result.stderr
+    assert result.stderr == ""
+    assert "conv2.weight" in result.stdout and "total" in result.stdout
+    assert "\x1b[" not in result.stdout  # no colour codes into a pipe
+    assert run("inspect", path, "--quiet").stdout == ""
 
 
 def _bad_files(tmp_path, ticket):
@@ -172,9 +175,9 @@ def test_text_from_files_and_users_is_printed_literally(tmp_path, ticket):
     path = save_ticket(ticket, tmp_path / "t.safetensors")
     result = run("inspect", path)
     assert result.exit_code == 0, result.stderr
-    text = " ".join(result.stderr.split())
+    text = " ".join(result.stdout.split())
     assert "[/][bold]x[link=http://e]y" in text and "\\x1b]0;title\\x07" in text
-    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
     meta = {**ticket.metadata(), "kind": "[/]"}
     bad = write_raw(tmp_path / "kind.safetensors", ticket.tensors(), meta)
     assert_one_line_error(run("inspect", bad), 2, "unknown kind '[/]'")
