@@ -48,9 +48,13 @@ COMMANDS = {
     "attack": Lazy("ticketctl.cli.attack", "app", "Simulate the attacks a thief would try.",
                    group=True),
     "inspect": Lazy("ticketctl.cli.inspect", "inspect", "Show what a ticket file holds: "
-                    "per-layer density, metadata and hashes."),
+                    "per-layer density, metadata and hashes (and what run-folder files and "
+                    "trigger sets hold). The report goes to stdout; with several files, "
+                    "--json prints one list."),
     "convert": Lazy("ticketctl.cli.convert", "convert", "Import torch-prune or authors' "
-                    "checkpoints (weights_only loading), or export a ticket."),
+                    "checkpoints (weights_only loading), or export a ticket (its metadata "
+                    "kept in the export, so a round trip keeps kind, rewind epoch and "
+                    "dataset)."),
     "demo": Lazy("ticketctl.cli.demo", "demo", "Run the pipeline on the embedded digits "
                  "dataset on CPU (about a minute)."),
     "data": Lazy("ticketctl.cli.data", "data", "Check that a dataset loads from its folder "
