@@ -190,7 +190,8 @@ class Output:
     """How a command reports: JSON on stdout or text on stderr, and whether it may overwrite."""
 
     json_out: bool = option("--json", default=False, help="Print one JSON document on stdout.")
-    quiet: bool = option("--quiet", "-q", default=False, help="No progress or tables on stderr.")
+    quiet: bool = option("--quiet", "-q", default=False,
+                         help="No progress, notes or tables (and no report from inspect).")
     debug: bool = option("--debug", default=False, help="Show tracebacks on errors.")
     force: bool = option("--force", default=False, help="Overwrite existing output files.")
 
