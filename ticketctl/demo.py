@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ticketctl.artifacts import Ticket, load_ticket, save_ticket
 from ticketctl.artifacts.describe import describe_file
-from ticketctl.artifacts.io import write_text_atomic
+from ticketctl.artifacts.io import all_or_nothing, write_text_atomic
 from ticketctl.attacks import AttackRunner, nokey
 from ticketctl.attacks.checks import owner_checks
 from ticketctl.attacks.removal import added, pruned, sweep
@@ -46,8 +46,9 @@ def _scheme_v1(ticket: Ticket, out_dir: Path, settings: Any, device: str,
     """Lock the ticket with a 10% betweenness key, merge it back, and retrain the locked part
     without the key against the original retrained the same way."""
     key, locked = split_ticket(ticket, "betweenness", 0.1)
-    key_path = save_ticket(key, out_dir / "digits.key.safetensors", force=force)
-    locked_path = save_ticket(locked, out_dir / "digits.locked.safetensors", force=force)
+    with all_or_nothing(force=force):
+        key_path = save_ticket(key, out_dir / "digits.key.safetensors", force=force)
+        locked_path = save_ticket(locked, out_dir / "digits.locked.safetensors", force=force)
     merged = merge_parts(load_ticket(locked_path), load_ticket(key_path))
     merged_path = save_ticket(merged, out_dir / "digits.merged.safetensors", force=force)
     data = load_dataset("digits", device=resolve_device(device))
@@ -71,8 +72,9 @@ def _scheme_v2(result: FindResult, out_dir: Path, force: bool) -> dict[str, Any]
     key_path, pub_path = write_keypair(out_dir / "owner", force=force)
     signed, receipt, report, qr = sign_ticket(ticket, "ticketctl demo",
                                               private_key=load_private_key(key_path))
-    signed_path = save_ticket(signed, out_dir / "digits.signed.safetensors", force=force)
-    receipt_path = save_receipt(receipt, out_dir / "digits.receipt.json", force=force)
+    with all_or_nothing(force=force):
+        signed_path = save_ticket(signed, out_dir / "digits.signed.safetensors", force=force)
+        receipt_path = save_receipt(receipt, out_dir / "digits.receipt.json", force=force)
     attacked = magnitude_prune(signed.state, signed.mask, 0.3).apply_state(signed.state)
     verdict = check_suspect(Suspect.of(signed, attacked, where="pruned 30%"),
                             Marks(receipt=load_receipt(receipt_path),
@@ -164,11 +166,13 @@ def run_demo(
     settings = resolve_settings("demo", train=TrainOverrides(seed=seed))
     events.stage("1/5 finding an extreme ticket: dense training, then pruning rounds")
     result = find_ticket(settings, out_dir / "run", force=True, device=device, events=events)
-    ticket = save_ticket(result.ticket, out_dir / "digits.ticket.safetensors", force=force)
-    trained = save_ticket(result.trained, out_dir / "digits.trained.safetensors", force=force)
-    plot = plot_search(result.rounds, result.dense_accuracy, out_dir / "search.png",
-                       title="digits_cnn on digits: extreme-ticket search", force=force,
-                       tolerance=settings.search.tolerance)
+    with all_or_nothing(force=force):
+        ticket = save_ticket(result.ticket, out_dir / "digits.ticket.safetensors", force=force)
+        trained = save_ticket(result.trained, out_dir / "digits.trained.safetensors",
+                              force=force)
+        plot = plot_search(result.rounds, result.dense_accuracy, out_dir / "search.png",
+                           title="digits_cnn on digits: extreme-ticket search", force=force,
+                           tolerance=settings.search.tolerance)
     events.stage("2/5 Scheme V1: a key split off, merged back, the locked part retrained")
     v1 = _scheme_v1(result.ticket, out_dir, settings, device, force)
     events.stage("3/5 Scheme V2: a QR code signed into the mask, verified after pruning")

@@ -15,7 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ticketctl.artifacts import Ticket, load_ticket, save_ticket
-from ticketctl.artifacts.io import write_text_atomic
+from ticketctl.artifacts.io import all_or_nothing, write_text_atomic
 from ticketctl.attacks import AttackReport, AttackRunner, fake1, nokey
 from ticketctl.attacks.checks import owner_checks
 from ticketctl.attacks.fake3 import fake3
@@ -69,17 +69,22 @@ class Report:
     plot_path: Optional[Path] = option("--plot",
                                     help="PNG of accuracy and -log10 p against strength.")
 
-    def write(self, report: AttackReport, force: bool) -> None:
-        if self.plot_path is not None:
-            plot_attack([r.__dict__ for r in report.rows], report.reference_accuracy,
-                        self.plot_path, title=f"attack {report.attack}", force=force)
-        if self.csv_path is not None:
-            rows = summary_rows(report)
-            buf = io.StringIO()
-            w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-            write_text_atomic(self.csv_path, buf.getvalue(), force=force)
+    def write(self, report: AttackReport, force: bool,
+              also: Callable[[], object] | None = None) -> None:
+        """The plot and the CSV (and what `also` writes), all of them or none."""
+        with all_or_nothing(self.plot_path, self.csv_path, force=force):
+            if also is not None:
+                also()
+            if self.plot_path is not None:
+                plot_attack([r.__dict__ for r in report.rows], report.reference_accuracy,
+                            self.plot_path, title=f"attack {report.attack}", force=force)
+            if self.csv_path is not None:
+                rows = summary_rows(report)
+                buf = io.StringIO()
+                w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+                write_text_atomic(self.csv_path, buf.getvalue(), force=force)
 
 
 @group()
@@ -97,8 +102,9 @@ class Sweep:
                                      self.data.data_dir,
                                      device=resolve_device(self.compute.device))
 
-    def render(self, report: AttackReport) -> AttackReport:
-        self.report.write(report, self.output.force)
+    def render(self, report: AttackReport,
+               also: Callable[[], object] | None = None) -> AttackReport:
+        self.report.write(report, self.output.force, also)
         self.output.emit(report.to_dict(), lambda: console.print(_table(report)))
         return report
 
@@ -219,13 +225,13 @@ def fake1_cmd(
 # ---- removal attacks on a released model, checked by every mark ---------------------------------
 def _removal(model: Path, name: str, strengths: list[float],
              make: Callable[[Ticket, float], dict[str, torch.Tensor]], marks: OwnerMarks,
-             defend: bool, sweep: Sweep) -> None:
+             defend: bool, sweep: Sweep, also: Callable[[], object] | None = None) -> None:
     sweep.output.check(sweep.report.csv_path, sweep.report.plot_path)
     ticket = load_ticket(model)
     dataset = sweep.dataset(ticket)
     checks = owner_checks(ticket, dataset, marks.load(defend=defend))
     result = sweep.render(sweep_removal(ticket, dataset, name, strengths,
-                                        lambda s: make(ticket, s), checks))
+                                        lambda s: make(ticket, s), checks), also)
     _refuse_removed(result, "an attacked model")
 
 
@@ -276,9 +282,10 @@ def permute_cmd(
     re-aligns channels by the fingerprints in the receipt."""
     sweep.output.check(out)
     moved, _ = permute(load_ticket(model), seed)
-    if out is not None:
-        save_ticket(moved, out, force=sweep.output.force)
-    _removal(model, "permute", [0.0], lambda t, s: moved.state, marks, False, sweep)
+    # the permuted model is written with the rows' plot and CSV: all of them or none
+    _removal(model, "permute", [0.0], lambda t, s: moved.state, marks, False, sweep,
+             also=None if out is None else lambda: save_ticket(moved, out,
+                                                               force=sweep.output.force))
 
 
 # ---- an insider's forgery (Scheme V2) ------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ticketctl.artifacts import save_ticket
+from ticketctl.artifacts.io import all_or_nothing
 from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
     Arch,
@@ -117,14 +118,15 @@ def find(
                                  dist=ctx)
     finally:
         shutdown()
-    save_ticket(result.ticket, out, force=output.force)
-    if trained:
-        save_ticket(result.trained, trained, force=output.force)
-    if plot:
-        plot_search(result.rounds, result.dense_accuracy, plot, force=output.force,
-                    tolerance=settings.search.tolerance if settings.search.mode == "extreme"
-                    else None,
-                    title=search_title(settings.arch, settings.dataset, settings.search))
+    with all_or_nothing(out, trained, plot, force=output.force):
+        save_ticket(result.ticket, out, force=output.force)
+        if trained:
+            save_ticket(result.trained, trained, force=output.force)
+        if plot:
+            plot_search(result.rounds, result.dense_accuracy, plot, force=output.force,
+                        tolerance=settings.search.tolerance
+                        if settings.search.mode == "extreme" else None,
+                        title=search_title(settings.arch, settings.dataset, settings.search))
 
     def text() -> None:
         if finished:

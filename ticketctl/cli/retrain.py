@@ -9,6 +9,7 @@ import torch
 import typer
 
 from ticketctl.artifacts import load_ticket, save_ticket
+from ticketctl.artifacts.io import all_or_nothing, check_output_path
 from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
     Compute,
@@ -57,6 +58,10 @@ def retrain(
     output.check(out)
     if receipt is not None and trigger is None:
         raise TicketctlError("--receipt records a trigger set: pass --trigger too")
+    if receipt is not None:  # updated in place: it may exist, but in a folder, not be one
+        check_output_path(receipt, force=True)
+        if out is not None and out.resolve() == receipt.resolve():
+            raise TicketctlError("--out and --receipt must be different files")
     if trigger_per_batch is not None and trigger is None:
         raise TicketctlError("--trigger-per-batch needs --trigger SET")
     if dist.wanted and trigger is not None:
@@ -107,13 +112,16 @@ def retrain(
         shutdown()
     if ctx is not None and not ctx.is_main:  # only rank 0 writes files and output
         return
-    if out is not None:
-        save_ticket(trained, out, force=output.force)
+    updated = None
     if receipt is not None and trig_set is not None:
         sha, n = trig_set.sha256(), len(trig_set.labels)
         updated = prior.with_trigger(sha, n, key) if prior is not None \
             else trigger_receipt(sha, n, key)
-        save_receipt(updated, receipt, force=True)
+    with all_or_nothing(out, force=output.force):  # the model and its receipt, or neither
+        if out is not None:
+            save_ticket(trained, out, force=output.force)
+        if updated is not None:
+            save_receipt(updated, receipt, force=True)  # updated in place
     if trig_set is not None and not output.quiet:
         need = matches_needed(len(trig_set.labels), default_null_rate(ticket.num_classes))
         got = round((result.trigger_accuracy or 0) * len(trig_set.labels) / 100)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ticketctl.artifacts import load_ticket, save_ticket
+from ticketctl.artifacts.io import all_or_nothing
 from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import DataOptions, Output, OwnerMarks, command
 from ticketctl.errors import CheckFailed
@@ -59,10 +60,11 @@ def sign(
     signed, doc, report, qr = sign_ticket(ticket, message, private_key=key, version=qr_version,
                                           mask_pattern=mask_pattern, layer=layer, copies=copies,
                                           support=support, seed=seed)
-    save_ticket(signed, out, force=output.force)
-    save_receipt(doc, receipt, force=output.force)
-    if qr_png:
-        render_png(qr.matrix, qr_png, force=output.force)
+    with all_or_nothing(out, receipt, qr_png, force=output.force):  # all of them or none
+        save_ticket(signed, out, force=output.force)
+        save_receipt(doc, receipt, force=output.force)
+        if qr_png:
+            render_png(qr.matrix, qr_png, force=output.force)
     first = report.placements[0]
     moved = (report.weights_added + abs(report.compensated)) / max(1, ticket.mask.num_kept)
     result = {"layer": first.layer, "offset": [first.row, first.col],

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ticketctl.artifacts import load_ticket, save_ticket
+from ticketctl.artifacts.io import all_or_nothing
 from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import Output, command
 from ticketctl.errors import TicketctlError
@@ -37,8 +38,9 @@ def split(
     options = {"walks": walks} if score == Score.EWP else {"pivots": pivots} \
         if score == Score.BETWEENNESS else {}
     key_t, locked_t = split_ticket(ticket, score.value, key_ratio, seed=seed, **options)
-    save_ticket(key_t, key, force=output.force)
-    save_ticket(locked_t, locked, force=output.force)
+    with all_or_nothing(key, locked, force=output.force):  # never a key without its lock
+        save_ticket(key_t, key, force=output.force)
+        save_ticket(locked_t, locked, force=output.force)
     result = {"key_ratio": key_ratio, "key_weights": key_t.mask.num_kept,
               "locked_weights": locked_t.mask.num_kept, "key": str(key), "locked": str(locked),
               "score": score.value, "seed": seed, "ticket_sha256": key_t.extra["parent_sha256"],

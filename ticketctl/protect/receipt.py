@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ticketctl.artifacts.io import check_output_path, write_bytes_atomic, write_text_atomic
+from ticketctl.artifacts.io import all_or_nothing, write_bytes_atomic, write_text_atomic
 from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.protect.embed import Placement
 
@@ -37,17 +37,17 @@ def sha256(data: bytes | str) -> str:
 
 
 def write_keypair(prefix: str | Path, force: bool = False) -> tuple[Path, Path]:
-    """PREFIX.key (PKCS8 PEM, mode 0600) and PREFIX.pub (PEM)."""
+    """PREFIX.key (PKCS8 PEM, mode 0600 from its creation) and PREFIX.pub (PEM): both or
+    neither."""
     key_path, pub_path = Path(f"{prefix}.key"), Path(f"{prefix}.pub")
-    for p in (key_path, pub_path):
-        check_output_path(p, force)
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     pub = private.public_key().public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    write_bytes_atomic(key_path, pem, force=force, private=True)
-    write_bytes_atomic(pub_path, pub, force=force)
+    with all_or_nothing(key_path, pub_path, force=force):
+        write_bytes_atomic(key_path, pem, force=force, private=True)
+        write_bytes_atomic(pub_path, pub, force=force)
     return key_path, pub_path
 
 
