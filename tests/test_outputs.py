@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error, make_ticket, run
 
-from ticketctl.artifacts import load_ticket, save_ticket
 from ticketctl.artifacts import io as artifacts_io
+from ticketctl.artifacts import load_ticket, save_ticket
 from ticketctl.artifacts.io import all_or_nothing, write_bytes_atomic, write_text_atomic
 from ticketctl.errors import TicketctlError
 from ticketctl.protect.trigger import generate, save_trigger_set
-
-ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """Any RGB image dataset laid out as ``<data_dir>/{train,test}/<class>/<image>``.
 
 Classes are the sorted sub-folder names of ``train/``; ``test/`` must have the same ones.
-Files ending in .png/.jpg/.jpeg/.bmp/.webp (any case) are read with pillow and converted to RGB;
-other files are ignored. All images must share one size, since the dataset is kept as a single
-tensor (resize them beforehand).
+Files ending in .png/.jpg/.jpeg/.bmp/.webp (any case) are read with pillow and converted to RGB,
+each bounded in size before it is decoded (`images.py`); other files are ignored. All images
+must share one size, since the dataset is kept as a single tensor (resize them beforehand).
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from ticketctl.data.images import IMAGE_SUFFIXES, read_rgb
 from ticketctl.data.splits import RawSplits, default_val_size
 from ticketctl.errors import TicketctlError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
@@ -50,14 +48,6 @@ def _list_images(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[
     return files, labels
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise TicketctlError(f"cannot read image {path}: {exc}") from None
-
-
 def _read_split(split_dir: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Read every image of one split into (N x 3 x H x W uint8, N int64 labels)."""
     files, labels = _list_images(split_dir, classes)
@@ -66,7 +56,7 @@ def _read_split(split_dir: Path, classes: list[str]) -> tuple[torch.Tensor, torc
         raise TicketctlError(f"no images ({suffixes}) found under {split_dir}/<class>/")
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # pillow decodes without the GIL
-        arrays = list(pool.map(_read_rgb, files))
+        arrays = list(pool.map(read_rgb, files))
     first_shape = arrays[0].shape
     for path, array in zip(files, arrays, strict=True):
         if array.shape != first_shape:
