@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ticketctl.artifacts.ticket import FORMAT_VERSION, Ticket, load_ticket
+from ticketctl.artifacts.ticket import (
+    FORMAT_VERSION,
+    SPARSE_KEY_VERSION,
+    Kind,
+    Ticket,
+    load_ticket,
+)
 
 
 def describe(ticket: Ticket) -> dict[str, Any]:
@@ -21,7 +27,8 @@ def describe(ticket: Ticket) -> dict[str, Any]:
                      if k not in ("masks_sha256", "tensors_sha256")},
         "hashes": {"masks_sha256": meta["masks_sha256"],
                    "tensors_sha256": meta["tensors_sha256"]},
-        "format_version": FORMAT_VERSION,
+        # the version the ticket is written in: a key's sparse layout is version 2
+        "format_version": SPARSE_KEY_VERSION if ticket.kind == Kind.KEY else FORMAT_VERSION,
     }
 
 

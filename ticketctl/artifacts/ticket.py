@@ -17,13 +17,16 @@ from torch import nn
 
 from ticketctl.artifacts.io import atomic_path
 from ticketctl.artifacts.mask import Mask, tensor_digest
+from ticketctl.artifacts.sparse import dense_key, is_sparse, sparse_key
 from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.models import build_model
 from ticketctl.models.registry import skeleton
 from ticketctl.records import Choice
 
 FORMAT_NAME = "ticketctl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what every file but a sparse key is written as
+SPARSE_KEY_VERSION = 2  # a key file in the sparse layout (`sparse.py`)
+READ_VERSION = SPARSE_KEY_VERSION  # the newest version this ticketctl reads
 MASK_SUFFIX = ".mask"
 
 
@@ -129,14 +132,22 @@ class Ticket:
 
 
 def save_ticket(ticket: Ticket, path: str | Path, force: bool = False) -> Path:
-    """Write a ticket atomically; refuses to overwrite unless `force`."""
+    """Write a ticket atomically; refuses to overwrite unless `force`. A key is written in
+    the sparse layout (its weights only), whatever else in the dense one."""
     meta = ticket.metadata()
+    version = FORMAT_VERSION
+    sparse = sparse_key(ticket.state, dict(ticket.mask)) if ticket.kind == Kind.KEY else None
+    if sparse is not None:
+        tensors, layout = sparse
+        meta["sparse"] = layout
+        version = SPARSE_KEY_VERSION
+    else:
+        tensors = ticket.tensors()
     header = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(version),
         "ticket": json.dumps(meta, sort_keys=True),
     }
-    tensors = ticket.tensors()
     # name order, so the same ticket always serialises to the same bytes
     data = safetensors.torch.save({k: tensors[k] for k in sorted(tensors)}, metadata=header)
     head, body = _canonical(data)
@@ -210,10 +221,10 @@ def parse_metadata(header: dict[str, str], where: str) -> dict[str, Any]:
     except ValueError:
         raise TicketctlError(f"{where}: unreadable format version "
                              f"{header.get('format_version')!r}") from None
-    if version > FORMAT_VERSION:
+    if version > READ_VERSION:
         raise TicketctlError(
             f"{where} was written in ticket format version {version}; this ticketctl reads up to "
-            f"{FORMAT_VERSION}: upgrade ticketctl"
+            f"{READ_VERSION}: upgrade ticketctl"
         )
     if version < 1:
         raise TicketctlError(f"{where}: invalid format version {version}")
@@ -283,6 +294,11 @@ def ticket_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
     except TypeError as e:
         raise TicketctlError(f"{where}: bad architecture arguments ({e})") from None
     expected = model.state_dict()
+    if "sparse" in meta or is_sparse(tensors):
+        if meta["kind"] != Kind.KEY:
+            raise TicketctlError(f"{where}: only a key file is written in the sparse layout, "
+                                 f"not a {meta['kind']!r}")
+        tensors = dense_key(tensors, meta.get("sparse"), expected, where)
 
     masks = {k[: -len(MASK_SUFFIX)]: v for k, v in tensors.items() if k.endswith(MASK_SUFFIX)}
     state = {k: v for k, v in tensors.items() if not k.endswith(MASK_SUFFIX)}
