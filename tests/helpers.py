@@ -27,9 +27,10 @@ except TypeError:  # Click 8.2 and later (vendored by Typer 0.2x) always keep th
     _runner = CliRunner()
 
 
-def run(*args):
-    """Invoke the CLI in-process; stdout and stderr are kept apart."""
-    return _runner.invoke(app, [str(a) for a in args])
+def run(*args, input=None):
+    """Invoke the CLI in-process; stdout and stderr are kept apart; `input` (bytes or text)
+    is its stdin."""
+    return _runner.invoke(app, [str(a) for a in args], input=input)
 
 
 def assert_one_line_error(result, code=2, contains=""):

@@ -33,12 +33,15 @@ def test_inspect_json_is_the_only_stdout(tmp_path, ticket):
     assert all({"name", "shape", "density"} <= set(r) for r in doc["layers"])
 
 
-def test_inspect_table_goes_to_stderr(tmp_path, ticket):
+def test_inspect_report_goes_to_stdout(tmp_path, ticket):
+    """The report is inspect's result: on stdout, for pipes (and nothing on stderr)."""
     path = save_ticket(ticket, tmp_path / "t.safetensors")
     result = run("inspect", path)
     assert result.exit_code == 0
-    assert result.stdout == ""
-    assert "conv2.weight" in result.stderr and "total" in result.stderr
+    assert result.stderr == ""
+    assert "conv2.weight" in result.stdout and "total" in result.stdout
+    assert "\x1b[" not in result.stdout  # no colour codes into a pipe
+    assert run("inspect", path, "--quiet").stdout == ""
 
 
 def _bad_files(tmp_path, ticket):
@@ -172,9 +175,9 @@ def test_text_from_files_and_users_is_printed_literally(tmp_path, ticket):
     path = save_ticket(ticket, tmp_path / "t.safetensors")
     result = run("inspect", path)
     assert result.exit_code == 0, result.stderr
-    text = " ".join(result.stderr.split())
+    text = " ".join(result.stdout.split())
     assert "[/][bold]x[link=http://e]y" in text and "\\x1b]0;title\\x07" in text
-    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
     meta = {**ticket.metadata(), "kind": "[/]"}
     bad = write_raw(tmp_path / "kind.safetensors", ticket.tensors(), meta)
     assert_one_line_error(run("inspect", bad), 2, "field 'kind' must be one of")
@@ -201,3 +204,40 @@ def test_progress_is_plain_lines_when_not_a_terminal(tmp_path):
     assert "dense: 2/2" in result.stderr
     result = run(*args, "--out", tmp_path / "b.safetensors", "--force", "--quiet")
     assert result.exit_code == 0 and "dense:" not in result.stderr
+
+
+def test_threads_are_set_and_checked(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert run("find", "--epochs", "1", "--max-rounds", "0", "--threads", "1", "--out",
+                   tmp_path / "t.safetensors", "--run-dir", tmp_path / "run").exit_code == 0
+        assert torch.get_num_threads() == 1
+        result = run("find", "--threads", "0", "--out", tmp_path / "u.safetensors")
+        assert_one_line_error(result, 2, "--threads")
+        assert_one_line_error(run("demo", "--threads", "0"), 2, "--threads")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_help_and_version_import_no_heavy_library():
+    """`--help` and `--version` list commands without importing them (PyTorch and SciPy take
+    seconds to import); a command's own module loads when it runs."""
+    probe = ("import sys\nfrom ticketctl.cli.app import app\n"
+             "try:\n    app(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print({m: m in sys.modules for m in ('torch', 'scipy', 'matplotlib')})")
+    for args in (["--help"], ["--version"], []):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
+                              text=True, timeout=HANG_GUARD_S)
+        last = proc.stdout.strip().splitlines()[-1]
+        assert last == "{'torch': False, 'scipy': False, 'matplotlib': False}", (args, last)
+
+
+def test_the_root_help_is_each_commands_own():
+    """The root --help lists commands from a table (so it imports none): each entry must be
+    the first paragraph of the command's own help."""
+    from ticketctl.cli.app import COMMANDS, load_command
+
+    for name, spec in COMMANDS.items():
+        cmd = load_command(name)
+        first = " ".join((cmd.help or "").split("\n\n")[0].split())
+        assert spec.help == first, name

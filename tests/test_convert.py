@@ -1,8 +1,9 @@
+import json
 import pickle
 
 import pytest
 import torch
-from helpers import make_ticket
+from helpers import assert_one_line_error, make_ticket, run
 from torch.nn.utils import prune
 
 from ticketctl.artifacts import load_ticket, save_ticket
@@ -116,3 +117,96 @@ def test_plain_state_dict_takes_its_zeros_as_the_mask(tmp_path):
     ticket = import_checkpoint(path)
     assert not ticket.mask["conv3.weight"][:2].any()
     assert ticket.mask["conv3.weight"][2:].all()
+
+
+# ---- a round trip keeps the ticket's metadata; --to from the extension ---------------------------
+
+
+def _described_ticket(tmp_path):
+    ticket = make_ticket(seed=4).derive(
+        kind="signed", rewind_epoch=3, seed=11, class_names=[f"c{i}" for i in range(10)],
+        dataset={"name": "cifar10", "val_size": 5000, "split_seed": 2, "normalize": True},
+        extra={"spec": {"0.2": 3}, "note": "[acme] (c)"})
+    return ticket, save_ticket(ticket, tmp_path / "t.safetensors")
+
+
+def test_round_trip_through_torch_prune_keeps_the_metadata(tmp_path):
+    ticket, src = _described_ticket(tmp_path)
+    exported = tmp_path / "t.pt"
+    result = run("convert", src, "-o", exported, "--json")  # .pt: torch-prune, no --to needed
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["format"] == "torch-prune"
+    sd = torch.load(exported, weights_only=True)
+    meta = sd._metadata["ticketctl"]
+    assert all(isinstance(v, (str, int, float)) for v in meta.values())
+    assert meta["kind"] == "signed" and meta["rewind_epoch"] == 3
+    assert json.loads(meta["dataset"])["name"] == "cifar10"
+    # ... and the export still loads as it is into a model pruned with prune.identity
+    model = build_model("digits_cnn", 10, width=8)
+    modules = dict(model.named_modules())
+    for name in ticket.mask:
+        prune.identity(modules[name.rsplit(".", 1)[0]], "weight")
+    model.load_state_dict(sd)
+
+    back_path = tmp_path / "back.safetensors"
+    result = run("convert", exported, "-o", back_path, "--json")  # .safetensors: a ticket
+    assert result.exit_code == 0, result.stderr
+    back = load_ticket(back_path)
+    for name in ("kind", "arch", "arch_args", "num_classes", "class_names", "dataset",
+                 "rewind_epoch", "seed"):
+        assert getattr(back, name) == getattr(ticket, name), name
+    assert {k: back.extra[k] for k in ticket.extra} == ticket.extra
+    assert back.extra["imported_from"] == "t.pt"
+    assert back.mask == ticket.mask and back.tensors_sha256() == ticket.tensors_sha256()
+
+
+def test_an_unknown_extension_without_to_is_one_line_listing_the_choices(tmp_path):
+    src = save_ticket(make_ticket(), tmp_path / "t.safetensors")
+    result = run("convert", src, "-o", tmp_path / "t.bin")
+    assert_one_line_error(result, 2, "--to ticket or --to torch-prune")
+    assert ".safetensors, .pt, .pth" in result.stderr
+    assert not (tmp_path / "t.bin").exists()
+    result = run("convert", src, "-o", tmp_path / "t.bin", "--to", "torch-prune", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["format"] == "torch-prune"
+    assert_one_line_error(run("convert", src, "-o", tmp_path / "u.safetensors"), 2,
+                          "already a ticket")
+
+
+def _export_with(tmp_path, **changes):
+    ticket = make_ticket(seed=3)
+    sd = export_torch_prune(ticket)
+    sd._metadata["ticketctl"].update(changes)
+    path = tmp_path / "crafted.pt"
+    torch.save(sd, path)
+    return ticket, path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"kind": "[/]"}, "'kind' must be one of"),
+    ({"rewind_epoch": "3"}, "'rewind_epoch' must be an integer"),
+    ({"rewind_epoch": -1}, "'rewind_epoch' must be an integer"),
+    ({"seed": 2**70}, "'seed' must be an integer"),
+    ({"dataset": "[" * 100000 + "]" * 100000}, "'dataset' is not valid JSON"),
+    ({"dataset": "[1, 2]"}, "'dataset' must be a JSON object"),
+    ({"extra": 5}, "'extra' must be JSON text"),
+    ({"class_names": "[1, 2]"}, "'class_names' must be a list of strings"),
+    ({"arch": "lenet9"}, "'arch' must be one of"),
+])
+def test_crafted_export_metadata_is_one_line_naming_the_field(tmp_path, changes, message):
+    _, path = _export_with(tmp_path, **changes)
+    assert_one_line_error(run("convert", path, "-o", tmp_path / "x.safetensors"), 2, message)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_export_metadata_that_does_not_fit_the_tensors_is_not_taken(tmp_path):
+    # arch_args that do not match the tensors: the architecture read from the tensors wins
+    ticket, path = _export_with(tmp_path, arch_args=json.dumps({"width": 16}))
+    back = import_checkpoint(path)
+    assert back.arch_args["width"] == 8 and back.mask == ticket.mask
+    # class names for another number of classes are dropped
+    _, path = _export_with(tmp_path, class_names=json.dumps(["a", "b"]))
+    assert import_checkpoint(path).class_names is None
+    # --weights trained says what the weights are, whatever the export recorded
+    _, path = _export_with(tmp_path)
+    assert import_checkpoint(path).kind == "ticket"
+    assert import_checkpoint(path, weights="trained").kind == "trained"

@@ -13,6 +13,7 @@ import torch
 from helpers import assert_one_line_error, run
 
 from ticketctl.artifacts import load_ticket
+from ticketctl.cli import find as find_cli
 from ticketctl.prune import resolve_settings
 from ticketctl.train.config import TrainOverrides
 
@@ -253,6 +254,31 @@ def test_find_run_folder_holds_config_metrics_and_every_mask(searched):
     assert len((folder / "epochs.csv").read_text().strip().splitlines()) == len(epochs) + 1
 
 
+def test_inspect_reads_every_file_of_the_run_folder(searched):
+    """The masks, rewind point and weights a real search left are inspectable, each saying
+    what it is; a pattern takes every round's mask at once."""
+    tmp, doc = searched
+    folder = tmp / "run"
+    masks = run("inspect", str(folder / "masks" / "*.safetensors"), "--json")
+    assert masks.exit_code == 0, masks.stderr
+    masks = json.loads(masks.stdout)
+    n = len(doc["rounds"])
+    assert len(masks) == n + 1 and all(m["kind"] == "run-mask" for m in masks)
+    assert [m["density"] for m in masks] == [1.0] + [r["density"] for r in doc["rounds"]]
+    for m, r in zip(masks[1:], doc["rounds"], strict=True):
+        assert f"round {r['round']}" in m["what"]
+    result = run("inspect", folder / "rewind.safetensors", folder / "best-current.safetensors",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    rewind, best = json.loads(result.stdout)
+    assert rewind["kind"] == "run-rewind" and "after epoch 1" in rewind["what"]
+    assert best["kind"] == "run-best" and best["arch"] == "digits_cnn"
+    trained = load_ticket(tmp / "trained.safetensors")  # find --trained: the best weights
+    nonzero = {r["name"]: r["kept"] for r in best["layers"]}
+    for name in trained.mask:
+        assert nonzero[name] == int(torch.count_nonzero(trained.state[name]))
+
+
 def test_retrain_the_found_ticket(searched):
     tmp, doc = searched
     out = tmp / "retrained.safetensors"
@@ -277,8 +303,19 @@ def test_retrain_the_found_ticket(searched):
 # ---- fixed-rate IMP, dense only, trials, presets -------------------------------------------------
 
 
-def test_fixed_rate_imp_prunes_exact_counts(tmp_path):
-    doc = find_json(tmp_path, "--epochs", "2", "--rounds", "3", "--rate", "0.3")
+def test_fixed_rate_imp_prunes_exact_counts(tmp_path, monkeypatch):
+    titles = []
+    real = find_cli.plot_search
+
+    def plot(*args, **kw):
+        titles.append(kw["title"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(find_cli, "plot_search", plot)
+    doc = find_json(tmp_path, "--epochs", "2", "--rounds", "3", "--rate", "0.3",
+                    "--plot", tmp_path / "fixed.png")
+    assert titles == ["digits_cnn on digits: fixed-rate IMP, 3 rounds at rate 0.3"]
+    assert (tmp_path / "fixed.png").read_bytes()[:8] == PNG_MAGIC
     assert len(doc["rounds"]) == 3
     assert all(r["accepted"] and r["rate"] == 0.3 for r in doc["rounds"])
     assert doc["spec"] == {"0.3": 3}

@@ -14,6 +14,7 @@ from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.protect.receipt import Receipt, canonical, load_receipt, save_receipt
 from ticketctl.protect.signature import sign_ticket
 from ticketctl.protect.verdict import (
+    ReceiptStatus,
     SignatureReading,
     TriggerReading,
     Verdict,
@@ -137,6 +138,7 @@ def test_verdict_json_round_trip():
     v = decide(1e-6, signature=_reading(1e-9, True), trigger=TriggerReading(95.0, 1e-40, 95,
                                                                               100, 0.1, 90.0))
     v.notes["zbar_message"] = "m"
+    v.receipt = ReceiptStatus(True, "self", False)
     doc = json.loads(json.dumps(v.to_dict()))
     for key in ("verified", "message", "bit_match", "p_value", "trigger_accuracy",
                 "trigger_p_value", "alpha", "receipt_valid"):  # the CLI contract's keys

@@ -68,6 +68,14 @@ def test_signed_model_verifies_with_message_and_p_value(signed_setup):
         assert key in doc
     assert doc["verified"] is True and doc["message"] == "signature"
     assert doc["bit_match"] == 1.0 and doc["p_value"] < 1e-30 and doc["receipt_valid"] is True
+    assert doc["receipt_check"] == "public-key" and doc["trigger_committed"] is None
+    assert "signed by the owner of --public-key" in run(
+        "verify", d / "s.safetensors", "--receipt", d / "r.json", "--public-key",
+        d / "owner.pub").stderr
+    # Without --public-key only the receipt's integrity is checked, and it says so.
+    doc = json.loads(run("verify", d / "s.safetensors", "--receipt", d / "r.json",
+                         "--json").stdout)
+    assert doc["receipt_valid"] is True and doc["receipt_check"] == "self"
 
 
 def test_unsigned_and_unrelated_models_do_not_verify(signed_setup):
@@ -255,3 +263,9 @@ def test_an_unsigned_receipt_is_said_loudly(tmp_path):
     assert result.exit_code == 0
     assert json.loads(result.stdout)["receipt_signed"] is False
     assert "not signed" in result.stderr and "keygen" in result.stderr
+    # verify says what an unsigned receipt cannot show, and its JSON says it was unsigned
+    result = run("verify", tmp_path / "s.safetensors", "--receipt", tmp_path / "r.json")
+    assert result.exit_code == 0 and "receipt: not signed" in result.stderr
+    doc = json.loads(run("verify", tmp_path / "s.safetensors", "--receipt",
+                         tmp_path / "r.json", "--json").stdout)
+    assert doc["receipt_valid"] is False and doc["receipt_check"] == "unsigned"

@@ -182,8 +182,39 @@ def test_a_receipt_of_a_trigger_set_alone_checks_the_black_box(v3):
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["verified"] and doc["p_value"] is None and doc["trigger_p_value"] < 1e-6
+    # The receipt itself is checked too, and says how far.
+    assert doc["receipt_valid"] is True and doc["receipt_check"] == "self"
+    assert doc["trigger_committed"] is True and doc["findings"] == []
+    result = run("verify", d / "marked.safetensors", "--receipt", d / "receipt.json",
+                 "--public-key", d / "owner.pub", "--trigger", d / "set.npz", "--json")
+    assert json.loads(result.stdout)["receipt_check"] == "public-key"
     result = run("verify", d / "marked.safetensors", "--receipt", d / "receipt.json")
     assert_one_line_error(result, 2, "only a trigger set")
+
+
+def test_a_trigger_receipt_is_checked_before_it_is_believed(v3, tmp_path):
+    d = v3["d"]
+    # Another set than the committed one still gives a verdict, but the receipt does not
+    # date it, and the verdict says so.
+    other = tmp_path / "other.npz"
+    save_trigger_set(generate(b"another owner", n=50, size=8, channels=1), other)
+    result = run("verify", d / "marked.safetensors", "--receipt", d / "receipt.json",
+                 "--trigger", other, "--json")
+    doc = json.loads(result.stdout)
+    assert doc["trigger_committed"] is False
+    assert any("not the one the receipt commits" in f for f in doc["findings"])
+    # A receipt edited after signing is refused (exit 1), not silently used.
+    edited = json.loads((d / "receipt.json").read_text())
+    edited["receipt"]["trigger_n"] = 49
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    result = run("verify", d / "marked.safetensors", "--receipt", tmp_path / "edited.json",
+                 "--trigger", d / "set.npz")
+    assert_one_line_error(result, 1, "altered after signing")
+    # Another owner's public key is refused.
+    assert run("keygen", "--out", tmp_path / "thief").exit_code == 0
+    result = run("verify", d / "marked.safetensors", "--receipt", d / "receipt.json",
+                 "--public-key", tmp_path / "thief.pub", "--trigger", d / "set.npz")
+    assert_one_line_error(result, 1, "another key")
 
 
 def test_the_default_exposure_learns_the_set_and_a_weak_one_is_warned(v3, tmp_path):

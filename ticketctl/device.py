@@ -24,6 +24,17 @@ def configure_cuda() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
 
 
+def configure_threads(threads: int | None) -> None:
+    """The CPU threads one operation may use (None: PyTorch's default, one per core). The
+    digits networks gain little from a second thread and lose much when the cores are
+    shared, where OpenMP threads wait on each other (docs/BENCHMARKS.md: the demo)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise TicketctlError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     name = str(name or "auto").lower()
     if name == "auto":

@@ -2,26 +2,60 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from ticketctl.artifacts.io import atomic_path
-from ticketctl.prune.search import Round
+from ticketctl.prune.search import Round, SearchConfig
 
 
-def plot_search(rounds: list[Round], dense_accuracy: float, path: str | Path,
-                title: str = "", force: bool = False, tolerance: float | None = None) -> Path:
-    """Accuracy against density for every round, accepted and reverted, beside the dense line."""
+def search_title(arch: str, dataset: str, search: SearchConfig) -> str:
+    """What the plot shows: the extreme-ticket search, or fixed-rate IMP with its rounds and
+    rate."""
+    if search.mode == "fixed":
+        rounds = f"{search.rounds} rounds" if search.rounds is not None else "rounds"
+        return f"{arch} on {dataset}: fixed-rate IMP, {rounds} at rate {search.rates[0]:g}"
+    return f"{arch} on {dataset}: extreme-ticket search"
+
+
+def density_ticks(lowest: float, highest: float = 100.0) -> list[float]:
+    """Ticks for a log axis of density in percent, labelled as plain numbers: 1-2-5 steps
+    (100, 50, 20, 10, 5, 2, 1, ...) between the lowest and highest density; finer when that
+    leaves fewer than three, decades only when it would crowd the axis."""
+    lo, hi = min(lowest, highest), max(lowest, highest)
+    first, last = math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1
+    ticks: list[float] = []
+    for steps in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5,
+                                                              6, 7, 8, 9)):
+        ticks = sorted({float(f"{m * 10.0 ** e:.6g}") for e in range(first, last + 1)
+                        for m in steps if lo * (1 - 1e-9) <= m * 10.0 ** e <= hi * (1 + 1e-9)})
+        if len(ticks) > 10 and steps == (1, 2, 5):
+            return [t for t in ticks if math.log10(t).is_integer()] or ticks
+        if len(ticks) >= 3:
+            return ticks
+    return ticks if len(ticks) >= 2 else sorted({float(f"{lo:.3g}"), float(f"{hi:.3g}")})
+
+
+def _percent(value: float, _pos: Any = None) -> str:
+    return f"{value:g}"
+
+
+def search_figure(rounds: list[Round], dense_accuracy: float, title: str = "",
+                  tolerance: float | None = None) -> Any:
+    """The search plot as a Matplotlib figure: accuracy against density (log axis, plain
+    percent labels) for every round, accepted and reverted, beside the dense line."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     ax.axhline(dense_accuracy, color="0.3", ls="--", lw=1, label=f"dense {dense_accuracy:.2f}%")
-    acc = [r for r in rounds if r.accepted]
-    rej = [r for r in rounds if not r.accepted]
+    shown = [r for r in rounds if r.density is not None and r.density > 0]  # a log axis
+    acc = [r for r in shown if r.accepted]
+    rej = [r for r in shown if not r.accepted]
     if tolerance is not None:
         ax.axhspan(dense_accuracy - tolerance, dense_accuracy, color="0.85", alpha=0.5,
                    label=f"matches dense (within {tolerance:g} point)")
@@ -32,7 +66,11 @@ def plot_search(rounds: list[Round], dense_accuracy: float, path: str | Path,
         ax.plot([100 * r.density for r in rej], [r.accuracy for r in rej], "x",
                 color="tab:red", ms=8, label="reverted rounds")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    densities = [100.0] + [100 * r.density for r in shown]
+    ticks = density_ticks(min(densities), max(densities))
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_percent))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.invert_xaxis()
     ax.set_xlabel("density (% of prunable weights kept, log scale)")
     ax.set_ylabel("test accuracy at best validation (%)")
@@ -40,9 +78,20 @@ def plot_search(rounds: list[Round], dense_accuracy: float, path: str | Path,
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path, force) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    return fig
+
+
+def plot_search(rounds: list[Round], dense_accuracy: float, path: str | Path,
+                title: str = "", force: bool = False, tolerance: float | None = None) -> Path:
+    """The search plot (`search_figure`) written as a PNG, atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = search_figure(rounds, dense_accuracy, title, tolerance)
+    try:
+        with atomic_path(path, force) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return Path(path)
 
 

@@ -1,10 +1,18 @@
 """Interoperability at the edges: `torch.nn.utils.prune` state dicts and the paper authors'
 `.pth.tar` checkpoints in, torch-prune state dicts out. Pickled files are read only through
-`torch.load(weights_only=True)`, which refuses anything but tensors and plain containers."""
+`torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+
+An export carries the ticket's metadata (kind, rewind epoch, dataset, ...) as a plain dict of
+strings and numbers in the state dict's `_metadata["ticketctl"]`: PyTorch's own slot for a
+state dict's metadata, which `load_state_dict` ignores and `torch.load(weights_only=True)`
+reads back, so the export still loads into a pruned model as it is and an import restores
+what the ticket said."""
 
 from __future__ import annotations
 
+import json
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +20,22 @@ import torch
 
 from ticketctl.artifacts.io import atomic_path
 from ticketctl.artifacts.mask import Mask
-from ticketctl.artifacts.ticket import Kind, Ticket, check_finite
+from ticketctl.artifacts.ticket import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    KINDS,
+    TICKET_METADATA,
+    Kind,
+    Ticket,
+    check_finite,
+    file_format,
+    read_header,
+)
 from ticketctl.errors import TicketctlError
 from ticketctl.models import ARCHS, prunable_names
 from ticketctl.models.registry import ARCH_ARGS, skeleton
 from ticketctl.records import Choice
-from ticketctl.schema import brief
+from ticketctl.schema import Field, Obj, brief, check, parse_json
 
 ORIG, MASK = "_orig", "_mask"
 
@@ -32,9 +50,44 @@ class Weights(Choice):
 
 
 class ExportFormat(Choice):
-    """Formats `convert --to` writes."""
+    """Formats `convert --to` writes: a ticket (importing a checkpoint) or a torch-prune
+    state dict (exporting a ticket)."""
 
+    TICKET = "ticket"
     TORCH_PRUNE = "torch-prune"
+
+
+# What `convert` writes when --to is not given, from the output's name.
+SUFFIX_FORMATS = {".safetensors": ExportFormat.TICKET, ".pt": ExportFormat.TORCH_PRUNE,
+                  ".pth": ExportFormat.TORCH_PRUNE}
+# The key of an export's metadata in its state dict's `_metadata`.
+META_KEY = "ticketctl"
+# Bound on each JSON text read back from an export's metadata.
+MAX_META_TEXT = 1 << 20
+
+
+def output_format(out: str | Path, to: ExportFormat | str | None = None) -> ExportFormat:
+    """`--to`, or else what the output's extension says (.safetensors a ticket, .pt or .pth
+    a torch-prune state dict)."""
+    if to is not None:
+        return ExportFormat.parse(str(to), "--to")
+    fmt = SUFFIX_FORMATS.get(Path(out).suffix.lower())
+    if fmt is None:
+        choices = " or ".join(f"--to {f.value}" for f in ExportFormat)
+        raise TicketctlError(f"cannot tell the output format from the name {str(out)!r}; pass "
+                             f"{choices} (or end the name in {', '.join(SUFFIX_FORMATS)})")
+    return fmt
+
+
+def is_ticket(path: str | Path) -> bool:
+    """Whether a file is already a ticketctl ticket (its header says so), so that importing
+    it is a mistake worth naming."""
+    p = Path(path)
+    try:
+        return p.is_file() and file_format(p) == "safetensors" and \
+            read_header(p).get("format") == FORMAT_NAME
+    except TicketctlError:
+        return False
 
 
 # torch.save writes its zip entries uncompressed; entries that expand to more than this many
@@ -184,6 +237,7 @@ def import_checkpoint(
     sd = {k: v for k, v in sd.items() if not k.startswith("normalize.")}
     state, masks = split_pruned_state(sd)
 
+    recorded = {} if authors else read_export_metadata(obj, where)
     weights = Weights.parse(str(weights), "--weights")
     init = obj.get("init_weight") if authors else None
     if weights == "rewind" and init is None:
@@ -196,8 +250,10 @@ def import_checkpoint(
 
     if arch is None:
         arch, inferred_args, inferred_classes = infer_arch(state)
-        arch_args = {**inferred_args, **(arch_args or {})}
         num_classes = num_classes or inferred_classes
+        if arch_args is None:  # the export's own spelling, when it fits
+            arch_args = _recorded_arch_args(recorded, arch, num_classes, state)
+        arch_args = arch_args if arch_args is not None else inferred_args
     elif num_classes is None:
         fc = state.get("fc.weight")
         num_classes = int(fc.shape[0]) if fc is not None and fc.dim() == 2 else 10
@@ -225,32 +281,145 @@ def import_checkpoint(
     else:  # a plain state dict: its zeros are the mask
         mask = Mask({n: full[n] != 0 for n in prunable_names(model)})
     mask.check_shapes({k: v.shape for k, v in params.items()}, where=f"{where}: ")
+    kind = Kind.TICKET if use_rewind else Kind.TRAINED
+    if "kind" in recorded and weights == "auto":  # a ticketctl export says what it is
+        kind = Kind(recorded["kind"])
+    if "dataset" in recorded:
+        recorded_dataset = recorded["dataset"]
+        data = {**recorded_dataset, **({"name": dataset} if dataset else {})}
+    else:
+        data = {"name": dataset, "normalize": not skipped_normalize}
+    class_names = recorded.get("class_names")
     return Ticket(
         state=mask.apply_state(full),
         mask=mask,
-        kind=Kind.TICKET if use_rewind else Kind.TRAINED,
+        kind=kind,
         arch=arch,
         arch_args=arch_args or {},
         num_classes=num_classes,
-        dataset={"name": dataset, "normalize": not skipped_normalize},
-        extra={"imported_from": Path(path).name,
+        class_names=class_names if class_names and len(class_names) == num_classes else None,
+        dataset=data,
+        rewind_epoch=recorded.get("rewind_epoch"),
+        seed=recorded.get("seed"),
+        extra={**recorded.get("extra", {}), "imported_from": Path(path).name,
                "source_format": "authors-pth-tar" if authors else "torch-prune"},
     )
 
 
-def export_torch_prune(ticket: Ticket) -> dict[str, torch.Tensor]:
-    """A state dict as `torch.nn.utils.prune` leaves it: `w_orig` and a float `w_mask`."""
-    out: dict[str, torch.Tensor] = {}
+def export_metadata(ticket: Ticket) -> dict[str, str | int | float]:
+    """The ticket's metadata as a flat dict of strings and numbers (containers as JSON text,
+    absent values left out): what `torch.load(weights_only=True)` reads back anywhere."""
+    meta = ticket.metadata()
+    out: dict[str, str | int | float] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+    for key, value in meta.items():
+        if value is None:
+            continue
+        if isinstance(value, (dict, list)):
+            out[key] = json.dumps(value, sort_keys=True)
+        elif isinstance(value, (str, int, float)):
+            out[key] = value
+    return out
+
+
+def export_torch_prune(ticket: Ticket) -> OrderedDict[str, torch.Tensor]:
+    """A state dict as `torch.nn.utils.prune` leaves it: `w_orig` and a float `w_mask`; the
+    ticket's metadata rides in its `_metadata` (see the module's note)."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for k, v in ticket.state.items():
         if k in ticket.mask:
             out[k + ORIG] = v.clone()
             out[k + MASK] = ticket.mask[k].to(v.dtype)
         else:
             out[k] = v.clone()
+    out._metadata = OrderedDict({META_KEY: export_metadata(ticket)})  # type: ignore[attr-defined]
     return out
 
 
+def _json_field(meta: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_META_TEXT:
+        raise TicketctlError(f"{where}: exported metadata field {key!r} must be JSON text of "
+                             f"at most {MAX_META_TEXT:,} characters")
+    parsed = parse_json(value, where, f"exported metadata field {key!r}", MAX_META_TEXT)
+    if not isinstance(parsed, kind):
+        raise TicketctlError(f"{where}: exported metadata field {key!r} must be a JSON "
+                             f"{'object' if kind is dict else 'list'}")
+    return parsed
+
+
+def _int_field(meta: dict[str, Any], key: str, where: str, low: int) -> int | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value < 2**63:
+        raise TicketctlError(f"{where}: exported metadata field {key!r} must be an integer "
+                             f"from {low}, got {value!r}")
+    return value
+
+
+def read_export_metadata(obj: Any, where: str) -> dict[str, Any]:
+    """What a ticketctl export recorded of its ticket (empty for any other checkpoint), each
+    field checked: `kind`, `arch`, `arch_args`, `class_names`, `dataset`, `rewind_epoch`,
+    `seed`, `extra`."""
+    stored = getattr(obj, "_metadata", None)
+    meta = stored.get(META_KEY) if isinstance(stored, dict) else None
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise TicketctlError(f"{where}: its `_metadata[{META_KEY!r}]` is not ticketctl export "
+                             "metadata (a dict with format 'ticketctl')")
+    out: dict[str, Any] = {}
+    kind = meta.get("kind")
+    if kind is not None:
+        if kind not in KINDS:
+            raise TicketctlError(f"{where}: exported metadata field 'kind' must be one of "
+                                 f"{', '.join(KINDS)}, got {str(kind)[:40]!r}")
+        out["kind"] = kind
+    arch = meta.get("arch")
+    if arch is not None:
+        if arch not in ARCHS:
+            raise TicketctlError(f"{where}: exported metadata field 'arch' must be one of "
+                                 f"{', '.join(sorted(ARCHS))}, got {str(arch)[:40]!r}")
+        out["arch"] = arch
+    for key, kind_ in (("arch_args", dict), ("dataset", dict), ("extra", dict),
+                       ("class_names", list)):
+        value = _json_field(meta, key, kind_, where)
+        if value is not None:
+            out[key] = value
+    if "class_names" in out and not all(isinstance(c, str) for c in out["class_names"]):
+        raise TicketctlError(f"{where}: exported metadata field 'class_names' must be a list "
+                             "of strings")
+    for key, low in (("rewind_epoch", 0), ("seed", -(2**63))):
+        value = _int_field(meta, key, where, low)
+        if value is not None:
+            out[key] = value
+    # what a ticket's metadata may hold, field by field (none required here)
+    return check(EXPORT_METADATA, out, where, "exported metadata")
+
+
+EXPORT_METADATA = Obj({k: Field(f.spec) for k, f in TICKET_METADATA.fields.items()})
+
+
+def _recorded_arch_args(recorded: dict[str, Any], arch: str, num_classes: int,
+                        state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The export's architecture arguments, when they name this architecture and fit the
+    tensors (checked on the meta device: nothing is allocated)."""
+    args = recorded.get("arch_args")
+    if recorded.get("arch") != arch or args is None:
+        return None
+    if set(args) - ARCH_ARGS[arch] or not all(isinstance(v, int) and not isinstance(v, bool)
+                                              for v in args.values()):
+        return None
+    try:
+        return args if _fits(skeleton(arch, num_classes, **args).state_dict(), state) else None
+    except (TicketctlError, TypeError, ValueError, RuntimeError):
+        return None
+
+
 def save_torch_prune(ticket: Ticket, path: str | Path, force: bool = False) -> Path:
+    """Write `export_torch_prune(ticket)` with torch.save, atomically."""
     with atomic_path(path, force) as tmp:
         torch.save(export_torch_prune(ticket), str(tmp))
     return Path(path)

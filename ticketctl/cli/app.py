@@ -2,24 +2,78 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from ticketctl import __version__
-from ticketctl.cli import attack, trigger
 from ticketctl.cli.common import console, emit_json, plain
-from ticketctl.cli.convert import convert
-from ticketctl.cli.data import data
-from ticketctl.cli.demo import demo
-from ticketctl.cli.find import find
-from ticketctl.cli.inspect import inspect
-from ticketctl.cli.retrain import retrain
-from ticketctl.cli.sign import keygen, sign, verify
-from ticketctl.cli.split import merge, split
-from ticketctl.device import configure_cuda
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A command whose module (and PyTorch, SciPy, ...) is imported only when it runs or its
+    own --help is asked for: `ticketctl --help` and `--version` import none of them."""
+
+    module: str
+    attr: str
+    help: str  # the first paragraph of its docstring (a test keeps the two the same)
+    group: bool = False  # `attr` is a Typer app of sub-commands
+
+
+COMMANDS = {
+    "find": Lazy("ticketctl.cli.find", "find", "Find a ticket: dense training, then IMP with "
+                 "rewinding and the extreme-ticket search."),
+    "retrain": Lazy("ticketctl.cli.retrain", "retrain", "Train a ticket from its rewind "
+                    "weights under its mask; report test accuracy."),
+    "split": Lazy("ticketctl.cli.split", "split", "Scheme V1: split a ticket into a small "
+                  "secret key and the locked rest."),
+    "merge": Lazy("ticketctl.cli.split", "merge", "Join a locked ticket and its key back into "
+                  "the exact original ticket."),
+    "keygen": Lazy("ticketctl.cli.sign", "keygen", "Make an Ed25519 key pair for signing "
+                   "receipts."),
+    "sign": Lazy("ticketctl.cli.sign", "sign", "Scheme V2: embed a message as a QR code in "
+                 "the mask; write the signed ticket and a receipt."),
+    "verify": Lazy("ticketctl.cli.sign", "verify", "Verify a suspect model: the QR code in "
+                   "its mask against a receipt (white box) and its answers to a trigger set "
+                   "(black box), each with a p-value."),
+    "trigger": Lazy("ticketctl.cli.trigger", "app", "Scheme V3 trigger sets.", group=True),
+    "calibrate": Lazy("ticketctl.cli.trigger", "calibrate", "Measure how often models "
+                      "trained without the trigger set agree with it; write the upper 99% "
+                      "bound as the null rate for `verify --null-rate`."),
+    "attack": Lazy("ticketctl.cli.attack", "app", "Simulate the attacks a thief would try.",
+                   group=True),
+    "inspect": Lazy("ticketctl.cli.inspect", "inspect", "Show what a ticket file holds: "
+                    "per-layer density, metadata and hashes (and what run-folder files and "
+                    "trigger sets hold). The report goes to stdout; with several files, "
+                    "--json prints one list."),
+    "convert": Lazy("ticketctl.cli.convert", "convert", "Import torch-prune or authors' "
+                    "checkpoints (weights_only loading), or export a ticket (its metadata "
+                    "kept in the export, so a round trip keeps kind, rewind epoch and "
+                    "dataset)."),
+    "demo": Lazy("ticketctl.cli.demo", "demo", "Run the pipeline on the embedded digits "
+                 "dataset on CPU (about a minute)."),
+    "data": Lazy("ticketctl.cli.data", "data", "Check that a dataset loads from its folder "
+                 "and show its splits."),
+}
+
+
+def load_command(name: str) -> Any:
+    """The Click command of `COMMANDS[name]`, built by Typer from its module."""
+    spec = COMMANDS[name]
+    obj = getattr(importlib.import_module(spec.module), spec.attr)
+    if spec.group:
+        cmd = typer.main.get_group(obj)
+    else:
+        one = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+        one.command(name)(obj)
+        cmd = typer.main.get_command(one)
+    cmd.name = name
+    return cmd
 
 
 class OneLineErrors(TyperGroup):
@@ -53,6 +107,26 @@ class OneLineErrors(TyperGroup):
             sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else 0)
 
+    # ---- commands, imported when used ----------------------------------------------------------
+    _loaded: dict[str, Any] = {}
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        """The command once loaded; before, a stand-in with its name and help (what the
+        root --help lists), so listing imports nothing."""
+        if name in self._loaded:
+            return self._loaded[name]
+        spec = COMMANDS.get(name)
+        return None if spec is None else TyperCommand(name, help=spec.help)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name = args[0] if args else None
+        if name in COMMANDS and name not in self._loaded:
+            self._loaded[name] = load_command(name)
+        return super().resolve_command(ctx, args)
+
 
 app = typer.Typer(
     name="ticketctl",
@@ -77,23 +151,9 @@ def _root(
                                  help="Print the version and exit."),
 ) -> None:
     """Find, protect and verify lottery tickets (sparse masks found by IMP)."""
+    from ticketctl.device import configure_cuda  # PyTorch: only once a command runs
+
     configure_cuda()  # process-wide switches, once, before any command computes
-
-
-app.command("find")(find)
-app.command("retrain")(retrain)
-app.command("split")(split)
-app.command("merge")(merge)
-app.command("keygen")(keygen)
-app.command("sign")(sign)
-app.command("verify")(verify)
-app.add_typer(trigger.app, name="trigger")
-app.command("calibrate")(trigger.calibrate)
-app.add_typer(attack.app, name="attack")
-app.command("inspect")(inspect)
-app.command("convert")(convert)
-app.command("demo")(demo)
-app.command("data")(data)
 
 
 def main() -> None:

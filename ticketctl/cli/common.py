@@ -1,9 +1,11 @@
-"""What every command shares: the console, JSON output, one-line errors, progress bars and the
-launch of distributed ranks. Data goes to stdout (only with --json); everything for people
-goes to stderr."""
+"""What every command shares: the consoles, JSON output, one-line errors, progress bars and the
+launch of distributed ranks. Data goes to stdout (JSON with --json; `inspect`'s report, which
+is its result); everything else for people (logs, warnings, progress, errors) goes to
+stderr."""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -31,16 +33,22 @@ from ticketctl.errors import TicketctlError
 # Not a terminal (a pipe, a log file, CI): Rich would assume 80 columns and squeeze tables,
 # cutting numbers ("6.1e-1..." for 6.1e-108); give it room instead, and tables fold, never cut.
 console = Console(stderr=True, width=None if os.isatty(2) else 200)
+# A command whose text report is its result (`inspect`) prints it here, on stdout, for pipes.
+out = Console(width=None if os.isatty(1) else 200)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+def printable(value: Any) -> str:
+    """Text with terminal control characters (an escape sequence could retitle or clear the
+    user's terminal) shown as \\xNN: what `plain` shows, before markup is escaped."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+
+
 def plain(value: Any) -> str:
     """Text from a file or a user (metadata, messages, paths), shown literally: Rich markup
-    escaped, and terminal control characters (an escape sequence could retitle or clear the
-    user's terminal) shown as \\xNN."""
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
-    return escape(text)
+    escaped, and terminal control characters shown as \\xNN (`printable`)."""
+    return escape(printable(value))
 
 
 def _clean(obj: Any) -> Any:
@@ -66,10 +74,40 @@ def fail(message: str, code: int = 2, as_json: bool = False, kind: str | None = 
     """One line on stderr and the exit status; with --json also one JSON document on stdout
     (`error`, `exit_code`, `message`), so a script reading stdout sees the failure."""
     if as_json:
-        emit_json({"error": kind or ERROR_KINDS.get(code, "error"), "exit_code": code,
-                   "message": message})
-    console.print(f"[bold red]error:[/] {plain(message)}", highlight=False, soft_wrap=True)
+        emit_json(error_doc(message, code, kind))
+    error_line(message)
     raise typer.Exit(code)
+
+
+_PATTERN = re.compile(r"[*?[]")
+
+
+def expand_paths(args: list[str]) -> list[str]:
+    """The files named on a command line, with glob patterns (`*`, `?`, `[...]`, `**`)
+    expanded here as well, for a shell that passes them on as written (quoted, or a shell
+    without globbing); a name that exists is taken as it is, even with such characters, and
+    `-` stays `-`. A pattern that matches nothing is an error; each file is listed once."""
+    out: list[str] = []
+    for arg in args:
+        if arg == "-" or not _PATTERN.search(arg) or os.path.lexists(arg):
+            out.append(arg)
+            continue
+        matches = sorted(glob.glob(arg, recursive=True))
+        if not matches:
+            raise TicketctlError(f"no file matches {arg!r}; check the pattern")
+        out += matches
+    return list(dict.fromkeys(out))
+
+
+def error_doc(message: str, code: int = 2, kind: str | None = None) -> dict[str, Any]:
+    """What --json prints for a failure."""
+    return {"error": kind or ERROR_KINDS.get(code, "error"), "exit_code": code,
+            "message": message}
+
+
+def error_line(message: str) -> None:
+    """One error on stderr, on one line, printed literally."""
+    console.print(f"[bold red]error:[/] {plain(message)}", highlight=False, soft_wrap=True)
 
 
 class LineProgress:

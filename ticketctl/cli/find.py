@@ -26,7 +26,7 @@ from ticketctl.cli.options import (
 from ticketctl.cli.render import ProgressEvents, rounds_table
 from ticketctl.device import resolve_device
 from ticketctl.distributed import init_from_env, shutdown
-from ticketctl.plots import plot_search
+from ticketctl.plots import plot_search, search_title
 from ticketctl.prune import Scope, SearchOverrides, default_run_dir, find_ticket, resolve_settings
 from ticketctl.prune.rundir import RESULT
 
@@ -124,7 +124,7 @@ def find(
         plot_search(result.rounds, result.dense_accuracy, plot, force=output.force,
                     tolerance=settings.search.tolerance if settings.search.mode == "extreme"
                     else None,
-                    title=f"{settings.arch} on {settings.dataset}: extreme-ticket search")
+                    title=search_title(settings.arch, settings.dataset, settings.search))
 
     def text() -> None:
         if finished:

@@ -23,7 +23,7 @@ from typer.models import ParameterInfo
 
 from ticketctl.artifacts.io import check_output_path
 from ticketctl.cli.common import console, emit_json, fail, launch_ranks, progress_bar
-from ticketctl.device import Device
+from ticketctl.device import Device, configure_threads
 from ticketctl.errors import TicketctlError
 from ticketctl.protect.calibrate import read_null_rate
 from ticketctl.protect.receipt import load_public_key, load_receipt
@@ -190,7 +190,8 @@ class Output:
     """How a command reports: JSON on stdout or text on stderr, and whether it may overwrite."""
 
     json_out: bool = option("--json", default=False, help="Print one JSON document on stdout.")
-    quiet: bool = option("--quiet", "-q", default=False, help="No progress or tables on stderr.")
+    quiet: bool = option("--quiet", "-q", default=False,
+                         help="No progress, notes or tables (and no report from inspect).")
     debug: bool = option("--debug", default=False, help="Show tracebacks on errors.")
     force: bool = option("--force", default=False, help="Overwrite existing output files.")
 
@@ -220,6 +221,12 @@ class Output:
 @group()
 class Compute:
     device: Device = option("--device", default=Device.AUTO, help="Where to compute.")
+    threads: Optional[int] = option(
+        min=1, help="CPU threads per operation (default: one per core); 1 is fastest for small "
+             "networks on a shared machine.")
+
+    def __post_init__(self) -> None:
+        configure_threads(self.threads)
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -250,23 +257,28 @@ class Training:
 
     preset: Optional[Preset] = option(
         help="Training schedule (default: demo on digits, else paper).")
-    epochs: Optional[int] = option(help="Epochs per training.")
-    batch_size: Optional[int] = option()
+    epochs: Optional[int] = option(min=1, help="Epochs per training.")
+    batch_size: Optional[int] = option(
+        min=1, help="Images per step (the global batch with --nproc).")
     lr: Optional[float] = option(help="Peak learning rate.")
-    momentum: Optional[float] = option()
-    weight_decay: Optional[float] = option()
-    nesterov: Optional[bool] = option("--nesterov/--no-nesterov", show_default=False)
-    schedule: Optional[Schedule] = option()
+    momentum: Optional[float] = option(help="SGD momentum.")
+    weight_decay: Optional[float] = option(help="L2 penalty on the weights.")
+    nesterov: Optional[bool] = option("--nesterov/--no-nesterov", show_default=False,
+                                      help="Nesterov momentum.")
+    schedule: Optional[Schedule] = option(help="Learning-rate schedule after the warm-up.")
     milestones: Optional[str] = option(
         help="Epochs where multistep divides the rate by 10, e.g. 91,136.")
-    warmup_epochs: Optional[int] = option()
+    warmup_epochs: Optional[int] = option(
+        min=0, help="Epochs of linear learning-rate warm-up from zero.")
     seed: int = option(default=0, help="Seed for every random choice.")
     no_compile: bool = option("--no-compile", default=False, panel=P_CUDA,
                               help="Do not torch.compile.")
     no_graph: bool = option("--no-graph", default=False, panel=P_CUDA,
                             help="Do not capture CUDA graphs.")
     no_bf16: bool = option("--no-bf16", default=False, panel=P_CUDA, help="Train in fp32.")
-    no_channels_last: bool = option("--no-channels-last", default=False, panel=P_CUDA)
+    no_channels_last: bool = option("--no-channels-last", default=False, panel=P_CUDA,
+                                    help="Keep NCHW memory layout (channels-last is faster "
+                                         "for bf16 convolutions).")
 
     def overrides(self) -> TrainOverrides:
         return TrainOverrides(

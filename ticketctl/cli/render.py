@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import textwrap
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
-from ticketctl.cli.common import console, plain
+from ticketctl.cli.common import console, plain, printable
 from ticketctl.prune import Events, Round
 
 
@@ -18,36 +21,133 @@ def _dataset(d: dict[str, Any]) -> str:
     if not d.get("name"):
         return "-"
     sizes = "/".join(str(d[k]) for k in ("train_size", "val_size", "test_size") if k in d)
-    return f"{d['name']} (train/val/test {sizes})" if sizes else str(d["name"])
+    text = f"{d['name']} (train/val/test {sizes})" if sizes else str(d["name"])
+    rest = {k: v for k, v in d.items() if k not in ("name", "train_size", "val_size",
+                                                     "test_size")}
+    return text + (" " + _pretty(rest) if rest else "")
 
 
-def ticket_table(info: dict[str, Any]) -> None:
-    table = Table(title=f"{plain(info.get('file', ''))}  "
-                        f"[dim]({plain(info['kind'])}, {plain(info['arch'])})[/]")
+def _pretty(value: Any) -> str:
+    """A metadata value for people: text as written, numbers plainly, containers as JSON (on
+    one line when short and flat, else indented over several)."""
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list, tuple)):
+        flat = json.dumps(value, ensure_ascii=False)
+        nested = any(isinstance(v, (dict, list, tuple))
+                     for v in (value.values() if isinstance(value, dict) else value))
+        return flat if len(flat) <= 72 and not nested else json.dumps(value, indent=2,
+                                                                       ensure_ascii=False)
+    return str(value)
+
+
+def print_fields(fields: list[tuple[str, Any]], con: Console = console) -> None:
+    """Name and value, one per row, values in a column: long values wrap onto the following
+    lines (never cut), nested ones are indented JSON, and everything is printed literally
+    (`plain`). Lines carry no padding, so a pipe gets clean text."""
+    key_width = min(max((len(k) for k, _ in fields), default=0), 20)
+    room = max((con.width or 80) - key_width - 1, 20)
+    for key, value in fields:
+        lines = []
+        for line in printable(_pretty(value)).splitlines() or [""]:
+            indent = line[: len(line) - len(line.lstrip(" "))]
+            lines += textwrap.wrap(line, room, subsequent_indent=indent, break_on_hyphens=False,
+                                   drop_whitespace=False, replace_whitespace=False) or [""]
+        pad = " " * (key_width + 1)
+        con.print(f"[bold]{plain(key.rjust(key_width))}[/] {plain(lines[0].rstrip())}",
+                  highlight=False, soft_wrap=True)
+        for line in lines[1:]:
+            con.print(pad + plain(line.rstrip()), highlight=False, soft_wrap=True)
+
+
+def _heading(con: Console, name: str, what: str) -> None:
+    """The file a report is about, on a line of its own (a long path is never folded)."""
+    con.print(f"[bold]{plain(name)}[/]  [dim]({plain(what)})[/]", highlight=False,
+              soft_wrap=True)
+
+
+def _layers_table(layers: list[dict[str, Any]], kept: int, total: int,
+                  density: float | None, counted: str = "kept") -> Table:
+    table = Table()
     table.add_column("layer", overflow="fold")
     table.add_column("shape", overflow="fold")
-    table.add_column("kept", justify="right", overflow="fold")
+    table.add_column(counted, justify="right", overflow="fold")
     table.add_column("total", justify="right", overflow="fold")
     table.add_column("density", justify="right", overflow="fold")
-    for row in info["layers"]:
+    for row in layers:
         table.add_row(plain(row["name"]), "x".join(str(s) for s in row["shape"]),
-                      f"{row['kept']:,}",
-                      f"{row['total']:,}", pct(row["density"]))
+                      f"{row['kept']:,}", f"{row['total']:,}", pct(row["density"]))
     table.add_section()
-    table.add_row("[bold]total", "", f"{info['kept']:,}", f"{info['prunable']:,}",
-                  f"[bold]{pct(info['density'])}")
-    console.print(table)
+    table.add_row("[bold]total", "", f"{kept:,}", f"{total:,}", f"[bold]{pct(density)}")
+    return table
+
+
+def ticket_table(info: dict[str, Any], con: Console = console) -> None:
+    """A ticket file: its layers' densities, then its metadata and hashes."""
+    _heading(con, info.get("file", ""), f"{info['kind']}, {info['arch']}")
+    con.print(_layers_table(info["layers"], info["kept"], info["prunable"], info["density"]))
     meta = info["metadata"]
-    fields = [("kind", meta["kind"]), ("arch", f"{meta['arch']} {meta.get('arch_args') or ''}"),
-              ("classes", meta["num_classes"]), ("dataset", _dataset(meta.get("dataset") or {})),
-              ("rewind epoch", meta.get("rewind_epoch")), ("seed", meta.get("seed"))]
+    fields: list[tuple[str, Any]] = []
+    if info.get("what"):
+        fields.append(("what", info["what"]))
+    fields += [("kind", meta["kind"]), ("arch", meta["arch"])]
+    if meta.get("arch_args"):
+        fields.append(("arch args", meta["arch_args"]))
+    fields += [("classes", meta["num_classes"])]
+    if meta.get("class_names"):
+        fields.append(("class names", ", ".join(str(c) for c in meta["class_names"])
+                       if isinstance(meta["class_names"], list) else meta["class_names"]))
+    fields += [("dataset", _dataset(meta.get("dataset") or {})),
+               ("rewind epoch", meta.get("rewind_epoch")), ("seed", meta.get("seed"))]
     for key, value in (meta.get("extra") or {}).items():
         fields.append((key, value))
-    for key, value in fields:
-        console.print(f"[bold]{plain(f'{key:>13}')}[/] "
-                      f"{plain(value) if value is not None else '-'}", highlight=False)
-    for key, value in info["hashes"].items():
-        console.print(f"[bold]{key:>13}[/] {plain(value)}", highlight=False)
+    fields += list(info["hashes"].items())
+    print_fields(fields, con)
+
+
+def run_file_table(info: Any, con: Console = console) -> None:
+    """A run-folder file (`describe.RunFileInfo`): what it is, its per-layer counts, its
+    tensors by group and its metadata."""
+    _heading(con, info.file, info.kind)
+    con.print(_layers_table([r.to_dict() for r in info.layers], info.kept, info.prunable,
+                            info.density, info.counted))
+    fields: list[tuple[str, Any]] = [("what", info.what)]
+    if info.run_dir:
+        fields.append(("run folder", info.run_dir))
+    if info.arch or info.dataset:
+        fields.append(("search", f"{info.arch or '?'} on {info.dataset or '?'}"))
+    fields.append(("tensors", "; ".join(
+        f"{g}: {c['tensors']:,} tensor{'s' * (c['tensors'] != 1)}, {c['values']:,} values"
+        for g, c in info.tensors.items()) or "none"))
+    for key, value in info.metadata.items():
+        if key == "history" and isinstance(value, list):
+            last = value[-1] if value else None
+            value = f"{len(value)} epoch(s)" + (f"; last {_pretty(last)}" if last else "")
+        fields.append((key, value))
+    print_fields(fields, con)
+
+
+def trigger_set_table(info: Any, con: Console = console) -> None:
+    """A trigger set (`describe.TriggerSetInfo`): its images and how many carry each label."""
+    _heading(con, info.file, "trigger set")
+    table = Table()
+    table.add_column("label", justify="right")
+    table.add_column("images", justify="right")
+    for label, n in info.classes.items():
+        table.add_row(str(label), f"{n:,}")
+    table.add_section()
+    table.add_row("[bold]total", f"[bold]{info.count:,}")
+    con.print(table)
+    print_fields([
+        ("what", info.what),
+        ("images", f"{info.count:,} x {info.height}x{info.width}x{info.channels} "
+                   f"({info.image_dtype})"),
+        ("labels", f"{info.count:,} ({info.label_dtype}), {len(info.classes)} distinct"),
+        ("arrays", ", ".join(f"{k} {'x'.join(map(str, a['shape']))} {a['dtype']}"
+                             for k, a in info.arrays.items())),
+    ], con)
 
 
 class ProgressEvents(Events):

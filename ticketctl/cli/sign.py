@@ -14,7 +14,7 @@ from ticketctl.errors import CheckFailed
 from ticketctl.protect.qr.image import render_png
 from ticketctl.protect.receipt import load_private_key, save_receipt, write_keypair
 from ticketctl.protect.signature import sign_ticket
-from ticketctl.protect.verdict import Verdict
+from ticketctl.protect.verdict import SELF_CONSISTENT, SIGNER_CHECKED, UNSIGNED, Verdict
 from ticketctl.protect.verify import verify as verify_model
 
 
@@ -33,7 +33,7 @@ def keygen(
 @command
 def sign(
     *,
-    ticket_path: Annotated[Path, typer.Argument(metavar="TICKET")],
+    ticket_path: Annotated[Path, typer.Argument(metavar="TICKET", help="The ticket to sign.")],
     message: Annotated[str, typer.Option(help="The owner's message, written as a QR code.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The signed ticket.")],
     receipt: Annotated[Path, typer.Option(help="The receipt (JSON) to keep private.")],
@@ -122,6 +122,14 @@ def verify(
         raise CheckFailed("not verified: no check passed at the chosen alpha")
 
 
+RECEIPT_CHECKS = {
+    SIGNER_CHECKED: "signed by the owner of --public-key, unchanged since",
+    SELF_CONSISTENT: "unchanged since it was signed, but its signer is not identified (pass "
+                     "--public-key)",
+    UNSIGNED: "not signed: it neither dates the mark nor names its owner",
+}
+
+
 def _print_verdict(v: Verdict) -> None:
     for finding in v.findings:
         console.print(f"[yellow]note:[/] {plain(finding)}", highlight=False)
@@ -129,8 +137,7 @@ def _print_verdict(v: Verdict) -> None:
         s = v.signature
         console.print(f"white box: message {plain(repr(s.message))}, bit match "
                       f"{100 * s.bit_match:.1f}% of "
-                      f"{s.data_modules} modules, p = {s.p_value:.3g}; receipt signature "
-                      f"{'valid' if s.receipt_valid else 'not checked'}", highlight=False)
+                      f"{s.data_modules} modules, p = {s.p_value:.3g}", highlight=False)
     elif v.found is not None:
         console.print("no receipt: " + ("; ".join(
             f"{plain(repr(f['message']))} in {plain(f['layer'])} at ({f['row']}, {f['col']})"
@@ -140,5 +147,7 @@ def _print_verdict(v: Verdict) -> None:
         console.print(f"black box: {t.matches} of {t.n} trigger labels "
                       f"({t.trigger_accuracy:.1f}%), null rate {t.null_rate:.3g}, "
                       f"p = {t.trigger_p_value:.3g}", highlight=False)
+    if v.receipt is not None:
+        console.print(f"receipt: {RECEIPT_CHECKS[v.receipt.checked]}", highlight=False)
     console.print(f"[bold]{'VERIFIED' if v.verified else 'NOT VERIFIED'}[/] (alpha {v.alpha:g})",
                   highlight=False)

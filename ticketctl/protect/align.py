@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ticketctl.errors import TicketctlError
 
@@ -81,6 +80,8 @@ def _match(reference: list[list[float]], suspect: list[list[float]],
         pa, pb = patterns
         total = max(1.0, float(pa.sum(1).max()))
         cost = cost + 100.0 * np.abs(pa[:, None, :] - pb[None, :, :]).sum(-1) / total
+    from scipy.optimize import linear_sum_assignment  # seconds to import: only when used
+
     rows, cols = linear_sum_assignment(cost)
     order = np.empty(len(a), dtype=np.int64)
     order[rows] = cols

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.signal import correlate
 
 from ticketctl.artifacts import Kind, Mask, Ticket
 from ticketctl.errors import CheckFailed, TicketctlError
@@ -70,6 +69,8 @@ def placement_costs(dark: np.ndarray, code: np.ndarray, data: np.ndarray) -> np.
     want_dark = (code & data).astype(np.float64)
     want_light = (~code & data).astype(np.float64)
     g = dark.astype(np.float64)
+    from scipy.signal import correlate  # seconds to import: only when signing
+
     # differ = wanted dark but light + wanted light but dark
     cost = want_dark.sum() - correlate(g, want_dark, mode="valid", method="fft") + \
         correlate(g, want_light, mode="valid", method="fft")

@@ -34,7 +34,7 @@ from ticketctl.protect.qr import (
 from ticketctl.protect.qr.layout import mask_matrix
 from ticketctl.protect.receipt import Receipt, sha256
 from ticketctl.protect.stats import binomial_tail, precision_tail
-from ticketctl.protect.verdict import ALPHA, SignatureReading, Verdict, decide
+from ticketctl.protect.verdict import ALPHA, SignatureReading, Verdict, decide, receipt_status
 
 
 def _pack(matrix: np.ndarray) -> str:
@@ -227,8 +227,10 @@ def verify_with_receipt(masks: dict[str, torch.Tensor], receipt: Receipt,
                         floor_defence: bool = False,
                         state: dict[str, torch.Tensor] | None = None) -> Verdict:
     """The white-box verdict alone: `read_signature`, decided at `alpha`."""
-    return decide(alpha, signature=read_signature(masks, receipt, public_key,
-                                                  floor_defence=floor_defence, state=state))
+    verdict = decide(alpha, signature=read_signature(masks, receipt, public_key,
+                                                     floor_defence=floor_defence, state=state))
+    verdict.receipt = receipt_status(receipt, public_key)
+    return verdict
 
 
 def read_code(masks: dict[str, torch.Tensor], receipt: Receipt) -> np.ndarray:

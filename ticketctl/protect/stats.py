@@ -3,14 +3,14 @@ its null and its size reported together."""
 
 from __future__ import annotations
 
-from scipy import stats
-
 
 def binomial_tail(successes: int, trials: int, null_rate: float) -> float:
     """P[Binomial(trials, null_rate) >= successes]: how likely an unrelated model agrees this
     often by chance."""
     if trials <= 0:
         return 1.0
+    from scipy import stats  # imported when needed: it costs seconds at start-up
+
     return float(stats.binom.sf(successes - 1, trials, null_rate))
 
 
@@ -20,6 +20,8 @@ def precision_tail(hits: int, drawn: int, marked: int, population: int) -> float
     the code's dark modules."""
     if drawn <= 0:
         return 1.0
+    from scipy import stats
+
     return float(stats.hypergeom.sf(hits - 1, population, marked, drawn))
 
 
@@ -27,4 +29,6 @@ def clopper_pearson_upper(successes: int, trials: int, confidence: float = 0.99)
     """One-sided upper confidence bound of a binomial rate."""
     if successes >= trials:
         return 1.0
+    from scipy import stats
+
     return float(stats.beta.ppf(confidence, successes + 1, trials - successes))

@@ -6,10 +6,13 @@ attacks' checks and the demo all decide here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ticketctl.errors import TicketctlError
 from ticketctl.records import Record
+
+if TYPE_CHECKING:
+    from ticketctl.protect.receipt import Receipt
 
 # The decision level: a check passes when its p-value is below it. One in a million keeps the
 # chance of calling an unrelated model stolen negligible even over many checks and attacks.
@@ -84,6 +87,36 @@ class TriggerReading(Record):
                    d["trigger_n"], d["null_rate"], d.get("decoy_accuracy"))
 
 
+# What a receipt check established, for `receipt_check`.
+SIGNER_CHECKED = "public-key"  # signed by the owner of --public-key, unchanged since
+SELF_CONSISTENT = "self"  # unchanged since signed by the key it carries; signer not identified
+UNSIGNED = "unsigned"  # nothing dates it or names its owner
+
+
+@dataclass
+class ReceiptStatus(Record):
+    """What checking the receipt itself showed, apart from what the suspect shows: a verdict
+    resting on a receipt is only as good as the receipt."""
+
+    valid: bool  # signed, and the signature holds over its content
+    checked: str  # SIGNER_CHECKED, SELF_CONSISTENT or UNSIGNED
+    trigger_committed: bool | None = None  # the trigger set given is the receipt's (None: n/a)
+
+
+def receipt_status(receipt: Receipt, public_key: Any = None,
+                   trigger_sha256: str | None = None) -> ReceiptStatus:
+    """Check a receipt itself: its signature (against `public_key` when given; raises
+    CheckFailed when it does not hold) and whether the trigger set with `trigger_sha256` is
+    the one it commits."""
+    valid = receipt.check(public_key)
+    checked = UNSIGNED if not valid else \
+        SIGNER_CHECKED if public_key is not None else SELF_CONSISTENT
+    committed = None
+    if trigger_sha256 is not None and receipt.trigger_sha256:
+        committed = trigger_sha256 == receipt.trigger_sha256
+    return ReceiptStatus(valid, checked, committed)
+
+
 @dataclass
 class Verdict:
     """A suspect model's verdict and the evidence behind it."""
@@ -96,6 +129,7 @@ class Verdict:
     found: list[dict[str, Any]] | None = None  # codes a scan found (no receipt to check)
     findings: list[str] = field(default_factory=list)  # what the suspect file claims falsely
     notes: dict[str, Any] = field(default_factory=dict)  # e.g. an independent ZBar reading
+    receipt: ReceiptStatus | None = None  # the receipt's own check (None: no receipt)
 
     @property
     def message(self) -> str | None:
@@ -125,7 +159,9 @@ class Verdict:
             "verified": self.verified, "message": self.message, "bit_match": self.bit_match,
             "p_value": self.p_value, "trigger_accuracy": self.trigger_accuracy,
             "trigger_p_value": self.trigger_p_value, "alpha": self.alpha,
-            "receipt_valid": self.signature.receipt_valid if self.signature else None}
+            "receipt_valid": self.receipt.valid if self.receipt else None,
+            "receipt_check": self.receipt.checked if self.receipt else None,
+            "trigger_committed": self.receipt.trigger_committed if self.receipt else None}
         if self.signature is not None:
             out.update({k: v for k, v in self.signature.to_dict().items() if k not in out})
         if self.defended is not None:
@@ -142,12 +178,16 @@ class Verdict:
         signature = SignatureReading.from_dict(d) if "data_modules" in d else None
         trigger = TriggerReading.from_dict(d) if "trigger_n" in d else None
         defended = SignatureReading.from_dict(d["defended"]) if d.get("defended") else None
+        receipt = ReceiptStatus(d["receipt_valid"], d["receipt_check"],
+                                d.get("trigger_committed")) if d.get("receipt_check") else None
         known = {"verified", "message", "bit_match", "p_value", "trigger_accuracy",
-                 "trigger_p_value", "alpha", "receipt_valid", "defended", "found",
+                 "trigger_p_value", "alpha", "receipt_valid", "receipt_check",
+                 "trigger_committed", "defended", "found",
                  "trigger_matches", "trigger_n", "null_rate", "trigger_test", "decoy_accuracy",
                  "findings", *(SignatureReading.__dataclass_fields__)}
         return cls(d["alpha"], d["verified"], signature, defended, trigger, d.get("found"),
-                   list(d.get("findings") or []), {k: v for k, v in d.items() if k not in known})
+                   list(d.get("findings") or []), {k: v for k, v in d.items() if k not in known},
+                   receipt)
 
 
 def decide(alpha: float, signature: SignatureReading | None = None,

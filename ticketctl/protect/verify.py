@@ -19,7 +19,14 @@ from ticketctl.protect.receipt import Receipt
 from ticketctl.protect.signature import read_code, read_signature, scan
 from ticketctl.protect.suspect import Suspect, open_suspect
 from ticketctl.protect.trigger import TriggerSet
-from ticketctl.protect.verdict import ALPHA, Verdict, decide, null_rate_for
+from ticketctl.protect.verdict import (
+    ALPHA,
+    ReceiptStatus,
+    Verdict,
+    decide,
+    null_rate_for,
+    receipt_status,
+)
 
 
 @dataclass
@@ -36,6 +43,13 @@ class Marks:
     @property
     def empty(self) -> bool:
         return self.receipt is None and self.trigger is None
+
+    def receipt_status(self) -> ReceiptStatus | None:
+        """The receipt's own check (None without a receipt); see `verdict.receipt_status`."""
+        if self.receipt is None:
+            return None
+        return receipt_status(self.receipt, self.public_key,
+                              self.trigger.sha256() if self.trigger is not None else None)
 
     def check_fits(self, arch: str, num_classes: int) -> None:
         """Refuse marks made for another kind of model before any work is done."""
@@ -74,7 +88,15 @@ def check_suspect(suspect: Suspect, marks: Marks, data: Dataset | None = None,
                                         null_rate_for(marks.null_rate, data.num_classes))
     verdict = decide(marks.alpha, signature=signature, trigger=trigger, defended=defended)
     verdict.findings = list(suspect.findings)
+    _add_receipt(verdict, marks)
     return verdict
+
+
+def _add_receipt(verdict: Verdict, marks: Marks) -> None:
+    verdict.receipt = marks.receipt_status()
+    if verdict.receipt is not None and verdict.receipt.trigger_committed is False:
+        verdict.findings.append("the trigger set is not the one the receipt commits: the "
+                                "receipt does not date this set")
 
 
 def verify(model: str | Path | None, marks: Marks, *, predict_cmd: str | None = None,
@@ -111,6 +133,7 @@ def verify(model: str | Path | None, marks: Marks, *, predict_cmd: str | None = 
                                           timeout=timeout)
         verdict = decide(marks.alpha, signature=signature, trigger=reading)
         verdict.findings = list(suspect.findings) if suspect is not None else []
+        _add_receipt(verdict, marks)
     if qr_png is not None and suspect is not None and marks.receipt is not None:
         verdict.notes.update(draw_code(suspect, marks.receipt, qr_png, force))
     return verdict
