@@ -176,7 +176,7 @@ def test_receipt_signature_checks(signed_setup, tmp_path):
     assert_one_line_error(result, 1, "signed by another key")
     (tmp_path / "corrupt.json").write_text("{not json")
     result = run("verify", d / "s.safetensors", "--receipt", tmp_path / "corrupt.json")
-    assert_one_line_error(result, 2, "not a readable receipt")
+    assert_one_line_error(result, 2, "receipt is not valid JSON")
 
 
 def test_receipt_for_another_architecture(signed_setup, tmp_path):

@@ -11,6 +11,7 @@ what the ticket said."""
 from __future__ import annotations
 
 import json
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from ticketctl.artifacts.ticket import (
     FORMAT_NAME,
     FORMAT_VERSION,
     KINDS,
+    TICKET_METADATA,
     Kind,
     Ticket,
     check_finite,
@@ -30,9 +32,10 @@ from ticketctl.artifacts.ticket import (
     read_header,
 )
 from ticketctl.errors import TicketctlError
-from ticketctl.models import ARCHS, build_model, prunable_names
+from ticketctl.models import ARCHS, prunable_names
 from ticketctl.models.registry import ARCH_ARGS, skeleton
 from ticketctl.records import Choice
+from ticketctl.schema import Field, Obj, brief, check, parse_json
 
 ORIG, MASK = "_orig", "_mask"
 
@@ -87,10 +90,20 @@ def is_ticket(path: str | Path) -> bool:
         return False
 
 
+# torch.save writes its zip entries uncompressed; entries that expand to more than this many
+# times the file's size are a zip bomb, refused before torch reads them.
+MAX_ZIP_EXPANSION = 4
+
+
 def load_torch_checkpoint(path: str | Path) -> Any:
+    """A torch.save file read with `weights_only=True`, after checking that its zip entries
+    do not expand beyond the file (the tensors it holds are checked by `tensor_problems`)."""
     p = Path(path)
+    if p.is_dir():
+        raise TicketctlError(f"{p} is a folder, not a checkpoint file")
     if not p.is_file():
         raise TicketctlError(f"{p}: no such file")
+    _check_zip(p)
     try:
         return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -103,13 +116,53 @@ def load_torch_checkpoint(path: str | Path) -> Any:
         raise TicketctlError(f"{p} is not a readable PyTorch checkpoint ({first})") from None
 
 
-def _tensor_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
+def _check_zip(p: Path) -> None:
+    with open(p, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return  # a legacy torch.save file: its storages are checked against the file
+    size = p.stat().st_size
+    try:
+        with zipfile.ZipFile(p) as z:
+            total = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        raise TicketctlError(f"{p} is not a readable PyTorch checkpoint (a broken zip: "
+                             f"{brief(str(e))})") from None
+    if total > MAX_ZIP_EXPANSION * size:
+        raise TicketctlError(f"{p}: its zip entries expand to {total:,} bytes from a "
+                             f"{size:,}-byte file (compressed entries, which torch.save never "
+                             "writes); refused")
+
+
+def tensor_problems(tensors: dict[str, torch.Tensor], file_size: int) -> dict[str, str]:
+    """Why each tensor that would take more memory than the file gave it is refused: a view
+    whose elements share bytes (a stride-0 or overlapping tensor: 4 bytes in the file, gigabytes
+    once copied), or more tensor bytes in all than twice the file (views sharing data)."""
+    problems: dict[str, str] = {}
+    budget = 2 * file_size + (1 << 20)
+    total = 0
+    for name, t in tensors.items():
+        need = t.numel() * t.element_size()
+        have = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+        if need > have:
+            problems[name] = (f"tensor {name!r} of shape {list(t.shape)} needs {need:,} bytes but "
+                              f"the file holds {max(have, 0):,} for it (a stride-0 or overlapping "
+                              "view)")
+            continue
+        total += need
+        if total > budget:
+            problems[name] = (f"tensor {name!r}: the tensors add up to more than twice the "
+                              f"file's {file_size:,} bytes (views sharing data)")
+    return problems
+
+
+def _tensor_dict(obj: Any, where: str, file_size: int) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise TicketctlError(f"{where}: expected a state dict (names to tensors)")
-    out = {}
-    for k, v in obj.items():
-        if isinstance(v, torch.Tensor):
-            out[k.removeprefix("module.")] = v
+    out = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    problems = tensor_problems(out, file_size)
+    if problems:
+        raise TicketctlError(f"{where}: {next(iter(problems.values()))}; refused")
+    out = {k.removeprefix("module."): v for k, v in out.items()}
     if not out:
         raise TicketctlError(f"{where}: holds no tensors")
     return out
@@ -129,16 +182,28 @@ def split_pruned_state(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any], int]:
-    """Find the registered architecture whose state dict has exactly these names and shapes."""
+    """Find the registered architecture whose state dict has exactly these names and shapes,
+    comparing against each network built on the meta device (a crafted head of a million
+    classes costs nothing there)."""
     if "fc.weight" not in state or "conv1.weight" not in state:
         raise TicketctlError("cannot infer the architecture (no conv1/fc weights); pass --arch")
-    num_classes = int(state["fc.weight"].shape[0])
-    in_ch = int(state["conv1.weight"].shape[1])
+    conv1, fc = state["conv1.weight"], state["fc.weight"]
+    for name, t, dims, what in (("conv1.weight", conv1, 4, "a convolution's"),
+                                ("fc.weight", fc, 2, "a linear layer's")):
+        if t.dim() != dims:
+            raise TicketctlError(f"cannot infer the architecture: tensor {name!r} has shape "
+                                 f"{list(t.shape)}, but {what} weight has {dims} dimensions")
+    num_classes = int(fc.shape[0])
+    in_ch = int(conv1.shape[1])
     for arch in ARCHS:
         args: dict[str, Any] = {"in_channels": in_ch}
         if "width" in ARCH_ARGS[arch]:
-            args["width"] = int(state["conv1.weight"].shape[0])
-        if _fits(build_model(arch, num_classes, **args).state_dict(), state):
+            args["width"] = int(conv1.shape[0])
+        try:
+            expected = skeleton(arch, num_classes, **args).state_dict()
+        except TicketctlError:  # sizes this network cannot take
+            continue
+        if _fits(expected, state):
             return arch, args, num_classes
     raise TicketctlError("no registered architecture matches these tensors; pass --arch")
 
@@ -164,8 +229,9 @@ def import_checkpoint(
     weights (a `trained` model), `auto` the former when present."""
     where = str(path)
     obj = load_torch_checkpoint(path)
+    size = Path(path).stat().st_size
     authors = isinstance(obj, dict) and "state_dict" in obj
-    sd = _tensor_dict(obj["state_dict"] if authors else obj, where)
+    sd = _tensor_dict(obj["state_dict"] if authors else obj, where, size)
     # The authors' ResNets carry an input-normalisation module their forward never calls.
     skipped_normalize = any(k.startswith("normalize.") for k in sd)
     sd = {k: v for k, v in sd.items() if not k.startswith("normalize.")}
@@ -178,7 +244,7 @@ def import_checkpoint(
         raise TicketctlError(f"{where} has no rewind weights (init_weight); use --weights trained")
     use_rewind = init is not None and weights in ("auto", "rewind")
     if use_rewind:
-        rewind, _ = split_pruned_state(_tensor_dict(init, where + " init_weight"))
+        rewind, _ = split_pruned_state(_tensor_dict(init, where + " init_weight", size))
         rewind = {k: v for k, v in rewind.items() if not k.startswith("normalize.")}
         state = {**state, **rewind}
 
@@ -189,8 +255,9 @@ def import_checkpoint(
             arch_args = _recorded_arch_args(recorded, arch, num_classes, state)
         arch_args = arch_args if arch_args is not None else inferred_args
     elif num_classes is None:
-        num_classes = int(state["fc.weight"].shape[0]) if "fc.weight" in state else 10
-    model = build_model(arch, num_classes, **(arch_args or {}))
+        fc = state.get("fc.weight")
+        num_classes = int(fc.shape[0]) if fc is not None and fc.dim() == 2 else 10
+    model = skeleton(arch, num_classes, **(arch_args or {}))  # names and shapes, no memory
     expected = model.state_dict()
     if not _fits(expected, state):
         missing = sorted(set(expected) - set(state) - {k for k in expected
@@ -200,7 +267,13 @@ def import_checkpoint(
             f"{where}: tensors do not fit {arch} (missing: {', '.join(missing[:3]) or '-'}; "
             f"unexpected: {', '.join(extra[:3]) or '-'}); check --arch and --num-classes"
         )
-    full = {k: state.get(k, expected[k]).to(expected[k].dtype).clone() for k in expected}
+    for k, v in state.items():
+        if expected[k].is_floating_point() and not v.is_floating_point():
+            raise TicketctlError(f"{where}: tensor {k!r} is {str(v.dtype).removeprefix('torch.')}"
+                                 "; weights must be floating point")
+    # a missing entry can only be a BatchNorm's num_batches_tracked: a fresh one is 0
+    full = {k: state[k].to(expected[k].dtype).clone() if k in state else
+            torch.zeros(expected[k].shape, dtype=expected[k].dtype) for k in expected}
     check_finite(full, where)
     params = dict(model.named_parameters())
     if masks:
@@ -269,11 +342,7 @@ def _json_field(meta: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if not isinstance(value, str) or len(value) > MAX_META_TEXT:
         raise TicketctlError(f"{where}: exported metadata field {key!r} must be JSON text of "
                              f"at most {MAX_META_TEXT:,} characters")
-    try:
-        parsed = json.loads(value)
-    except (ValueError, RecursionError):
-        raise TicketctlError(f"{where}: exported metadata field {key!r} is not valid JSON"
-                             ) from None
+    parsed = parse_json(value, where, f"exported metadata field {key!r}", MAX_META_TEXT)
     if not isinstance(parsed, kind):
         raise TicketctlError(f"{where}: exported metadata field {key!r} must be a JSON "
                              f"{'object' if kind is dict else 'list'}")
@@ -326,7 +395,11 @@ def read_export_metadata(obj: Any, where: str) -> dict[str, Any]:
         value = _int_field(meta, key, where, low)
         if value is not None:
             out[key] = value
-    return out
+    # what a ticket's metadata may hold, field by field (none required here)
+    return check(EXPORT_METADATA, out, where, "exported metadata")
+
+
+EXPORT_METADATA = Obj({k: Field(f.spec) for k, f in TICKET_METADATA.fields.items()})
 
 
 def _recorded_arch_args(recorded: dict[str, Any], arch: str, num_classes: int,

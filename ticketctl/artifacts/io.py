@@ -1,6 +1,7 @@
-"""Atomic output: a half-written ticket must never be mistaken for a whole one, and a command
-with several outputs (a key and its locked ticket, a signed ticket and its receipt) leaves all
-of them or none."""
+"""Files in and out: outputs are written atomically (a half-written ticket must never be
+mistaken for a whole one), and a command with several outputs (a key and its locked ticket, a
+signed ticket and its receipt) leaves all of them or none; small inputs are read bounded, with
+one line for what is wrong."""
 
 from __future__ import annotations
 
@@ -230,3 +231,22 @@ def write_bytes_atomic(path: str | Path, data: bytes, force: bool = False,
 def write_text_atomic(path: str | Path, text: str, force: bool = False,
                       private: bool = False) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"), force, private)
+
+
+def read_input(path: str | Path, what: str, max_bytes: int, hint: str = "") -> bytes:
+    """The bytes of a small input file (a key, a receipt, a calibration), refused with one
+    line when it is missing, a folder, unreadable or larger than `max_bytes`."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise TicketctlError(f"{p} is a folder, not a {what} file")
+        size = p.stat().st_size
+        if size > max_bytes:
+            raise TicketctlError(f"{p} is {size:,} bytes: too large for a {what} file (at "
+                                 f"most {max_bytes:,})")
+        with open(p, "rb") as f:
+            return f.read(max_bytes + 1)[:max_bytes]
+    except FileNotFoundError:
+        raise TicketctlError(f"{p}: no such {what} file{hint}") from None
+    except OSError as e:
+        raise TicketctlError(f"cannot read {what} file {p}: {e.strerror or e}") from None

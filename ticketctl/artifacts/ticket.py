@@ -20,8 +20,23 @@ from ticketctl.artifacts.mask import Mask, tensor_digest
 from ticketctl.artifacts.sparse import dense_key, is_sparse, sparse_key
 from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.models import build_model
-from ticketctl.models.registry import skeleton
+from ticketctl.models.registry import ARG_MAX, MAX_CLASSES, skeleton
 from ticketctl.records import Choice
+from ticketctl.schema import (
+    HEX64,
+    Bool,
+    Field,
+    Float,
+    Int,
+    Lazy,
+    List,
+    Map,
+    Obj,
+    Str,
+    brief,
+    check,
+    parse_json,
+)
 
 FORMAT_NAME = "ticketctl"
 FORMAT_VERSION = 1  # what every file but a sparse key is written as
@@ -43,6 +58,69 @@ class Kind(Choice):
 
 
 KINDS = tuple(k.value for k in Kind)
+
+_SEED = Int(-(2 ** 63), 2 ** 64 - 1)  # what torch.manual_seed takes
+_COUNT = Int(0, 2 ** 62)
+
+# The ticket metadata (docs/FORMAT.md): every field a reader uses, with what it must be. Keys
+# not named here (written by a newer ticketctl, or provenance) are kept as they are.
+DATASET = Obj({
+    "name": Field(Str(64)),
+    "data_dir": Field(Str(4096)),
+    "num_classes": Field(Int(1, MAX_CLASSES)),
+    "input_shape": Field(List(Int(1, 1 << 20), max_len=8)),
+    "train_size": Field(_COUNT),
+    "val_size": Field(_COUNT),
+    "test_size": Field(_COUNT),
+    "split_seed": Field(_SEED),
+    "augment": Field(Str(64)),
+    "normalized": Field(Bool()),
+    "normalize": Field(Bool()),
+    "mean": Field(List(Float(), max_len=64)),
+    "std": Field(List(Float(), max_len=64)),
+})
+EXTRA = Obj({
+    # a Scheme V1 part: the ticket it came from, and how it was split
+    "parent_sha256": Field(HEX64),
+    "parent_masks_sha256": Field(HEX64),
+    "parent_metadata": Field(Lazy(lambda: TICKET_METADATA)),
+    "part": Field(Str(choices=("key", "locked"))),
+    "score": Field(Str(64)),
+    "key_ratio": Field(Float(0, 1)),
+    "key_weights": Field(_COUNT),
+    "locked_weights": Field(_COUNT),
+    "seed": Field(_SEED),
+    # provenance of trained, signed and searched tickets
+    "ticket_accuracy": Field(Float()),
+    "test_accuracy": Field(Float()),
+    "trigger_accuracy": Field(Float()),
+    "retrained_from": Field(HEX64),
+    "signed_from": Field(HEX64),
+    "receipt_matrix_sha256": Field(HEX64),
+    "trigger_sha256": Field(HEX64),
+    "round": Field(_COUNT),
+})
+TICKET_METADATA = Obj({
+    "kind": Field(Str(choices=KINDS), required=True),
+    "arch": Field(Str(64), required=True),
+    "arch_args": Field(Map(Int(1, max(ARG_MAX.values())), max_len=len(ARG_MAX))),
+    "num_classes": Field(Int(1, MAX_CLASSES), required=True),
+    "class_names": Field(List(Str(256), max_len=MAX_CLASSES)),
+    "dataset": Field(DATASET),
+    "density": Field(Float(0, 1)),
+    "kept": Field(_COUNT),
+    "prunable": Field(_COUNT),
+    "rewind_epoch": Field(Int(0, 1_000_000)),
+    "seed": Field(_SEED),
+    "masks_sha256": Field(HEX64),
+    "tensors_sha256": Field(HEX64),
+    "extra": Field(EXTRA),
+})
+
+# A safetensors header holds the tensors' names, shapes and offsets and the metadata: a few
+# kilobytes for the largest registered network. Anything near these bounds was crafted.
+MAX_HEADER_BYTES = 8 << 20
+MAX_METADATA_BYTES = 1 << 20
 
 PICKLE_HINT = (
     "it looks like a pickled PyTorch checkpoint and was not loaded (ticketctl never "
@@ -192,11 +270,22 @@ def file_format(path: Path) -> str:
     return "safetensors"
 
 
+def header_size(path: Path) -> int:
+    """The length of a safetensors file's header (its first 8 bytes, little-endian)."""
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(8), "little")
+
+
 def read_header(path: str | Path) -> dict[str, str]:
-    """The raw `__metadata__` of a safetensors file, after checking it is one."""
+    """The raw `__metadata__` of a safetensors file, after checking it is one and that its
+    header is of a sane size (a crafted header of tens of megabytes is refused unread)."""
     p = Path(path)
     if file_format(p) == "pickle":
         raise TicketctlError(f"{p}: " + PICKLE_HINT.format(path=p))
+    n = header_size(p)
+    if MAX_HEADER_BYTES < n <= p.stat().st_size - 8:  # (a length past the end: corrupt)
+        raise TicketctlError(f"{p}: its safetensors header is {n:,} bytes; a ticket's is a "
+                             f"few kilobytes (at most {MAX_HEADER_BYTES:,} are read)")
     try:
         with safe_open(str(p), framework="pt") as f:
             return f.metadata() or {}
@@ -211,16 +300,20 @@ def _short(e: Exception) -> str:
 
 
 def parse_metadata(header: dict[str, str], where: str) -> dict[str, Any]:
+    """The ticket metadata of a header, checked against TICKET_METADATA: every field a reader
+    uses has its type and bounds, or the file is refused naming the field."""
     if header.get("format") != FORMAT_NAME or "ticket" not in header:
         raise TicketctlError(
             f"{where} is a safetensors file but not a ticketctl ticket (no ticketctl metadata); "
             "import plain state dicts with `ticketctl convert`"
         )
+    text = header.get("format_version", "")
     try:
-        version = int(header.get("format_version", ""))
+        version = int(text) if len(text) < 10 else None
     except ValueError:
-        raise TicketctlError(f"{where}: unreadable format version "
-                             f"{header.get('format_version')!r}") from None
+        version = None
+    if version is None:
+        raise TicketctlError(f"{where}: unreadable format version {brief(text)}")
     if version > READ_VERSION:
         raise TicketctlError(
             f"{where} was written in ticket format version {version}; this ticketctl reads up to "
@@ -228,18 +321,8 @@ def parse_metadata(header: dict[str, str], where: str) -> dict[str, Any]:
         )
     if version < 1:
         raise TicketctlError(f"{where}: invalid format version {version}")
-    try:
-        meta = json.loads(header["ticket"])
-    except json.JSONDecodeError as e:
-        raise TicketctlError(f"{where}: ticket metadata is not valid JSON ({e.msg})") from None
-    if not isinstance(meta, dict):
-        raise TicketctlError(f"{where}: ticket metadata must be a JSON object")
-    missing = [k for k in ("kind", "arch", "num_classes") if k not in meta]
-    if missing:
-        raise TicketctlError(f"{where}: ticket metadata lacks {', '.join(missing)}")
-    if meta["kind"] not in KINDS:
-        raise TicketctlError(f"{where}: unknown kind {meta['kind']!r}; known: {', '.join(KINDS)}")
-    return meta
+    meta = parse_json(header["ticket"], where, "ticket metadata", MAX_METADATA_BYTES)
+    return check(TICKET_METADATA, meta, where, "ticket metadata")
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
@@ -285,14 +368,29 @@ def altered(ticket: Ticket, meta: dict[str, Any], where: str) -> str | None:
     return None
 
 
+# The dtypes a ticket's weights may have: those ticketctl computes in (float64 in tests that
+# ask for it). Half precision, integers, booleans and complex numbers are refused by name.
+WEIGHT_DTYPES = (torch.float32, torch.float64)
+
+
+def dtype_problem(got: torch.dtype, want: torch.dtype) -> str | None:
+    """Why a tensor of dtype `got` cannot stand where the architecture has `want`, or None."""
+    name = str(got).removeprefix("torch.")
+    if want.is_floating_point:
+        if got not in WEIGHT_DTYPES:
+            return f"{name}; weights must be float32 or float64"
+        return None
+    if got != want:
+        return f"{name}; this buffer must be {str(want).removeprefix('torch.')}"
+    return None
+
+
 def ticket_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> Ticket:
     """A ticket from parsed metadata and a file's tensors, checked against its architecture."""
     try:
         model = skeleton(meta["arch"], meta["num_classes"], **(meta.get("arch_args") or {}))
     except TicketctlError as e:
         raise TicketctlError(f"{where}: {e}") from None
-    except TypeError as e:
-        raise TicketctlError(f"{where}: bad architecture arguments ({e})") from None
     expected = model.state_dict()
     if "sparse" in meta or is_sparse(tensors):
         if meta["kind"] != Kind.KEY:
@@ -316,6 +414,13 @@ def ticket_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
                 f"{where}: tensor {k!r} has shape {list(v.shape)} but {meta['arch']} needs "
                 f"{list(expected[k].shape)}"
             )
+    for k, v in state.items():
+        problem = dtype_problem(v.dtype, expected[k].dtype)
+        if problem:
+            raise TicketctlError(f"{where}: tensor {k!r} is {problem}")
+    if not masks:
+        raise TicketctlError(f"{where}: holds no mask (no `<param>{MASK_SUFFIX}` tensor), so it "
+                             "is not a ticket; import a dense model with `ticketctl convert`")
     params = dict(model.named_parameters())
     for name in masks:
         if name not in params:

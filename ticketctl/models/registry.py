@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ from ticketctl.errors import TicketctlError
 from ticketctl.models.digits_cnn import digits_cnn
 from ticketctl.models.resnet_cifar import _SKIP_INIT, resnet18, resnet20, resnet50
 from ticketctl.models.vgg import vgg16
+from ticketctl.schema import brief
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
@@ -30,6 +32,11 @@ ARCH_ARGS: dict[str, set[str]] = {
     "digits_cnn": {"in_channels", "width"},
 }
 
+# The largest value each argument may take, and the most classes: a file that claims more
+# (a width of 10^9) is refused before any network is built, even on the meta device.
+ARG_MAX: dict[str, int] = {"in_channels": 64, "width": 1024}
+MAX_CLASSES = 100_000
+
 
 def build_model(
     arch: str, num_classes: int = 10, seed: int | None = None, **arch_args: Any
@@ -37,9 +44,9 @@ def build_model(
     """Build a freshly initialised model; raises TicketctlError for unknown archs or args.
 
     With a seed the initialisation is reproducible and leaves the global RNG untouched."""
-    if arch not in ARCHS:
+    if not isinstance(arch, str) or arch not in ARCHS:
         raise TicketctlError(
-            f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHS))}"
+            f"unknown architecture {brief(arch)}; known: {', '.join(sorted(ARCHS))}"
         )
     bad = set(arch_args) - ARCH_ARGS[arch]
     if bad:
@@ -47,13 +54,22 @@ def build_model(
             f"architecture {arch!r} takes no argument(s) {', '.join(sorted(bad))}; "
             f"allowed: {', '.join(sorted(ARCH_ARGS[arch])) or 'none'}"
         )
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise TicketctlError(f"number of classes must be a positive integer, got {num_classes!r}")
+    for name, value in arch_args.items():
+        if not _whole(value) or not 1 <= value <= ARG_MAX[name]:
+            raise TicketctlError(f"architecture argument {name} must be an integer from 1 to "
+                                 f"{ARG_MAX[name]}, got {brief(value)}")
+    if not _whole(num_classes) or not 1 <= num_classes <= MAX_CLASSES:
+        raise TicketctlError(f"number of classes must be an integer from 1 to {MAX_CLASSES:,}, "
+                             f"got {brief(num_classes)}")
     if seed is None:
         return ARCHS[arch](num_classes=num_classes, **arch_args)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ARCHS[arch](num_classes=num_classes, **arch_args)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def skeleton(arch: str, num_classes: int = 10, **arch_args: Any) -> nn.Module:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ticketctl.errors import TicketctlError
+
 TOP = 8
 
 
@@ -87,11 +89,16 @@ def _match(reference: list[list[float]], suspect: list[list[float]],
 
 
 def align(weight: torch.Tensor, mask: torch.Tensor,
-          reference: dict[str, list[list[float]]]) -> torch.Tensor:
-    """The suspect's mask with rows and columns put back in the receipt's order."""
+          reference: dict[str, list[list[float]]], layer: str = "") -> torch.Tensor:
+    """The suspect's mask with rows and columns put back in the receipt's order. The
+    receipt's fingerprints (checked for types on reading) must fit the layer's shape: a
+    mismatch is a receipt for another model, left as stored."""
     if len(reference["rows"]) != mask.shape[0] or len(reference["cols"]) != mask.shape[1]:
         return mask
     fp = fingerprints(weight, mask)
+    for name in ("rows", "cols"):
+        if reference[name] and len(reference[name][0]) != len(fp[name][0]):
+            return mask
     k = int(np.prod(mask.shape[2:])) if mask.dim() > 2 else 1
     orders = []
     for axis, name in ((0, "rows"), (1, "cols")):
@@ -99,6 +106,11 @@ def align(weight: torch.Tensor, mask: torch.Tensor,
         pats = None
         if key in reference and key in fp:
             n = mask.shape[axis]
+            for c, p, _ in reference[key]:
+                if c >= n or p >= 2 ** k:
+                    raise TicketctlError(
+                        f"the receipt's field 'fingerprints[\"{layer}\"].{key}' names channel "
+                        f"{c}, pattern {p}; the layer has {n} channels and {2 ** k} patterns")
             pats = (_dense(reference[key], n, k), _dense(fp[key], n, k))
         orders.append(torch.from_numpy(_match(reference[name], fp[name], pats)))
     return mask[orders[0]][:, orders[1]]

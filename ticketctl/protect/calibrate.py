@@ -5,7 +5,6 @@ rate `verify --null-rate` can take."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,12 +12,14 @@ from typing import Any
 import numpy as np
 
 from ticketctl.artifacts import Mask
+from ticketctl.artifacts.io import read_input
 from ticketctl.data import Dataset
 from ticketctl.errors import TicketctlError
 from ticketctl.models import build_model, prunable_names
 from ticketctl.protect.blackbox_verify import predict
 from ticketctl.protect.stats import clopper_pearson_upper
 from ticketctl.protect.trigger import TriggerSet
+from ticketctl.schema import HEX64, Field, Float, Obj, check, parse_json
 from ticketctl.train import TrainConfig, Trainer
 from ticketctl.train.packed import PackedTrainer, default_pack
 
@@ -75,24 +76,38 @@ def calibrate(arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, models
             "train": cfg.to_dict(), "pack": width}
 
 
+# What `verify --null-rate FILE` reads from the JSON `calibrate --out` writes (other keys are
+# the measurement's record, kept as they are).
+CALIBRATION = Obj({"null_rate": Field(Float(0, 1, lo_open=True, hi_open=True), required=True),
+                   "trigger_sha256": Field(HEX64)})
+MAX_CALIBRATION_BYTES = 16 << 20
+
+
 def read_null_rate(value: str, trigger: TriggerSet | None = None) -> float:
-    """`--null-rate`: a number, or the calibration JSON `calibrate --out` wrote (which must be
-    for this trigger set)."""
+    """`--null-rate`: a number in (0, 1), or the calibration JSON `calibrate --out` wrote
+    (which must be for this trigger set)."""
     try:
-        return float(value)
+        rate = float(value)
     except ValueError:
         pass
+    else:
+        if not 0.0 < rate < 1.0:
+            raise TicketctlError(f"--null-rate must be in (0, 1), got {value}")
+        return rate
     path = Path(value)
+    if path.is_dir():
+        raise TicketctlError(f"--null-rate: {path} is a folder, not a calibration file")
     if not path.is_file():
         raise TicketctlError(f"--null-rate must be a number or a calibration file; {value!r} "
                              "is neither")
-    try:
-        doc = json.loads(path.read_text())
-        rate, sha = float(doc["null_rate"]), doc.get("trigger_sha256")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+    text = read_input(path, "calibration", MAX_CALIBRATION_BYTES)
+    doc = parse_json(text, str(path), "calibration file", MAX_CALIBRATION_BYTES)
+    if not isinstance(doc, dict):
         raise TicketctlError(f"{path} is not a calibration file from `ticketctl calibrate "
-                             "--out` (no null_rate)") from None
+                             "--out` (not a JSON object)")
+    check(CALIBRATION, doc, str(path), "calibration file")
+    sha = doc.get("trigger_sha256")
     if trigger is not None and sha is not None and sha != trigger.sha256():
         raise TicketctlError(f"{path} calibrates another trigger set than --trigger "
                              f"(sha256 {sha[:12]}... vs {trigger.sha256()[:12]}...)")
-    return rate
+    return float(doc["null_rate"])

@@ -16,16 +16,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ticketctl.artifacts.io import all_or_nothing, write_bytes_atomic, write_text_atomic
+from ticketctl.artifacts.io import (
+    all_or_nothing,
+    read_input,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.protect.embed import Placement
+from ticketctl.protect.qr.layout import MAX_VERSION
+from ticketctl.schema import (
+    HEX64,
+    Base64,
+    Field,
+    Float,
+    Int,
+    List,
+    Map,
+    Obj,
+    Str,
+    Table,
+    check,
+    parse_json,
+    record_schema,
+    spec,
+)
 
 RECEIPT_FORMAT = "ticketctl-receipt"
 RECEIPT_VERSION = 1
+# A receipt is kilobytes (fingerprints of a wide layer, megabytes); a key file is a few lines.
+MAX_RECEIPT_BYTES = 64 << 20
+MAX_KEY_BYTES = 64 << 10
+
+MAX_MODULES = (17 + 4 * MAX_VERSION) ** 2
+MATRIX_HEX = 2 * -(-MAX_MODULES // 8)
+PLACEMENT = Obj({"layer": Field(Str(256), required=True), "row": Field(Int(0, 1 << 31),
+                 required=True), "col": Field(Int(0, 1 << 31), required=True)})
+# per channel of a signed layer: its largest |w| and sorted kernel counts (rows, cols), and
+# the (channel, pattern, count) triples of its kernels' 0/1 patterns (protect/align.py)
+FINGERPRINT = Obj({"rows": Field(Table(Float()), required=True),
+                   "cols": Field(Table(Float()), required=True),
+                   "row_patterns": Field(Table(Int(0, 1 << 62), width=3)),
+                   "col_patterns": Field(Table(Int(0, 1 << 62), width=3))})
 
 
 def canonical(obj: Any) -> bytes:
@@ -52,28 +88,38 @@ def write_keypair(prefix: str | Path, force: bool = False) -> tuple[Path, Path]:
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    data = read_input(path, "key", MAX_KEY_BYTES,
+                      hint="; make one with `ticketctl keygen`")
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except FileNotFoundError:
-        raise TicketctlError(f"{path}: no such key file; make one with `ticketctl keygen`") \
-            from None
-    except (ValueError, TypeError) as e:
-        raise TicketctlError(f"{path} is not an unencrypted PEM private key ({e})") from None
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise TicketctlError(f"{path} is not an Ed25519 private key in unencrypted PEM, as "
+                             f"`ticketctl keygen` writes ({_why(e, data)})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise TicketctlError(f"{path} is not an Ed25519 key; make one with `ticketctl keygen`")
     return key
 
 
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    data = read_input(path, "public key", MAX_KEY_BYTES)
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise TicketctlError(f"{path}: no such public key file") from None
-    except (ValueError, TypeError) as e:
-        raise TicketctlError(f"{path} is not a PEM public key ({e})") from None
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise TicketctlError(f"{path} is not an Ed25519 public key in PEM, as `ticketctl "
+                             f"keygen` writes PREFIX.pub ({_why(e, data)})") from None
     if not isinstance(key, Ed25519PublicKey):
         raise TicketctlError(f"{path} is not an Ed25519 public key")
     return key
+
+
+def _why(e: Exception, data: bytes) -> str:
+    """cryptography's reason, in a few words."""
+    if b"-----BEGIN" not in data:
+        return "not PEM text"
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if line.startswith("Unable to load PEM file"):
+        return "malformed PEM"
+    return line if len(line) <= 120 else line[:120] + "..."
 
 
 def public_raw(key: Ed25519PublicKey) -> bytes:
@@ -87,26 +133,30 @@ class Receipt:
     and no code. Written as {"format", "version", "receipt": {fields}, "public_key",
     "signature"}; the signature covers the canonical JSON of the fields."""
 
-    created: str | None = None
-    message_sha256: str | None = None
-    qr_version: int | None = None
-    mask_pattern: int | None = None
-    error_correction: str | None = None
-    placements: list[Placement] = field(default_factory=list)
-    matrix: str | None = None  # the embedded module matrix, row-major bits as hex
-    matrix_sha256: str | None = None
-    data_modules: int | None = None
-    support: int | None = None
-    signed_ticket_sha256: str | None = None
-    signed_masks_sha256: str | None = None
-    magnitude_floor: float | None = None  # the smallest kept |w| at signing (add-on defence)
-    arch: str | None = None
-    ticketctl: str | None = None
-    kept_counts: dict[str, int] | None = None  # kept weights per signed layer (add-on defence)
-    fingerprints: dict[str, Any] | None = None  # per signed layer (permutation re-alignment)
-    trigger_sha256: str | None = None
-    trigger_n: int | None = None
-    trigger_committed: str | None = None
+    created: str | None = spec(Str(64))
+    message_sha256: str | None = spec(HEX64)
+    qr_version: int | None = spec(Int(1, MAX_VERSION))
+    mask_pattern: int | None = spec(Int(0, 7))
+    error_correction: str | None = spec(Str(choices=("L", "M", "Q", "H")))
+    placements: list[Placement] = spec(List(PLACEMENT, max_len=1024), factory=list)
+    # the embedded module matrix, row-major bits as hex
+    matrix: str | None = spec(Str(MATRIX_HEX, pattern="[0-9a-f]*", named="hex digits"))
+    matrix_sha256: str | None = spec(HEX64)
+    data_modules: int | None = spec(Int(0, MAX_MODULES))
+    support: int | None = spec(Int(1, 4096))
+    signed_ticket_sha256: str | None = spec(HEX64)
+    signed_masks_sha256: str | None = spec(HEX64)
+    # the smallest kept |w| at signing (add-on defence)
+    magnitude_floor: float | None = spec(Float(0))
+    arch: str | None = spec(Str(64))
+    ticketctl: str | None = spec(Str(64))
+    # kept weights per signed layer (add-on defence)
+    kept_counts: dict[str, int] | None = spec(Map(Int(0, 2 ** 62)))
+    # per signed layer (permutation re-alignment)
+    fingerprints: dict[str, Any] | None = spec(Map(FINGERPRINT))
+    trigger_sha256: str | None = spec(HEX64)
+    trigger_n: int | None = spec(Int(1, 10_000_000))
+    trigger_committed: str | None = spec(Str(64))
     other: dict[str, Any] = field(default_factory=dict)  # fields of a newer ticketctl, kept
     public_key: str | None = None  # base64 raw Ed25519 key of the signer
     signature: str | None = None  # base64 Ed25519 signature of the fields
@@ -136,18 +186,41 @@ class Receipt:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], where: str = "the receipt") -> Receipt:
+        """A receipt from its file's document, checked field by field (RECEIPT_FILE)."""
+        check(RECEIPT_FILE, doc, where, "receipt")
+        version = doc.get("version") or RECEIPT_VERSION
+        if version > RECEIPT_VERSION:
+            raise TicketctlError(f"{where} is receipt version {version}; this ticketctl reads up "
+                                 f"to {RECEIPT_VERSION}: upgrade ticketctl")
         r = doc["receipt"]
+        check(RECEIPT_FIELDS, r, where, "receipt")
         known = {f.name for f in dataclasses.fields(cls)} - _UNSIGNED
-        try:
-            values = {k: v for k, v in r.items() if k in known and k != "placements"}
-            placements = [Placement(p["layer"], int(p["row"]), int(p["col"]))
-                          for p in r.get("placements") or []]
-            return cls(**values, placements=placements,
-                       other={k: v for k, v in r.items() if k not in known},
-                       public_key=doc.get("public_key"), signature=doc.get("signature"),
-                       _signed=r)
-        except (KeyError, TypeError, ValueError) as e:
-            raise TicketctlError(f"{where} is not a readable receipt ({e})") from None
+        values = {k: v for k, v in r.items() if k in known and k != "placements"}
+        placements = [Placement(p["layer"], p["row"], p["col"])
+                      for p in r.get("placements") or []]
+        receipt = cls(**values, placements=placements,
+                      other={k: v for k, v in r.items() if k not in known},
+                      public_key=doc.get("public_key"), signature=doc.get("signature"),
+                      _signed=r)
+        receipt._check_code(where)
+        return receipt
+
+    def _check_code(self, where: str) -> None:
+        """A receipt that commits a code (a version and a matrix) says everything a reader
+        needs: its mask pattern, at least one placement, and a matrix of the version's size."""
+        if not self.has_code:
+            return
+        if self.mask_pattern is None:
+            raise TicketctlError(f"{where}: receipt lacks field 'mask_pattern' (it commits a "
+                                 "QR code)")
+        if not self.placements:
+            raise TicketctlError(f"{where}: receipt field 'placements' must list at least one "
+                                 "placement (it commits a QR code)")
+        n = 17 + 4 * int(self.qr_version)
+        digits = 2 * -(-n * n // 8)
+        if len(self.matrix) != digits:
+            raise TicketctlError(f"{where}: receipt field 'matrix' must be {digits} hex digits "
+                                 f"for a version-{self.qr_version} code, got {len(self.matrix)}")
 
     def sign(self, private: Ed25519PrivateKey | None) -> Receipt:
         """Sign the fields as they are now (None: leave it unsigned)."""
@@ -171,7 +244,11 @@ class Receipt:
         embedded = base64.b64decode(self.public_key)
         if public is not None and public_raw(public) != embedded:
             raise CheckFailed("the receipt was signed by another key than --public-key")
-        key = Ed25519PublicKey.from_public_bytes(embedded)
+        try:
+            key = Ed25519PublicKey.from_public_bytes(embedded)
+        except ValueError:
+            raise TicketctlError("the receipt's field 'public_key' is not an Ed25519 public "
+                                 "key") from None
         # as read from the file, byte for byte: what was signed, whatever this version parses
         signed = self._signed if self._signed is not None else self.fields()
         try:
@@ -196,6 +273,16 @@ class Receipt:
 
 _UNSIGNED = frozenset({"other", "public_key", "signature", "_signed"})
 
+# The receipt file: the document around the fields, and the fields from Receipt's own specs.
+RECEIPT_FIELDS = record_schema(Receipt)
+RECEIPT_FILE = Obj({
+    "format": Field(Str(choices=(RECEIPT_FORMAT,)), required=True),
+    "version": Field(Int(1)),
+    "receipt": Field(Obj({}), required=True),
+    "public_key": Field(Base64(32, "a raw Ed25519 public key")),
+    "signature": Field(Base64(64, "an Ed25519 signature")),
+})
+
 
 def trigger_receipt(trigger_sha256: str, n: int, private: Ed25519PrivateKey | None) -> Receipt:
     """A new receipt that commits a trigger set only."""
@@ -210,17 +297,11 @@ def save_receipt(receipt: Receipt, path: str | Path, force: bool = False) -> Pat
 
 def load_receipt(path: str | Path) -> Receipt:
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise TicketctlError(f"{p}: no such receipt file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TicketctlError(f"{p} is not a readable receipt (invalid JSON: {e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != RECEIPT_FORMAT or \
-            not isinstance(doc.get("receipt"), dict):
-        raise TicketctlError(f"{p} is not a ticketctl receipt")
-    if int(doc.get("version", 0)) > RECEIPT_VERSION:
-        raise TicketctlError(f"{p} is a newer receipt version; upgrade ticketctl")
+    text = read_input(p, "receipt", MAX_RECEIPT_BYTES)
+    doc = parse_json(text, str(p), "receipt", MAX_RECEIPT_BYTES)
+    if not isinstance(doc, dict) or doc.get("format") != RECEIPT_FORMAT:
+        raise TicketctlError(f"{p} is not a ticketctl receipt (its field 'format' is not "
+                             f"{RECEIPT_FORMAT!r})")
     return Receipt.from_dict(doc, str(p))
 
 

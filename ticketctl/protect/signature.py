@@ -146,7 +146,10 @@ def _decode_any(masks: dict[str, torch.Tensor], placements: list[Placement],
     threshold reads as light again. Last, plain two-sided RS at threshold 1."""
     version, pattern = int(r.qr_version), int(r.mask_pattern)
     support = int(r.support if r.support is not None else 3)
-    for t in range(1, max(1, support) + 1):
+    # a kernel cannot back a module with more weights than it has: a receipt's larger support
+    # (up to its bound) would only add thresholds at which every module reads light
+    kernel = max(int(np.prod(masks[p.layer].shape[2:])) for p in placements)
+    for t in range(1, max(1, min(support, kernel)) + 1):
         matrix, _ = extract(masks, placements, version, pattern, min_count=t)
         result = decode_matrix(matrix, version, pattern)
         if result.message is not None:
@@ -191,8 +194,9 @@ def read_signature(masks: dict[str, torch.Tensor], receipt: Receipt, public_key:
     if receipt.fingerprints and state is not None:  # channels may have been permuted
         aligned = dict(masks)
         for p in placements:
-            aligned[p.layer] = align(state[p.layer], masks[p.layer],
-                                     receipt.fingerprints[p.layer])
+            if p.layer in receipt.fingerprints and p.layer in state:
+                aligned[p.layer] = align(state[p.layer], masks[p.layer],
+                                         receipt.fingerprints[p.layer], p.layer)
         views.append(("re-aligned", aligned))
     best = None
     for label, view in views:

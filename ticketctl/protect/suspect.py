@@ -19,12 +19,19 @@ import torch
 from torch import nn
 
 from ticketctl.artifacts import Ticket
-from ticketctl.artifacts.convert import infer_arch, load_torch_checkpoint, split_pruned_state
+from ticketctl.artifacts.convert import (
+    infer_arch,
+    load_torch_checkpoint,
+    split_pruned_state,
+    tensor_problems,
+)
 from ticketctl.artifacts.ticket import (
     FORMAT_NAME,
     MASK_SUFFIX,
+    MAX_HEADER_BYTES,
     altered,
     file_format,
+    header_size,
     parse_metadata,
     read_header,
     read_tensors,
@@ -93,18 +100,18 @@ def _plain(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
 def open_suspect(path: str | Path) -> Suspect:
     """Read a suspect file once, whatever its header claims (see the module's docstring)."""
     p = Path(path)
+    if p.is_dir():
+        raise TicketctlError(f"{p} is a folder, not a model file")
     if not p.is_file():
         raise TicketctlError(f"{p}: no such file")
     if file_format(p) == "pickle":
-        obj = load_torch_checkpoint(p)
-        if isinstance(obj, dict) and "state_dict" in obj:
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise TicketctlError(f"{p} holds no state dict")
-        sd = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        state, masks = split_pruned_state(sd)
-        return Suspect(state, masks_of(state, {k: v != 0 for k, v in masks.items()}), "torch",
-                       str(p))
+        return _torch_suspect(p)
+    if MAX_HEADER_BYTES < header_size(p) <= p.stat().st_size - 8:  # not the metadata, then
+        state, masks = _plain(read_tensors(p))
+        return Suspect(state, masks_of(state, masks), "safetensors", str(p),
+                       findings=[f"its safetensors header is {header_size(p):,} bytes, far "
+                                 "more than a ticket's; its metadata was ignored and the "
+                                 "tensors read as they are"])
     header = read_header(p)
     tensors = read_tensors(p)
     if header.get("format") != FORMAT_NAME:
@@ -121,3 +128,31 @@ def open_suspect(path: str | Path) -> Suspect:
     problem = altered(ticket, meta, str(p))
     return Suspect(ticket.state, masks_of(ticket.state, dict(ticket.mask)), "ticket", str(p),
                    ticket, [problem + "; checked anyway"] if problem else [])
+
+
+def _torch_suspect(p: Path) -> Suspect:
+    """A torch.save state dict (weights_only): tensors that would take more memory than the
+    file holds are left out, and weights that are not real floating point are read as
+    float32; each is a finding."""
+    obj = load_torch_checkpoint(p)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise TicketctlError(f"{p} holds no state dict")
+    sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    findings = []
+    for name, why in tensor_problems(sd, p.stat().st_size).items():
+        findings.append(f"{why}; left out")
+        del sd[name]
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    state, masks = split_pruned_state(sd)
+    for name, t in state.items():
+        if t.dim() >= 1 and not t.is_floating_point() and not name.endswith("num_batches_tracked"):
+            kind = str(t.dtype).removeprefix("torch.")
+            state[name] = (t.real if t.is_complex() else t).to(torch.float32)
+            findings.append(f"tensor {name!r} holds {kind} values, not floating-point weights; "
+                            "read as float32")
+    if not state:
+        raise TicketctlError(f"{p} holds no readable tensors")
+    return Suspect(state, masks_of(state, {k: v != 0 for k, v in masks.items()}), "torch",
+                   str(p), findings=findings)
