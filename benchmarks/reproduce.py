@@ -202,7 +202,7 @@ def main() -> int:
             for method in ("omp", "random"):
                 s[f"prune_{method}"] = st.tc(f"prune_{method}", "attack", "prune",
                                              files / "signed-trained.safetensors", "--method",
-                                             method, "--ratios", "0.05,0.1,0.2,0.3,0.5", *chk)
+                                             method, "--rates", "0.05,0.1,0.2,0.3,0.5", *chk)
             s["addon"] = st.tc("addon", "attack", "addon", files / "signed-trained.safetensors",
                                "--rates", "0.005,0.01,0.02,0.05,0.1", "--defend", *chk)
         elif name == "v3":
@@ -223,7 +223,7 @@ def main() -> int:
                          "--models", null_models, "--out", st.dir / "null-full.json",
                          "--force")
             prune = st.tc("prune_trigger", "attack", "prune", files / "marked.safetensors",
-                          "--ratios", "0.05,0.1,0.2,0.5", "--trigger", trigger, "--null-rate",
+                          "--rates", "0.05,0.1,0.2,0.5", "--trigger", trigger, "--null-rate",
                           f"{null['null_rate']:.6f}", *data_noset)
             s = {"marked": marked, "null": {k: null[k] for k in
                                              ("null_rate", "mean_agreement", "max_agreement",
@@ -234,12 +234,12 @@ def main() -> int:
                    "--trigger", trigger, *data_noset]
             s = {
                 "finetune": st.tc("finetune", "attack", "finetune",
-                                  files / "marked.safetensors", "--epochs", ft_epochs,
+                                  files / "marked.safetensors", "--sweep-epochs", ft_epochs,
                                   *preset, "--out-dir", run / "ft-sweep", *chk),
                 "finetune_dense": st.tc("finetune_dense", "attack", "finetune",
-                                        files / "marked.safetensors", "--epochs", ft_epochs,
-                                        "--dense", *preset, "--out-dir", run / "ftd-sweep",
-                                        *chk),
+                                        files / "marked.safetensors", "--sweep-epochs",
+                                        ft_epochs, "--dense", *preset, "--out-dir",
+                                        run / "ftd-sweep", *chk),
                 "permute": st.tc("permute", "attack", "permute", files / "marked.safetensors",
                                  *chk),
                 "fake3": st.tc("fake3", "attack", "fake3", files / "marked.safetensors",

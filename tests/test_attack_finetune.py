@@ -36,7 +36,7 @@ def _load(path):
 
 def test_finetune_keeps_the_mask_and_the_signature(signed, tmp_path):
     out = tmp_path / "sweep"
-    result = run("attack", "finetune", signed["path"], "--epochs", "1,2", *FAST, "--receipt",
+    result = run("attack", "finetune", signed["path"], "--sweep-epochs", "1,2", *FAST, "--receipt",
                  signed["receipt"], "--out-dir", out, "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -70,7 +70,7 @@ def test_finetune_keeps_the_mask_and_the_signature(signed, tmp_path):
 
 
 def test_dense_finetune_revives_pruned_positions(signed, tmp_path):
-    result = run("attack", "finetune", signed["path"], "--epochs", "1", "--dense", *FAST,
+    result = run("attack", "finetune", signed["path"], "--sweep-epochs", "1", "--dense", *FAST,
                  "--receipt", signed["receipt"], "--out-dir", tmp_path / "d", "--json")
     assert result.exit_code == 0, result.stderr
     row = json.loads(result.stdout)["rows"][0]
@@ -86,11 +86,11 @@ def test_dense_finetune_revives_pruned_positions(signed, tmp_path):
 
 def test_an_interrupted_sweep_resumes(signed, tmp_path):
     out = tmp_path / "sweep"
-    first = run("attack", "finetune", signed["path"], "--epochs", "1", *FAST, "--out-dir", out,
-                "--json")
+    first = run("attack", "finetune", signed["path"], "--sweep-epochs", "1", *FAST, "--out-dir",
+                out, "--json")
     assert first.exit_code == 0, first.stderr
     jobs = sorted(p.name for p in out.glob("jobs/*"))
-    second = run("attack", "finetune", signed["path"], "--epochs", "1,2", *FAST, "--out-dir",
+    second = run("attack", "finetune", signed["path"], "--sweep-epochs", "1,2", *FAST, "--out-dir",
                  out, "--json")
     assert second.exit_code == 0, second.stderr
     a, b = json.loads(first.stdout)["rows"][0], json.loads(second.stdout)["rows"][0]
@@ -100,8 +100,8 @@ def test_an_interrupted_sweep_resumes(signed, tmp_path):
     # a lost state file means the job runs again rather than failing
     for p in out.glob("jobs/*.safetensors"):
         p.unlink()
-    third = run("attack", "finetune", signed["path"], "--epochs", "1", *FAST, "--out-dir", out,
-                "--json")
+    third = run("attack", "finetune", signed["path"], "--sweep-epochs", "1", *FAST, "--out-dir",
+                out, "--json")
     assert third.exit_code == 0, third.stderr
     assert len(list(out.glob("jobs/*.safetensors"))) == 1
 
@@ -144,7 +144,7 @@ def test_transfer_replaces_the_head_and_keeps_the_convolution_masks(tmp_path):
             assert torch.equal(adapted.mask[k], ticket.mask[k])
     path = save_ticket(ticket, tmp_path / "t.safetensors")
     folder = _image_folder(tmp_path / "imgs")
-    result = run("attack", "finetune", path, "--epochs", "2", "--dataset", "imagefolder",
+    result = run("attack", "finetune", path, "--sweep-epochs", "2", "--dataset", "imagefolder",
                  "--data-dir", folder, "--preset", "demo", "--batch-size", "16",
                  "--reference-accuracy", "90", "--json")
     assert result.exit_code == 0, result.stderr
@@ -157,9 +157,9 @@ def test_transfer_replaces_the_head_and_keeps_the_convolution_masks(tmp_path):
 def test_finetune_bad_input(signed, tmp_path):
     folder = _image_folder(tmp_path / "imgs")
     bad = [
-        (["--epochs", "0"], "--epochs"),
-        (["--epochs", "x"], "--epochs"),
-        (["--epochs", "1", "--dataset", "imagefolder", "--data-dir", str(folder)], "channel"),
+        (["--sweep-epochs", "0"], "--sweep-epochs"),
+        (["--sweep-epochs", "x"], "--sweep-epochs"),
+        (["--sweep-epochs", "1", "--dataset", "imagefolder", "--data-dir", str(folder)], "channel"),
     ]
     for extra, needle in bad:
         result = run("attack", "finetune", signed["path"], *extra, *FAST)
@@ -167,7 +167,7 @@ def test_finetune_bad_input(signed, tmp_path):
     rgb = save_ticket(_rgb_ticket(), tmp_path / "rgb.safetensors")
     trig = tmp_path / "t.npz"
     np.savez(trig, images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.arange(4))
-    result = run("attack", "finetune", rgb, "--epochs", "1", "--dataset", "imagefolder",
+    result = run("attack", "finetune", rgb, "--sweep-epochs", "1", "--dataset", "imagefolder",
                  "--data-dir", folder, "--trigger", trig, "--preset", "demo", "--batch-size",
                  "16")
     assert_one_line_error(result, contains="transfer")

@@ -78,7 +78,7 @@ def test_runner_reuses_finished_rows(parts, tmp_path):
 
 
 def test_attack_cli_json_and_csv(parts, tmp_path):
-    result = run("attack", "nokey", parts["locked_path"], "--key", parts["key_path"], *FAST,
+    result = run("attack", "nokey", parts["locked_path"], "--key-mask", parts["key_path"], *FAST,
                  "--json", "--csv", tmp_path / "rows.csv", "--out-dir", tmp_path / "s")
     doc = json.loads(result.stdout)
     assert doc["attack"] == "nokey"
@@ -91,12 +91,12 @@ def test_attack_cli_json_and_csv(parts, tmp_path):
         assert key in row
     assert row["strength"] == 0.2 and 0 <= row["accuracy"] <= 100
     assert (tmp_path / "rows.csv").read_text().startswith("attack,strength,accuracy")
-    result = run("attack", "fake1", parts["locked_path"], "--key-ratio", "0.05,0.2", *FAST,
+    result = run("attack", "fake1", parts["locked_path"], "--key-ratios", "0.05,0.2", *FAST,
                  "--json", "--out-dir", tmp_path / "s", "--reference-accuracy", "102")
     assert result.exit_code == 0, result.stderr  # none can reach 101 points: no forgery works
     doc = json.loads(result.stdout)
     assert doc["reference_accuracy"] == 102 and len(doc["rows"]) == 2
-    result = run("attack", "fake1", parts["locked_path"], "--key-ratio", "0.05", *FAST,
+    result = run("attack", "fake1", parts["locked_path"], "--key-ratios", "0.05", *FAST,
                  "--json", "--out-dir", tmp_path / "s", "--reference-accuracy", "1")
     assert result.exit_code == 1 and "the lock had no effect" in result.stderr
     assert json.loads(result.stdout)["rows"][0]["matches"] is True
@@ -105,7 +105,7 @@ def test_attack_cli_json_and_csv(parts, tmp_path):
 def test_attack_bad_input(parts, tmp_path):
     assert_one_line_error(run("attack", "nokey", parts["key_path"], *FAST), 2,
                           "takes a locked file")
-    assert_one_line_error(run("attack", "fake1", parts["locked_path"], "--key-ratio", "1.5",
+    assert_one_line_error(run("attack", "fake1", parts["locked_path"], "--key-ratios", "1.5",
                               *FAST), 2, "(0, 1)")
 
 

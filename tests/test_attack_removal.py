@@ -46,7 +46,7 @@ def test_addon_revives_exactly_the_fraction(signed):
 
 
 def test_prune_sweep_outputs(signed, tmp_path):
-    result = run("attack", "prune", signed["path"], "--ratios", "0.1,0.3", "--receipt",
+    result = run("attack", "prune", signed["path"], "--rates", "0.1,0.3", "--receipt",
                  signed["receipt"], "--json", "--csv", tmp_path / "rows.csv", "--plot",
                  tmp_path / "rows.png")
     assert result.exit_code == 0, result.stderr
@@ -71,7 +71,7 @@ def test_addon_with_defence_reports_both(signed):
 
 
 def test_removal_bad_input(signed, tmp_path):
-    assert_one_line_error(run("attack", "prune", signed["path"], "--ratios", "1.2"), 2,
+    assert_one_line_error(run("attack", "prune", signed["path"], "--rates", "1.2"), 2,
                           "[0, 1)")
     assert_one_line_error(run("attack", "addon", signed["path"], "--rates", "-0.1"), 2,
                           "[0, 1)")
@@ -83,7 +83,7 @@ def test_removal_bad_input(signed, tmp_path):
 
 
 def test_no_checks_means_accuracy_only(signed):
-    result = run("attack", "prune", signed["path"], "--method", "random", "--ratios", "0.05",
+    result = run("attack", "prune", signed["path"], "--method", "random", "--rates", "0.05",
                  "--json")
     assert result.exit_code == 0
     row = json.loads(result.stdout)["rows"][0]

@@ -265,7 +265,7 @@ def _commands(base: dict, bad: Path, out: Path) -> dict[str, list]:
         "convert": ["convert", bad, "--to", "torch-prune", "--out", out / "x.pt"],
         "sign": ["sign", bad, "--message", "m", "--out", out / "s.safetensors", "--receipt",
                  out / "r.json"],
-        "split": ["split", bad, "--score", "omp", "--key-ratio", "0.1", "--key",
+        "split": ["split", bad, "--score", "omp", "--key-ratio", "0.1", "--key-mask",
                   out / "k.safetensors", "--locked", out / "l.safetensors"],
         "retrain": ["retrain", bad, "--out", out / "t.safetensors", "--epochs", "1"],
         "merge": ["merge", bad, base["v1key"], "--out", out / "m.safetensors"],

@@ -24,7 +24,7 @@ def header_length(path) -> int:
 def parts(tmp_path):
     ticket = make_ticket(seed=21, width=32)
     t = save_ticket(ticket, tmp_path / "t.safetensors")
-    result = run("split", t, "--score", "betweenness", "--key-ratio", "0.1", "--key",
+    result = run("split", t, "--score", "betweenness", "--key-ratio", "0.1", "--key-mask",
                  tmp_path / "k.safetensors", "--locked", tmp_path / "l.safetensors", "--json")
     assert result.exit_code == 0, result.stderr
     return ticket, t, tmp_path / "k.safetensors", tmp_path / "l.safetensors"

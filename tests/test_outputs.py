@@ -163,7 +163,7 @@ def test_split_leaves_no_key_without_its_lock(tmp_path, ticket_file, full_disk):
     (tmp_path / "k.safetensors").write_bytes(b"old key")
     (tmp_path / "l.safetensors").write_bytes(b"old locked")
     full_disk.rename("l.safetensors")
-    result = run("split", ticket_file, "--score", "omp", "--key-ratio", "0.1", "--key",
+    result = run("split", ticket_file, "--score", "omp", "--key-ratio", "0.1", "--key-mask",
                  tmp_path / "k.safetensors", "--locked", tmp_path / "l.safetensors", "--force")
     assert_one_line_error(result, 2, "No space left on device; none of the outputs was written")
     assert full_disk.done == ["k.safetensors"]  # the key was in place, and was put back
@@ -173,7 +173,7 @@ def test_split_leaves_no_key_without_its_lock(tmp_path, ticket_file, full_disk):
 
 
 def test_split_with_one_output_twice_is_refused(tmp_path, ticket_file):
-    result = run("split", ticket_file, "--score", "omp", "--key-ratio", "0.1", "--key",
+    result = run("split", ticket_file, "--score", "omp", "--key-ratio", "0.1", "--key-mask",
                  tmp_path / "k.safetensors", "--locked", tmp_path / "." / "k.safetensors")
     assert_one_line_error(result, 2, "different files")
     assert names(tmp_path) == {"t.safetensors"}
@@ -250,7 +250,7 @@ def test_attack_permute_writes_its_model_with_its_rows(tmp_path, ticket_file, fu
 
 
 def test_outputs_written_together_are_whole(tmp_path, ticket_file):
-    result = run("split", ticket_file, "--score", "omp", "--key-ratio", "0.1", "--key",
+    result = run("split", ticket_file, "--score", "omp", "--key-ratio", "0.1", "--key-mask",
                  tmp_path / "k.safetensors", "--locked", tmp_path / "l.safetensors")
     assert result.exit_code == 0, result.stderr
     assert names(tmp_path) == {"t.safetensors", "k.safetensors", "l.safetensors"}

@@ -252,7 +252,7 @@ def test_a_suspect_file_is_checked_whatever_its_header_claims(signed_setup, tmp_
         run("verify", files["hash"], "--receipt", d / "r.json", "--json").stdout)["findings"][0]
     # the user's own input to a transformation stays strict
     assert_one_line_error(run("split", files["hash"], "--score", "omp", "--key-ratio", "0.1",
-                              "--key", tmp_path / "k", "--locked", tmp_path / "l"), 1,
+                              "--key-mask", tmp_path / "k", "--locked", tmp_path / "l"), 1,
                           "altered after it was written")
 
 

@@ -203,7 +203,7 @@ def test_tampered_parts_fail_with_exit_1(tmp_path):
 def test_bad_split_and_merge_input_is_exit_2(tmp_path):
     ticket = make_ticket(seed=10)
     t = save_ticket(ticket, tmp_path / "t.safetensors")
-    out = ["--key", tmp_path / "k.safetensors", "--locked", tmp_path / "l.safetensors"]
+    out = ["--key-mask", tmp_path / "k.safetensors", "--locked", tmp_path / "l.safetensors"]
     for ratio, msg in (("0", "(0, 1)"), ("1.5", "(0, 1)"), ("-0.1", "(0, 1)"),
                        ("0.99999", "whole ticket"), ("0.00001", "empty key")):
         result = run("split", t, "--score", "omp", "--key-ratio", ratio, *out)
@@ -232,7 +232,7 @@ def test_bad_split_and_merge_input_is_exit_2(tmp_path):
 def test_split_refuses_to_overwrite(tmp_path):
     t = save_ticket(make_ticket(seed=11), tmp_path / "t.safetensors")
     (tmp_path / "k.safetensors").write_bytes(b"keep")
-    result = run("split", t, "--score", "omp", "--key-ratio", "0.1", "--key",
+    result = run("split", t, "--score", "omp", "--key-ratio", "0.1", "--key-mask",
                  tmp_path / "k.safetensors", "--locked", tmp_path / "l.safetensors")
     assert_one_line_error(result, 2, "--force")
     assert (tmp_path / "k.safetensors").read_bytes() == b"keep"
@@ -241,7 +241,7 @@ def test_split_refuses_to_overwrite(tmp_path):
 
 def test_locked_part_loads_and_its_split_json(tmp_path):
     t = save_ticket(make_ticket(seed=12), tmp_path / "t.safetensors")
-    result = run("split", t, "--score", "ewp", "--key-ratio", "0.05", "--key",
+    result = run("split", t, "--score", "ewp", "--key-ratio", "0.05", "--key-mask",
                  tmp_path / "k.safetensors", "--locked", tmp_path / "l.safetensors", "--json",
                  "--walks", "500")
     assert result.exit_code == 0, result.stderr

@@ -36,10 +36,11 @@ def test_accuracies_are_percent_and_shares_are_fractions(tmp_path):
     docs = [json_of("find", "--epochs", "2", "--max-rounds", "1", "--rates", "0.3",
                     "--out", t, "--run-dir", tmp_path / "run"),
             json_of("split", t, "--score", "random", "--key-ratio", "0.1",
-                    "--key", tmp_path / "k.safetensors", "--locked", tmp_path / "l.safetensors"),
+                    "--key-mask", tmp_path / "k.safetensors", "--locked",
+                    tmp_path / "l.safetensors"),
             json_of("sign", t, "--message", "m", "--out", s, "--receipt", tmp_path / "r.json"),
             json_of("verify", s, "--receipt", tmp_path / "r.json"),
-            json_of("attack", "prune", s, "--ratios", "0.1,0.3", "--receipt", tmp_path / "r.json"),
+            json_of("attack", "prune", s, "--rates", "0.1,0.3", "--receipt", tmp_path / "r.json"),
             json_of("inspect", s)]
     seen = [(k, v) for doc in docs for k, v in shares(doc)]
     accuracies = [v for k, v in seen if PERCENT.search(k)]

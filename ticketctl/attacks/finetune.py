@@ -56,7 +56,7 @@ def finetune(runner: AttackRunner, released: Ticket, epochs: list[int], dense: b
     """One row per number of epochs, each an independent (cached) job from the released
     weights. The reference is the released model on the same classes, else `reference`."""
     if not epochs or any(e < 1 for e in epochs):
-        raise TicketctlError("--epochs needs one or more whole numbers of at least 1")
+        raise TicketctlError("--sweep-epochs needs one or more whole numbers of at least 1")
     data = runner.data
     start = adapt(released, data.num_classes, data.input_shape[0], data.info(),
                   data.class_names, seed)

@@ -80,7 +80,7 @@ def forge_key(locked: Ticket, n: int, seed: int = 0) -> Ticket:
 def forged_size(locked: Ticket, key_ratio: float) -> int:
     """n = round(key_ratio x the ticket's kept weights), as the owner's key was sized."""
     if not 0.0 < key_ratio < 1.0:
-        raise TicketctlError(f"--key-ratio must be in (0, 1), got {key_ratio}")
+        raise TicketctlError(f"--key-ratios must be in (0, 1), got {key_ratio}")
     parent_kept = (locked.extra.get("parent_metadata") or {}).get("kept")
     if parent_kept is None:  # the locked part is (1 - ratio) of the ticket
         parent_kept = locked.mask.num_kept / (1.0 - key_ratio)

@@ -86,7 +86,7 @@ def sweep(ticket: Ticket, data: Dataset, attack: str, strengths: list[float],
           make: Callable[[float], dict[str, torch.Tensor]], checks: Checker | None
           ) -> AttackReport:
     """Score the unattacked model (the reference) and every attacked one."""
-    _check_strengths(strengths, "--ratios" if attack.startswith("prune") else "--rates")
+    _check_strengths(strengths, "--rates" if attack.startswith("prune") else "--rates")
     model = ticket.build_model(data.train_x.device)
 
     def accuracy(state: dict[str, torch.Tensor]) -> float:

@@ -133,7 +133,7 @@ app = typer.Typer(
     cls=OneLineErrors,
     help="Find, protect and verify lottery tickets (sparse masks found by IMP).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

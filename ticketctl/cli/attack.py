@@ -29,6 +29,7 @@ from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
     Compute,
     DataOptions,
+    OldSpelling,
     Output,
     OwnerMarks,
     Pack,
@@ -115,10 +116,11 @@ class Retraining:
 
     training: Training = nested(Training)
     pack: Pack = None
-    key: Optional[Path] = option(help="The owner's key: the original ticket is retrained the "
-                              "same way as the reference.")
+    key: Optional[Path] = option(
+        "--key-mask", old="--key", help="The owner's key mask (the V1 key file `split` "
+        "wrote): the original ticket is retrained the same way as the reference.")
     reference_accuracy: Optional[float] = option(
-        help="Reference accuracy of the original ticket, if no --key is given.")
+        help="Reference accuracy of the original ticket, if no --key-mask is given.")
     out_dir: Optional[Path] = option(
         help="Sweep folder: finished rows are kept there and reused on a rerun.")
 
@@ -208,14 +210,15 @@ def nokey_cmd(*, locked: Locked, retraining: Retraining, sweep: Sweep) -> None:
 @attack("fake1")
 def fake1_cmd(
     locked: Locked,
-    key_ratio: Annotated[str, typer.Option(
-        help="Forged key size(s) as a fraction of the ticket, e.g. 0.05,0.1,0.2.")],
+    key_ratios: Annotated[str, typer.Option(
+        help="Forged key sizes as fractions of the ticket, one row each, e.g. 0.05,0.1,0.2."),
+        OldSpelling("--key-ratio")],
     retraining: Retraining,
     sweep: Sweep,
 ) -> None:
     """Retrain a locked ticket with a forged random key of the same size (ambiguity attack);
     exits 1 when a forged key matches the reference (the forgery works)."""
-    ratios = parse_floats(key_ratio, "--key-ratio") or []
+    ratios = parse_floats(key_ratios, "--key-ratios") or []
     _refuse_lock_broken(_retraining_sweep(locked, retraining, sweep, lambda runner, lt: fake1(
         runner, lt, ratios, key=retraining.key_ticket(),
         reference=retraining.reference_accuracy, seed=retraining.training.seed)),
@@ -240,14 +243,15 @@ def prune_cmd(
     *,
     model: Released,
     method: Annotated[Method, typer.Option(help="Which weights to remove.")] = Method.OMP,
-    ratios: Annotated[str, typer.Option(
-        help="Fractions of the remaining weights to remove.")] = "0.05,0.1,0.2,0.3,0.5",
+    rates: Annotated[str, typer.Option(
+        help="Fractions of the remaining weights to remove, one row each."),
+        OldSpelling("--ratios")] = "0.05,0.1,0.2,0.3,0.5",
     seed: Seed = 0,
     marks: OwnerMarks,
     sweep: Sweep,
 ) -> None:
     """Remove a fraction of the remaining weights (no fine-tuning) and check every mark."""
-    values = parse_floats(ratios, "--ratios") or []
+    values = parse_floats(rates, "--rates") or []
     _removal(model, f"prune-{method}", values, lambda t, s: pruned(t, method, s, seed), marks,
              False, sweep)
 
@@ -257,7 +261,8 @@ def addon_cmd(
     *,
     model: Released,
     rates: Annotated[str, typer.Option(
-        help="Fractions of the pruned positions to revive.")] = "0.005,0.01,0.02,0.05,0.1",
+        help="Fractions of the pruned positions to revive, one row each.")
+    ] = "0.005,0.01,0.02,0.05,0.1",
     defend: Annotated[bool, typer.Option(
         help="Also verify after the owner's magnitude-floor pruning.")] = False,
     seed: Seed = 0,
@@ -274,7 +279,8 @@ def permute_cmd(
     *,
     model: Released,
     seed: Seed = 0,
-    out: Annotated[Optional[Path], typer.Option(help="Also write the permuted model.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Also write the permuted model.")] = None,
     marks: OwnerMarks,
     sweep: Sweep,
 ) -> None:
@@ -321,8 +327,9 @@ def fake3_cmd(
 def finetune_cmd(
     *,
     model: Released,
-    epochs: Annotated[str, typer.Option(
-        help="Fine-tuning epochs, one row each, e.g. 5,10,20.")],
+    sweep_epochs: Annotated[str, typer.Option(
+        help="Fine-tuning lengths in epochs, one row each, e.g. 5,10,20."),
+        OldSpelling("--epochs")],
     dense: Annotated[bool, typer.Option(
         help="Train every weight: pruned positions may grow back.")] = False,
     lr: Annotated[Optional[float], typer.Option(
@@ -335,7 +342,7 @@ def finetune_cmd(
     """Fine-tune the released model (on its own data, or on another --dataset: another class
     count gets a new head, a transfer) and check every mark; --dense lets pruned weights grow
     back."""
-    counts = parse_ints(epochs, "--epochs") or []
+    counts = parse_ints(sweep_epochs, "--sweep-epochs") or []
 
     def run(runner: AttackRunner, ticket: Ticket) -> AttackReport:
         if marks.trigger is not None and runner.data.num_classes != ticket.num_classes:

@@ -42,11 +42,84 @@ P_MARKS = "The owner's marks"
 
 # ---- the mechanism ----------------------------------------------------------------------------
 def option(*flags: str, default: Any = None, help: str | None = None, panel: str | None = None,
-           **typer_options: Any) -> Any:
+           old: str | None = None, **typer_options: Any) -> Any:
     """A group's field: its default, and how it shows on the command line (its flags, help and
-    help panel; the panel defaults to the group's)."""
+    help panel; the panel defaults to the group's; `old`, an earlier spelling still taken)."""
     return dataclasses.field(default=default, metadata={
-        "flags": flags, "help": help, "panel": panel, "typer": typer_options})
+        "flags": flags, "help": help, "panel": panel, "old": old, "typer": typer_options})
+
+
+@dataclass(frozen=True)
+class OldSpelling:
+    """`Annotated[T, typer.Option("--key-mask", ...), OldSpelling("--key")]`: a flag renamed
+    for one vocabulary across commands; scripts written for the old name keep working (it is
+    hidden from --help). Giving both is an error."""
+
+    flag: str
+
+
+def _old_spelling(annotation: Any) -> tuple[Any, ParameterInfo, OldSpelling] | None:
+    """(base type, Typer option, old spelling) of a renamed option, else None."""
+    if typing.get_origin(annotation) is not Annotated:
+        return None
+    base, *extras = typing.get_args(annotation)
+    old = next((e for e in extras if isinstance(e, OldSpelling)), None)
+    info = next((e for e in extras if isinstance(e, ParameterInfo)), None)
+    return None if old is None or info is None else (base, info, old)
+
+
+def _new_flag(name: str, info: ParameterInfo) -> str:
+    # Typer takes a leading flag as the `default` field (in Annotated the default is given
+    # apart), the other flags as `param_decls`
+    decls = [info.default, *(getattr(info, "param_decls", None) or ())]
+    flags = [d for d in decls if isinstance(d, str) and d.startswith("--")]
+    return flags[0] if flags else "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class _Renamed:
+    name: str  # the parameter
+    flag: str  # its flag now
+    old: str  # the flag it had
+    required: bool
+
+
+def _with_old_spellings(params: list[inspect.Parameter]
+                        ) -> tuple[list[inspect.Parameter], list[_Renamed]]:
+    """Each renamed option gets a hidden twin taking its old flag. A required one becomes
+    optional for Click (either spelling may carry it) and is checked in `_take_old`."""
+    out: list[inspect.Parameter] = []
+    renamed: list[_Renamed] = []
+    for p in params:
+        found = _old_spelling(p.annotation)
+        if found is None:
+            out.append(p)
+            continue
+        base, info, old = found
+        required = p.default is inspect.Parameter.empty
+        flag = _new_flag(p.name, info)
+        if required:
+            info.help = (info.help or "") + " [required]"
+            p = p.replace(default=None, annotation=Annotated[Optional[base], info])
+        out.append(p)
+        out.append(inspect.Parameter(
+            f"{p.name}__old", inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[Optional[base], typer.Option(
+                old.flag, hidden=True, help=f"Old spelling of {flag}.")]))
+        renamed.append(_Renamed(p.name, flag, old.flag, required))
+    return out, renamed
+
+
+def _take_old(kwargs: dict[str, Any], renamed: list[_Renamed], defaults: dict[str, Any]) -> None:
+    """Move values given under an old flag to the option's own name."""
+    for r in renamed:
+        value = kwargs.pop(f"{r.name}__old", None)
+        if value is not None:
+            if kwargs[r.name] is not None and kwargs[r.name] != defaults.get(r.name):
+                raise TicketctlError(f"{r.old} is the old spelling of {r.flag}: give one of them")
+            kwargs[r.name] = value
+        if r.required and kwargs[r.name] is None:
+            raise TicketctlError(f"missing option {r.flag}")
 
 
 def nested(cls: type) -> Any:
@@ -122,9 +195,12 @@ def _annotation(hint: Any, f: dataclasses.Field, cls: type) -> Any:
             isinstance(x, ParameterInfo) for x in typing.get_args(hint)[1:]):
         return hint
     meta = f.metadata
-    return Annotated[hint, typer.Option(
-        *meta.get("flags", ()), help=meta.get("help"),
-        rich_help_panel=meta.get("panel") or cls.__option_panel__, **meta.get("typer", {}))]
+    info = typer.Option(*meta.get("flags", ()), help=meta.get("help"),
+                        rich_help_panel=meta.get("panel") or cls.__option_panel__,
+                        **meta.get("typer", {}))
+    if meta.get("old"):
+        return Annotated[hint, info, OldSpelling(meta["old"])]
+    return Annotated[hint, info]
 
 
 def _output(values: Any) -> Output | None:
@@ -152,12 +228,18 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             continue
         group_params, builders[p.name] = _expand(cls, without)
         params += group_params
+    params, renamed = _with_old_spellings(params)
+    defaults = {p.name: p.default for p in params}
     seen = [p.name for p in params]
     if len(seen) != len(set(seen)):
         raise TypeError(f"{fn.__name__}: an option is declared twice")
 
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:
+        try:
+            _take_old(kwargs, renamed, defaults)
+        except TicketctlError as e:
+            fail(str(e), e.exit_code, as_json=bool(kwargs.get("json_out")))
         for name, build in builders.items():
             kwargs[name] = build(kwargs)
         output = next((o for o in map(_output, kwargs.values()) if o is not None), Output())
@@ -358,6 +440,7 @@ def _parse_list(text: str | None, what: str, cast: Callable[[str], Any]) -> list
         raise TicketctlError(f"{what} must be comma-separated {kind}, got {text!r}") from None
 
 
-__all__ = ["Arch", "Compute", "DataOptions", "Distributed", "Output", "OwnerMarks", "Pack",
+__all__ = ["Arch", "Compute", "DataOptions", "Distributed", "OldSpelling", "Output",
+           "OwnerMarks", "Pack",
            "Split", "Training", "Without", "command", "console", "group", "nested", "option",
            "parse_floats", "parse_ints"]

@@ -10,7 +10,7 @@ import typer
 from ticketctl.artifacts import load_ticket, save_ticket
 from ticketctl.artifacts.io import all_or_nothing
 from ticketctl.cli.common import console, plain
-from ticketctl.cli.options import Output, command
+from ticketctl.cli.options import OldSpelling, Output, command
 from ticketctl.errors import TicketctlError
 from ticketctl.protect import Score, merge_parts, split_ticket
 
@@ -22,7 +22,9 @@ def split(
     score: Annotated[Score, typer.Option(help="How to rank the kept weights for the key.")],
     key_ratio: Annotated[float, typer.Option(
         help="Key size as a fraction of the ticket's kept weights, e.g. 0.1.")],
-    key: Annotated[Path, typer.Option(help="Write the secret key here.")],
+    key: Annotated[Path, typer.Option(
+        "--key-mask", help="Write the secret key mask (the V1 key file) here."),
+        OldSpelling("--key")],
     locked: Annotated[Path, typer.Option(help="Write the locked ticket (to distribute) here.")],
     seed: Annotated[int, typer.Option(help="Seed of random choices (ewp walks, random).")] = 0,
     walks: Annotated[int, typer.Option(help="ewp: number of random walks.")] = 10_000,
@@ -32,7 +34,7 @@ def split(
 ) -> None:
     """Scheme V1: split a ticket into a small secret key and the locked rest."""
     if key.resolve() == locked.resolve():
-        raise TicketctlError("--key and --locked must be different files")
+        raise TicketctlError("--key-mask and --locked must be different files")
     output.check(key, locked)
     ticket = load_ticket(ticket_path)
     options = {"walks": walks} if score == Score.EWP else {"pivots": pivots} \

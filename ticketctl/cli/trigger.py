@@ -59,7 +59,9 @@ def new(
 def calibrate(
     *,
     trigger: Annotated[Path, typer.Option(help="The trigger set.")],
-    out: Annotated[Optional[Path], typer.Option(help="Write the calibration JSON here.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write the calibration JSON (what `verify --null-rate` reads) here.")
+    ] = None,
     models: Annotated[int, typer.Option(help="Independent models to train.")] = 10,
     arch: Arch = None,
     data: DataOptions,
