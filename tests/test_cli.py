@@ -162,6 +162,11 @@ def test_demo_and_python_dash_m(tmp_path):
     attacks = {a["attack"]: a for a in doc["attacks"]}
     assert [r["strength"] for r in attacks["prune-omp"]["rows"]] == [0.1, 0.3, 0.5]
     assert all(r["p_value"] is not None for a in doc["attacks"] for r in a["rows"])
+    # where the time went: every stage timed, together no more than the whole
+    stages = doc["stage_seconds"]
+    assert list(stages) == ["find", "v1", "v2", "v3", "attacks"]
+    assert all(v >= 0 for v in stages.values())
+    assert sum(stages.values()) <= doc["seconds"] + 0.05  # each rounded to 0.01 s
     again = subprocess.run([sys.executable, "-m", "ticketctl", "demo", "--out-dir", str(out)],
                            capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert again.returncode == 2 and "--force" in again.stderr

@@ -163,6 +163,14 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     events = events or Events()
     t0 = time.perf_counter()
+    stage_seconds: dict[str, float] = {}  # where the time goes, shown with the result
+    last = [t0]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        stage_seconds[name] = round(now - last[0], 2)
+        last[0] = now
+
     settings = resolve_settings("demo", train=TrainOverrides(seed=seed))
     events.stage("1/5 finding an extreme ticket: dense training, then pruning rounds")
     result = find_ticket(settings, out_dir / "run", force=True, device=device, events=events)
@@ -173,14 +181,19 @@ def run_demo(
         plot = plot_search(result.rounds, result.dense_accuracy, out_dir / "search.png",
                            title="digits_cnn on digits: extreme-ticket search", force=force,
                            tolerance=settings.search.tolerance)
+    lap("find")
     events.stage("2/5 Scheme V1: a key split off, merged back, the locked part retrained")
     v1 = _scheme_v1(result.ticket, out_dir, settings, device, force)
+    lap("v1")
     events.stage("3/5 Scheme V2: a QR code signed into the mask, verified after pruning")
     v2 = _scheme_v2(result, out_dir, force)
+    lap("v2")
     events.stage("4/5 Scheme V3: retraining with a trigger set, a black-box check")
     v3 = _scheme_v3(Path(v2["signed"]), out_dir / "owner.key", out_dir, settings, force)
+    lap("v3")
     events.stage("5/5 attacks: pruning and add-on sweeps, every mark checked")
     attacks = _attacks(Path(v3["marked"]), Path(v2["receipt"]), Path(v3["trigger_set"]))
+    lap("attacks")
     return {
         "out_dir": str(out_dir),
         "find": result.summary(),
@@ -193,4 +206,5 @@ def run_demo(
                   v3["predict_script"]],
         "inspect": describe_file(ticket),
         "seconds": time.perf_counter() - t0,
+        "stage_seconds": stage_seconds,
     }
