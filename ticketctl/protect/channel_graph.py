@@ -6,14 +6,17 @@ path scores); residual pass-throughs have strength 1 (an identity kernel)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 import torch
 
 from ticketctl.artifacts import Ticket
 from ticketctl.models.registry import skeleton
 from ticketctl.models.topology import Topology, topology
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 @dataclass
@@ -37,6 +40,8 @@ class ChannelGraph:
         return range(start, start + self.topo.sizes[node_set])
 
     def to_networkx(self) -> nx.DiGraph:
+        import networkx as nx  # only the betweenness score needs it
+
         g = nx.DiGraph()
         g.add_nodes_from(range(self.num_nodes))
         for e in range(len(self.src)):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import networkx as nx
 import numpy as np
 import torch
 
@@ -100,6 +99,8 @@ def ewp_scores(ticket: Ticket, seed: int = 0, walks: int = 10_000, **_: object) 
 def edge_betweenness(graph: ChannelGraph, pivots: int | None = None, seed: int = 0) -> np.ndarray:
     """Edge betweenness centrality (networkx) with distance 1 / strength: strong kernels are
     close. Exact when `pivots` is None, else sampled from `pivots` source channels."""
+    import networkx as nx  # here: 0.1 s that commands which do not score should not pay
+
     g = graph.to_networkx()
     k = None if pivots is None or pivots >= graph.num_nodes else pivots
     central = nx.edge_betweenness_centrality(g, k=k, normalized=True, weight="distance",
