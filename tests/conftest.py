@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import make_ticket
 
 from ticketctl.artifacts import Ticket
+
+# One CPU thread per operation, here and in every subprocess a test starts: the networks
+# under test are tiny, so more threads only add synchronisation, and on a machine whose other
+# core is busy OpenMP's threads wait on each other (a demo that takes 33 s on one thread did
+# not finish its first stage in 17 minutes on two with a busy core). Results do not depend on
+# it: every float bound in the suite holds for any summation order.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture
