@@ -202,6 +202,12 @@ class Ticket:
             "extra": self.extra,
         }
 
+    def skeleton(self) -> nn.Module:
+        """This ticket's network on the meta device (names, shapes, module types and the
+        forward code, no memory): what graph tracing, layer choice and checks need. Raises
+        TicketctlError when the network cannot be built (a ticket imported without one)."""
+        return skeleton(self.arch, self.num_classes, **self.arch_args)
+
     def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
         """The architecture with this ticket's weights loaded (pruned weights are zero)."""
         model = build_model(self.arch, self.num_classes, **self.arch_args)

@@ -17,7 +17,6 @@ from ticketctl.attacks.checks import Checker
 from ticketctl.attacks.runner import AttackReport, AttackRunner, compare, scored_row
 from ticketctl.errors import TicketctlError
 from ticketctl.models import build_model
-from ticketctl.models.registry import skeleton
 from ticketctl.train import evaluate
 
 
@@ -33,7 +32,7 @@ def adapt(ticket: Ticket, num_classes: int, in_channels: int, dataset: dict[str,
           class_names: list[str] | None = None, seed: int = 0) -> Ticket:
     """The thief's starting point: the released weights, with a freshly initialised dense
     head when the new dataset has another number of classes."""
-    skel = skeleton(ticket.arch, ticket.num_classes, **ticket.arch_args)
+    skel = ticket.skeleton()
     have = next(m.in_channels for m in skel.modules() if isinstance(m, nn.Conv2d))
     if have != in_channels:
         raise TicketctlError(f"the model takes {have}-channel images, the dataset has "

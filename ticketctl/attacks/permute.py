@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from ticketctl.artifacts import Mask, Ticket
-from ticketctl.models.registry import skeleton
 from ticketctl.models.topology import topology
 
 
@@ -25,7 +24,7 @@ class Group:
 
 
 def permutable_groups(ticket: Ticket) -> list[Group]:
-    model = skeleton(ticket.arch, ticket.num_classes, **ticket.arch_args)
+    model = ticket.skeleton()
     topo = topology(model)
     modules = list(model.named_modules())
     norms = {}

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from ticketctl.artifacts import Ticket
-from ticketctl.models.registry import skeleton
 from ticketctl.models.topology import Topology, topology
 
 if TYPE_CHECKING:
@@ -59,7 +58,7 @@ def kernel_strength(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
 
 
 def build_channel_graph(ticket: Ticket) -> ChannelGraph:
-    topo = topology(skeleton(ticket.arch, ticket.num_classes, **ticket.arch_args))
+    topo = topology(ticket.skeleton())
     base, n = {}, 0
     for name, size in topo.sizes.items():
         base[name] = n
