@@ -677,8 +677,19 @@ TORCH_CASES: list[tuple[str, Callable[[dict], bytes], str, tuple[str, str] | Non
 def test_torch_checkpoint_convert(base, tmp_path, name, make, field, suspect):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(make(base))
-    check_error(run("convert", bad, "--out", tmp_path / "t.safetensors"), field)
+    result = run("convert", bad, "--out", tmp_path / "t.safetensors", "--json")
+    if name in WEIGHTS_ONLY:
+        # any torch-prune state dict imports: tensors that fit no built-in make a ticket of
+        # no known network, said so, its masks checked against their own weights
+        assert result.exit_code == 0, result.stderr
+        assert json.loads(result.stdout)["arch"] == "none"
+        return
+    check_error(result, field)
     assert not (tmp_path / "t.safetensors").exists()
+
+
+# a torch-prune export whose unmasked tensors fit no built-in any more
+WEIGHTS_ONLY = {"scalar-conv1", "vector-fc"}
 
 
 @pytest.mark.parametrize("name,make,field,suspect", TORCH_CASES, ids=[c[0] for c in TORCH_CASES])

@@ -10,7 +10,7 @@ import typer
 from ticketctl.artifacts import load_ticket, save_ticket
 from ticketctl.artifacts.io import all_or_nothing
 from ticketctl.cli.common import console, plain
-from ticketctl.cli.options import DataOptions, Output, OwnerMarks, command
+from ticketctl.cli.options import DataOptions, NetworkSource, Output, OwnerMarks, command
 from ticketctl.errors import CheckFailed
 from ticketctl.protect.qr.image import render_png
 from ticketctl.protect.receipt import load_private_key, save_receipt, write_keypair
@@ -107,6 +107,7 @@ def verify(
         help="Prune weights below the receipt's magnitude floor first (add-on defence).")] = False,
     qr_png: Annotated[Optional[Path], typer.Option(
         help="Write the extracted code as a PNG.")] = None,
+    network: NetworkSource,
     output: Output,
 ) -> None:
     """Verify a suspect model: the QR code in its mask against a receipt (white box) and its
