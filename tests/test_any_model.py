@@ -3,6 +3,7 @@ torch-prune state dict of an unknown model, a plain state dict with zeros where 
 networks are defined in tests/nets.py, as a user's own code would be."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,61 @@ def test_a_file_naming_a_factory_never_runs_it(tmp_path):
     assert_one_line_error(run("retrain", path, "--epochs", "1", "-o", tmp_path / "r"), 2,
                           "--model-factory")
     assert not marker.exists()
+
+
+@pytest.fixture
+def fake_hubs(tmp_path, monkeypatch):
+    """Stand-ins for torchvision and timm with their registry calls (neither is installed in
+    CI): `get_model(name, weights, num_classes, **kw)` and `create_model(name, pretrained,
+    num_classes, in_chans, **kw)`, building tests/nets.py networks."""
+    pkg = tmp_path / "hubs"
+    (pkg / "torchvision").mkdir(parents=True)
+    (pkg / "torchvision" / "__init__.py").write_text(
+        "from . import models\n")
+    (pkg / "torchvision" / "models.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(NETS.parent)!r})\nimport nets\n"
+        "def list_models():\n    return ['rescat']\n"
+        "def get_model(name, weights=None, num_classes=1000, width=8):\n"
+        "    assert weights is None\n    return nets.ResCat(num_classes, 3, width)\n")
+    (pkg / "timm.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(NETS.parent)!r})\nimport nets\n"
+        "def is_model(name):\n    return name == 'tiny_vit'\n"
+        "def create_model(name, pretrained=False, num_classes=1000, in_chans=3):\n"
+        "    assert not pretrained\n    return nets.TinyViT(num_classes, in_chans)\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    yield pkg
+    for name in ("torchvision", "torchvision.models", "timm"):  # no stand-in left behind
+        if getattr(sys.modules.get(name), "__file__", "").startswith(str(pkg)):
+            del sys.modules[name]
+
+
+def test_torchvision_and_timm_names_build_through_their_registries(fake_hubs, tmp_path):
+    from ticketctl.models.registry import build_model
+
+    m = build_model("torchvision:rescat", 7, in_channels=3, width=4)
+    assert m.head.out_features == 7 and m.stem.out_channels == 4
+    v = build_model("timm:tiny_vit", 5, in_channels=1)
+    assert v.head.out_features == 5
+    for arch, needle in (("torchvision:nope", "torchvision has no model 'nope'"),
+                         ("timm:nope", "timm has no model 'nope'")):
+        with pytest.raises(Exception, match=needle):
+            build_model(arch, 10)
+    with pytest.raises(Exception, match="3 input channels"):
+        build_model("torchvision:rescat", 10, in_channels=1)
+    # a ticket of a torchvision network records the source and its fingerprint
+    doc = _json(run("find", "--arch", "timm:tiny_vit", "--prunable", r"fc\d", *FAST, "--out",
+                    tmp_path / "t.safetensors", "--run-dir", tmp_path / "run", "--json"))
+    t = load_ticket(tmp_path / "t.safetensors")
+    assert t.arch == "timm:tiny_vit" and t.network.source == "timm" and doc["density"] < 1
+    assert t.network.fingerprint == fingerprint(TinyViT(10, 1))
+
+
+def test_a_missing_package_is_named(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:  # CI: the message to install it
+        assert_one_line_error(run("find", "--arch", "torchvision:resnet18", *FAST, "--out",
+                                  tmp_path / "t", "--run-dir", tmp_path / "run"), 2,
+                              "pip install torchvision")
+    assert_one_line_error(run("find", "--arch", "nohub:x", *FAST, "--out", tmp_path / "t",
+                              "--run-dir", tmp_path / "run"), 2, "unknown architecture")
