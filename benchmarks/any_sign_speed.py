@@ -5,9 +5,12 @@ calls on weights and masks, and `verify` of the plain safetensors file through t
 baseline, measured in the same run, is the conv path on a ResNet-20 ticket.
 
     python benchmarks/any_sign_speed.py [--repeats 3] [--density 0.15] [--json-out F]
+    python benchmarks/any_sign_speed.py --pruning 0.3,0.5   # what survives, no timing
 
 Library timings include reading and writing the files (ticket, receipt); CLI timings are a
-fresh process each, start-up included. Medians of --repeats after one untimed run.
+fresh process each, start-up included. Medians of --repeats after one untimed run. With
+--pruning, each signed ticket is instead pruned by global magnitude at each rate and verified
+against its receipt.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from bench_common import pruned_ticket, timed
 
 from ticketctl.artifacts import Mask, Ticket, load_ticket, save_ticket
 from ticketctl.protect.receipt import load_receipt, save_receipt
-from ticketctl.protect.signature import sign_ticket, verify_with_receipt
+from ticketctl.protect.signature import masks_of, sign_ticket, verify_with_receipt
 from ticketctl.protect.verify import Marks, verify
+from ticketctl.prune import magnitude_prune
 
 VIT_LAYERS = {"attn.qkv": (2304, 768), "attn.proj": (768, 768), "mlp.fc1": (3072, 768),
               "mlp.fc2": (768, 3072)}
@@ -106,13 +110,37 @@ def vit_case(density: float, d: Path, repeats: int) -> dict[str, float]:
     return out
 
 
+def pruning(density: float, rates: list[float]) -> None:
+    """Sign each ticket, prune it by global magnitude, verify against the receipt."""
+    print("| ticket | signed layer | block | modules changed | pruned | message | bit match "
+          "| p-value |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, ticket in (("resnet50", pruned_ticket("resnet50", density)),
+                         ("vit_b16 linears", vit_b16_linears(density))):
+        signed, receipt, report, _ = sign_ticket(ticket, "signature")
+        assert signed.mask.num_kept == ticket.mask.num_kept
+        p = receipt.placements[0]
+        for rate in rates:
+            mask = magnitude_prune(signed.state, signed.mask, rate)
+            v = verify_with_receipt(masks_of(signed.state, dict(mask)), receipt)
+            print(f"| {name} | {p.layer} | {p.block[0]}x{p.block[1]} | "
+                  f"{report.modules_changed} | {100 * rate:.0f}% | {v.message} | "
+                  f"{100 * v.bit_match:.1f}% | {v.p_value:.1e} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--density", type=float, default=0.15)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--pruning", help="comma-separated rates: check what survives instead")
     args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "OMP_NUM_THREADS" not in os.environ:  # one thread here and in the CLI's processes
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+    if args.pruning:
+        pruning(args.density, [float(r) for r in args.pruning.split(",")])
+        return
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
