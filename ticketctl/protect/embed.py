@@ -104,18 +104,25 @@ def _largest_grid(masks: Mapping[str, torch.Tensor], support: int) -> str:
             f"{b.block[0]}x{b.block[1]} weights)")
 
 
+def correlate(grid: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """out[r, c] = sum of grid[r + i, c + j] * kernel[i, j] at every offset where the kernel
+    fits the grid, by FFT (numpy's: SciPy's signal module takes seconds to import). A
+    circular correlation on the grid's own size: offsets that fit never wrap."""
+    h, w = grid.shape
+    kh, kw = kernel.shape
+    spectrum = np.fft.rfft2(grid.astype(np.float64))
+    kernel_spectrum = np.fft.rfft2(kernel.astype(np.float64), s=(h, w))
+    return np.fft.irfft2(spectrum * np.conj(kernel_spectrum), s=(h, w))[:h - kh + 1,
+                                                                         :w - kw + 1]
+
+
 def placement_costs(dark: np.ndarray, code: np.ndarray, data: np.ndarray) -> np.ndarray:
     """For every offset, how many data modules differ between the grid and the code:
     wanted dark but light plus wanted light but dark, i.e. (wanted dark) + the grid
-    correlated with (wanted light - wanted dark), by FFT (numpy's)."""
+    correlated with (wanted light - wanted dark)."""
     want_dark = code & data
     kernel = (~code & data).astype(np.float64) - want_dark
-    h, w = dark.shape
-    n = code.shape[0]
-    # circular correlation on the grid's own size: offsets that fit the grid never wrap
-    spectrum = np.fft.rfft2(dark.astype(np.float64))
-    corr = np.fft.irfft2(spectrum * np.conj(np.fft.rfft2(kernel, s=(h, w))), s=(h, w))
-    return np.rint(want_dark.sum() + corr[:h - n + 1, :w - n + 1]).astype(np.int64)
+    return np.rint(want_dark.sum() + correlate(dark, kernel)).astype(np.int64)
 
 
 def layers_for(masks: Mapping[str, torch.Tensor], n: int, version: int, support: int = 3,

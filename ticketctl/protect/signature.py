@@ -20,6 +20,7 @@ from ticketctl.protect.embed import (
     EmbedReport,
     Placement,
     choose_placements,
+    correlate,
     embed,
     extract,
     grid,
@@ -294,12 +295,14 @@ def _header_tables(version: int, pattern: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _header_readings(dark: np.ndarray, version: int) -> tuple[np.ndarray, np.ndarray]:
     """The offsets where a code could sit, and the 12-bit reading of its header modules at
-    each. A code's modules are about half dark; one-sided damage of up to half of them leaves
-    at least a quarter (the regions of sparse layers fail this at once)."""
-    n = 17 + 4 * version
-    ii = np.pad(dark.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    count = ii[n:, n:] - ii[:-n, n:] - ii[n:, :-n] + ii[:-n, :-n]
-    offsets = np.argwhere((count >= 0.25 * n * n) & (count <= 0.75 * n * n))
+    each. A code's data modules are about half dark; one-sided damage of up to half of them
+    leaves at least a quarter (the regions of sparse layers fail this at once). Only data
+    modules count: the function patterns are never written, so they keep whatever the
+    layer had (mostly dark in a dense layer)."""
+    data = ~function_module_map(version)
+    count = np.rint(correlate(dark, data))
+    total = int(data.sum())
+    offsets = np.argwhere((count >= 0.25 * total) & (count <= 0.75 * total))
     codes = np.zeros(len(offsets), dtype=np.int64)
     for i, (r, c) in enumerate(data_module_order(version)[:12]):
         codes |= dark[offsets[:, 0] + r, offsets[:, 1] + c].astype(np.int64) << i
