@@ -98,6 +98,8 @@ def kernel_blocks(shape: Sequence[int]) -> Blocks:
 def auto_blocks(shape: Sequence[int], support: int) -> Blocks | None:
     """The mapping for a weight of `shape` when dark modules keep `support` weights (see the
     module docstring); None for a tensor of fewer than two dimensions."""
+    if support < 1:
+        raise ValueError(f"support must be at least 1, got {support}")
     if len(shape) < 2 or min(shape) < 1:
         return None
     out, inputs, k = shape[0], shape[1], _kernel(shape)

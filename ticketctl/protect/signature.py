@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -29,12 +30,14 @@ from ticketctl.protect.embed import (
 )
 from ticketctl.protect.qr import (
     QRCode,
+    block_layout,
     capacity_bytes,
     data_module_order,
     decode_matrix,
     encode,
     function_module_map,
 )
+from ticketctl.protect.qr.codec import PAD_BYTES
 from ticketctl.protect.qr.layout import mask_matrix
 from ticketctl.protect.receipt import Receipt, sha256
 from ticketctl.protect.stats import binomial_tail, precision_tail
@@ -273,24 +276,61 @@ def read_code(masks: dict[str, torch.Tensor], receipt: Receipt) -> np.ndarray:
     return matrix
 
 
-def _header_tables(version: int, pattern: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which readings of a code's first 12 data modules (bit i set: the i-th module in
-    reading order is dark) can be a byte-mode header (mode 0100, a length the version holds)
-    under one-sided damage: intact, or with at most one dark module lost. A lookup per
-    offset then filters offsets cheaply before full decoding."""
-    order = data_module_order(version)[:12]
+@cache
+def _message_modules(version: int) -> np.ndarray:
+    """[8 x data codewords, 2]: the module of each data bit in message order (blocks
+    de-interleaved: data codeword j of the message is not stream byte j when the version has
+    several blocks)."""
+    order = data_module_order(version)
+    layout = block_layout(version)
+    stream = [pos for block, count in zip(layout.positions, layout.data_counts, strict=True)
+              for pos in block[:count]]
+    return np.array([order[8 * s + b] for s in stream for b in range(8)], dtype=np.int64)
+
+
+@cache
+def _known(version: int, pattern: int, length: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """What a code holding a message of `length` bytes is known to store, whatever the
+    message: its 12 header modules as a number (bit i set: the module of header bit i is
+    dark; mode 0100 and the length), and the modules after the message (terminator, zero
+    fill, pad codewords 0xEC 0x11) as positions [k, 2] and stored values [k]."""
+    modules = _message_modules(version)
     mask = mask_matrix(version, pattern)
-    exact = np.zeros(1 << 12, dtype=bool)
-    near = np.zeros(1 << 12, dtype=bool)
+    header = [0, 1, 0, 0] + [(length >> (7 - i)) & 1 for i in range(8)]
+    code = sum((b ^ int(mask[r, c])) << i
+               for i, (b, (r, c)) in enumerate(zip(header, modules[:12], strict=True)))
+    data = len(modules)
+    end = 12 + 8 * length
+    aligned = -(-(end + min(4, data - end)) // 8) * 8
+    tail = [0] * (aligned - end) + [(PAD_BYTES[j % 2] >> (7 - b)) & 1
+                                    for j in range((data - aligned) // 8) for b in range(8)]
+    where = modules[end:]
+    return code, where, np.array(tail, dtype=bool) ^ mask[where[:, 0], where[:, 1]]
+
+
+_ONES = np.array([bin(i).count("1") for i in range(1 << 12)])
+
+
+def _code_candidates(dark: np.ndarray, offsets: np.ndarray, codes: np.ndarray, version: int,
+                     pattern: int) -> tuple[np.ndarray, np.ndarray]:
+    """The offsets where a code of this version and mask pattern can sit, and whether its
+    header is intact there: the header reads as a byte-mode header of some length, intact or
+    with one dark module lost (one-sided damage), and of the modules that length leaves known
+    after the message at most a quarter differ. Cheap filters before full decoding; a code
+    damaged enough to fail them would not decode either, short of damage aimed at them."""
+    near = np.zeros(len(codes), dtype=bool)
+    intact = np.zeros(len(codes), dtype=bool)
     for length in range(1, capacity_bytes(version) + 1):
-        bits = [0, 1, 0, 0] + [(length >> (7 - i)) & 1 for i in range(8)]
-        stored = sum((b ^ int(mask[r, c])) << i
-                     for i, (b, (r, c)) in enumerate(zip(bits, order, strict=True)))
-        exact[stored] = near[stored] = True
-        for i in range(12):
-            if stored >> i & 1:
-                near[stored & ~(1 << i)] = True
-    return exact, near
+        code, where, stored = _known(version, pattern, length)
+        exact = codes == code
+        sel = np.nonzero(exact | ((codes & ~code) == 0) & (_ONES[code & ~codes] == 1))[0]
+        if len(sel) and len(where):
+            seen = dark[offsets[sel, 0, None] + where[None, :, 0],
+                        offsets[sel, 1, None] + where[None, :, 1]]
+            sel = sel[(seen != stored).sum(1) <= len(where) // 4]
+        near[sel] = True
+        intact[sel] |= exact[sel]
+    return offsets[near], intact[near]
 
 
 def _header_readings(dark: np.ndarray, version: int) -> tuple[np.ndarray, np.ndarray]:
@@ -304,7 +344,7 @@ def _header_readings(dark: np.ndarray, version: int) -> tuple[np.ndarray, np.nda
     total = int(data.sum())
     offsets = np.argwhere((count >= 0.25 * total) & (count <= 0.75 * total))
     codes = np.zeros(len(offsets), dtype=np.int64)
-    for i, (r, c) in enumerate(data_module_order(version)[:12]):
+    for i, (r, c) in enumerate(_message_modules(version)[:12]):
         codes |= dark[offsets[:, 0] + r, offsets[:, 1] + c].astype(np.int64) << i
     return offsets, codes
 
@@ -330,13 +370,12 @@ def scan(masks: dict[str, torch.Tensor], versions: range = range(1, 5),
         readings = [(name, b, dark, *_header_readings(dark, version))
                     for name, b, dark in grids if min(dark.shape) >= n]
         for pattern in patterns:
-            exact, near = _header_tables(version, pattern)
             filler = encode("", version=version, mask_pattern=pattern).matrix
             for name, b, dark, offsets, codes in readings:
                 tried += (dark.shape[0] - n + 1) * (dark.shape[1] - n + 1)
                 # intact headers get the full one-sided decoder; a damaged header only plain RS
-                hit = near[codes]
-                for (row, col), intact in zip(offsets[hit], exact[codes[hit]], strict=True):
+                places, intacts = _code_candidates(dark, offsets, codes, version, pattern)
+                for (row, col), intact in zip(places, intacts, strict=True):
                     matrix = dark[row:row + n, col:col + n].copy()
                     matrix[func] = filler[func]
                     res = decode_matrix(matrix, version, pattern, one_sided=bool(intact))
