@@ -21,7 +21,13 @@ from ticketctl.protect.blocks import Blocks, auto_blocks, kernel_blocks
 from ticketctl.protect.embed import Placement, grid, placement_costs, write_code
 from ticketctl.protect.qr import encode, function_module_map
 from ticketctl.protect.receipt import Receipt, load_receipt, save_receipt
-from ticketctl.protect.signature import masks_of, scan, sign_ticket, verify_with_receipt
+from ticketctl.protect.signature import (
+    alignable,
+    masks_of,
+    scan,
+    sign_ticket,
+    verify_with_receipt,
+)
 from ticketctl.prune import magnitude_prune
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -200,6 +206,15 @@ def test_unsigned_vits_do_not_verify(vit):
         other = build(TinyViT, 0.3, seed)
         verdict = verify_with_receipt(masks_of(other.state, dict(other.mask)), vit["receipt"])
         assert not verdict.verified and verdict.p_value > 1e-6
+
+
+def test_wide_linear_layers_get_no_channel_fingerprints(vit):
+    """Re-aligning permuted channels compares every pair of them: affordable for the small
+    ViT's layers, not for ViT-B's (a 2304 x 2304 x 768 cost tensor); kernel grids always."""
+    layer = vit["receipt"].placements[0].layer
+    assert set(vit["receipt"].fingerprints) == {layer}
+    assert alignable((144, 48)) and alignable((512, 512, 3, 3))
+    assert not alignable((2304, 768)) and not alignable((768, 3072, 1, 1))
 
 
 def test_scan_finds_the_code_in_linear_blocks(vit):
