@@ -5,8 +5,6 @@ receipt can only commit to his altered copy, after it."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from ticketctl.artifacts import Kind, Ticket
 from ticketctl.attacks.runner import AttackReport, compare, scored_row
 from ticketctl.data import Dataset
@@ -14,7 +12,7 @@ from ticketctl.errors import TicketctlError
 from ticketctl.protect.embed import embed
 from ticketctl.protect.qr import encode
 from ticketctl.protect.receipt import Receipt
-from ticketctl.protect.signature import sign_ticket
+from ticketctl.protect.signature import make_receipt
 from ticketctl.protect.suspect import Suspect
 from ticketctl.protect.verify import Marks, check_suspect
 from ticketctl.train import evaluate
@@ -22,19 +20,17 @@ from ticketctl.train import evaluate
 
 def forge(signed: Ticket, owner_receipt: Receipt, message: str, seed: int = 1
           ) -> tuple[Ticket, Receipt]:
-    """Overwrite the owner's region with the forger's code (same version and place); returns
-    the forged model and the forger's (unsigned) receipt, made now."""
+    """Overwrite the owner's region with the forger's code (same version, place and module
+    grid); returns the forged model and the forger's (unsigned) receipt, made now."""
     if not owner_receipt.has_code:
         raise TicketctlError("fake3 needs the owner's receipt of a signature (a QR code)")
     placements = owner_receipt.placements
+    support = int(owner_receipt.support or 3)
     qr = encode(message, version=int(owner_receipt.qr_version),
                 mask_pattern=(int(owner_receipt.mask_pattern) + 1) % 8)
-    forged, _ = embed(signed, qr, placements, seed=seed)
+    forged, _ = embed(signed, qr, placements, support=support, seed=seed)
     # the forger's own receipt for his copy (he cannot date it before the release)
-    _, forger_receipt, _, _ = sign_ticket(forged, message, version=qr.version,
-                                          mask_pattern=qr.mask_pattern,
-                                          layer=placements[0].layer)
-    return forged, replace(forger_receipt, placements=list(placements))
+    return forged, make_receipt(forged, message, qr, list(placements), support)
 
 
 def fake3(signed: Ticket, owner_receipt: Receipt, message: str, data: Dataset | None,
