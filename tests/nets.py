@@ -123,6 +123,13 @@ def tiny_vit(num_classes: int, in_channels: int = 1) -> nn.Module:
     return TinyViT(num_classes, in_channels)
 
 
+def deep_mlp(num_classes: int, in_channels: int = 1) -> nn.Module:
+    """Twelve hidden layers: `layers.10` sorts before `layers.2`, unlike the forward order."""
+    hidden = [m for _ in range(12) for m in (nn.Linear(32, 32), nn.ReLU())]
+    return nn.Sequential(nn.Flatten(), nn.Linear(64 * in_channels, 32), nn.ReLU(),
+                         nn.Sequential(*hidden), nn.Linear(32, num_classes))
+
+
 def not_a_module(num_classes: int) -> object:
     return {"num_classes": num_classes}
 

@@ -121,6 +121,16 @@ def test_depthwise_and_transformer_nets_find_tickets(tmp_path):
                   "--json"))
 
 
+def test_masks_in_name_order_are_the_same_masks(tmp_path):
+    """A mask read back from a run folder is in name order (`3.10` before `3.2`); a second
+    round must still take it (the GPU ViT run failed here with a 12-block network)."""
+    doc = _json(run("find", *factory("deep_mlp"), "--epochs", "2", "--max-rounds", "3",
+                    "--rates", "0.5", "--tolerance", "100", "--prunable", r"^3\.",
+                    "--out", tmp_path / "t.safetensors", "--run-dir", tmp_path / "run",
+                    "--json"))
+    assert len(doc["rounds"]) == 3 and doc["density"] == pytest.approx(0.125, abs=0.01)
+
+
 @pytest.mark.parametrize("spec,needle", [
     ("nowhere.py:build", "no such file"),
     ("{nets}:missing", "has no 'missing'"),

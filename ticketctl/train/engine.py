@@ -264,7 +264,7 @@ class Engine:
 
     @torch.no_grad()
     def set_mask(self, mask: Mask) -> None:
-        if list(mask) != self.mask_names:
+        if set(mask) != set(self.mask_names):  # (a mask read from a file is in name order)
             raise ValueError("a trainer's mask covers a fixed set of parameters")
         for name, buf in self.mask_bufs.items():
             buf.copy_(mask[name].to(self.device))
