@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_one_line_error, make_ticket, run
 from nets import ResCat, Separable, Tiny, ticket_of
 from torch import nn
 
+from ticketctl.artifacts import save_ticket
 from ticketctl.errors import TicketctlError
 from ticketctl.models.registry import skeleton
 from ticketctl.models.resnet_cifar import Bottleneck, CifarResNet, ShortcutA
@@ -229,6 +231,14 @@ def test_betweenness_equals_networkx():
     ours = edge_betweenness(graph, pivots=16, seed=5)
     np.testing.assert_allclose(ours, _networkx_betweenness(graph, 16, 5), rtol=1e-12, atol=1e-15)
     assert (ours > 0).sum() > 100
+
+
+def test_pivots_below_one_are_refused(tmp_path):
+    path = save_ticket(make_ticket(), tmp_path / "t.safetensors")
+    result = run("split", path, "--score", "betweenness", "--pivots", "0", "--key-ratio", "0.1",
+                 "--key-mask", tmp_path / "k.safetensors", "--locked", tmp_path / "l.safetensors")
+    assert_one_line_error(result, 2, "--pivots must be at least 1")
+    assert not (tmp_path / "k.safetensors").exists()
 
 
 @pytest.mark.parametrize("make", [ResCat, Separable, Tiny])

@@ -68,7 +68,11 @@ def kernel_strength(weight: torch.Tensor, mask: torch.Tensor | None,
 def build_channel_graph(ticket: Ticket, model: nn.Module | None = None) -> ChannelGraph:
     """The ticket's channel graph; `model` is its network (by default the ticket's own
     architecture, on the meta device)."""
-    topo = topology(model if model is not None else ticket.skeleton())
+    return graph_of(ticket, topology(model if model is not None else ticket.skeleton()))
+
+
+def graph_of(ticket: Ticket, topo: Topology) -> ChannelGraph:
+    """The channel graph of a ticket on a given topology: its kept kernels as edges."""
     base, n = {}, 0
     for name, size in topo.sizes.items():
         base[name] = n

@@ -115,6 +115,8 @@ def edge_betweenness(graph: ChannelGraph, pivots: int | None = None, seed: int =
     normalised as networkx does. Exact when `pivots` is None, else from `pivots` source
     channels, drawn as networkx draws them for `seed`. Of parallel edges (a channel that
     reaches another both through a layer and a shortcut) the shortest carries the paths."""
+    if pivots is not None and pivots < 1:
+        raise TicketctlError(f"--pivots must be at least 1 (or left out for exact), got {pivots}")
     n, m = graph.num_nodes, len(graph.src)
     out = np.zeros(m)
     if n < 2 or m == 0:
