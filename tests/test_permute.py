@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from nets import INPUTS, Mlp, ResCat, Separable, Tiny, ticket_of
+from trace_nets import INPUTS, Mlp, ResCat, Separable, Tiny, ticket_of
 
 from ticketctl.attacks.permute import permutable_groups, permute
 from ticketctl.protect.align import align, fingerprints

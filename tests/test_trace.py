@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_one_line_error, make_ticket, run
-from nets import ResCat, Separable, Tiny, ticket_of
 from torch import nn
+from trace_nets import ResCat, Separable, Tiny, ticket_of
 
 from ticketctl.artifacts import save_ticket
 from ticketctl.errors import TicketctlError
