@@ -9,6 +9,7 @@ import torch
 from helpers import make_ticket
 
 from ticketctl.artifacts import Ticket
+from ticketctl.models.sources import use_factory
 
 # One CPU thread per operation, here and in every subprocess a test starts: the networks
 # under test are tiny, so more threads only add synchronisation, and on a machine whose other
@@ -17,6 +18,14 @@ from ticketctl.artifacts import Ticket
 # it: every float bound in the suite holds for any summation order.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _no_factory_left_behind():
+    """--model-factory sets the process's network factory; tests run commands in-process, so
+    each starts without one."""
+    yield
+    use_factory(None)
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from helpers import assert_one_line_error, make_ticket, run, write_raw
 from ticketctl.artifacts import save_ticket
 from ticketctl.artifacts.convert import save_torch_prune
 from ticketctl.protect.embed import grid
-from ticketctl.protect.qr import function_module_map
+from ticketctl.protect.qr import encode, function_module_map
 from ticketctl.protect.receipt import load_receipt
-from ticketctl.protect.signature import masks_of, sign_ticket, verify_with_receipt
+from ticketctl.protect.signature import masks_of, scan, sign_ticket, verify_with_receipt
 from ticketctl.prune import magnitude_prune
 
 
@@ -161,6 +161,38 @@ def test_no_receipt_scan_reports_the_message(signed_setup):
     doc = json.loads(result.stdout)
     assert doc["message"] == "signature" and doc["found"][0]["layer"]
     assert json.loads(run("verify", d / "t.safetensors", "--json").stdout)["message"] is None
+
+
+def test_scan_finds_a_version_1_code_in_a_dense_layer():
+    """The function patterns are never written, so in a dense layer they stay mostly dark and
+    the region of a small code is mostly dark too; only its data modules are about half dark
+    (the scan once counted every module and never found a version-1 code here)."""
+    ticket = make_ticket(seed=31, density_rate=0.6, width=32)
+    signed, doc, _, qr = sign_ticket(ticket, "hi")
+    p = doc.placements[0]
+    n = qr.matrix.shape[0]
+    region = grid(signed.mask[p.layer])[p.row:p.row + n, p.col:p.col + n] > 0
+    assert qr.version == 1 and region.mean() > 0.75
+    found = scan(masks_of(signed.state, dict(signed.mask)), versions=range(1, 2))
+    assert [(f["message"], f["layer"], f["row"], f["col"]) for f in found] == \
+        [("hi", p.layer, p.row, p.col)]
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
+def test_what_a_scan_expects_is_what_the_encoder_writes(version):
+    """The scan filters offsets by the modules every code of a message length stores (header,
+    terminator, fill, pad codewords); they must be the encoder's, blocks interleaved."""
+    from ticketctl.protect.qr import capacity_bytes
+    from ticketctl.protect.signature import _known, _message_modules
+
+    header = _message_modules(version)[:12]
+    for pattern in range(8):
+        cap = capacity_bytes(version)
+        for length in sorted({1, 2, min(9, cap), cap - 1, cap}):
+            qr = encode("x" * length, version=version, mask_pattern=pattern)
+            code, where, stored = _known(version, pattern, length)
+            assert code == sum(int(qr.matrix[r, c]) << i for i, (r, c) in enumerate(header))
+            assert np.array_equal(qr.matrix[where[:, 0], where[:, 1]], stored)
 
 
 def test_receipt_signature_checks(signed_setup, tmp_path):

@@ -107,7 +107,10 @@ def plot_attack(rows: list[dict[str, Any]], reference: float | None, path: str |
 
     xs = [100 * float(r["strength"]) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    ax.plot(xs, [r["accuracy"] for r in rows], "o-", color="tab:blue", label="test accuracy")
+    ax.plot(xs, [float("nan") if r["accuracy"] is None else r["accuracy"] for r in rows], "o-",
+            color="tab:blue", label="test accuracy" if any(r["accuracy"] is not None
+                                                           for r in rows) else
+            "test accuracy (not measured)")
     if reference is not None:
         ax.axhline(reference - 1.0, color="0.5", ls="--", lw=1, label="matching line (-1 point)")
     ax.set_xlabel("attack strength (%)")

@@ -165,6 +165,19 @@ class Str(Spec):
         return value
 
 
+@dataclass(frozen=True)
+class Scalar(Spec):
+    """A number, a boolean or a short string: a builder's argument."""
+
+    what = "a number, true, false or a string of at most 256 characters"
+
+    def check(self, value: Any, path: str) -> Any:
+        if type(value) in (int, bool, str) or (type(value) is float and math.isfinite(value)):
+            if not isinstance(value, str) or len(value) <= 256:
+                return value
+        raise self.fail(value, path)
+
+
 HEX64 = Str(max_len=64, pattern="[0-9a-f]{64}", named="a SHA-256 (64 lowercase hex digits)")
 
 

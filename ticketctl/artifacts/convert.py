@@ -11,11 +11,13 @@ what the ticket said."""
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
 from ticketctl.artifacts.io import atomic_path
@@ -34,6 +36,14 @@ from ticketctl.artifacts.ticket import (
 from ticketctl.errors import TicketctlError
 from ticketctl.models import ARCHS, prunable_names
 from ticketctl.models.registry import ARCH_ARGS, skeleton
+from ticketctl.models.sources import (
+    FACTORY,
+    NO_NETWORK,
+    NetworkInfo,
+    current_factory,
+    fingerprint,
+    source_of,
+)
 from ticketctl.records import Choice
 from ticketctl.schema import Field, Obj, brief, check, parse_json
 
@@ -215,6 +225,24 @@ def _fits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> 
     )
 
 
+def _read_state(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], bool]:
+    """(the loaded object, its state dict, whether it is an authors' checkpoint), from a
+    torch.save file or a safetensors state dict that is not a ticket."""
+    p = Path(path)
+    if p.is_file() and file_format(p) == "safetensors":
+        read_header(p)  # a safetensors file, its header of a sane size
+        try:
+            sd = safetensors.torch.load_file(str(p))
+        except Exception as e:
+            raise TicketctlError(f"{p} is not a readable safetensors file "
+                                 f"({brief(str(e), 160)})") from None
+        return sd, _tensor_dict(sd, str(p), p.stat().st_size), False
+    obj = load_torch_checkpoint(p)
+    authors = isinstance(obj, dict) and "state_dict" in obj
+    return obj, _tensor_dict(obj["state_dict"] if authors else obj, str(p),
+                             p.stat().st_size), authors
+
+
 def import_checkpoint(
     path: str | Path,
     arch: str | None = None,
@@ -222,16 +250,20 @@ def import_checkpoint(
     arch_args: dict[str, Any] | None = None,
     weights: str = "auto",
     dataset: str | None = None,
+    masks_from_zeros: bool = False,
+    prunable: str | None = None,
+    prune_linear: bool = False,
 ) -> Ticket:
-    """Turn a torch-prune state dict or an authors' checkpoint into a Ticket.
+    """Turn a torch-prune state dict, a plain or safetensors state dict, or an authors'
+    checkpoint into a Ticket: of a built-in when its tensors fit one (or `arch` says so), of
+    the --model-factory network when one is in use, else of no known network (weights and
+    masks only; enough to inspect, split, sign and verify).
 
     weights: `rewind` takes the authors' `init_weight` (a `ticket`), `trained` the trained
     weights (a `trained` model), `auto` the former when present."""
     where = str(path)
-    obj = load_torch_checkpoint(path)
+    obj, sd, authors = _read_state(path)
     size = Path(path).stat().st_size
-    authors = isinstance(obj, dict) and "state_dict" in obj
-    sd = _tensor_dict(obj["state_dict"] if authors else obj, where, size)
     # The authors' ResNets carry an input-normalisation module their forward never calls.
     skipped_normalize = any(k.startswith("normalize.") for k in sd)
     sd = {k: v for k, v in sd.items() if not k.startswith("normalize.")}
@@ -248,15 +280,27 @@ def import_checkpoint(
         rewind = {k: v for k, v in rewind.items() if not k.startswith("normalize.")}
         state = {**state, **rewind}
 
+    if arch is None and source_of(str(recorded.get("arch", ""))) != "builtin" and \
+            current_factory() is None:
+        arch = recorded["arch"]  # an export of a ticket of a network from outside
+        arch_args = arch_args if arch_args is not None else recorded.get("arch_args")
+    if arch is None and current_factory() is not None:
+        arch = FACTORY
     if arch is None:
-        arch, inferred_args, inferred_classes = infer_arch(state)
-        num_classes = num_classes or inferred_classes
-        if arch_args is None:  # the export's own spelling, when it fits
-            arch_args = _recorded_arch_args(recorded, arch, num_classes, state)
-        arch_args = arch_args if arch_args is not None else inferred_args
-    elif num_classes is None:
-        fc = state.get("fc.weight")
-        num_classes = int(fc.shape[0]) if fc is not None and fc.dim() == 2 else 10
+        try:
+            arch, inferred_args, inferred_classes = infer_arch(state)
+        except TicketctlError:
+            arch = NO_NETWORK
+        else:
+            num_classes = num_classes or inferred_classes
+            if arch_args is None:  # the export's own spelling, when it fits
+                arch_args = _recorded_arch_args(recorded, arch, num_classes, state)
+            arch_args = arch_args if arch_args is not None else inferred_args
+    if num_classes is None:
+        num_classes = _guess_classes(state)
+    if arch == NO_NETWORK:
+        return _weights_only(state, masks, where, num_classes, recorded, masks_from_zeros,
+                             prunable, use_rewind, weights, dataset, authors, path)
     model = skeleton(arch, num_classes, **(arch_args or {}))  # names and shapes, no memory
     expected = model.state_dict()
     if not _fits(expected, state):
@@ -279,7 +323,12 @@ def import_checkpoint(
     if masks:
         mask = Mask({k: v for k, v in masks.items()})
     else:  # a plain state dict: its zeros are the mask
-        mask = Mask({n: full[n] != 0 for n in prunable_names(model)})
+        names = prunable_names(model, prune_linear=prune_linear, pattern=prunable)
+        if not names:
+            raise TicketctlError(f"{where}: the network has no prunable weight by the default "
+                                 "rule (every convolution but the first); pass --prune-linear "
+                                 "or --prunable REGEX")
+        mask = Mask({n: full[n] != 0 for n in names})
     mask.check_shapes({k: v.shape for k, v in params.items()}, where=f"{where}: ")
     kind = Kind.TICKET if use_rewind else Kind.TRAINED
     if "kind" in recorded and weights == "auto":  # a ticketctl export says what it is
@@ -290,7 +339,13 @@ def import_checkpoint(
     else:
         data = {"name": dataset, "normalize": not skipped_normalize}
     class_names = recorded.get("class_names")
+    network = None
+    if source_of(arch) != "builtin":
+        factory = current_factory()
+        network = NetworkInfo(source_of(arch), fingerprint(model),
+                              factory.spec if arch == FACTORY and factory else None, prunable)
     return Ticket(
+        network=network,
         state=mask.apply_state(full),
         mask=mask,
         kind=kind,
@@ -303,6 +358,71 @@ def import_checkpoint(
         seed=recorded.get("seed"),
         extra={**recorded.get("extra", {}), "imported_from": Path(path).name,
                "source_format": "authors-pth-tar" if authors else "torch-prune"},
+    )
+
+
+def _guess_classes(state: dict[str, torch.Tensor]) -> int:
+    """The classifier's rows: the last 2-D weight of the state dict (a head is the last layer
+    in nearly every network); --num-classes overrides."""
+    heads = [v for k, v in state.items() if v.dim() == 2 and v.is_floating_point()]
+    return int(heads[-1].shape[0]) if heads else 1
+
+
+def _weights_only(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], where: str,
+                  num_classes: int, recorded: dict[str, Any], masks_from_zeros: bool,
+                  prunable: str | None, use_rewind: bool, weights: str, dataset: str | None,
+                  authors: bool, path: str | Path) -> Ticket:
+    """A ticket of no known network: the weights as they are, the masks from torch-prune's
+    `_mask` tensors or, with `masks_from_zeros`, from the zeros of the weights."""
+    # half-precision checkpoints are read as float32 (ticketctl computes in float32)
+    state = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v.clone()
+             for k, v in state.items()}
+    fmt = "authors-pth-tar" if authors else "torch-prune" if masks else "state-dict"
+    weights_2d = [k for k, v in state.items() if v.dim() >= 2 and v.is_floating_point()]
+    if not masks:
+        if not masks_from_zeros and prunable is None:
+            raise TicketctlError(
+                f"{where}: no known network matches these tensors and they carry no masks "
+                "(no `*_mask`): pass --masks-from-zeros to take each weight's zeros as its "
+                "mask, --model-factory FILE.py:FUNCTION for your network, or --arch")
+        if prunable is not None:
+            try:
+                rx = re.compile(prunable)
+            except re.error as e:
+                raise TicketctlError(f"--prunable {prunable!r} is not a regular expression "
+                                     f"({e})") from None
+            names = [k for k in weights_2d if rx.search(k)]
+            if not names:
+                raise TicketctlError(f"--prunable {prunable!r} matches no weight; the weights "
+                                     f"are {', '.join(weights_2d[:6]) or 'none'}")
+        else:  # the weights that were pruned: those holding some zeros (all zeros is a
+            # parameter initialised so, a position embedding, not a pruned layer)
+            names = [k for k in weights_2d if bool((state[k] == 0).any())
+                     and bool((state[k] != 0).any())]
+            if not names:
+                raise TicketctlError(f"{where}: no weight holds a zero, so no mask can be "
+                                     "taken from zeros; pass --prunable REGEX")
+        masks = {k: state[k] != 0 for k in names}
+    for k in masks:
+        if k not in state:
+            raise TicketctlError(f"{where}: mask {k + MASK!r} has no weight {k!r}")
+        if not state[k].is_floating_point():
+            raise TicketctlError(f"{where}: tensor {k!r} is "
+                                 f"{str(state[k].dtype).removeprefix('torch.')}; weights must be "
+                                 "floating point")
+    mask = Mask(dict(masks))
+    mask.check_shapes({k: state[k].shape for k in masks}, where=f"{where}: ")
+    check_finite(state, where)
+    kind = Kind.TICKET if use_rewind else Kind.TRAINED
+    if "kind" in recorded and weights == "auto":
+        kind = Kind(recorded["kind"])
+    data = {**recorded.get("dataset", {}), **({"name": dataset} if dataset else {})}
+    return Ticket(
+        state=mask.apply_state(state), mask=mask, kind=kind, arch=NO_NETWORK, arch_args={},
+        num_classes=num_classes, dataset=data, rewind_epoch=recorded.get("rewind_epoch"),
+        seed=recorded.get("seed"), network=NetworkInfo("none", prunable=prunable),
+        extra={**recorded.get("extra", {}), "imported_from": Path(path).name,
+               "source_format": fmt},
     )
 
 
@@ -379,12 +499,13 @@ def read_export_metadata(obj: Any, where: str) -> dict[str, Any]:
         out["kind"] = kind
     arch = meta.get("arch")
     if arch is not None:
-        if arch not in ARCHS:
+        if not isinstance(arch, str) or (arch not in ARCHS and source_of(arch) == "builtin"):
             raise TicketctlError(f"{where}: exported metadata field 'arch' must be one of "
-                                 f"{', '.join(sorted(ARCHS))}, got {str(arch)[:40]!r}")
+                                 f"{', '.join(sorted(ARCHS))}, torchvision:NAME, timm:NAME, "
+                                 f"factory or none, got {str(arch)[:40]!r}")
         out["arch"] = arch
     for key, kind_ in (("arch_args", dict), ("dataset", dict), ("extra", dict),
-                       ("class_names", list)):
+                       ("class_names", list), ("network", dict)):
         value = _json_field(meta, key, kind_, where)
         if value is not None:
             out[key] = value

@@ -28,7 +28,8 @@ def describe(ticket: Ticket) -> dict[str, Any]:
         "hashes": {"masks_sha256": meta["masks_sha256"],
                    "tensors_sha256": meta["tensors_sha256"]},
         # the version the ticket is written in: a key's sparse layout is version 2
-        "format_version": SPARSE_KEY_VERSION if ticket.kind == Kind.KEY else FORMAT_VERSION,
+        "format_version": SPARSE_KEY_VERSION if ticket.kind == Kind.KEY and ticket.builtin
+        else FORMAT_VERSION,
     }
 
 

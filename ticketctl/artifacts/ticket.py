@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +21,14 @@ from ticketctl.artifacts.mask import Mask, tensor_digest
 from ticketctl.artifacts.sparse import dense_key, is_sparse, sparse_key
 from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.models import build_model
-from ticketctl.models.registry import ARG_MAX, MAX_CLASSES, skeleton
+from ticketctl.models.registry import MAX_CLASSES, skeleton
+from ticketctl.models.sources import (
+    SOURCES,
+    NetworkInfo,
+    current_factory,
+    fingerprint,
+    source_of,
+)
 from ticketctl.records import Choice
 from ticketctl.schema import (
     HEX64,
@@ -32,6 +40,7 @@ from ticketctl.schema import (
     List,
     Map,
     Obj,
+    Scalar,
     Str,
     brief,
     check,
@@ -100,10 +109,19 @@ EXTRA = Obj({
     "trigger_sha256": Field(HEX64),
     "round": Field(_COUNT),
 })
+NETWORK = Obj({
+    "source": Field(Str(choices=SOURCES)),
+    "fingerprint": Field(HEX64),
+    "factory": Field(Str(1024)),
+    "prunable": Field(Str(1024)),
+})
 TICKET_METADATA = Obj({
     "kind": Field(Str(choices=KINDS), required=True),
-    "arch": Field(Str(64), required=True),
-    "arch_args": Field(Map(Int(1, max(ARG_MAX.values())), max_len=len(ARG_MAX))),
+    "arch": Field(Str(128), required=True),
+    # a built-in's arguments are integers (checked against ARG_MAX when it is built); a
+    # torchvision, timm or factory network's are the --arch-arg values
+    "arch_args": Field(Map(Scalar(), max_len=64)),
+    "network": Field(NETWORK),
     "num_classes": Field(Int(1, MAX_CLASSES), required=True),
     "class_names": Field(List(Str(256), max_len=MAX_CLASSES)),
     "dataset": Field(DATASET),
@@ -144,6 +162,7 @@ class Ticket:
     rewind_epoch: int | None = None
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    network: NetworkInfo | None = None  # where the network comes from (None: a built-in)
 
     def __post_init__(self) -> None:
         self.kind = Kind.parse(self.kind, "ticket kind")
@@ -200,19 +219,65 @@ class Ticket:
             "masks_sha256": self.mask.sha256(),
             "tensors_sha256": self.tensors_sha256(),
             "extra": self.extra,
+            **({"network": self.network.to_dict()} if self.network is not None else {}),
         }
+
+    @property
+    def builtin(self) -> bool:
+        """Whether the network is one of ticketctl's own (checked against it on load)."""
+        return source_of(self.arch) == "builtin"
+
+    def can_build(self) -> bool:
+        """Whether this process can build the network (a built-in; torchvision or timm
+        installed; the user's factory named): without it, only what needs weights and masks
+        works (inspect, split by omp or random, sign, verify a receipt, removal attacks
+        without accuracy)."""
+        source = source_of(self.arch)
+        if source == "builtin":
+            return True
+        if source in ("torchvision", "timm"):
+            return importlib.util.find_spec(source) is not None
+        return current_factory() is not None
 
     def skeleton(self) -> nn.Module:
         """This ticket's network on the meta device (names, shapes, module types and the
         forward code, no memory): what graph tracing, layer choice and checks need. Raises
-        TicketctlError when the network cannot be built (a ticket imported without one)."""
-        return skeleton(self.arch, self.num_classes, **self.arch_args)
+        TicketctlError when the network cannot be built (a ticket imported without one, or
+        one from the owner's factory when no --model-factory is given) or is not this
+        ticket's."""
+        model = skeleton(self.arch, self.num_classes, **self.arch_args)
+        if not self.builtin:
+            self._check_network(model)
+        return model
 
     def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
         """The architecture with this ticket's weights loaded (pruned weights are zero)."""
         model = build_model(self.arch, self.num_classes, **self.arch_args)
+        if not self.builtin:
+            self._check_network(model)
         model.load_state_dict(self.state)
         return model.to(device)
+
+    def _check_network(self, model: nn.Module) -> None:
+        """A network from outside must be this ticket's: the recorded fingerprint when there
+        is one, else the names and shapes of the weights."""
+        theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        ours = {k: tuple(v.shape) for k, v in self.state.items()}
+        how = (f"--model-factory {self.network.factory}" if self.network and
+               self.network.factory else "the network built")
+        if theirs != ours:
+            missing = sorted(set(ours) - set(theirs))
+            extra = sorted(set(theirs) - set(ours))
+            shape = [k for k in ours if k in theirs and ours[k] != theirs[k]]
+            detail = (f"it lacks {missing[0]!r}" if missing else
+                      f"it has {extra[0]!r}, which the ticket does not" if extra else
+                      f"{shape[0]!r} is {list(theirs[shape[0]])} there, "
+                      f"{list(ours[shape[0]])} in the ticket")
+            raise TicketctlError(f"{how} does not match this ticket ({detail})")
+        recorded = self.network.fingerprint if self.network else None
+        if recorded is not None and fingerprint(model) != recorded:
+            raise TicketctlError(f"{how} does not match this ticket: its module types differ "
+                                 "from the recorded fingerprint")
 
 
 def save_ticket(ticket: Ticket, path: str | Path, force: bool = False) -> Path:
@@ -220,7 +285,9 @@ def save_ticket(ticket: Ticket, path: str | Path, force: bool = False) -> Path:
     the sparse layout (its weights only), whatever else in the dense one."""
     meta = ticket.metadata()
     version = FORMAT_VERSION
-    sparse = sparse_key(ticket.state, dict(ticket.mask)) if ticket.kind == Kind.KEY else None
+    # (a network from outside has no skeleton to rebuild a sparse key's zeros from)
+    sparse = sparse_key(ticket.state, dict(ticket.mask)) \
+        if ticket.kind == Kind.KEY and ticket.builtin else None
     if sparse is not None:
         tensors, layout = sparse
         meta["sparse"] = layout
@@ -392,7 +459,11 @@ def dtype_problem(got: torch.dtype, want: torch.dtype) -> str | None:
 
 
 def ticket_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> Ticket:
-    """A ticket from parsed metadata and a file's tensors, checked against its architecture."""
+    """A ticket from parsed metadata and a file's tensors, checked against its architecture
+    (a built-in's), or for a network from outside against itself: nothing a file names is
+    ever imported."""
+    if source_of(meta["arch"]) != "builtin":
+        return _external_ticket(meta, tensors, where)
     try:
         model = skeleton(meta["arch"], meta["num_classes"], **(meta.get("arch_args") or {}))
     except TicketctlError as e:
@@ -444,7 +515,44 @@ def ticket_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
                 f"{where}: {n} pruned weight(s) of {name!r} are not zero; the file is inconsistent"
             )
     check_finite(state, where)
+    return _ticket(meta, state, mask)
 
+
+def _external_ticket(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     where: str) -> Ticket:
+    """A ticket whose network ticketctl does not define: its masks must fit its own weights
+    (same shape, pruned weights zero), weights be float32/float64 and finite."""
+    if "sparse" in meta or is_sparse(tensors):
+        raise TicketctlError(f"{where}: a ticket of a {meta['arch']!r} network is never "
+                             "written in the sparse layout")
+    masks = {k[: -len(MASK_SUFFIX)]: v for k, v in tensors.items() if k.endswith(MASK_SUFFIX)}
+    state = {k: v for k, v in tensors.items() if not k.endswith(MASK_SUFFIX)}
+    if not masks:
+        raise TicketctlError(f"{where}: holds no mask (no `<param>{MASK_SUFFIX}` tensor), so it "
+                             "is not a ticket; import a dense model with `ticketctl convert`")
+    for name in masks:
+        if name not in state:
+            raise TicketctlError(f"{where}: mask {name + MASK_SUFFIX!r} names no weight")
+        problem = dtype_problem(state[name].dtype, torch.float32)
+        if problem:
+            raise TicketctlError(f"{where}: tensor {name!r} is {problem}")
+    try:
+        mask = Mask(masks)
+        mask.check_shapes({k: state[k].shape for k in masks}, where=f"{where}: ")
+    except TicketctlError as e:
+        msg = str(e)
+        raise TicketctlError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+    for name, m in mask.items():
+        n = int(torch.count_nonzero(state[name].masked_fill(m, 0)))
+        if n:
+            raise TicketctlError(
+                f"{where}: {n} pruned weight(s) of {name!r} are not zero; the file is inconsistent"
+            )
+    check_finite(state, where)
+    return _ticket(meta, state, mask)
+
+
+def _ticket(meta: dict[str, Any], state: dict[str, torch.Tensor], mask: Mask) -> Ticket:
     return Ticket(
         state=state,
         mask=mask,
@@ -457,4 +565,6 @@ def ticket_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
         rewind_epoch=meta.get("rewind_epoch"),
         seed=meta.get("seed"),
         extra=meta.get("extra") or {},
+        network=NetworkInfo.from_dict(meta["network"], meta["arch"])
+        if meta.get("network") else None,
     )

@@ -17,12 +17,13 @@ from ticketctl.protect.verify import Marks, check_suspect
 Checker = Callable[[dict[str, torch.Tensor]], Verdict]
 
 
-def owner_checks(ticket: Ticket, data: Dataset, marks: Marks) -> Checker | None:
+def owner_checks(ticket: Ticket, data: Dataset | None, marks: Marks) -> Checker | None:
     """A checker for attacked copies of `ticket` (their weights in), or None without marks."""
     marks.check_fits(ticket.arch, ticket.num_classes)
     if marks.empty:
         return None
-    network = ticket.build_model(data.train_x.device) if marks.trigger is not None else None
+    network = ticket.build_model(data.train_x.device) \
+        if marks.trigger is not None and data is not None else None
 
     def check(state: dict[str, torch.Tensor]) -> Verdict:
         if network is not None:

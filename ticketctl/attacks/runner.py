@@ -51,7 +51,7 @@ class JobResult(Record):
 @dataclass
 class AttackRow:
     strength: Any
-    accuracy: float
+    accuracy: float | None  # None: not measured (no network or no dataset)
     delta: float | None = None  # accuracy minus the reference's
     matches: bool | None = None  # still within MATCH_POINTS of the reference
     verified: bool | None = None
@@ -61,7 +61,7 @@ class AttackRow:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def scored_row(strength: Any, accuracy: float, verdict: Verdict | None,
+def scored_row(strength: Any, accuracy: float | None, verdict: Verdict | None,
                **details: Any) -> AttackRow:
     """A sweep's row: the attacked model's accuracy and what the owner's checks found."""
     if verdict is None:
@@ -97,7 +97,7 @@ class AttackReport:
 def compare(rows: list[AttackRow], reference: float | None) -> None:
     """Fill in the change against the reference and the matching verdict."""
     for row in rows:
-        if reference is not None:
+        if reference is not None and row.accuracy is not None:
             row.delta = row.accuracy - reference
             row.matches = row.accuracy >= reference - MATCH_POINTS
 

@@ -29,6 +29,7 @@ from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
     Compute,
     DataOptions,
+    NetworkSource,
     OldSpelling,
     Output,
     OwnerMarks,
@@ -93,6 +94,7 @@ class Sweep:
     """What every attack shares: its data, where its rows go, how it reports and computes."""
 
     data: DataOptions = nested(DataOptions)
+    network: NetworkSource = nested(NetworkSource)
     report: Report = nested(Report)
     output: Output = nested(Output)
     compute: Compute = nested(Compute)
@@ -102,6 +104,17 @@ class Sweep:
         return load_recorded_dataset(ticket.dataset or {}, self.data.dataset,
                                      self.data.data_dir,
                                      device=resolve_device(self.compute.device))
+
+    def scoring_data(self, ticket: Ticket, marks: OwnerMarks | None = None) -> Dataset | None:
+        """The dataset accuracy is measured on, or None when the ticket's network cannot be
+        built here (imported without it, no --model-factory): the marks are still checked
+        and the accuracy columns say "not measured"."""
+        if ticket.can_build():
+            return self.dataset(ticket)
+        if marks is not None and marks.trigger is not None:
+            raise TicketctlError("--trigger checks the model's answers, which needs its "
+                                 "network: pass --model-factory FILE.py:FUNCTION")
+        return None
 
     def render(self, report: AttackReport,
                also: Callable[[], object] | None = None) -> AttackReport:
@@ -150,8 +163,9 @@ class Retraining:
 def _table(report: AttackReport) -> Table:
     rows = summary_rows(report)
     ref = report.reference_accuracy
-    table = Table(title=f"attack {report.attack}: reference "
-                        f"{'-' if ref is None else f'{ref:.2f}%'} ({plain(report.reference)})")
+    shown = "not measured" if ref is None else f"{ref:.2f}%"
+    table = Table(title=f"attack {report.attack}: reference {shown} "
+                        f"({plain(report.reference)})")
     cols = ["strength", "accuracy", "change", "matches"]
     extra = [c for c in ("message", "bit_match", "p_value", "defended_message",
                          "defended_p_value", "trigger_accuracy", "verified")
@@ -159,7 +173,7 @@ def _table(report: AttackReport) -> Table:
     for col in cols + extra:
         table.add_column(col.replace("_", " "), justify="right", overflow="fold")
     for r, row in zip(report.rows, rows, strict=True):
-        cells = [f"{r.strength}", f"{r.accuracy:.2f}%",
+        cells = [f"{r.strength}", "not measured" if r.accuracy is None else f"{r.accuracy:.2f}%",
                  "-" if r.delta is None else f"{r.delta:+.2f}",
                  "-" if r.matches is None else ("yes" if r.matches else "[red]no")]
         for c in extra:
@@ -231,7 +245,7 @@ def _removal(model: Path, name: str, strengths: list[float],
              defend: bool, sweep: Sweep, also: Callable[[], object] | None = None) -> None:
     sweep.output.check(sweep.report.csv_path, sweep.report.plot_path)
     ticket = load_ticket(model)
-    dataset = sweep.dataset(ticket)
+    dataset = sweep.scoring_data(ticket, marks)
     checks = owner_checks(ticket, dataset, marks.load(defend=defend))
     result = sweep.render(sweep_removal(ticket, dataset, name, strengths,
                                         lambda s: make(ticket, s), checks), also)
@@ -308,12 +322,15 @@ def fake3_cmd(
     receipt predates the release."""
     sweep.output.check(sweep.report.csv_path, sweep.report.plot_path)
     ticket = load_ticket(signed)
-    report = fake3(ticket, load_receipt(receipt), message, sweep.dataset(ticket), seed=seed)
+    report = fake3(ticket, load_receipt(receipt), message, sweep.scoring_data(ticket),
+                   seed=seed)
     sweep.report.write(report, sweep.output.force)
     result = report.to_dict()
     sweep.output.emit(result, lambda: console.print(
-        f"fake3: accuracy {result['accuracy_before']:.2f}% -> {result['accuracy_after']:.2f}%"
-        f" ({result['delta']:+.2f}); the forger's code reads "
+        ("fake3: accuracy not measured (no network); " if result["delta"] is None else
+         f"fake3: accuracy {result['accuracy_before']:.2f}% -> "
+         f"{result['accuracy_after']:.2f}% ({result['delta']:+.2f}); ")
+        + "the forger's code reads "
         f"{plain(repr(result['forger_on_forged']['message']))}; the owner's receipt (signed "
         f"{result['owner_receipt_signed']}, made {result['owner_receipt_created']}) "
         f"{'matches' if result['owner_receipt_matches_release'] else 'does not match'} the "

@@ -11,7 +11,7 @@ from ticketctl.artifacts import save_ticket
 from ticketctl.artifacts.io import all_or_nothing
 from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
-    Arch,
+    Architecture,
     Compute,
     DataOptions,
     Distributed,
@@ -51,6 +51,9 @@ class Search:
     max_rounds: int = option(
         default=200, help="Stop after this many rounds (0: train the dense model only).")
     prune_linear: bool = option(default=False, help="Prune linear layers too.")
+    prunable: Optional[str] = option(
+        help="Prune the weights whose names this regular expression matches (re.search), "
+             "instead of every convolution but the first.")
 
     def overrides(self) -> SearchOverrides:
         fixed = self.rounds is not None or self.rate is not None
@@ -69,7 +72,7 @@ def find(
     out: Annotated[Path, typer.Option("--out", "-o", help="The ticket: rewind weights + mask.")],
     trained: Annotated[Optional[Path], typer.Option(
         help="Also write the trained sparse model here.")] = None,
-    arch: Arch = None,
+    network: Architecture,
     data: DataOptions,
     split: Split,
     search: Search,
@@ -86,9 +89,10 @@ def find(
 ) -> None:
     """Find a ticket: dense training, then IMP with rewinding and the extreme-ticket search."""
     settings = resolve_settings(
-        training.preset, arch=arch, dataset=data.dataset,
+        training.preset, arch=network.name, dataset=data.dataset,
         data_dir=str(data.data_dir) if data.data_dir else None, val_size=split.val_size,
         split_seed=split.split_seed, search=search.overrides(), train=training.overrides())
+    settings.arch_args, settings.prunable = network.args, search.prunable
     settings.validate()
     output.check(out, trained, plot)  # fail now, not after an hour of training
     folder = run_dir or default_run_dir(settings)

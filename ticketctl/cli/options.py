@@ -25,6 +25,8 @@ from ticketctl.artifacts.io import check_output_path
 from ticketctl.cli.common import console, emit_json, fail, launch_ranks, progress_bar
 from ticketctl.device import Device, configure_threads
 from ticketctl.errors import TicketctlError
+from ticketctl.models import ARCHS
+from ticketctl.models.sources import FACTORY, load_factory, parse_arch_args, use_factory
 from ticketctl.protect.calibrate import read_null_rate
 from ticketctl.protect.receipt import load_public_key, load_receipt
 from ticketctl.protect.trigger import load_trigger_set
@@ -236,12 +238,13 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:
+        json_requested = bool(kwargs.get("json_out"))
         try:
             _take_old(kwargs, renamed, defaults)
+            for name, build in builders.items():  # (a group may check its values)
+                kwargs[name] = build(kwargs)
         except TicketctlError as e:
-            fail(str(e), e.exit_code, as_json=bool(kwargs.get("json_out")))
-        for name, build in builders.items():
-            kwargs[name] = build(kwargs)
+            fail(str(e), e.exit_code, as_json=json_requested)
         output = next((o for o in map(_output, kwargs.values()) if o is not None), Output())
         # a command that printed its result (a verdict that then fails) prints no second one
         as_json = output.json_out and not output.emitted
@@ -330,6 +333,48 @@ class Split:
 
 Arch = Annotated[Optional[str], typer.Option(
     help="resnet20, resnet18, resnet50, vgg16 or digits_cnn.", rich_help_panel=P_DATA)]
+
+
+# ---- networks from outside ------------------------------------------------------------------
+P_NET = "Network (docs/ANY_MODEL.md)"
+
+
+@group(panel=P_NET)
+class NetworkSource:
+    """The user's own network code, named on the command line (never taken from a file)."""
+
+    model_factory: Optional[str] = option(
+        help="Your own network: FILE.py:FUNCTION or package.module:FUNCTION, called with "
+             "num_classes (and in_channels). Its code runs: name only code you trust.")
+
+    def __post_init__(self) -> None:
+        use_factory(load_factory(self.model_factory) if self.model_factory else None)
+
+
+@group(panel=P_NET)
+class Architecture:
+    """Which network a command builds: a built-in, torchvision's or timm's, or the user's."""
+
+    arch: Optional[str] = option(
+        help="resnet20, resnet18, resnet50, vgg16, digits_cnn, torchvision:NAME or timm:NAME "
+             "(default: the dataset's built-in).")
+    arch_arg: Optional[list[str]] = option(
+        "--arch-arg", help="KEY=VALUE for the torchvision, timm or factory builder "
+        "(repeatable; num_classes comes from the dataset).")
+    source: NetworkSource = nested(NetworkSource)
+
+    def __post_init__(self) -> None:
+        if self.arch is not None and self.source.model_factory is not None:
+            raise TicketctlError("give --arch or --model-factory, not both")
+        self.args = parse_arch_args(self.arch_arg)
+        if self.args and self.arch in ARCHS:
+            raise TicketctlError(f"--arch-arg is for torchvision, timm and factory networks; "
+                                 f"{self.arch} takes none")
+
+    @property
+    def name(self) -> str | None:
+        """The `arch` a new ticket records (`factory` for the user's own network)."""
+        return FACTORY if self.source.model_factory is not None else self.arch
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -440,7 +485,6 @@ def _parse_list(text: str | None, what: str, cast: Callable[[str], Any]) -> list
         raise TicketctlError(f"{what} must be comma-separated {kind}, got {text!r}") from None
 
 
-__all__ = ["Arch", "Compute", "DataOptions", "Distributed", "OldSpelling", "Output",
-           "OwnerMarks", "Pack",
-           "Split", "Training", "Without", "command", "console", "group", "nested", "option",
-           "parse_floats", "parse_ints"]
+__all__ = ["Arch", "Architecture", "Compute", "DataOptions", "Distributed", "NetworkSource",
+           "OldSpelling", "Output", "OwnerMarks", "Pack", "Split", "Training", "Without",
+           "command", "console", "group", "nested", "option", "parse_floats", "parse_ints"]

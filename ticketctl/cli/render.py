@@ -95,6 +95,13 @@ def ticket_table(info: dict[str, Any], con: Console = console) -> None:
     fields += [("kind", meta["kind"]), ("arch", meta["arch"])]
     if meta.get("arch_args"):
         fields.append(("arch args", meta["arch_args"]))
+    network = meta.get("network") or {}
+    if network.get("factory"):  # a record of what built it: never imported from the file
+        fields.append(("model factory", f"{network['factory']} (recorded, not imported)"))
+    if network.get("fingerprint"):
+        fields.append(("network fingerprint", network["fingerprint"]))
+    if network.get("prunable"):
+        fields.append(("prunable", network["prunable"]))
     fields += [("classes", meta["num_classes"])]
     if meta.get("class_names"):
         fields.append(("class names", ", ".join(str(c) for c in meta["class_names"])

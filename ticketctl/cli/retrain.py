@@ -15,6 +15,7 @@ from ticketctl.cli.options import (
     Compute,
     DataOptions,
     Distributed,
+    NetworkSource,
     Output,
     Split,
     Training,
@@ -51,6 +52,7 @@ def retrain(
     signing_key: Annotated[Optional[Path], typer.Option(
         help="PREFIX.key to sign the receipt.")] = None,
     dist: Distributed,
+    network: NetworkSource,
     output: Output,
     compute: Compute,
 ) -> None:

@@ -10,7 +10,7 @@ import typer
 from ticketctl.artifacts import load_ticket, save_ticket
 from ticketctl.artifacts.io import all_or_nothing
 from ticketctl.cli.common import console, plain
-from ticketctl.cli.options import DataOptions, Output, OwnerMarks, command
+from ticketctl.cli.options import DataOptions, NetworkSource, Output, OwnerMarks, command
 from ticketctl.errors import CheckFailed
 from ticketctl.protect.qr.image import render_png
 from ticketctl.protect.receipt import load_private_key, save_receipt, write_keypair
@@ -43,7 +43,8 @@ def sign(
     layer: Annotated[Optional[str], typer.Option(help="Embed in this layer.")] = None,
     copies: Annotated[int, typer.Option(help="Embed in this many layers (majority vote).")] = 1,
     support: Annotated[int, typer.Option(
-        help="Kept weights behind every dark module.")] = 3,
+        help="Kept weights behind every dark module (a linear or 1x1 conv layer's modules are "
+             "blocks of this many weights).")] = 3,
     qr_version: Annotated[Optional[int], typer.Option(
         help="QR version (default: the smallest that fits).")] = None,
     mask_pattern: Annotated[Optional[int], typer.Option(
@@ -68,8 +69,9 @@ def sign(
     first = report.placements[0]
     moved = (report.weights_added + abs(report.compensated)) / max(1, ticket.mask.num_kept)
     result = {"layer": first.layer, "offset": [first.row, first.col],
-              "placements": [{"layer": p.layer, "offset": [p.row, p.col]}
-                             for p in report.placements],
+              "placements": [{"layer": p.layer, "offset": [p.row, p.col], "view": list(p.view),
+                              "block": list(p.block)} for p in report.placements],
+              "block": list(first.block),
               "qr_version": qr.version, "mask_pattern": qr.mask_pattern,
               "density_before": report.density_before, "density_after": report.density_after,
               "modules_changed": report.modules_changed, "weights_added": report.weights_added,
@@ -87,7 +89,8 @@ def sign(
                       "compare)", highlight=False)
     output.emit(result, lambda: console.print(
         f"signed: version-{qr.version} code (mask {qr.mask_pattern}) in {plain(first.layer)} "
-        f"at ({first.row}, {first.col}); {report.modules_changed} modules changed; density "
+        f"at ({first.row}, {first.col}), one module per {first.block[0]}x{first.block[1]} "
+        f"weights; {report.modules_changed} modules changed; density "
         f"{100 * report.density_before:.4f}% -> {100 * report.density_after:.4f}%; wrote "
         f"{plain(out)} and {plain(receipt)}", highlight=False))
 
@@ -107,6 +110,7 @@ def verify(
         help="Prune weights below the receipt's magnitude floor first (add-on defence).")] = False,
     qr_png: Annotated[Optional[Path], typer.Option(
         help="Write the extracted code as a PNG.")] = None,
+    network: NetworkSource,
     output: Output,
 ) -> None:
     """Verify a suspect model: the QR code in its mask against a receipt (white box) and its

@@ -10,7 +10,7 @@ import typer
 from ticketctl.artifacts import load_ticket, save_ticket
 from ticketctl.artifacts.io import all_or_nothing
 from ticketctl.cli.common import console, plain
-from ticketctl.cli.options import OldSpelling, Output, command
+from ticketctl.cli.options import NetworkSource, OldSpelling, Output, command
 from ticketctl.errors import TicketctlError
 from ticketctl.protect import Score, merge_parts, split_ticket
 
@@ -30,6 +30,7 @@ def split(
     walks: Annotated[int, typer.Option(help="ewp: number of random walks.")] = 10_000,
     pivots: Annotated[Optional[int], typer.Option(
         help="betweenness: sample this many source channels (default: exact).")] = None,
+    network: NetworkSource,
     output: Output,
 ) -> None:
     """Scheme V1: split a ticket into a small secret key and the locked rest."""

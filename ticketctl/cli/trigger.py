@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from ticketctl.artifacts.io import write_text_atomic
 from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
-    Arch,
+    Architecture,
     Compute,
     DataOptions,
     Output,
@@ -63,7 +63,7 @@ def calibrate(
         "--out", "-o", help="Write the calibration JSON (what `verify --null-rate` reads) here.")
     ] = None,
     models: Annotated[int, typer.Option(help="Independent models to train.")] = 10,
-    arch: Arch = None,
+    network: Architecture,
     data: DataOptions,
     training: Training,
     pack: Pack = None,
@@ -73,7 +73,7 @@ def calibrate(
     """Measure how often models trained without the trigger set agree with it; write the
     upper 99% bound as the null rate for `verify --null-rate`."""
     output.check(out)
-    settings = resolve_settings(training.preset, arch=arch, dataset=data.dataset,
+    settings = resolve_settings(training.preset, arch=network.name, dataset=data.dataset,
                                 train=training.overrides())
     settings.train.validate()
     dataset = load_dataset(settings.dataset, data.data_dir,
@@ -82,7 +82,7 @@ def calibrate(
     with output.progress() as progress:
         task = progress.add_task("null models", total=models, info="")
         result = run_calibration(settings.arch, dataset, ts, settings.train, models=models,
-                                 pack=pack,
+                                 pack=pack, arch_args=network.args,
                                  on_model=lambda i, a: progress.update(
                                      task, completed=i + 1, info=f"agreement {100 * a:.0f}%"))
     if out is not None:

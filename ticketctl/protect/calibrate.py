@@ -27,20 +27,23 @@ from ticketctl.train.packed import PackedTrainer, default_pack
 def calibrate(arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, models: int = 10,
               seed: int = 1000, confidence: float = 0.99,
               on_model: Callable[[int, float], None] | None = None,
-              pack: int | None = None) -> dict[str, Any]:
+              pack: int | None = None, arch_args: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
     """Train `models` independent dense models (own seeds and data orders, no triggers), in
     packs of `pack` per network (default 8 on CUDA), and measure their agreement with the
     trigger labels."""
     ts.check_classes(data.num_classes)
     if models < 1:
         raise TicketctlError(f"--models must be at least 1, got {models}")
-    args = {"in_channels": data.input_shape[0]}
+    args = {**(arch_args or {}), "in_channels": data.input_shape[0]}
     x = ts.tensor(data.input_shape, data.mean, data.std, device=data.train_x.device)
     width = min(default_pack(data.train_x.device, pack), models)
     agreements: list[float] = []
     accuracies: list[float] = []
     template = build_model(arch, data.num_classes, seed=seed, **args).to(data.train_x.device)
-    full = Mask.ones(template, prunable_names(template))
+    # dense training: the mask only says which weights the trainer treats as prunable
+    full = Mask.ones(template, prunable_names(template) or
+                     prunable_names(template, prune_linear=True))
     trainers: dict[int, Trainer | PackedTrainer] = {}
     i = 0
     while i < models:

@@ -1,10 +1,13 @@
 """Scheme V2: write a QR code into the mask of a ticket, and read it back.
 
-A conv mask [out, in, kh, kw] is squeezed to its channel grid [out, in]: a module is dark when
-its kernel keeps any weight. Only the code's data modules are written (the verifier fills in
-the function patterns itself). Unlike the authors' code:
+A layer's mask is read as a grid of modules, one per block of weights (protect/blocks.py): a
+conv mask [out, in, kh, kw] is squeezed to its channel grid [out, in], one module per kernel
+(the paper); a linear or 1x1 conv mask is cut into blocks of `support` weights, a depthwise
+one into kernel rows. A module is dark when its block keeps any weight. Only the code's data
+modules are written (the verifier fills in the function patterns itself). Unlike the
+authors' code:
 
-- a dark module keeps at least `support` weights of its kernel, so pruning one weight rarely
+- a dark module keeps at least `support` weights of its block, so pruning one weight rarely
   flips it (a module backed by m weights flips under q pruning with probability ~q^m);
 - the overall density stays exactly equal: whatever the region gained or lost is removed from
   the lowest-magnitude weights, or restored, outside the signed region;
@@ -13,6 +16,7 @@ the function patterns itself). Unlike the authors' code:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,23 +25,42 @@ import torch
 
 from ticketctl.artifacts import Kind, Mask, Ticket
 from ticketctl.errors import CheckFailed, TicketctlError
+from ticketctl.protect.blocks import Blocks, auto_blocks, kernel_blocks
 from ticketctl.protect.qr import QRCode, encode, function_module_map
 
 
 @dataclass(frozen=True)
 class Placement:
+    """Where a copy of the code sits: its top-left module in a layer's module grid, and the
+    grid itself (`view` and `block`, see protect/blocks.py). Receipts written before blocks
+    existed record neither: their grid is the layer's kernel grid."""
+
     layer: str
-    row: int  # first output channel of the region
-    col: int  # first input channel of the region
+    row: int  # first module row of the region (an output channel in a kernel grid)
+    col: int  # first module column (an input channel in a kernel grid)
+    view: tuple[int, int] | None = None
+    block: tuple[int, int] | None = None
 
     def region(self, n: int) -> tuple[slice, slice]:
         return slice(self.row, self.row + n), slice(self.col, self.col + n)
+
+    def blocks(self, shape: Sequence[int]) -> Blocks:
+        """The module grid this placement reads on a weight of `shape`."""
+        if self.view is None or self.block is None:
+            return kernel_blocks(shape)
+        return Blocks(tuple(self.view), tuple(self.block))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"layer": self.layer, "row": self.row, "col": self.col}
+        if self.view is not None and self.block is not None:
+            out.update(view=list(self.view), block=list(self.block))
+        return out
 
 
 @dataclass
 class EmbedReport:
     placements: list[Placement]
-    modules_changed: int  # data modules whose kernel changed state
+    modules_changed: int  # data modules whose block changed state
     weights_added: int  # inside the regions (support and new dark modules)
     weights_removed: int  # inside the regions (new light modules)
     compensated: int  # weights removed (+) or restored (-) outside the regions
@@ -47,65 +70,103 @@ class EmbedReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["placements"] = [asdict(p) for p in self.placements]
+        d["placements"] = [p.to_json() for p in self.placements]
         return d
 
 
-def grid(mask: torch.Tensor) -> np.ndarray:
-    """Kept-weight count per kernel: [out, in] (a linear weight is its own 1x1 kernel)."""
-    m = mask.reshape(mask.shape[0], mask.shape[1], -1) if mask.dim() > 2 else \
-        mask.reshape(*mask.shape, 1)
-    return m.sum(-1).numpy().astype(np.int64)
+def grid(mask: torch.Tensor, blocks: Blocks | None = None) -> np.ndarray:
+    """Kept-weight count per module: by default per kernel, [out, in] (a linear weight is its
+    own 1x1 kernel)."""
+    return (blocks or kernel_blocks(mask.shape)).counts(mask)
 
 
-def candidate_layers(ticket: Ticket, n: int) -> list[str]:
-    """Masked layers whose channel grid holds an n x n code, lowest layer first."""
-    return [k for k, m in ticket.mask.items() if m.dim() >= 2 and m.shape[0] >= n
-            and m.shape[1] >= n]
+def candidate_layers(masks: Mapping[str, torch.Tensor], n: int,
+                     support: int = 3) -> list[tuple[str, Blocks]]:
+    """Every masked layer whose module grid (at its blocks for `support`) holds an n x n
+    code, lowest layer first, with those blocks."""
+    out = []
+    for name, m in masks.items():
+        b = auto_blocks(m.shape, support)
+        if b is not None and b.holds(n):
+            out.append((name, b))
+    return out
+
+
+def _largest_grid(masks: Mapping[str, torch.Tensor], support: int) -> str:
+    """The masked layer with the largest module grid (by the code it could hold), in words."""
+    grids = [(min(b.grid), b.grid[0] * b.grid[1], -i, name, b)
+             for i, (name, m) in enumerate(masks.items())
+             if (b := auto_blocks(m.shape, support)) is not None]
+    if not grids:
+        return "largest grid found: none (no masked layer has two dimensions)"
+    *_, name, b = max(grids)
+    return (f"largest grid found: {b.grid[0]}x{b.grid[1]} in {name} (blocks of "
+            f"{b.block[0]}x{b.block[1]} weights)")
+
+
+def correlate(grid: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """out[r, c] = sum of grid[r + i, c + j] * kernel[i, j] at every offset where the kernel
+    fits the grid, by FFT (numpy's: SciPy's signal module takes seconds to import). A
+    circular correlation on the grid's own size: offsets that fit never wrap."""
+    h, w = grid.shape
+    kh, kw = kernel.shape
+    spectrum = np.fft.rfft2(grid.astype(np.float64))
+    kernel_spectrum = np.fft.rfft2(kernel.astype(np.float64), s=(h, w))
+    return np.fft.irfft2(spectrum * np.conj(kernel_spectrum), s=(h, w))[:h - kh + 1,
+                                                                         :w - kw + 1]
 
 
 def placement_costs(dark: np.ndarray, code: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """For every offset, how many data modules differ between the grid and the code."""
-    want_dark = (code & data).astype(np.float64)
-    want_light = (~code & data).astype(np.float64)
-    g = dark.astype(np.float64)
-    from scipy.signal import correlate  # seconds to import: only when signing
-
-    # differ = wanted dark but light + wanted light but dark
-    cost = want_dark.sum() - correlate(g, want_dark, mode="valid", method="fft") + \
-        correlate(g, want_light, mode="valid", method="fft")
-    return np.rint(cost).astype(np.int64)
+    """For every offset, how many data modules differ between the grid and the code:
+    wanted dark but light plus wanted light but dark, i.e. (wanted dark) + the grid
+    correlated with (wanted light - wanted dark)."""
+    want_dark = code & data
+    kernel = (~code & data).astype(np.float64) - want_dark
+    return np.rint(want_dark.sum() + correlate(dark, kernel)).astype(np.int64)
 
 
-def choose_placements(ticket: Ticket, qr: QRCode, layer: str | None = None,
-                      copies: int = 1) -> list[Placement]:
-    """The cheapest offset in each of the `copies` lowest layers that hold the code."""
+def layers_for(masks: Mapping[str, torch.Tensor], n: int, version: int, support: int = 3,
+               layer: str | None = None, sized: bool = False) -> list[tuple[str, Blocks]]:
+    """The layers an n x n code may go to (`layer` alone when given), with their blocks; a
+    one-line error when none can hold it. `sized`: the code's version was asked for (else it
+    is the smallest that holds the message)."""
+    which = f"a version-{version} code" + ("" if sized else " (the smallest that holds the "
+                                           "message)")
+    if layer is not None:
+        if layer not in masks:
+            names = [k for k, _ in candidate_layers(masks, n, support)]
+            raise TicketctlError(f"--layer {layer!r} is not a masked layer; candidates: "
+                                 f"{', '.join(names) or 'none'}")
+        b = auto_blocks(masks[layer].shape, support)
+        if b is None or not b.holds(n):
+            grid_words = b.describe() if b is not None else "no grid (fewer than 2 dimensions)"
+            raise TicketctlError(f"--layer {layer!r} has {grid_words}, too small for {which} "
+                                 f"({n}x{n} modules)")
+        return [(layer, b)]
+    layers = candidate_layers(masks, n, support)
+    if not layers:
+        raise TicketctlError(
+            f"no layer can hold {which}: it needs a grid of {n}x{n} modules "
+            f"({_largest_grid(masks, support)}); use a shorter message or a larger model")
+    return layers
+
+
+def choose_placements(masks: Mapping[str, torch.Tensor], qr: QRCode, layer: str | None = None,
+                      copies: int = 1, support: int = 3, sized: bool = False
+                      ) -> list[Placement]:
+    """The cheapest offset in each of the `copies` lowest layers that hold the code at their
+    block size."""
     n = qr.matrix.shape[0]
     data = ~function_module_map(qr.version)
-    layers = candidate_layers(ticket, n)
-    if not layers:
-        biggest = max((tuple(m.shape[:2]) for m in ticket.mask.values() if m.dim() >= 2),
-                      default=None)
-        raise TicketctlError(
-            f"no layer has a channel grid of at least {n}x{n} for a version-{qr.version} code"
-            f" (largest grid found: {'x'.join(map(str, biggest)) if biggest else 'none'}); "
-            "use a shorter message or a larger model")
-    if layer is not None:
-        if layer not in ticket.mask:
-            raise TicketctlError(f"--layer {layer!r} is not a masked layer; candidates: "
-                                 f"{', '.join(layers)}")
-        if layer not in layers:
-            raise TicketctlError(f"--layer {layer!r} has grid {list(ticket.mask[layer].shape[:2])}"
-                                 f", too small for a {n}x{n} code")
-        layers = [layer]
+    layers = layers_for(masks, n, qr.version, support, layer, sized)
     if copies > len(layers):
-        raise TicketctlError(f"--copies {copies} needs {copies} layers with a {n}x{n} grid; "
-                             f"only {len(layers)} have one")
+        raise TicketctlError(f"--copies {copies} needs {copies} layers with a grid of {n}x{n} "
+                             f"modules; only {len(layers)} have one")
     best = []
-    for depth, name in enumerate(layers[:copies]):
-        cost = placement_costs(grid(ticket.mask[name]) > 0, qr.matrix, data)
+    for depth, (name, b) in enumerate(layers[:copies]):
+        cost = placement_costs(grid(masks[name], b) > 0, qr.matrix, data)
         r, c = np.unravel_index(int(np.argmin(cost)), cost.shape)
-        best.append((int(cost[r, c]), depth, Placement(name, int(r), int(c))))
+        best.append((int(cost[r, c]), depth, Placement(name, int(r), int(c), b.view, b.block)))
     # Lower layers first: under global magnitude pruning they lose fewest weights (larger
     # weights, fewer inputs per channel), so their code survives pruning best; within a
     # layer the offset needing the fewest changes.
@@ -113,17 +174,23 @@ def choose_placements(ticket: Ticket, qr: QRCode, layer: str | None = None,
     return [p for _, _, p in best[:copies]]
 
 
-def _new_values(layer_w: torch.Tensor, kept: torch.Tensor, count: int,
-                gen: torch.Generator) -> torch.Tensor:
-    """Weights for new connections where no true values are known: random signs, magnitudes
-    between the layer's median and 90th-percentile kept |w| (the paper's random connections,
-    sized so the owner's magnitude-floor defence never removes them)."""
-    mags = layer_w[kept].abs()
-    lo, hi = (float(mags.quantile(0.5)), float(mags.quantile(0.9))) if mags.numel() else \
-        (0.05, 0.1)
+def _value_range(layer_w: torch.Tensor, kept: torch.Tensor) -> tuple[float, float]:
+    """The layer's median and 90th-percentile kept |w|: where new connections' magnitudes lie
+    when no true values are known (the paper's random connections, sized so the owner's
+    magnitude-floor defence never removes them)."""
+    mags = layer_w[kept].abs().double().numpy()
+    if not mags.size:
+        return 0.05, 0.1
+    lo, hi = np.quantile(mags, [0.5, 0.9])  # numpy: no size limit, unlike torch.quantile
+    return float(lo), float(hi)
+
+
+def _new_values(lo: float, hi: float, count: int, gen: torch.Generator,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Random signs, magnitudes uniform in [lo, hi]."""
     m = lo + (hi - lo) * torch.rand(count, generator=gen)
     s = torch.randint(0, 2, (count,), generator=gen) * 2 - 1
-    return (m * s).to(layer_w.dtype)
+    return (m * s).to(dtype)
 
 
 def embed(ticket: Ticket, qr: QRCode, placements: list[Placement], support: int = 3,
@@ -133,113 +200,195 @@ def embed(ticket: Ticket, qr: QRCode, placements: list[Placement], support: int 
 
     values: full (unpruned) weights to take new connections from, e.g. the rewind point of
     the `find` run; without them new connections get random weights."""
+    state, masks, report = write_code(ticket.state, ticket.mask, qr, placements, support,
+                                      seed, values)
+    signed = ticket.derive(state=state, mask=Mask(masks), kind=Kind.SIGNED,
+                           extra={**ticket.extra, "signed_from": ticket.tensors_sha256()})
+    return signed, report
+
+
+def _kept(masks: Mapping[str, torch.Tensor]) -> int:
+    return sum(int(torch.count_nonzero(m)) for m in masks.values())
+
+
+def write_code(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+               qr: QRCode, placements: list[Placement], support: int = 3, seed: int = 0,
+               values: Mapping[str, torch.Tensor] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], EmbedReport]:
+    """`embed` on weights and masks alone (any network): new dicts with the code written and
+    the number of kept weights unchanged. A light module empties its block; a dark one keeps
+    at least `support` weights of it (all of them when the block is smaller)."""
     if support < 1:
         raise TicketctlError(f"--support must be at least 1, got {support}")
     gen = torch.Generator().manual_seed(seed)
     n = qr.matrix.shape[0]
     data = ~function_module_map(qr.version)
-    state = {k: v.clone() for k, v in ticket.state.items()}
-    masks = {k: v.clone() for k, v in ticket.mask.items()}
-    protected = {k: torch.zeros_like(v) for k, v in masks.items()}  # the regions' kernels
+    state = {k: v.clone().contiguous() for k, v in state.items()}
+    masks = {k: v.clone().contiguous() for k, v in masks.items()}
+    kept_before = _kept(masks)
+    # the regions' blocks, in the signed layers
+    protected = {p.layer: torch.zeros_like(masks[p.layer]) for p in placements}
     added = removed = changed = 0
     for p in placements:
-        rows, cols = p.region(n)
         w, m = state[p.layer], masks[p.layer]
-        counts = grid(m)[rows, cols]
-        protected[p.layer][rows, cols] = True
+        b = p.blocks(m.shape)
+        rows, cols = p.region(n)
+        counts = b.counts(m)[rows, cols]
+        b.modules(protected[p.layer])[rows, cols] = True
+        flat_w, flat_m = w.view(-1), m.view(-1)
+        lo, hi = _value_range(w, m)
+        src = values[p.layer].reshape(-1) if values is not None else None
         for i, j in zip(*np.nonzero(data), strict=True):
-            o, c = p.row + int(i), p.col + int(j)
-            kernel_m = m[o, c].reshape(-1)
-            kernel_w = w[o, c].reshape(-1)
+            ids = b.indices(p.row + int(i), p.col + int(j))
             if qr.matrix[i, j]:
-                need = min(support, kernel_m.numel()) - int(counts[i, j])
+                need = min(support, len(ids)) - int(counts[i, j])
                 if counts[i, j] == 0:
                     changed += 1
                 if need > 0:
-                    free = torch.nonzero(~kernel_m).squeeze(1)
-                    if values is not None:
-                        src = values[p.layer][o, c].reshape(-1)
+                    free = ids[~flat_m[ids]]
+                    if src is not None:
                         pick = free[torch.argsort(src[free].abs(), descending=True,
                                                   stable=True)[:need]]
-                        new = src[pick].to(kernel_w.dtype)
+                        new = src[pick].to(w.dtype)
                     else:
                         pick = free[torch.randperm(len(free), generator=gen)[:need]]
-                        new = _new_values(w, m, len(pick), gen)
-                    kernel_m[pick] = True
-                    kernel_w[pick] = new
+                        new = _new_values(lo, hi, len(pick), gen, w.dtype)
+                    flat_m[pick] = True
+                    flat_w[pick] = new
                     added += len(pick)
-                    m[o, c] = kernel_m.reshape(m[o, c].shape)
-                    w[o, c] = kernel_w.reshape(w[o, c].shape)
             elif counts[i, j] > 0:
                 removed += int(counts[i, j])
                 changed += 1
-                m[o, c] = False
-                w[o, c] = 0
+                flat_m[ids] = False
+                flat_w[ids] = 0
     delta = added - removed
     _compensate(state, masks, protected, delta, gen, values)
-    signed_mask = Mask(masks)
-    if signed_mask.num_kept != ticket.mask.num_kept:
+    if _kept(masks) != kept_before:
         raise RuntimeError("density compensation failed")  # a bug, not bad input
-    report = EmbedReport(placements, changed, added, removed, delta, ticket.density,
-                         signed_mask.density)
-    signed = ticket.derive(state=state, mask=signed_mask, kind=Kind.SIGNED,
-                           extra={**ticket.extra, "signed_from": ticket.tensors_sha256()})
-    return signed, report
+    total = sum(m.numel() for m in masks.values())
+    density = kept_before / total if total else 1.0
+    return state, masks, EmbedReport(list(placements), changed, added, removed, delta,
+                                     density, density)
+
+
+def _extremes(scores: Iterator[tuple[str, torch.Tensor, torch.Tensor]], k: int,
+              largest: bool) -> dict[str, torch.Tensor]:
+    """Per layer, the flat positions among the k largest (smallest) scores over all layers;
+    `scores` gives each layer's candidate positions and their scores. Each layer's own k
+    best hold the overall k best, so nothing the size of the whole model is concatenated."""
+    names, pos, vals = [], [], []
+    for name, where, score in scores:
+        top = torch.topk(score, min(k, len(score)), largest=largest, sorted=False).indices
+        names += [name] * len(top)
+        pos.append(where[top])
+        vals.append(score[top].double())
+    best = torch.topk(torch.cat(vals), k, largest=largest, sorted=False).indices.tolist()
+    flat_pos = torch.cat(pos)
+    out: dict[str, list[int]] = {}
+    for i in best:
+        out.setdefault(names[i], []).append(int(flat_pos[i]))
+    return {name: torch.tensor(p, dtype=torch.long) for name, p in out.items()}
+
+
+def _random_free(masks: dict[str, torch.Tensor], protected: dict[str, torch.Tensor],
+                 count: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """`count` distinct pruned positions outside the regions, uniformly over the model: drawn
+    over every position and kept when free (most are, in a ticket), exact when that falls
+    short."""
+    names = list(masks)
+    bounds = torch.tensor([0] + [masks[k].numel() for k in names]).cumsum(0)
+    draw = torch.randint(0, int(bounds[-1]), (4 * count,), generator=gen).unique()
+    draw = draw[torch.randperm(len(draw), generator=gen)]
+    layer = torch.searchsorted(bounds, draw, right=True) - 1
+    ok = torch.zeros(len(draw), dtype=torch.bool)
+    for i, k in enumerate(names):
+        sel = layer == i
+        local = draw[sel] - bounds[i]
+        ok[sel] = ~masks[k].view(-1)[local]
+        if k in protected:
+            ok[sel] &= ~protected[k].view(-1)[local]
+    draw, layer = draw[ok][:count], layer[ok][:count]
+    if len(draw) < count:  # tiny or dense layers: an exact draw
+        every = torch.cat([torch.nonzero(
+            (~masks[k] & ~protected[k] if k in protected else ~masks[k]).view(-1)).squeeze(1) +
+            bounds[i] for i, k in enumerate(names)])
+        draw = every[torch.randperm(len(every), generator=gen)[:count]]
+        layer = torch.searchsorted(bounds, draw, right=True) - 1
+    return {k: draw[layer == i] - bounds[i] for i, k in enumerate(names)
+            if bool((layer == i).any())}
 
 
 def _compensate(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                 protected: dict[str, torch.Tensor], delta: int, gen: torch.Generator,
-                values: dict[str, torch.Tensor] | None) -> None:
+                values: Mapping[str, torch.Tensor] | None) -> None:
     """Remove `delta` lowest-magnitude kept weights outside the regions (delta > 0), or
     restore -delta pruned ones there (delta < 0): by largest true value when known, else at
-    random positions with random weights."""
+    random positions with random weights. Changes `state` and `masks` (contiguous) in
+    place."""
     if delta == 0:
         return
-    names = list(masks)
 
-    flat_out = torch.cat([~protected[k].reshape(-1) for k in names])
-    flat_m = torch.cat([masks[k].reshape(-1) for k in names])
-    flat_w = torch.cat([state[k].reshape(-1) for k in names])
+    def free(k: str, kept: bool) -> torch.Tensor:  # kept (or pruned) outside the regions
+        m = masks[k] if kept else ~masks[k]
+        return m & ~protected[k] if k in protected else m
+
     if delta > 0:
-        cand = torch.nonzero(flat_m & flat_out).squeeze(1)
-        if len(cand) < delta:
+        have = sum(int(torch.count_nonzero(free(k, True))) for k in masks)
+        if have < delta:
             raise TicketctlError(
                 f"the ticket is too sparse to carry this code: keeping its density needs "
-                f"{delta} kept weights outside the code and it has {len(cand)}; sign a denser "
+                f"{delta} kept weights outside the code and it has {have}; sign a denser "
                 "ticket (an earlier round) or lower --support")
-        pick = cand[torch.topk(flat_w[cand].abs(), delta, largest=False, sorted=False).indices]
-        flat_m[pick] = False
-        flat_w[pick] = 0
-    else:
-        cand = torch.nonzero(~flat_m & flat_out).squeeze(1)
-        if values is not None:
-            flat_v = torch.cat([values[k].reshape(-1) for k in names]).to(flat_w.dtype)
-            pick = cand[torch.topk(flat_v[cand].abs(), -delta, sorted=False).indices]
-            flat_w[pick] = flat_v[pick]
-        else:
-            pick = cand[torch.randint(0, len(cand), (4 * -delta,), generator=gen).unique()]
-            pick = pick[torch.randperm(len(pick), generator=gen)[:-delta]]
-            if len(pick) < -delta:  # tiny layers: fall back to an exact draw
-                pick = cand[torch.randperm(len(cand), generator=gen)[:-delta]]
-            scale = float(flat_w[flat_m].abs().median()) if bool(flat_m.any()) else 0.05
-            flat_w[pick] = (torch.randn(len(pick), generator=gen) * scale).to(flat_w.dtype)
-        flat_m[pick] = True
-    start = 0
-    for k in names:
-        size = masks[k].numel()
-        masks[k] = flat_m[start:start + size].reshape(masks[k].shape).clone()
-        state[k] = flat_w[start:start + size].reshape(state[k].shape).clone()
-        start += size
+
+        def smallest() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+            for k in masks:
+                where = torch.nonzero(free(k, True).view(-1)).squeeze(1)
+                yield k, where, state[k].view(-1)[where].abs()
+
+        for k, pos in _extremes(smallest(), delta, largest=False).items():
+            masks[k].view(-1)[pos] = False
+            state[k].view(-1)[pos] = 0
+        return
+    need = -delta
+    have = sum(int(torch.count_nonzero(free(k, False))) for k in masks)
+    if have < need:
+        raise TicketctlError(
+            f"the ticket is too dense to carry this code: keeping its density needs {need} "
+            f"pruned weights outside the code and it has {have}; sign a sparser ticket")
+    if values is not None:
+        def largest() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+            for k in masks:
+                where = torch.nonzero(free(k, False).view(-1)).squeeze(1)
+                yield k, where, values[k].reshape(-1)[where].abs()
+
+        for k, pos in _extremes(largest(), need, largest=True).items():
+            state[k].view(-1)[pos] = values[k].reshape(-1)[pos].to(state[k].dtype)
+            masks[k].view(-1)[pos] = True
+        return
+    # their scale: the median kept |w|, read on every step-th weight (about a million)
+    step = max(1, sum(m.numel() for m in masks.values()) >> 20)
+    kept = torch.cat([state[k].view(-1)[::step][masks[k].view(-1)[::step]].abs()
+                      for k in masks])
+    scale = float(kept.median()) if kept.numel() else 0.05
+    for k, pos in _random_free(masks, protected, need, gen).items():
+        state[k].view(-1)[pos] = (torch.randn(len(pos), generator=gen) * scale).to(
+            state[k].dtype)
+        masks[k].view(-1)[pos] = True
 
 
 def observed_region(mask: torch.Tensor, placement: Placement, n: int) -> np.ndarray:
-    """Kept-weight counts of the region's kernels (a module reads dark when > 0)."""
-    rows, cols = placement.region(n)
-    g = grid(mask)
+    """Kept-weight counts of the region's modules (a module reads dark when > 0)."""
+    b = placement.blocks(mask.shape)
+    if not b.fits(mask.shape):
+        raise CheckFailed(f"the receipt is for another ticket: layer {placement.layer} has "
+                          f"{mask.numel()} weights, the receipt reads it as a "
+                          f"{b.view[0]}x{b.view[1]} matrix")
+    g = b.counts(mask)
     if g.shape[0] < placement.row + n or g.shape[1] < placement.col + n:
         raise CheckFailed(f"the receipt is for another ticket: layer {placement.layer} "
                           f"({g.shape[0]}x{g.shape[1]}) cannot hold the recorded region at "
                           f"({placement.row}, {placement.col})")
+    rows, cols = placement.region(n)
     return g[rows, cols]
 
 
@@ -247,7 +396,7 @@ def extract(masks: dict[str, torch.Tensor], placements: list[Placement], version
             mask_pattern: int, min_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Module matrix read from the placements (module-wise majority over copies; a tie reads
     dark, since pruning only ever turns dark modules light), with the function patterns
-    filled in from the standard. A module reads dark when its kernel keeps at least
+    filled in from the standard. A module reads dark when its block keeps at least
     `min_count` weights: a signed dark module has `support` of them, a weight revived by an
     add-on attack only one. Returns (matrix, per-module dark votes)."""
     filler = encode("", version=version, mask_pattern=mask_pattern).matrix

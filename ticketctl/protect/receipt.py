@@ -54,8 +54,12 @@ MAX_KEY_BYTES = 64 << 10
 
 MAX_MODULES = (17 + 4 * MAX_VERSION) ** 2
 MATRIX_HEX = 2 * -(-MAX_MODULES // 8)
+# the module grid (protect/blocks.py): absent in receipts written before blocks, which read
+# the layer's kernel grid
+PAIR = List(Int(1, 1 << 40), length=2)
 PLACEMENT = Obj({"layer": Field(Str(256), required=True), "row": Field(Int(0, 1 << 31),
-                 required=True), "col": Field(Int(0, 1 << 31), required=True)})
+                 required=True), "col": Field(Int(0, 1 << 31), required=True),
+                 "view": Field(PAIR), "block": Field(PAIR)})
 # per channel of a signed layer: its largest |w| and sorted kernel counts (rows, cols), and
 # the (channel, pattern, count) triples of its kernels' 0/1 patterns (protect/align.py)
 FINGERPRINT = Obj({"rows": Field(Table(Float()), required=True),
@@ -175,7 +179,7 @@ class Receipt:
                 continue
             value = getattr(self, f.name)
             if f.name == "placements":
-                value = [{"layer": p.layer, "row": p.row, "col": p.col} for p in value] or None
+                value = [p.to_json() for p in value] or None
             if value is not None:
                 out[f.name] = value
         return {**out, **self.other}
@@ -196,8 +200,8 @@ class Receipt:
         check(RECEIPT_FIELDS, r, where, "receipt")
         known = {f.name for f in dataclasses.fields(cls)} - _UNSIGNED
         values = {k: v for k, v in r.items() if k in known and k != "placements"}
-        placements = [Placement(p["layer"], p["row"], p["col"])
-                      for p in r.get("placements") or []]
+        placements = [Placement(p["layer"], p["row"], p["col"], _pair(p.get("view")),
+                                _pair(p.get("block"))) for p in r.get("placements") or []]
         receipt = cls(**values, placements=placements,
                       other={k: v for k, v in r.items() if k not in known},
                       public_key=doc.get("public_key"), signature=doc.get("signature"),
@@ -216,6 +220,13 @@ class Receipt:
         if not self.placements:
             raise TicketctlError(f"{where}: receipt field 'placements' must list at least one "
                                  "placement (it commits a QR code)")
+        for i, p in enumerate(self.placements):
+            if (p.view is None) != (p.block is None):
+                raise TicketctlError(f"{where}: receipt field 'placements[{i}]' must give both "
+                                     "'view' and 'block', or neither")
+            if p.view is not None and (p.block[0] > p.view[0] or p.block[1] > p.view[1]):
+                raise TicketctlError(f"{where}: receipt field 'placements[{i}].block' must fit "
+                                     f"inside its 'view' {list(p.view)}, got {list(p.block)}")
         n = 17 + 4 * int(self.qr_version)
         digits = 2 * -(-n * n // 8)
         if len(self.matrix) != digits:
@@ -282,6 +293,10 @@ RECEIPT_FILE = Obj({
     "public_key": Field(Base64(32, "a raw Ed25519 public key")),
     "signature": Field(Base64(64, "an Ed25519 signature")),
 })
+
+
+def _pair(value: list[int] | None) -> tuple[int, int] | None:
+    return None if value is None else (int(value[0]), int(value[1]))
 
 
 def trigger_receipt(trigger_sha256: str, n: int, private: Ed25519PrivateKey | None) -> Receipt:

@@ -3,7 +3,10 @@ suspect model against a receipt, or scan it for any code when there is none."""
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -13,24 +16,28 @@ from ticketctl import __version__
 from ticketctl.artifacts import Ticket
 from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.protect.align import align, fingerprints
+from ticketctl.protect.blocks import candidate_blocks
 from ticketctl.protect.embed import (
     EmbedReport,
     Placement,
-    candidate_layers,
     choose_placements,
+    correlate,
     embed,
     extract,
     grid,
+    layers_for,
     placement_costs,
 )
 from ticketctl.protect.qr import (
     QRCode,
+    block_layout,
     capacity_bytes,
     data_module_order,
     decode_matrix,
     encode,
     function_module_map,
 )
+from ticketctl.protect.qr.codec import PAD_BYTES
 from ticketctl.protect.qr.layout import mask_matrix
 from ticketctl.protect.receipt import Receipt, sha256
 from ticketctl.protect.stats import binomial_tail, precision_tail
@@ -46,26 +53,22 @@ def _unpack(hexbits: str, n: int) -> np.ndarray:
     return bits[: n * n].reshape(n, n).astype(bool)
 
 
-def best_code(ticket: Ticket, message: str, version: int | None, mask_pattern: int | None,
-              layer: str | None, max_version: int) -> QRCode:
+def best_code(masks: Mapping[str, torch.Tensor], message: str, version: int | None,
+              mask_pattern: int | None, layer: str | None, max_version: int,
+              support: int = 3) -> QRCode:
     """The code (over the 8 mask patterns unless one is given) that needs the fewest changes
-    in the layers it may go to."""
+    in the layer it goes to first (the lowest that holds it, or `layer`)."""
     patterns = [mask_pattern] if mask_pattern is not None else list(range(8))
     best: tuple[int, QRCode] | None = None
     for pattern in patterns:
         qr = encode(message, version=version, mask_pattern=pattern, max_version=max_version)
         n = qr.matrix.shape[0]
         data = ~function_module_map(qr.version)
-        layers = [layer] if layer else candidate_layers(ticket, n)[:1]  # the lowest layer
-        costs = [int(placement_costs(grid(ticket.mask[k]) > 0, qr.matrix, data).min())
-                 for k in layers if k in ticket.mask and ticket.mask[k].shape[0] >= n
-                 and ticket.mask[k].shape[1] >= n]
-        if costs and (best is None or min(costs) < best[0]):
-            best = (min(costs), qr)
-    if best is None:  # let choose_placements explain why nothing fits
-        qr = encode(message, version=version, mask_pattern=patterns[0], max_version=max_version)
-        choose_placements(ticket, qr, layer)
-        raise AssertionError("unreachable")
+        name, b = layers_for(masks, n, qr.version, support, layer, sized=version is not None)[0]
+        cost = int(placement_costs(grid(masks[name], b) > 0, qr.matrix, data).min())
+        if best is None or cost < best[0]:
+            best = (cost, qr)
+    assert best is not None  # patterns is never empty
     return best[1]
 
 
@@ -82,8 +85,10 @@ def keep_largest(weight: torch.Tensor, mask: torch.Tensor, count: int) -> torch.
 
 
 def magnitude_floor(ticket: Ticket) -> float:
-    kept = torch.cat([ticket.state[k][m].abs().reshape(-1) for k, m in ticket.mask.items()])
-    return float(kept.min()) if kept.numel() else 0.0
+    """The smallest kept |w| (layer by layer: no copy of the whole model)."""
+    mins = [float(ticket.state[k][m].abs().min()) for k, m in ticket.mask.items()
+            if bool(m.any())]
+    return min(mins, default=0.0)
 
 
 def sign_ticket(
@@ -101,21 +106,50 @@ def sign_ticket(
     max_version: int = 10,
 ) -> tuple[Ticket, Receipt, EmbedReport, QRCode]:
     """Embed `message` as a QR code in the mask; returns the signed ticket, the receipt that
-    commits to it (signed with `private_key` when given), what changed, and the code."""
+    commits to it (signed with `private_key` when given), what changed, and the code. Only
+    the ticket's weights and masks are read: any network whose masked layers can hold the
+    code (see protect/blocks.py for which weights back a module)."""
     if not message:
         raise TicketctlError("--message must not be empty")
     if not len(ticket.mask):
         raise TicketctlError("this file has no mask to sign")
-    qr = best_code(ticket, message, version, mask_pattern, layer, max_version)
-    placements = choose_placements(ticket, qr, layer=layer, copies=copies)
+    if support < 1:
+        raise TicketctlError(f"--support must be at least 1, got {support}")
+    qr = best_code(ticket.mask, message, version, mask_pattern, layer, max_version, support)
+    placements = choose_placements(ticket.mask, qr, layer=layer, copies=copies,
+                                   support=support, sized=version is not None)
     signed, report = embed(ticket, qr, placements, support=support, seed=seed, values=values)
-    matrix_sha256 = sha256(qr.matrix.astype(np.uint8).tobytes())
-    signed.extra = {**signed.extra, "receipt_matrix_sha256": matrix_sha256}
+    signed.extra = {**signed.extra, "receipt_matrix_sha256": _matrix_sha256(qr)}
+    return signed, make_receipt(signed, message, qr, placements, support, private_key), \
+        report, qr
+
+
+def _matrix_sha256(qr: QRCode) -> str:
+    return sha256(qr.matrix.astype(np.uint8).tobytes())
+
+
+# Re-aligning permuted channels (protect/align.py) builds cost matrices of out x out x in and
+# in x in x out numbers for a signed layer; beyond this many a block-mapped layer (a wide
+# linear weight) gets no fingerprints, and is read as stored. Kernel grids always get them.
+ALIGN_BUDGET = 1 << 25
+
+
+def alignable(shape: Sequence[int]) -> bool:
+    """Whether a signed layer of `shape` gets channel fingerprints in the receipt."""
+    out, inputs = shape[0], shape[1]
+    kernel_grid = len(shape) > 2 and math.prod(shape[2:]) > 1 and inputs > 1
+    return kernel_grid or out * inputs * (out + inputs) <= ALIGN_BUDGET
+
+
+def make_receipt(signed: Ticket, message: str, qr: QRCode, placements: list[Placement],
+                 support: int, private_key: Any = None) -> Receipt:
+    """The receipt that commits to `signed` carrying `qr` at `placements` (signed with
+    `private_key` when given)."""
     receipt = Receipt(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         message_sha256=sha256(message), qr_version=qr.version, mask_pattern=qr.mask_pattern,
         error_correction="H", placements=list(placements), matrix=_pack(qr.matrix),
-        matrix_sha256=matrix_sha256,
+        matrix_sha256=_matrix_sha256(qr),
         data_modules=int((~function_module_map(qr.version)).sum()), support=support,
         signed_ticket_sha256=signed.tensors_sha256(), signed_masks_sha256=signed.mask.sha256(),
         magnitude_floor=magnitude_floor(signed), arch=signed.arch, ticketctl=__version__,
@@ -123,8 +157,8 @@ def sign_ticket(
         # never changes it; revived positions make it larger)
         kept_counts={p.layer: int(signed.mask[p.layer].sum()) for p in placements},
         fingerprints={p.layer: fingerprints(signed.state[p.layer], signed.mask[p.layer])
-                      for p in placements})
-    return signed, receipt.sign(private_key), report, qr
+                      for p in placements if alignable(signed.mask[p.layer].shape)})
+    return receipt.sign(private_key)
 
 
 def masks_of(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None
@@ -140,16 +174,16 @@ def masks_of(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | No
 
 def _decode_any(masks: dict[str, torch.Tensor], placements: list[Placement],
                 r: Receipt) -> tuple[Any, int | None]:
-    """Decode at rising read thresholds: a kernel must keep 1, then 2, then 3 weights to read
+    """Decode at rising read thresholds: a block must keep 1, then 2, then 3 weights to read
     dark. Pruning only turns dark modules light, which the one-sided decoder expects; an
     add-on attack turns light modules dark with single small weights, which a higher
     threshold reads as light again. Last, plain two-sided RS at threshold 1."""
     version, pattern = int(r.qr_version), int(r.mask_pattern)
     support = int(r.support if r.support is not None else 3)
-    # a kernel cannot back a module with more weights than it has: a receipt's larger support
+    # a block cannot back a module with more weights than it has: a receipt's larger support
     # (up to its bound) would only add thresholds at which every module reads light
-    kernel = max(int(np.prod(masks[p.layer].shape[2:])) for p in placements)
-    for t in range(1, max(1, min(support, kernel)) + 1):
+    block = max(p.blocks(masks[p.layer].shape).size for p in placements)
+    for t in range(1, max(1, min(support, block)) + 1):
         matrix, _ = extract(masks, placements, version, pattern, min_count=t)
         result = decode_matrix(matrix, version, pattern)
         if result.message is not None:
@@ -218,7 +252,7 @@ def read_signature(masks: dict[str, torch.Tensor], receipt: Receipt, public_key:
         data_modules=total, matches=matches, precision_p_value=p_prec,
         decoded_matches_receipt=message_ok, decode_method=result.method,
         decode_min_count=threshold,
-        placements=[{"layer": q.layer, "row": q.row, "col": q.col} for q in placements],
+        placements=[q.to_json() for q in placements],
         comparisons=len(views), alignment=alignment, floor_defence=floor_defence)
 
 
@@ -242,60 +276,114 @@ def read_code(masks: dict[str, torch.Tensor], receipt: Receipt) -> np.ndarray:
     return matrix
 
 
-def _header_survivors(dark: np.ndarray, version: int, pattern: int, n: int,
-                      slack: int = 0) -> np.ndarray:
-    """Offsets whose first 12 data bits can be a byte-mode header (mode 0100, a length the
-    version holds) under one-sided damage: no observed dark where the header needs light, at
-    most `slack` lights where it needs dark. A cheap filter before full decoding."""
-    order = data_module_order(version)[:12]
+@cache
+def _message_modules(version: int) -> np.ndarray:
+    """[8 x data codewords, 2]: the module of each data bit in message order (blocks
+    de-interleaved: data codeword j of the message is not stream byte j when the version has
+    several blocks)."""
+    order = data_module_order(version)
+    layout = block_layout(version)
+    stream = [pos for block, count in zip(layout.positions, layout.data_counts, strict=True)
+              for pos in block[:count]]
+    return np.array([order[8 * s + b] for s in stream for b in range(8)], dtype=np.int64)
+
+
+@cache
+def _known(version: int, pattern: int, length: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """What a code holding a message of `length` bytes is known to store, whatever the
+    message: its 12 header modules as a number (bit i set: the module of header bit i is
+    dark; mode 0100 and the length), and the modules after the message (terminator, zero
+    fill, pad codewords 0xEC 0x11) as positions [k, 2] and stored values [k]."""
+    modules = _message_modules(version)
     mask = mask_matrix(version, pattern)
-    h, w = dark.shape[0] - n + 1, dark.shape[1] - n + 1
-    obs = np.stack([dark[r:r + h, c:c + w] for r, c in order])  # [12, h, w]
-    keep = np.zeros((h, w), dtype=bool)
+    header = [0, 1, 0, 0] + [(length >> (7 - i)) & 1 for i in range(8)]
+    code = sum((b ^ int(mask[r, c])) << i
+               for i, (b, (r, c)) in enumerate(zip(header, modules[:12], strict=True)))
+    data = len(modules)
+    end = 12 + 8 * length
+    aligned = -(-(end + min(4, data - end)) // 8) * 8
+    tail = [0] * (aligned - end) + [(PAD_BYTES[j % 2] >> (7 - b)) & 1
+                                    for j in range((data - aligned) // 8) for b in range(8)]
+    where = modules[end:]
+    return code, where, np.array(tail, dtype=bool) ^ mask[where[:, 0], where[:, 1]]
+
+
+_ONES = np.array([bin(i).count("1") for i in range(1 << 12)])
+
+
+def _code_candidates(dark: np.ndarray, offsets: np.ndarray, codes: np.ndarray, version: int,
+                     pattern: int) -> tuple[np.ndarray, np.ndarray]:
+    """The offsets where a code of this version and mask pattern can sit, and whether its
+    header is intact there: the header reads as a byte-mode header of some length, intact or
+    with one dark module lost (one-sided damage), and of the modules that length leaves known
+    after the message at most a quarter differ. Cheap filters before full decoding; a code
+    damaged enough to fail them would not decode either, short of damage aimed at them."""
+    near = np.zeros(len(codes), dtype=bool)
+    intact = np.zeros(len(codes), dtype=bool)
     for length in range(1, capacity_bytes(version) + 1):
-        bits = [0, 1, 0, 0] + [(length >> (7 - i)) & 1 for i in range(8)]
-        stored = np.array([b ^ int(mask[r, c]) for b, (r, c) in zip(bits, order, strict=True)],
-                          dtype=bool)[:, None, None]
-        impossible = (obs & ~stored).any(0)
-        lost = (~obs & stored).sum(0)
-        keep |= ~impossible & (lost <= slack)
-    # a code's modules are about half dark; one-sided damage of up to half of them leaves at
-    # least a quarter (the regions of sparse layers fail this at once)
-    ii = np.pad(dark.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    count = ii[n:, n:] - ii[:-n, n:] - ii[n:, :-n] + ii[:-n, :-n]
-    keep &= (count >= 0.25 * n * n) & (count <= 0.75 * n * n)
-    return np.argwhere(keep)
+        code, where, stored = _known(version, pattern, length)
+        exact = codes == code
+        sel = np.nonzero(exact | ((codes & ~code) == 0) & (_ONES[code & ~codes] == 1))[0]
+        if len(sel) and len(where):
+            seen = dark[offsets[sel, 0, None] + where[None, :, 0],
+                        offsets[sel, 1, None] + where[None, :, 1]]
+            sel = sel[(seen != stored).sum(1) <= len(where) // 4]
+        near[sel] = True
+        intact[sel] |= exact[sel]
+    return offsets[near], intact[near]
+
+
+def _header_readings(dark: np.ndarray, version: int) -> tuple[np.ndarray, np.ndarray]:
+    """The offsets where a code could sit, and the 12-bit reading of its header modules at
+    each. A code's data modules are about half dark; one-sided damage of up to half of them
+    leaves at least a quarter (the regions of sparse layers fail this at once). Only data
+    modules count: the function patterns are never written, so they keep whatever the
+    layer had (mostly dark in a dense layer)."""
+    data = ~function_module_map(version)
+    count = np.rint(correlate(dark, data))
+    total = int(data.sum())
+    offsets = np.argwhere((count >= 0.25 * total) & (count <= 0.75 * total))
+    codes = np.zeros(len(offsets), dtype=np.int64)
+    for i, (r, c) in enumerate(_message_modules(version)[:12]):
+        codes |= dark[offsets[:, 0] + r, offsets[:, 1] + c].astype(np.int64) << i
+    return offsets, codes
+
+
+SCAN_SUPPORTS = (1, 3)  # the mappings a scan tries: one weight per module, and the default
 
 
 def scan(masks: dict[str, torch.Tensor], versions: range = range(1, 5),
-         patterns: range = range(8)) -> list[dict[str, Any]]:
-    """Without a receipt: try every layer, version (1-4 by default: up to 50 bytes), mask
-    pattern and offset, and report every message that decodes; the one-sided decoder never
-    returns a wrong message, so a report is evidence even with no receipt at hand. The number
-    of places tried is returned with each find for a multiple-comparison reading."""
+         patterns: range = range(8), supports: Sequence[int] = SCAN_SUPPORTS
+         ) -> list[dict[str, Any]]:
+    """Without a receipt: try every layer, module grid (the kernel grid and the blocks of
+    each of `supports`), version (1-4 by default: up to 50 bytes), mask pattern and offset,
+    and report every message that decodes; the one-sided decoder never returns a wrong
+    message, so a report is evidence even with no receipt at hand. The number of places
+    tried is returned with each find for a multiple-comparison reading."""
     found = []
     tried = 0
+    grids = [(name, b, b.counts(m) > 0) for name, m in masks.items()
+             for b in candidate_blocks(m.shape, supports) if b.fits(m.shape)]
     for version in versions:
         n = 17 + 4 * version
         func = function_module_map(version)
+        readings = [(name, b, dark, *_header_readings(dark, version))
+                    for name, b, dark in grids if min(dark.shape) >= n]
         for pattern in patterns:
             filler = encode("", version=version, mask_pattern=pattern).matrix
-            for name, m in masks.items():
-                dark = grid(m) > 0
-                if dark.shape[0] < n or dark.shape[1] < n:
-                    continue
+            for name, b, dark, offsets, codes in readings:
                 tried += (dark.shape[0] - n + 1) * (dark.shape[1] - n + 1)
                 # intact headers get the full one-sided decoder; a damaged header only plain RS
-                exact = {tuple(x) for x in _header_survivors(dark, version, pattern, n, 0)}
-                for row, col in _header_survivors(dark, version, pattern, n, 1):
+                places, intacts = _code_candidates(dark, offsets, codes, version, pattern)
+                for (row, col), intact in zip(places, intacts, strict=True):
                     matrix = dark[row:row + n, col:col + n].copy()
                     matrix[func] = filler[func]
-                    res = decode_matrix(matrix, version, pattern,
-                                        one_sided=(int(row), int(col)) in exact)
+                    res = decode_matrix(matrix, version, pattern, one_sided=bool(intact))
                     if res.message is not None:
                         found.append({"message": res.message, "layer": name, "row": int(row),
                                       "col": int(col), "qr_version": version,
-                                      "mask_pattern": pattern, "method": res.method})
+                                      "mask_pattern": pattern, "method": res.method,
+                                      **b.to_json()})
     for f in found:
         f["places_tried"] = tried
     return found

@@ -24,6 +24,13 @@ from ticketctl.device import resolve_device
 from ticketctl.distributed import DistContext, check_same
 from ticketctl.errors import TicketctlError
 from ticketctl.models import ARCHS, build_model, prunable_names
+from ticketctl.models.sources import (
+    FACTORY,
+    NetworkInfo,
+    current_factory,
+    fingerprint,
+    source_of,
+)
 from ticketctl.prune.magnitude import magnitude_prune
 from ticketctl.prune.rundir import (
     BEST_CANDIDATE,
@@ -59,17 +66,26 @@ class FindSettings:
     split_seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    arch_args: dict[str, Any] = field(default_factory=dict)  # a torchvision/timm/factory's
+    prunable: str | None = None  # --prunable: which weights are pruned, by name
+    fingerprint: str | None = None  # of a network from outside, once built
 
     def to_dict(self) -> dict[str, Any]:
+        # the newer fields only when set, so run folders of built-ins keep their settings
         return {"arch": self.arch, "dataset": self.dataset, "data_dir": self.data_dir,
                 "val_size": self.val_size, "split_seed": self.split_seed,
-                "train": self.train.to_dict(), "search": self.search.to_dict()}
+                "train": self.train.to_dict(), "search": self.search.to_dict(),
+                **({"arch_args": self.arch_args} if self.arch_args else {}),
+                **({"prunable": self.prunable} if self.prunable is not None else {}),
+                **({"fingerprint": self.fingerprint} if self.fingerprint else {})}
 
     def validate(self) -> None:
         """Every problem at once, so one rerun fixes them all."""
         out = []
-        if self.arch not in ARCHS:
-            out.append(f"unknown architecture {self.arch!r}; known: {', '.join(sorted(ARCHS))}")
+        if self.arch not in ARCHS and source_of(self.arch) not in ("torchvision", "timm",
+                                                                     FACTORY):
+            out.append(f"unknown architecture {self.arch!r}; known: {', '.join(sorted(ARCHS))}, "
+                       "torchvision:NAME, timm:NAME, or --model-factory FILE.py:FUNCTION")
         if self.dataset not in DATASETS:
             out.append(f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
         raise_all(out + self.train.problems() + self.search.problems(self.train.epochs))
@@ -111,6 +127,25 @@ class FindResult:
                 "distributed": self.distributed}
 
 
+def _prunable(model: torch.nn.Module, settings: FindSettings) -> list[str]:
+    names = prunable_names(model, prune_linear=settings.search.prune_linear,
+                           pattern=settings.prunable)
+    if not names:
+        raise TicketctlError("the network has no prunable weight by the default rule "
+                             "(every convolution but the first); pass --prune-linear or "
+                             "--prunable REGEX")
+    return names
+
+
+def _network_info(settings: FindSettings) -> NetworkInfo | None:
+    if source_of(settings.arch) == "builtin":
+        return None
+    factory = current_factory()
+    return NetworkInfo(source_of(settings.arch), settings.fingerprint,
+                       factory.spec if settings.arch == FACTORY and factory else None,
+                       settings.prunable)
+
+
 def _seed_for(base: int, round_no: int, trial: int) -> int:
     return base + 1000 * round_no + trial
 
@@ -126,7 +161,7 @@ class Search:
         self.device, self.events, self.dist = device, events, dist
         # ranks split every batch; packing would multiply the work per rank
         self.pack = 1 if dist is not None else default_pack(device, pack)
-        self.full = Mask.ones(model, prunable_names(model, prune_linear=self.scfg.prune_linear))
+        self.full = Mask.ones(model, _prunable(model, settings))
         self.trainer = Trainer(model, data, self.tcfg, mask=self.full, dist=dist)
         self.packed: dict[int, PackedTrainer] = {}
         self.mask_checks = 0
@@ -142,7 +177,10 @@ class Search:
         data = load_dataset(settings.dataset, settings.data_dir, device=device,
                             val_size=settings.val_size, split_seed=settings.split_seed)
         model = build_model(settings.arch, data.num_classes, seed=settings.train.seed,
-                            in_channels=data.input_shape[0])
+                            in_channels=data.input_shape[0], **settings.arch_args)
+        if source_of(settings.arch) != "builtin":  # resuming needs the same network
+            settings.fingerprint = fingerprint(model)
+        _prunable(model, settings)  # bad input leaves no run folder behind
         run = RunDir.open(path, settings.to_dict(), resume=resume, force=force)
         return cls(settings, run, data, model, device, events, pack, dist)
 
@@ -300,7 +338,9 @@ class Search:
                  "settings_hash": settings_hash(self.settings.to_dict())}
         ticket = Ticket(state=self.rewind_model, mask=final, kind=Kind.TICKET,
                         arch=self.settings.arch,
-                        arch_args={"in_channels": self.data.input_shape[0]},
+                        arch_args={**self.settings.arch_args,
+                                   "in_channels": self.data.input_shape[0]},
+                        network=_network_info(self.settings),
                         num_classes=self.data.num_classes, class_names=self.data.class_names,
                         dataset=self.data.info(), rewind_epoch=self.scfg.rewind_epoch,
                         seed=self.tcfg.seed, extra=extra)

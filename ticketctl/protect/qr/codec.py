@@ -42,7 +42,7 @@ MAX_FREE_BITS = 10
 """A block whose certain bits leave more than 2**10 codewords open is not enumerated."""
 MAX_COMBINATIONS = 4096
 """Upper bound on whole-symbol candidates (product over blocks) checked for a unique message."""
-_PAD_BYTES = (0xEC, 0x11)
+PAD_BYTES = (0xEC, 0x11)
 _BYTE_MODE = 0b0100
 _RS_FAILURES = (reedsolo.ReedSolomonError, ValueError, ZeroDivisionError, IndexError)
 
@@ -190,7 +190,7 @@ def _parse_payload(data_codewords: bytes, version: int) -> str | None:
     if bits[end:aligned].any():
         return None
     pads = data_codewords[aligned // 8:]
-    if any(b != _PAD_BYTES[i % 2] for i, b in enumerate(pads)):
+    if any(b != PAD_BYTES[i % 2] for i, b in enumerate(pads)):
         return None
     return message
 
