@@ -3,6 +3,9 @@
 ticketctl/models/trace.py state, the path scores run on them (betweenness equal to
 networkx's), and what cannot be traced is one error naming the operation."""
 
+import importlib.util
+import json
+import textwrap
 from collections import Counter
 
 import numpy as np
@@ -13,10 +16,11 @@ from helpers import assert_one_line_error, make_ticket, run
 from torch import nn
 from trace_nets import ResCat, Separable, Tiny, ticket_of
 
-from ticketctl.artifacts import save_ticket
+from ticketctl.artifacts import Mask, Ticket, save_ticket
 from ticketctl.errors import TicketctlError
 from ticketctl.models.registry import skeleton
 from ticketctl.models.resnet_cifar import Bottleneck, CifarResNet, ShortcutA
+from ticketctl.models.sources import NetworkInfo, fingerprint
 from ticketctl.models.topology import Link, Topology, topology
 from ticketctl.protect import compute_scores, split_ticket
 from ticketctl.protect.channel_graph import build_channel_graph
@@ -222,6 +226,19 @@ def test_halves_of_a_layer_pass_through_at_their_offsets():
     assert pairs == sorted([(j, j) for j in range(6)] + [(j + 6, j) for j in range(6)])
 
 
+def test_image_patches_unfolded_into_a_linear_embedding():
+    """tests/nets.py's ViT (a --model-factory network): F.unfold cuts 2x2 patches of the
+    grey image, a linear layer embeds them (each input channel owns 4 features), a learned
+    position table is added (a per-channel constant: the embedding's order is fixed)."""
+    from nets import TinyViT
+
+    topo = topology(TinyViT(10, 1))
+    assert topo.into("embed") == [Link("input", "embed", "embed.weight", fold=4)]
+    assert topo.sizes["block.matmul"] == 4 and topo.sizes["block.fc1"] == 64
+    assert topo.fixed == {"embed"}
+    assert Link("block.matmul", "block.matmul.1", groups=4, dense=True) in topo.links
+
+
 def test_betweenness_equals_networkx():
     for model in (Separable(), Tiny()):
         graph = build_channel_graph(ticket_of(model), model)
@@ -347,3 +364,70 @@ def test_operations_without_a_channel_rule_are_named(model, named):
     with pytest.raises(TicketctlError) as err:
         topology(model)
     assert named in str(err.value) and "\n" not in str(err.value)
+
+
+USERS_CODE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, branchy):
+        super().__init__()
+        self.branchy = branchy
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + torch.relu(self.b(torch.relu(self.a(x))))
+        if self.branchy and x.mean() > 0:
+            x = -x
+        return self.head(x.mean((2, 3)))
+
+
+def plain(num_classes):
+    return Net(num_classes, False)
+
+
+def branchy(num_classes):
+    return Net(num_classes, True)
+"""
+
+
+def test_the_command_line_traces_the_users_own_network(tmp_path):
+    """`--model-factory`: a network ticketctl does not define gets its graph for betweenness
+    and the permutation attack; one that branches on a tensor value is exit 2 naming the
+    operation, while omp still splits it."""
+    code = tmp_path / "mine.py"
+    code.write_text(textwrap.dedent(USERS_CODE))
+    spec = importlib.util.spec_from_file_location("mine", code)
+    mine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mine)
+    tickets = {}
+    for name in ("plain", "branchy"):
+        torch.manual_seed(0)
+        m = getattr(mine, name)(10)
+        mask = Mask({n: torch.rand(dict(m.named_parameters())[n].shape) < 0.5
+                     for n in ("a.weight", "b.weight")})
+        t = Ticket.from_model(m, mask, kind="trained", arch="factory", num_classes=10,
+                              network=NetworkInfo("factory", fingerprint(m), f"{code}:{name}"))
+        tickets[name] = save_ticket(t, tmp_path / f"{name}.safetensors")
+
+    def split(name: str, score: str, *extra: str) -> object:
+        return run("split", tickets[name], "--score", score, "--key-ratio", "0.1",
+                   "--model-factory", f"{code}:{name}", "--key-mask", tmp_path / f"k-{score}",
+                   "--locked", tmp_path / f"l-{score}", "--force", *extra)
+
+    result = split("plain", "betweenness", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["key_weights"] > 0
+    result = run("attack", "permute", tickets["plain"], "--model-factory", f"{code}:plain",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["rows"][0]["delta"] == pytest.approx(0.0, abs=1e-9)
+    assert_one_line_error(split("branchy", "betweenness"), 2,
+                          "control flow on a tensor value (the result of `gt`)")
+    assert "x.mean() > 0" in split("branchy", "ewp").stderr
+    assert split("branchy", "omp").exit_code == 0

@@ -4,10 +4,10 @@ How. torch.fx records the forward as a graph of operations; an interpreter runs 
 example input (layers with weights on the meta device: shapes, no memory; the rest on small
 CPU zeros) and carries, beside every activation, a tensor of the same shape that holds for
 each element the global id of the channel it belongs to (-1: a constant, such as zero
-padding). Operations that only move data
-(view, reshape, flatten, transpose, permute, slicing, cat, stack, pad, chunk, split, pixel
-and channel shuffles) are run on these id tensors as they are, so every placement of every
-channel is followed exactly, whatever the reshaping. The rules for the rest:
+padding). Operations that only move data (view, reshape, flatten, transpose, permute,
+slicing, cat, stack, pad, chunk, split, pixel and channel shuffles, unfold into patches) are
+run on these id tensors as they are, so every placement of every channel is followed exactly,
+whatever the reshaping. The rules for the rest:
 
 - Weights. A conv (1-, 2- or 3-d, grouped, depthwise) or linear layer (module or functional
   with a parameter) makes a node set named after it, with one weight link from the node set
@@ -95,7 +95,7 @@ MOVES = {
     "tile", "chunk", "split", "split_with_sizes", "tensor_split", "unbind", "narrow", "select",
     "movedim", "moveaxis", "swapaxes", "swapdims", "flip", "roll", "getitem", "cat", "concat",
     "concatenate", "stack", "pad", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
-    "native_channel_shuffle",
+    "native_channel_shuffle", "unfold",
 }
 REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "prod", "std", "var", "logsumexp",
               "nansum", "nanmean"}
@@ -676,6 +676,9 @@ class _Channels(fx.Interpreter):
         if name == "pad":
             mode = kwargs.pop("mode", args[2] if len(args) > 2 else "constant")
             return self._checked(n, _pad(args[0], args[1], mode), out)
+        if name == "unfold" and n.op == "call_function":  # patches: floats only, zero padding
+            return self._checked(n, _as_floats(lambda x: n.target(x, *args[1:], **kwargs),
+                                               args[0]), out)
         if n.op == "call_method":
             result = getattr(args[0], n.target)(*args[1:], **kwargs)
         else:
@@ -799,7 +802,13 @@ def _along(channels: torch.Tensor, axis: int, shape: torch.Size) -> torch.Tensor
 def _pad(ids: torch.Tensor, padding: Any, mode: str) -> torch.Tensor:
     if mode == "constant":
         return F.pad(ids, tuple(padding), value=-1)
-    return F.pad(ids.double(), tuple(padding), mode=mode).long()  # reflect: ints not supported
+    return _as_floats(lambda x: F.pad(x, tuple(padding), mode=mode), ids)
+
+
+def _as_floats(fn: Any, ids: torch.Tensor) -> torch.Tensor:
+    """fn on ids for operations defined on floats only; shifted by one so the zeros fn pads
+    with come back as -1, no channel (ids are exact in float64)."""
+    return fn((ids + 1).double()).round().long() - 1
 
 
 def _row_sets(rows: torch.Tensor) -> tuple[torch.Tensor, list[frozenset[int]] | None]:
