@@ -7,10 +7,12 @@ import copy
 
 import pytest
 import torch
-from trace_nets import INPUTS, Mlp, ResCat, Separable, Tiny, ticket_of
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from trace_nets import INPUTS, Mlp, ResCat, Separable, Tiny, WideMlp, ticket_of
 
 from ticketctl.attacks.permute import permutable_groups, permute
 from ticketctl.protect.align import align, fingerprints
+from ticketctl.protect.signature import masks_of, sign_ticket, verify_with_receipt
 
 
 @pytest.mark.parametrize("make, groups", [
@@ -89,3 +91,27 @@ def test_permuted_mlp_hidden_layer_realigns_after_drift():
         assert not torch.equal(mask, ticket.mask["fc2.weight"])
         assert torch.equal(align(moved.state["fc2.weight"], mask, reference),
                            ticket.mask["fc2.weight"])
+
+
+def test_signed_linear_layer_verifies_after_its_units_are_permuted_and_retrained():
+    """The code in fc2 of an MLP (48 x 144: its rows and its columns, fc1's 144 hidden units,
+    are both permuted), every weight drifted: the receipt's fingerprints put the layer's
+    rows and columns back and the exact message is read."""
+    torch.manual_seed(0)
+    model = WideMlp()
+    ticket = ticket_of(model, rate=0.7)
+    signed, receipt, _, _ = sign_ticket(ticket, "signature", layer="fc2.weight",
+                                        private_key=Ed25519PrivateKey.generate())
+    assert "fc2.weight" in receipt.fingerprints
+    gen = torch.Generator().manual_seed(5)
+    drifted = signed.derive(state={
+        k: v * (0.3 + 1.4 * torch.rand(v.shape, generator=gen)) for k, v in
+        signed.state.items()})
+    moved, perms = permute(drifted, seed=2, model=model)
+    assert set(perms) == {"fc1.weight", "fc2.weight"}
+    as_stored = verify_with_receipt(masks_of(moved.state, dict(moved.mask)), receipt)
+    assert as_stored.message is None  # the code's rows are scattered
+    verdict = verify_with_receipt(masks_of(moved.state, dict(moved.mask)), receipt,
+                                  state=moved.state)
+    assert verdict.signature.alignment == "re-aligned"
+    assert verdict.message == "signature" and verdict.bit_match == 1.0

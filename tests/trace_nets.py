@@ -103,7 +103,18 @@ class Mlp(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
-INPUTS = {ResCat: (3, 16, 16), Separable: (3, 8, 8), Tiny: (5, 6), Mlp: (20,)}
+class WideMlp(nn.Module):
+    """An MLP whose 144 x 48 hidden layer is large enough to hold a QR code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(48, 144), nn.Linear(144, 48), nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc2(F.gelu(self.fc1(x)))))
+
+
+INPUTS = {ResCat: (3, 16, 16), Separable: (3, 8, 8), Tiny: (5, 6), Mlp: (20,), WideMlp: (48,)}
 
 
 def ticket_of(model: nn.Module, rate: float = 0.5) -> Ticket:
