@@ -136,7 +136,7 @@ def test_channel_graph_of_resnet20_has_shortcuts():
     graph = build_channel_graph(resnet20_ticket())
     passes = graph.param_id == -1
     # option A at stage changes: channel c of the 16-channel input lands on channel c + 8
-    stage2 = graph.node_range("layer2.0.out")
+    stage2 = graph.node_range("layer2.0.add")
     to_stage2 = passes & np.isin(graph.dst, list(stage2))
     assert sorted(graph.out_ch[to_stage2].tolist()) == list(range(8, 24))
 

@@ -1,11 +1,16 @@
 """Re-aligning a layer whose channels were permuted (a function-preserving attack), so the
-code is read where the receipt put it. Each row and column of the signed layer has a
-fingerprint that does not depend on the order of the other axis: its largest |w|, the sorted
-kept-weight counts of its kernels and, for kernels of up to 9 weights, the histogram of its
-kernels' 0/1 patterns. Retraining changes the weights but not the mask, so the patterns
-identify a channel even after the owner (or the thief) trained the model further. The
-receipt stores them; verification matches the suspect's channels to them by minimum-cost
-assignment (scipy)."""
+code is read where the receipt put it. Each row (output unit) and column (input unit) of the
+signed layer, a conv or a linear layer, has a fingerprint that does not depend on the order of
+the other axis: its largest |w| and a description of its mask. For a conv the mask part is the
+sorted kept-weight counts of its kernels and, for kernels of up to 9 weights, the histogram of
+its kernels' 0/1 patterns. A linear layer (or a 1x1 conv) has one weight per kernel, so counts
+and patterns only say how many weights a unit keeps; there the mask part is instead the sorted
+degrees of the units it is connected to (how many weights each of them keeps), a fingerprint
+of the unit's place in the mask's bipartite graph that no relabelling of either axis changes.
+Retraining changes the weights but not the mask, so the mask part identifies a channel even
+after the owner (or the thief) trained the model further. The receipt stores the fingerprints;
+verification matches the suspect's channels to them by minimum-cost assignment (scipy), the
+mask part dominating the cost."""
 
 from __future__ import annotations
 
@@ -43,13 +48,16 @@ def fingerprints(weight: torch.Tensor, mask: torch.Tensor) -> dict[str, list[lis
     w = (weight.detach().abs() * mask).to(torch.float64)
     w = w.reshape(w.shape[0], w.shape[1], -1) if w.dim() > 2 else w[..., None]
     counts = _counts(mask)
+    single = w.shape[-1] == 1  # a linear layer or a 1x1 conv
 
     def one(axis: int) -> list[list[float]]:
         vals = w.transpose(0, 1) if axis == 1 else w
         flat = vals.reshape(vals.shape[0], -1)
         top = torch.topk(flat, min(TOP, flat.shape[1]), dim=1).values.numpy()
-        c = np.sort(counts.T if axis == 1 else counts, axis=1)
-        return np.concatenate([top, c], axis=1).round(6).tolist()
+        c = counts.T if axis == 1 else counts
+        if single:  # each kept weight as the degree of the unit it connects to
+            c = c * c.sum(0, keepdims=True)
+        return np.concatenate([top, np.sort(c, axis=1)], axis=1).round(6).tolist()
 
     out = {"rows": one(0), "cols": one(1)}
     for axis, name in ((0, "row_patterns"), (1, "col_patterns")):
@@ -68,14 +76,19 @@ def _dense(triples: list[list[int]], channels: int, k: int) -> np.ndarray:
 
 
 def _match(reference: list[list[float]], suspect: list[list[float]],
-           patterns: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+           patterns: tuple[np.ndarray, np.ndarray] | None = None,
+           single: bool = False) -> np.ndarray:
     """For each reference channel, the suspect channel that best matches it; kernel
-    patterns, when both sides have them, dominate the cost (they survive retraining)."""
+    patterns (or, for one weight per kernel, the neighbours' degrees), when both sides have
+    them, dominate the cost (they survive retraining)."""
     a, b = np.asarray(reference), np.asarray(suspect)
     top = slice(0, TOP)
     scale = max(float(np.abs(a[:, top]).max()), 1e-12)
-    cost = np.abs(a[:, None, top] - b[None, :, top]).sum(-1) / scale + \
-        np.abs(a[:, None, TOP:] - b[None, :, TOP:]).sum(-1) / max(1.0, a.shape[1] - TOP)
+    mask_part = np.abs(a[:, None, TOP:] - b[None, :, TOP:]).sum(-1)
+    # degrees are integers: a unit whose neighbours differ costs at least 10, more than the
+    # weights can add (at most 1 for each of the TOP values)
+    mask_part = 10.0 * mask_part if single else mask_part / max(1.0, a.shape[1] - TOP)
+    cost = np.abs(a[:, None, top] - b[None, :, top]).sum(-1) / scale + mask_part
     if patterns is not None:
         pa, pb = patterns
         total = max(1.0, float(pa.sum(1).max()))
@@ -90,8 +103,9 @@ def _match(reference: list[list[float]], suspect: list[list[float]],
 
 def align(weight: torch.Tensor, mask: torch.Tensor,
           reference: dict[str, list[list[float]]], layer: str = "") -> torch.Tensor:
-    """The suspect's mask with rows and columns put back in the receipt's order. The
-    receipt's fingerprints (checked for types on reading) must fit the layer's shape: a
+    """The suspect's mask with rows and columns put back in the receipt's order (for a
+    linear layer, rows are output units and columns input units). The receipt's
+    fingerprints (checked for types on reading) must fit the layer's shape: a
     mismatch is a receipt for another model, left as stored."""
     if len(reference["rows"]) != mask.shape[0] or len(reference["cols"]) != mask.shape[1]:
         return mask
@@ -112,5 +126,5 @@ def align(weight: torch.Tensor, mask: torch.Tensor,
                         f"the receipt's field 'fingerprints[\"{layer}\"].{key}' names channel "
                         f"{c}, pattern {p}; the layer has {n} channels and {2 ** k} patterns")
             pats = (_dense(reference[key], n, k), _dense(fp[key], n, k))
-        orders.append(torch.from_numpy(_match(reference[name], fp[name], pats)))
+        orders.append(torch.from_numpy(_match(reference[name], fp[name], pats, k == 1)))
     return mask[orders[0]][:, orders[1]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from ticketctl.artifacts import Kind, Mask, Ticket
 from ticketctl.errors import CheckFailed, TicketctlError
@@ -30,15 +31,18 @@ def key_size(ticket: Ticket, key_ratio: float) -> int:
 
 
 def split_ticket(
-    ticket: Ticket, score: str, key_ratio: float, seed: int = 0, **score_options: Any
+    ticket: Ticket, score: str, key_ratio: float, seed: int = 0,
+    model: nn.Module | None = None, **score_options: Any
 ) -> tuple[Ticket, Ticket]:
-    """Return (key, locked)."""
+    """Return (key, locked). `model` is the ticket's network, for the path scores (by
+    default its architecture)."""
     if not len(ticket.mask):
         raise TicketctlError("this file has no mask: nothing to split")
     if ticket.kind not in (Kind.TICKET, Kind.TRAINED, Kind.SIGNED):
         raise TicketctlError(f"cannot split a '{ticket.kind}' file; split a ticket")
     n = key_size(ticket, key_ratio)
-    key_bits = top_kept(ticket, compute_scores(ticket, score, seed=seed, **score_options), n)
+    key_bits = top_kept(ticket, compute_scores(ticket, score, seed=seed, model=model,
+                                               **score_options), n)
     key_mask = Mask(key_bits)
     locked_mask = Mask({k: ticket.mask[k] & ~key_bits[k] for k in ticket.mask})
     parent = ticket.metadata()
