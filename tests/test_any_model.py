@@ -214,6 +214,13 @@ def test_weights_only_tickets_split_merge_and_attacks(tmp_path):
     for attack, extra in (("prune", ["--rates", "0.3"]), ("addon", ["--rates", "0.02"])):
         doc = _json(run("attack", attack, signed, *extra, "--receipt", receipt, "--json"))
         assert doc["rows"][0]["accuracy"] is None and doc["rows"][0]["verified"] is True
+    moved = _json(run("attack", "permute", signed, "--receipt", receipt, "-o",
+                      tmp_path / "p.safetensors", "--json"))
+    row = moved["rows"][0]
+    assert row["accuracy"] is None and row["verified"] is True and row["message"] == \
+        "(c) acme 2026"
+    before, after = load_ticket(signed), load_ticket(tmp_path / "p.safetensors")
+    assert after.mask.sha256() != before.mask.sha256()
     fake = _json(run("attack", "fake3", signed, "--receipt", receipt, "--message", "thief",
                      "--json"))
     assert fake["delta"] is None and fake["forger_on_forged"]["message"] == "thief"

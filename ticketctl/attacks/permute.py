@@ -75,3 +75,25 @@ def permute(ticket: Ticket, seed: int = 0,
                 masks[name] = masks[name][:, cols]
     return ticket.derive(state=state, mask=Mask(masks),
                          extra={**ticket.extra, "permuted": True}), perms
+
+
+def permute_blind(ticket: Ticket, seed: int = 0) -> tuple[Ticket, dict[str, list[int]]]:
+    """The permutation attack on a ticket whose network is unknown (imported from weights
+    alone): each masked layer's output units and input units relabelled independently. Not
+    function-preserving (which layers feed which is unknown), so no accuracy is measured; for
+    the signature it is the harder case, since a thief's relabelling ties a layer's inputs to
+    the previous layer's outputs and this one does not."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v.clone() for k, v in ticket.state.items()}
+    masks = {k: v.clone() for k, v in ticket.mask.items()}
+    perms = {}
+    for name, m in ticket.mask.items():
+        if m.dim() < 2:
+            continue
+        rows = torch.randperm(m.shape[0], generator=gen)
+        cols = torch.randperm(m.shape[1], generator=gen)
+        perms[name] = rows.tolist()
+        state[name] = state[name][rows][:, cols]
+        masks[name] = masks[name][rows][:, cols]
+    return ticket.derive(state=state, mask=Mask(masks),
+                         extra={**ticket.extra, "permuted": True}), perms

@@ -21,7 +21,7 @@ from ticketctl.attacks.checks import owner_checks
 from ticketctl.attacks.fake3 import fake3
 from ticketctl.attacks.finetune import finetune
 from ticketctl.attacks.keymask import summary_rows
-from ticketctl.attacks.permute import permute
+from ticketctl.attacks.permute import permute, permute_blind
 from ticketctl.attacks.removal import Method, added, mark_removed, pruned
 from ticketctl.attacks.removal import sweep as sweep_removal
 from ticketctl.attacks.runner import MATCH_POINTS
@@ -299,9 +299,12 @@ def permute_cmd(
     sweep: Sweep,
 ) -> None:
     """Permute hidden channels (outputs unchanged) and check every mark; verification
-    re-aligns channels by the fingerprints in the receipt."""
+    re-aligns channels by the fingerprints in the receipt. A ticket imported without its
+    network gets each masked layer's units relabelled independently (accuracy not
+    measured)."""
     sweep.output.check(out)
-    moved, _ = permute(load_ticket(model), seed)
+    ticket = load_ticket(model)
+    moved, _ = permute(ticket, seed) if ticket.can_build() else permute_blind(ticket, seed)
     # the permuted model is written with the rows' plot and CSV: all of them or none
     _removal(model, "permute", [0.0], lambda t, s: moved.state, marks, False, sweep,
              also=None if out is None else lambda: save_ticket(moved, out,
