@@ -67,8 +67,8 @@ class Depthwise(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def depthwise(num_classes: int, in_channels: int = 1) -> nn.Module:
-    return Depthwise(num_classes, in_channels)
+def depthwise(num_classes: int, in_channels: int = 1, width: int = 16) -> nn.Module:
+    return Depthwise(num_classes, in_channels, width)
 
 
 class Block(nn.Module):
@@ -119,8 +119,8 @@ class TinyViT(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
-def tiny_vit(num_classes: int, in_channels: int = 1) -> nn.Module:
-    return TinyViT(num_classes, in_channels)
+def tiny_vit(num_classes: int, in_channels: int = 1, dim: int = 32) -> nn.Module:
+    return TinyViT(num_classes, in_channels, dim)
 
 
 def deep_mlp(num_classes: int, in_channels: int = 1) -> nn.Module:

@@ -33,8 +33,11 @@ def adapt(ticket: Ticket, num_classes: int, in_channels: int, dataset: dict[str,
     """The thief's starting point: the released weights, with a freshly initialised dense
     head when the new dataset has another number of classes."""
     skel = ticket.skeleton()
-    have = next(m.in_channels for m in skel.modules() if isinstance(m, nn.Conv2d))
-    if have != in_channels:
+    convs = [m for m in skel.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    # a network without convolutions (a transformer on patches): what it was trained on
+    shape = (ticket.dataset or {}).get("input_shape") or [None]
+    have = convs[0].in_channels if convs else shape[0]
+    if have is not None and have != in_channels:
         raise TicketctlError(f"the model takes {have}-channel images, the dataset has "
                              f"{in_channels} channels")
     if num_classes == ticket.num_classes:
