@@ -30,6 +30,7 @@ import torch
 from bench_common import pruned_ticket, timed
 
 from ticketctl.artifacts import Mask, Ticket, load_ticket, save_ticket
+from ticketctl.models.sources import NetworkInfo
 from ticketctl.protect.receipt import load_receipt, save_receipt
 from ticketctl.protect.signature import masks_of, sign_ticket, verify_with_receipt
 from ticketctl.protect.verify import Marks, verify
@@ -52,7 +53,7 @@ def vit_b16_linears(density: float, seed: int = 0) -> Ticket:
     flat = torch.cat([w.abs().reshape(-1) for w in state.values()])
     threshold = float(flat.kthvalue(round((1 - density) * flat.numel())).values)
     mask = Mask({k: w.abs() > threshold for k, w in state.items()})
-    return Ticket(state=state, mask=mask, arch="vit_b_16")
+    return Ticket(state=state, mask=mask, arch="none", network=NetworkInfo("none"))
 
 
 def cli(*args: object) -> None:
@@ -110,6 +111,20 @@ def vit_case(density: float, d: Path, repeats: int) -> dict[str, float]:
     return out
 
 
+def external_case(ticket: Ticket, name: str, d: Path, repeats: int) -> dict[str, float]:
+    """A ticket of a network ticketctl does not know (`convert` of a state dict with no
+    --arch): the CLI's `sign`, then `verify` of the signed file, fresh processes each."""
+    ext = ticket.derive(arch="none", arch_args={}, network=NetworkInfo("none"))
+    src = save_ticket(ext, d / f"{name}.ext.safetensors", force=True)
+    signed, receipt = d / f"{name}.ext.signed.safetensors", d / f"{name}.ext.receipt.json"
+    out = {"cli_sign": timed(lambda: cli("sign", src, "--message", "signature", "--out", signed,
+                                         "--receipt", receipt, "--force"), repeats),
+           "cli_verify": timed(lambda: cli("verify", signed, "--receipt", receipt), repeats),
+           "layer": load_receipt(receipt).placements[0].layer,
+           "file_mb": round(src.stat().st_size / 2**20, 1)}
+    return out
+
+
 def pruning(density: float, rates: list[float]) -> None:
     """Sign each ticket, prune it by global magnitude, verify against the receipt."""
     print("| ticket | signed layer | block | modules changed | pruned | message | bit match "
@@ -149,6 +164,10 @@ def main() -> None:
                                                         args.repeats, with_cli=False),
             "resnet50": conv_case("resnet50", args.density, d, args.repeats, with_cli=True),
             "vit_b16 linears": vit_case(args.density, d, args.repeats),
+            "resnet50, external (arch none)": external_case(
+                pruned_ticket("resnet50", args.density), "resnet50", d, args.repeats),
+            "vit_b16 linears, external (arch none)": external_case(
+                vit_b16_linears(args.density), "vit", d, args.repeats),
         }
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python "

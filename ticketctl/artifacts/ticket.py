@@ -7,6 +7,8 @@ import copy
 import hashlib
 import importlib.util
 import json
+import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -299,24 +301,47 @@ def save_ticket(ticket: Ticket, path: str | Path, force: bool = False) -> Path:
         "format_version": str(version),
         "ticket": json.dumps(meta, sort_keys=True),
     }
-    # name order, so the same ticket always serialises to the same bytes
-    data = safetensors.torch.save({k: tensors[k] for k in sorted(tensors)}, metadata=header)
-    head, body = _canonical(data)
-    with atomic_path(path, force) as tmp, open(tmp, "wb") as f:
-        f.write(head)
-        f.write(body)
+    # name order, so the same ticket always serialises to the same bytes; written straight to
+    # the file (no copy of the whole model in memory), then the header made canonical
+    with atomic_path(path, force) as tmp:
+        safetensors.torch.save_file({k: tensors[k] for k in sorted(tensors)}, str(tmp),
+                                    metadata=header)
+        _canonical_header(tmp)
     return Path(path)
 
 
-def _canonical(data: bytes) -> tuple[bytes, memoryview]:
-    """Rewrite a safetensors header with sorted keys: the library keeps its metadata in a
-    hash map whose order changes between calls, and equal tickets should be equal files.
-    Returns the new header and a view of the unchanged tensor bytes (no copy)."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+def _canonical(head: bytes) -> bytes:
+    """A safetensors header (its 8-byte length and JSON) with sorted keys: the library keeps
+    its metadata in a hash map whose order changes between calls, and equal tickets should be
+    equal files."""
+    n = int.from_bytes(head[:8], "little")
+    header = json.loads(head[8:8 + n])
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data keeps its 8-byte alignment
-    return len(text).to_bytes(8, "little") + text, memoryview(data)[8 + n:]
+    return len(text).to_bytes(8, "little") + text
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a freshly written file's header in canonical form: in place when it keeps its
+    length (the same compact JSON in another key order, the same padding), else by copying
+    the tensor bytes behind the new header."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        old = f.read(n)
+        new = _canonical(n.to_bytes(8, "little") + old)
+        if len(new) == 8 + n:
+            f.seek(0)
+            f.write(new)
+            return
+    moved = path.with_name(path.name + ".body")
+    os.replace(path, moved)
+    try:
+        with open(moved, "rb") as src, open(path, "wb") as dst:
+            src.seek(8 + n)
+            dst.write(new)
+            shutil.copyfileobj(src, dst, 1 << 24)
+    finally:
+        moved.unlink(missing_ok=True)
 
 
 def file_format(path: Path) -> str:
