@@ -12,50 +12,21 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from bench_common import pruned_ticket, timed
-from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from trace_nets import hand_resnet  # noqa: E402  (the reference the tests use too)
 
 from ticketctl.models.registry import skeleton
-from ticketctl.models.resnet_cifar import Bottleneck, CifarResNet, ShortcutA
-from ticketctl.models.topology import Link, Topology
 from ticketctl.models.trace import traced_topology
 from ticketctl.protect.channel_graph import graph_of
 from ticketctl.protect.scores import _networkx_betweenness, edge_betweenness
-
-
-def hand_written(model: CifarResNet) -> Topology:
-    """The CIFAR ResNets' graph as it was written by hand (block sums named as tracing
-    names them)."""
-    sizes = {"input": model.conv1.in_channels, "conv1": model.conv1.out_channels}
-    links = [Link("input", "conv1", "conv1.weight")]
-    prev = "conv1"
-    for s in range(model.num_stages):
-        for i, block in enumerate(getattr(model, f"layer{s + 1}")):
-            base = f"layer{s + 1}.{i}"
-            convs = ["conv1", "conv2", "conv3"] if isinstance(block, Bottleneck) else \
-                ["conv1", "conv2"]
-            src = prev
-            for c in convs:
-                dst = f"{base}.{c}" if c != convs[-1] else f"{base}.add"
-                sizes[dst] = getattr(block, c).out_channels
-                links.append(Link(src, dst, f"{base}.{c}.weight"))
-                src = dst
-            out, sc = f"{base}.add", block.shortcut
-            if isinstance(sc, nn.Identity):
-                links.append(Link(prev, out))
-            elif isinstance(sc, ShortcutA):
-                links.append(Link(prev, out, offset=sc.extra // 2))
-            else:
-                links.append(Link(prev, out, f"{base}.shortcut.0.weight"))
-            prev = out
-    sizes["output"] = model.fc.out_features
-    links.append(Link(prev, "output", "fc.weight"))
-    return Topology(sizes, links)
 
 
 def cpu_name() -> str:
@@ -95,7 +66,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
 
     rows = []
-    for label, make in (("baseline: hand-written topology", lambda: hand_written(model)),
+    for label, make in (("baseline: hand-written topology", lambda: hand_resnet(model)),
                         ("traced topology", lambda: traced_topology(model))):
         topo_s = timed(make, args.repeats)
         topo = make()

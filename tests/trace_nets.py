@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ticketctl.artifacts import Mask, Ticket
+from ticketctl.models.resnet_cifar import Bottleneck, CifarResNet, ShortcutA
+from ticketctl.models.topology import Link, Topology
 from ticketctl.prune import magnitude_prune
 
 
@@ -136,3 +138,55 @@ def ticket_of(model: nn.Module, rate: float = 0.5) -> Ticket:
     if rate:
         mask = magnitude_prune(dict(model.named_parameters()), mask, rate)
     return Ticket.from_model(model, mask)
+
+
+# ---- the hand-written graphs the library had before tracing (the reference) ---------------
+def hand_chain(model: nn.Module) -> Topology:
+    """Plain feed-forward nets: convs in order, then the linear classifier."""
+    sizes, links = {}, []
+    prev = "input"
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            sizes.setdefault(prev, m.in_channels)
+            sizes[name] = m.out_channels
+            links.append(Link(prev, name, f"{name}.weight"))
+            prev = name
+        elif isinstance(m, nn.Linear):
+            sizes.setdefault(prev, m.in_features)
+            sizes["output"] = m.out_features
+            links.append(Link(prev, "output", f"{name}.weight"))
+            prev = "output"
+    return Topology(sizes, links)
+
+
+def hand_resnet(model: CifarResNet) -> Topology:
+    """Each block's convs in a chain whose last writes into the block's sum (named `.add`,
+    as tracing names it); the shortcut is a pass-through (option A: channel c to c + pad) or
+    the 1x1 downsample conv."""
+    sizes = {"input": model.conv1.in_channels, "conv1": model.conv1.out_channels}
+    links = [Link("input", "conv1", "conv1.weight")]
+    prev = "conv1"
+    for s in range(model.num_stages):
+        for i, block in enumerate(getattr(model, f"layer{s + 1}")):
+            base = f"layer{s + 1}.{i}"
+            convs = ["conv1", "conv2", "conv3"] if isinstance(block, Bottleneck) else \
+                ["conv1", "conv2"]
+            src = prev
+            for c in convs:
+                conv = getattr(block, c)
+                dst = f"{base}.{c}" if c != convs[-1] else f"{base}.add"
+                sizes[dst] = conv.out_channels
+                links.append(Link(src, dst, f"{base}.{c}.weight"))
+                src = dst
+            out = f"{base}.add"
+            sc = block.shortcut
+            if isinstance(sc, nn.Identity):
+                links.append(Link(prev, out))
+            elif isinstance(sc, ShortcutA):
+                links.append(Link(prev, out, offset=sc.extra // 2))
+            else:  # option B: a 1x1 downsample conv (then BatchNorm)
+                links.append(Link(prev, out, f"{base}.shortcut.0.weight"))
+            prev = out
+    sizes["output"] = model.fc.out_features
+    links.append(Link(prev, "output", "fc.weight"))
+    return Topology(sizes, links)

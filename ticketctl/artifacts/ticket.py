@@ -527,9 +527,17 @@ def ticket_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
     for name in masks:
         if name not in params:
             raise TicketctlError(f"{where}: mask {name + MASK_SUFFIX!r} names no parameter")
+    mask = _checked_mask(masks, state, {k: v.shape for k, v in params.items()}, where)
+    return _ticket(meta, state, mask)
+
+
+def _checked_mask(masks: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                  shapes: dict[str, Any], where: str) -> Mask:
+    """The masks as a Mask, each of its weight's shape (`shapes`), every pruned weight zero
+    and every weight finite."""
     try:
         mask = Mask(masks)
-        mask.check_shapes({k: v.shape for k, v in params.items()}, where=f"{where}: ")
+        mask.check_shapes(shapes, where=f"{where}: ")
     except TicketctlError as e:
         msg = str(e)
         raise TicketctlError(msg if msg.startswith(where) else f"{where}: {msg}") from None
@@ -540,7 +548,7 @@ def ticket_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
                 f"{where}: {n} pruned weight(s) of {name!r} are not zero; the file is inconsistent"
             )
     check_finite(state, where)
-    return _ticket(meta, state, mask)
+    return mask
 
 
 def _external_ticket(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -561,19 +569,7 @@ def _external_ticket(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
         problem = dtype_problem(state[name].dtype, torch.float32)
         if problem:
             raise TicketctlError(f"{where}: tensor {name!r} is {problem}")
-    try:
-        mask = Mask(masks)
-        mask.check_shapes({k: state[k].shape for k in masks}, where=f"{where}: ")
-    except TicketctlError as e:
-        msg = str(e)
-        raise TicketctlError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-    for name, m in mask.items():
-        n = int(torch.count_nonzero(state[name].masked_fill(m, 0)))
-        if n:
-            raise TicketctlError(
-                f"{where}: {n} pruned weight(s) of {name!r} are not zero; the file is inconsistent"
-            )
-    check_finite(state, where)
+    mask = _checked_mask(masks, state, {k: state[k].shape for k in masks}, where)
     return _ticket(meta, state, mask)
 
 
