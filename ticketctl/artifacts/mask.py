@@ -17,7 +17,7 @@ def tensor_digest(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
     h.update(name.encode("utf-8") + b"\0")
     h.update(str(t.dtype).removeprefix("torch.").encode() + b"\0")
     h.update(",".join(str(s) for s in t.shape).encode() + b"\0")
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # the bytes, not a copy
 
 
 class Mask(Mapping[str, torch.Tensor]):
