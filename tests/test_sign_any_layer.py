@@ -17,6 +17,8 @@ from ticketctl.artifacts import Mask, Ticket, save_ticket
 from ticketctl.attacks.fake3 import forge
 from ticketctl.attacks.removal import added
 from ticketctl.errors import CheckFailed, TicketctlError
+from ticketctl.models.sources import NetworkInfo
+from ticketctl.protect.align import QUANTILES, TOP
 from ticketctl.protect.blocks import Blocks, auto_blocks, kernel_blocks
 from ticketctl.protect.embed import Placement, grid, placement_costs, write_code
 from ticketctl.protect.qr import encode, function_module_map
@@ -27,6 +29,7 @@ from ticketctl.protect.signature import (
     scan,
     sign_ticket,
     verify_with_receipt,
+    wide,
 )
 from ticketctl.prune import magnitude_prune
 
@@ -208,13 +211,37 @@ def test_unsigned_vits_do_not_verify(vit):
         assert not verdict.verified and verdict.p_value > 1e-6
 
 
-def test_wide_linear_layers_get_no_channel_fingerprints(vit):
-    """Re-aligning permuted channels compares every pair of them: affordable for the small
-    ViT's layers, not for ViT-B's (a 2304 x 2304 x 768 cost tensor); kernel grids always."""
+def test_which_layers_get_channel_fingerprints(vit):
+    """Kernel grids and linear layers up to 8192 units a side; a wide linear layer's are
+    sampled (64 ranks of its sorted neighbour degrees), a narrow one's whole, as before."""
     layer = vit["receipt"].placements[0].layer
     assert set(vit["receipt"].fingerprints) == {layer}
     assert alignable((144, 48)) and alignable((512, 512, 3, 3))
-    assert not alignable((2304, 768)) and not alignable((768, 3072, 1, 1))
+    assert alignable((2304, 768)) and alignable((768, 3072, 1, 1))
+    assert not alignable((10_000, 768))
+    assert wide((2304, 768)) and not wide((144, 48)) and not wide((512, 512, 3, 3))
+
+
+def test_a_wide_linear_layer_verifies_after_its_units_are_permuted_and_drifted():
+    """A 1024 x 256 linear weight (beyond the whole-vector budget): signed, its rows and
+    columns permuted, every weight scaled by 0.3-1.7; the sampled fingerprints put the
+    layer back and the exact message is read."""
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(1024, 256, generator=gen)
+    mask = Mask({"w": w.abs() > 1.0})  # about 32% kept
+    ticket = Ticket(state={"w": w * mask["w"]}, mask=mask, arch="none",
+                    network=NetworkInfo("none"))
+    signed, receipt, _, _ = sign_ticket(ticket, "wide layer")
+    rows = receipt.fingerprints["w"]["rows"]
+    assert len(rows) == 1024 and len(rows[0]) == TOP + QUANTILES
+    r, c = torch.randperm(1024, generator=gen), torch.randperm(256, generator=gen)
+    state = {"w": (signed.state["w"] * (0.3 + 1.4 * torch.rand(1024, 256, generator=gen)))
+             [r][:, c]}
+    masks = {"w": signed.mask["w"][r][:, c]}
+    assert verify_with_receipt(masks_of(state, masks), receipt).message is None
+    verdict = verify_with_receipt(masks_of(state, masks), receipt, state=state)
+    assert verdict.signature.alignment == "re-aligned"
+    assert verdict.message == "wide layer" and verdict.bit_match == 1.0
 
 
 def test_scan_finds_the_code_in_linear_blocks(vit):

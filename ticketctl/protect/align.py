@@ -20,6 +20,8 @@ import torch
 from ticketctl.errors import TicketctlError
 
 TOP = 8
+# a wide linear layer's neighbour degrees, sampled at this many ranks (signature.alignable)
+QUANTILES = 64
 
 
 def _counts(mask: torch.Tensor) -> np.ndarray:
@@ -43,8 +45,11 @@ def _pattern_histograms(mask: torch.Tensor, axis: int) -> np.ndarray | None:
     return hist
 
 
-def fingerprints(weight: torch.Tensor, mask: torch.Tensor) -> dict[str, list[list[float]]]:
-    """Per output channel (row) and input channel (column)."""
+def fingerprints(weight: torch.Tensor, mask: torch.Tensor,
+                 quantiles: int | None = None) -> dict[str, list[list[float]]]:
+    """Per output channel (row) and input channel (column). With `quantiles`, a linear (or
+    1x1) layer's sorted neighbour degrees are sampled at that many evenly spaced ranks
+    instead of kept whole: a wide layer's receipt stays small and its matching cheap."""
     w = (weight.detach().abs() * mask).to(torch.float64)
     w = w.reshape(w.shape[0], w.shape[1], -1) if w.dim() > 2 else w[..., None]
     counts = _counts(mask)
@@ -57,7 +62,10 @@ def fingerprints(weight: torch.Tensor, mask: torch.Tensor) -> dict[str, list[lis
         c = counts.T if axis == 1 else counts
         if single:  # each kept weight as the degree of the unit it connects to
             c = c * c.sum(0, keepdims=True)
-        return np.concatenate([top, np.sort(c, axis=1)], axis=1).round(6).tolist()
+        c = np.sort(c, axis=1)
+        if single and quantiles is not None and c.shape[1] > quantiles:
+            c = c[:, np.linspace(0, c.shape[1] - 1, quantiles).round().astype(np.int64)]
+        return np.concatenate([top, c], axis=1).round(6).tolist()
 
     out = {"rows": one(0), "cols": one(1)}
     for axis, name in ((0, "row_patterns"), (1, "col_patterns")):
@@ -81,18 +89,20 @@ def _match(reference: list[list[float]], suspect: list[list[float]],
     """For each reference channel, the suspect channel that best matches it; kernel
     patterns (or, for one weight per kernel, the neighbours' degrees), when both sides have
     them, dominate the cost (they survive retraining)."""
-    a, b = np.asarray(reference), np.asarray(suspect)
+    from scipy.spatial.distance import cdist  # L1 distances without an n x n x d array
+
+    a, b = np.asarray(reference, dtype=np.float64), np.asarray(suspect, dtype=np.float64)
     top = slice(0, TOP)
     scale = max(float(np.abs(a[:, top]).max()), 1e-12)
-    mask_part = np.abs(a[:, None, TOP:] - b[None, :, TOP:]).sum(-1)
+    mask_part = cdist(a[:, TOP:], b[:, TOP:], "cityblock")
     # degrees are integers: a unit whose neighbours differ costs at least 10, more than the
     # weights can add (at most 1 for each of the TOP values)
     mask_part = 10.0 * mask_part if single else mask_part / max(1.0, a.shape[1] - TOP)
-    cost = np.abs(a[:, None, top] - b[None, :, top]).sum(-1) / scale + mask_part
+    cost = cdist(a[:, top], b[:, top], "cityblock") / scale + mask_part
     if patterns is not None:
         pa, pb = patterns
         total = max(1.0, float(pa.sum(1).max()))
-        cost = cost + 100.0 * np.abs(pa[:, None, :] - pb[None, :, :]).sum(-1) / total
+        cost = cost + 100.0 * cdist(pa, pb, "cityblock") / total
     from scipy.optimize import linear_sum_assignment  # seconds to import: only when used
 
     rows, cols = linear_sum_assignment(cost)
@@ -109,7 +119,10 @@ def align(weight: torch.Tensor, mask: torch.Tensor,
     mismatch is a receipt for another model, left as stored."""
     if len(reference["rows"]) != mask.shape[0] or len(reference["cols"]) != mask.shape[1]:
         return mask
-    fp = fingerprints(weight, mask)
+    # the receipt's own form: whole degree vectors, or QUANTILES samples for a wide layer
+    single = mask.dim() <= 2 or int(np.prod(mask.shape[2:])) == 1
+    wide = single and bool(reference["rows"]) and len(reference["rows"][0]) == TOP + QUANTILES
+    fp = fingerprints(weight, mask, QUANTILES if wide else None)
     for name in ("rows", "cols"):
         if reference[name] and len(reference[name][0]) != len(fp[name][0]):
             return mask

@@ -15,7 +15,7 @@ import torch
 from ticketctl import __version__
 from ticketctl.artifacts import Ticket
 from ticketctl.errors import CheckFailed, TicketctlError
-from ticketctl.protect.align import align, fingerprints
+from ticketctl.protect.align import QUANTILES, align, fingerprints
 from ticketctl.protect.blocks import candidate_blocks
 from ticketctl.protect.embed import (
     EmbedReport,
@@ -128,17 +128,24 @@ def _matrix_sha256(qr: QRCode) -> str:
     return sha256(qr.matrix.astype(np.uint8).tobytes())
 
 
-# Re-aligning permuted channels (protect/align.py) builds cost matrices of out x out x in and
-# in x in x out numbers for a signed layer; beyond this many a block-mapped layer (a wide
-# linear weight) gets no fingerprints, and is read as stored. Kernel grids always get them.
+# A linear (or 1x1) layer's fingerprints hold each unit's sorted neighbour degrees: whole up
+# to out x in x (out + in) of this many numbers (what receipts always held), sampled at
+# align.QUANTILES ranks beyond it (a ViT-B's 3072 x 768 layers), up to ALIGN_MAX_UNITS units a
+# side (re-alignment solves an assignment of that size). Kernel grids always get them.
 ALIGN_BUDGET = 1 << 25
+ALIGN_MAX_UNITS = 8192
+
+
+def wide(shape: Sequence[int]) -> bool:
+    """A linear or 1x1 layer whose fingerprints are sampled rather than whole."""
+    out, inputs = shape[0], shape[1]
+    kernel_grid = len(shape) > 2 and math.prod(shape[2:]) > 1 and inputs > 1
+    return not kernel_grid and out * inputs * (out + inputs) > ALIGN_BUDGET
 
 
 def alignable(shape: Sequence[int]) -> bool:
     """Whether a signed layer of `shape` gets channel fingerprints in the receipt."""
-    out, inputs = shape[0], shape[1]
-    kernel_grid = len(shape) > 2 and math.prod(shape[2:]) > 1 and inputs > 1
-    return kernel_grid or out * inputs * (out + inputs) <= ALIGN_BUDGET
+    return not wide(shape) or max(shape[0], shape[1]) <= ALIGN_MAX_UNITS
 
 
 def make_receipt(signed: Ticket, message: str, qr: QRCode, placements: list[Placement],
@@ -156,7 +163,9 @@ def make_receipt(signed: Ticket, message: str, qr: QRCode, placements: list[Plac
         # the owner's add-on defence: how many weights each signed layer keeps (retraining
         # never changes it; revived positions make it larger)
         kept_counts={p.layer: int(signed.mask[p.layer].sum()) for p in placements},
-        fingerprints={p.layer: fingerprints(signed.state[p.layer], signed.mask[p.layer])
+        fingerprints={p.layer: fingerprints(signed.state[p.layer], signed.mask[p.layer],
+                                            QUANTILES if wide(signed.mask[p.layer].shape)
+                                            else None)
                       for p in placements if alignable(signed.mask[p.layer].shape)})
     return receipt.sign(private_key)
 
