@@ -26,7 +26,7 @@ from ticketctl.artifacts.ticket import (
     read_header,
     read_tensors,
 )
-from ticketctl.errors import TicketctlError
+from ticketctl.errors import TicketctlError, first_line
 
 # What a ticket of each kind is, in a line.
 KIND_WHAT = {
@@ -207,7 +207,7 @@ def _npy_header(z: zipfile.ZipFile, member: str, where: str) -> tuple[tuple[int,
                 shape, _, dtype = np.lib.format.read_array_header_2_0(f)
         except (ValueError, OSError, SyntaxError, TypeError) as e:
             raise TicketctlError(f"{where}: array {member!r} is not a readable .npy "
-                                 f"({str(e).splitlines()[0][:100] if str(e) else e!r})") from None
+                                 f"({first_line(e, 100)})") from None
     return tuple(int(s) for s in shape), dtype
 
 

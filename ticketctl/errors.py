@@ -11,3 +11,10 @@ class CheckFailed(TicketctlError):
     """A verification or integrity check failed: exit status 1."""
 
     exit_code = 1
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception's message for a one-line error: its first line, cut at `limit`
+    characters, or its type's name when it has no message."""
+    text = str(e)
+    return text.splitlines()[0][:limit] if text.strip() else type(e).__name__

@@ -11,7 +11,6 @@ what the ticket said."""
 from __future__ import annotations
 
 import json
-import re
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -33,9 +32,9 @@ from ticketctl.artifacts.ticket import (
     file_format,
     read_header,
 )
-from ticketctl.errors import TicketctlError
-from ticketctl.models import ARCHS, prunable_names
-from ticketctl.models.registry import ARCH_ARGS, skeleton
+from ticketctl.errors import TicketctlError, first_line
+from ticketctl.models import ARCHS
+from ticketctl.models.registry import ARCH_ARGS, matching, required_prunable, skeleton
 from ticketctl.models.sources import (
     FACTORY,
     NO_NETWORK,
@@ -117,7 +116,7 @@ def load_torch_checkpoint(path: str | Path) -> Any:
     try:
         return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        first = first_line(e)
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise TicketctlError(
                 f"{p} holds Python objects besides tensors and was refused (ticketctl never "
@@ -323,11 +322,7 @@ def import_checkpoint(
     if masks:
         mask = Mask({k: v for k, v in masks.items()})
     else:  # a plain state dict: its zeros are the mask
-        names = prunable_names(model, prune_linear=prune_linear, pattern=prunable)
-        if not names:
-            raise TicketctlError(f"{where}: the network has no prunable weight by the default "
-                                 "rule (every convolution but the first); pass --prune-linear "
-                                 "or --prunable REGEX")
+        names = required_prunable(model, prune_linear, prunable)
         mask = Mask({n: full[n] != 0 for n in names})
     mask.check_shapes({k: v.shape for k, v in params.items()}, where=f"{where}: ")
     kind = Kind.TICKET if use_rewind else Kind.TRAINED
@@ -386,15 +381,7 @@ def _weights_only(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
                 "(no `*_mask`): pass --masks-from-zeros to take each weight's zeros as its "
                 "mask, --model-factory FILE.py:FUNCTION for your network, or --arch")
         if prunable is not None:
-            try:
-                rx = re.compile(prunable)
-            except re.error as e:
-                raise TicketctlError(f"--prunable {prunable!r} is not a regular expression "
-                                     f"({e})") from None
-            names = [k for k in weights_2d if rx.search(k)]
-            if not names:
-                raise TicketctlError(f"--prunable {prunable!r} matches no weight; the weights "
-                                     f"are {', '.join(weights_2d[:6]) or 'none'}")
+            names = matching(prunable, weights_2d)
         else:  # the weights that were pruned: those holding some zeros (all zeros is a
             # parameter initialised so, a position embedding, not a pruned layer)
             names = [k for k in weights_2d if bool((state[k] == 0).any())

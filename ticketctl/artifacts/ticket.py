@@ -21,7 +21,7 @@ from torch import nn
 from ticketctl.artifacts.io import atomic_path
 from ticketctl.artifacts.mask import Mask, tensor_digest
 from ticketctl.artifacts.sparse import dense_key, is_sparse, sparse_key
-from ticketctl.errors import CheckFailed, TicketctlError
+from ticketctl.errors import CheckFailed, TicketctlError, first_line
 from ticketctl.models import build_model
 from ticketctl.models.registry import MAX_CLASSES, skeleton
 from ticketctl.models.sources import (
@@ -389,12 +389,10 @@ def read_header(path: str | Path) -> dict[str, str]:
             return f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for every corruption
         raise TicketctlError(
-            f"{p} is not a valid safetensors file ({_short(e)}); is it truncated or corrupt?"
+            f"{p} is not a valid safetensors file ({first_line(e)}); is it truncated or corrupt?"
         ) from None
 
 
-def _short(e: Exception) -> str:
-    return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
 
 
 def parse_metadata(header: dict[str, str], where: str) -> dict[str, Any]:
@@ -438,7 +436,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(str(path))
     except Exception as e:
-        raise TicketctlError(f"{path}: cannot read tensors ({_short(e)}); truncated?") from None
+        raise TicketctlError(f"{path}: cannot read tensors ({first_line(e)}); truncated?") from None
 
 
 def load_ticket(path: str | Path, verify_hashes: bool = True) -> Ticket:

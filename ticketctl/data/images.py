@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ticketctl.errors import TicketctlError
+from ticketctl.errors import TicketctlError, first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
@@ -54,5 +54,4 @@ def read_rgb(path: str | Path, where: str | None = None) -> np.ndarray:
         raise TicketctlError(f"{where} is not a readable image ({', '.join(FORMATS)})") \
             from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
-        detail = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise TicketctlError(f"cannot read image {where}: {detail}") from None
+        raise TicketctlError(f"cannot read image {where}: {first_line(e)}") from None

@@ -130,23 +130,40 @@ def prunable_names(model: nn.Module, prune_linear: bool = False,
     plus linear weights with `prune_linear`; with `pattern`, every weight (2 or more
     dimensions) whose name the regular expression matches (re.search)."""
     if pattern is not None:
-        try:
-            rx = re.compile(pattern)
-        except re.error as e:
-            raise TicketctlError(
-                f"--prunable {pattern!r} is not a regular expression ({e})") from None
-        weights = [n for n, p in model.named_parameters() if p.dim() >= 2]
-        names = [n for n in weights if rx.search(n)]
-        if not names:
-            shown = ", ".join(weights[:6]) + (" ..." if len(weights) > 6 else "")
-            raise TicketctlError(f"--prunable {pattern!r} matches no weight; the weights are "
-                                 f"{shown or 'none'}")
-        return names
+        return matching(pattern, [n for n, p in model.named_parameters() if p.dim() >= 2])
     order = _call_order(model)
     convs = [f"{n}.weight" for n in order if isinstance(_module(model, n), nn.modules.conv._ConvNd)]
     names = convs[1:]
     if prune_linear:
         names += [f"{n}.weight" for n in order if isinstance(_module(model, n), nn.Linear)]
+    return names
+
+
+def required_prunable(model: nn.Module, prune_linear: bool = False,
+                      pattern: str | None = None) -> list[str]:
+    """`prunable_names`, refusing a network the default rule leaves nothing to prune in (a
+    transformer has no convolution but its stem)."""
+    names = prunable_names(model, prune_linear=prune_linear, pattern=pattern)
+    if not names:
+        raise TicketctlError("the network has no prunable weight by the default rule (every "
+                             "convolution but the first); pass --prune-linear or --prunable "
+                             "REGEX")
+    return names
+
+
+def matching(pattern: str, weights: list[str]) -> list[str]:
+    """The weights whose names `--prunable`'s regular expression matches (re.search); one
+    line naming the weights when none does."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise TicketctlError(f"--prunable {pattern!r} is not a regular expression ({e})") \
+            from None
+    names = [n for n in weights if rx.search(n)]
+    if not names:
+        shown = ", ".join(weights[:6]) + (" ..." if len(weights) > 6 else "")
+        raise TicketctlError(f"--prunable {pattern!r} matches no weight; the weights are "
+                             f"{shown or 'none'}")
     return names
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from ticketctl.errors import TicketctlError
+from ticketctl.errors import TicketctlError, first_line
 
 TORCHVISION = "torchvision:"
 TIMM = "timm:"
@@ -79,17 +79,11 @@ class Factory:
             raise
         except Exception as e:
             raise TicketctlError(f"model factory {self.spec} raised {type(e).__name__}: "
-                                 f"{_first_line(e)}") from None
+                                 f"{first_line(e, 200)}") from None
         if not isinstance(model, nn.Module):
             raise TicketctlError(f"model factory {self.spec} returned {type(model).__name__}, "
                                  "not a torch.nn.Module")
         return model
-
-
-def _first_line(e: BaseException) -> str:
-    """An exception's message as one line of at most 200 characters."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:200] + "..."
 
 
 _SPEC = re.compile(r"(?P<where>.+):(?P<name>[A-Za-z_][A-Za-z0-9_]*)")
@@ -120,13 +114,13 @@ def load_factory(spec: str) -> Factory:
         except Exception as e:
             sys.modules.pop(mod_name, None)
             raise TicketctlError(f"--model-factory: importing {where} raised "
-                                 f"{type(e).__name__}: {_first_line(e)}") from None
+                                 f"{type(e).__name__}: {first_line(e, 200)}") from None
     else:
         try:
             module = importlib.import_module(where)
         except Exception as e:
             raise TicketctlError(f"--model-factory: cannot import module {where!r} "
-                                 f"({type(e).__name__}: {_first_line(e)})") from None
+                                 f"({type(e).__name__}: {first_line(e, 200)})") from None
     fn = getattr(module, name, None)
     if fn is None:
         raise TicketctlError(f"--model-factory: {where} has no {name!r}")
@@ -182,7 +176,7 @@ def build_external(arch: str, num_classes: int, in_channels: int | None = None,
     try:
         return build()
     except TypeError as e:
-        raise TicketctlError(f"--arch {arch}: bad --arch-arg ({_first_line(e)})") from None
+        raise TicketctlError(f"--arch {arch}: bad --arch-arg ({first_line(e, 200)})") from None
 
 
 def parse_arch_args(pairs: list[str] | None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ticketctl.artifacts.io import atomic_path
 from ticketctl.data.images import MAX_PIXELS, MAX_SIDE, read_rgb
-from ticketctl.errors import TicketctlError
+from ticketctl.errors import TicketctlError, first_line
 
 MAX_SET_BYTES = 256 << 20  # a set's images as stored; the paper's 100 images are 300 kB
 MAX_LABELS_FILE_BYTES = 1 << 20  # a folder's labels.txt (100 lines are about 2 kB)
@@ -100,12 +100,10 @@ def load_trigger_set(path: str | Path) -> TriggerSet:
             labels = _read_npy(z, p, "labels")
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
         raise TicketctlError(f"{p} is not a trigger set .npz with `images` and `labels` "
-                             f"({_short(e)})") from None
+                             f"({first_line(e, 100)})") from None
     return _checked(images, labels, str(p))
 
 
-def _short(e: BaseException) -> str:
-    return str(e).splitlines()[0][:100] if str(e) else type(e).__name__
 
 
 def _read_npy(z: zipfile.ZipFile, p: Path, key: str) -> np.ndarray:
@@ -130,7 +128,7 @@ def _read_npy(z: zipfile.ZipFile, p: Path, key: str) -> np.ndarray:
             shape, _, dtype = read[version](f)
         except ValueError as e:
             raise TicketctlError(f"{p}: `{key}` is not a readable .npy array "
-                                 f"({_short(e)})") from None
+                                 f"({first_line(e, 100)})") from None
     if dtype.kind not in "ui":  # not float (NaN), complex, bool, strings or objects
         raise TicketctlError(f"{p}: `{key}` holds {dtype} values; trigger "
                              + ("images must be uint8 pixels 0..255" if key == "images"
@@ -153,7 +151,7 @@ def _read_npy(z: zipfile.ZipFile, p: Path, key: str) -> np.ndarray:
         try:
             return fmt.read_array(f, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
-            raise TicketctlError(f"{p}: cannot read `{key}` ({_short(e)}); truncated?") \
+            raise TicketctlError(f"{p}: cannot read `{key}` ({first_line(e, 100)}); truncated?") \
                 from None
 
 

@@ -23,7 +23,8 @@ from ticketctl.data import DATASETS, Dataset, load_dataset
 from ticketctl.device import resolve_device
 from ticketctl.distributed import DistContext, check_same
 from ticketctl.errors import TicketctlError
-from ticketctl.models import ARCHS, build_model, prunable_names
+from ticketctl.models import ARCHS, build_model
+from ticketctl.models.registry import required_prunable
 from ticketctl.models.sources import (
     FACTORY,
     NetworkInfo,
@@ -128,13 +129,7 @@ class FindResult:
 
 
 def _prunable(model: torch.nn.Module, settings: FindSettings) -> list[str]:
-    names = prunable_names(model, prune_linear=settings.search.prune_linear,
-                           pattern=settings.prunable)
-    if not names:
-        raise TicketctlError("the network has no prunable weight by the default rule "
-                             "(every convolution but the first); pass --prune-linear or "
-                             "--prunable REGEX")
-    return names
+    return required_prunable(model, settings.search.prune_linear, settings.prunable)
 
 
 def _network_info(settings: FindSettings) -> NetworkInfo | None:
