@@ -4,11 +4,13 @@ weights (12 blocks of qkv 2304x768, proj 768x768, fc1 3072x768 and fc2 768x3072;
 calls on weights and masks, and `verify` of the plain safetensors file through the CLI). The
 baseline, measured in the same run, is the conv path on a ResNet-20 ticket.
 
-    python benchmarks/any_sign_speed.py [--repeats 3] [--density 0.15] [--json-out F]
+    python benchmarks/any_sign_speed.py [--repeats 5] [--density 0.15] [--json-out F]
     python benchmarks/any_sign_speed.py --pruning 0.3,0.5   # what survives, no timing
 
 Library timings include reading and writing the files (ticket, receipt); CLI timings are a
-fresh process each, start-up included. Medians of --repeats after one untimed run. With
+fresh process each, start-up included, with PyTorch's default threads (every core, as a user
+runs it) and with one thread; a signed file is written afresh each time (the last one removed
+and flushed to disk outside the timing). Medians of --repeats after one untimed run. With
 --pruning, each signed ticket is instead pruned by global magnitude at each rate and verified
 against its receipt.
 """
@@ -19,11 +21,14 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -56,11 +61,31 @@ def vit_b16_linears(density: float, seed: int = 0) -> Ticket:
     return Ticket(state=state, mask=mask, arch="none", network=NetworkInfo("none"))
 
 
-def cli(*args: object) -> None:
+def cli(*args: object, threads: int | None = 1) -> None:
+    """A fresh `ticketctl` process; `threads` None leaves PyTorch its default (every core)."""
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     out = subprocess.run([sys.executable, "-m", "ticketctl", *map(str, args)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"ticketctl {args[0]} failed: {out.stderr.strip()}")
+
+
+def timed_fresh(fn: Callable[[], object], out: Path, repeats: int) -> float:
+    """Median wall time of `repeats` runs after one untimed run, each writing `out` afresh
+    (the previous output removed and flushed to disk outside the timing, as when a user
+    signs one ticket, not a 400 MB overwrite right after the last)."""
+    runs = []
+    for i in range(repeats + 1):
+        out.unlink(missing_ok=True)
+        os.sync()
+        t0 = time.perf_counter()
+        fn()
+        if i:
+            runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)
 
 
 def conv_case(arch: str, density: float, d: Path, repeats: int, with_cli: bool
@@ -81,10 +106,20 @@ def conv_case(arch: str, density: float, d: Path, repeats: int, with_cli: bool
     out = {"sign": timed(sign, repeats), "verify": timed(check, repeats),
            "layer": load_receipt(receipt).placements[0].layer}
     if with_cli:
-        out["cli_sign"] = timed(lambda: cli("sign", src, "--message", "signature", "--out",
-                                            signed, "--receipt", receipt, "--force"), repeats)
-        out["cli_verify"] = timed(lambda: cli("verify", signed, "--receipt", receipt),
-                                  repeats)
+        out.update(cli_times(src, signed, receipt, repeats))
+    return out
+
+
+def cli_times(src: Path, signed: Path, receipt: Path, repeats: int) -> dict[str, float]:
+    """The CLI's `sign` of `src`, then `verify` of the signed file, fresh processes each,
+    with PyTorch's default threads (every core, as a user runs it) and with one thread."""
+    out = {}
+    for key, threads in (("", None), ("_1thread", 1)):
+        out["cli_sign" + key] = timed_fresh(
+            lambda t=threads: cli("sign", src, "--message", "signature", "--out", signed,
+                                  "--receipt", receipt, "--force", threads=t), signed, repeats)
+        out["cli_verify" + key] = timed(lambda t=threads: cli("verify", signed, "--receipt",
+                                                              receipt, threads=t), repeats)
     return out
 
 
@@ -107,21 +142,22 @@ def vit_case(density: float, d: Path, repeats: int) -> dict[str, float]:
            "weights": ticket.mask.num_total, "density": ticket.density}
     plain = d / "vit.safetensors"  # a plain state dict: the mask is what is nonzero
     safetensors.torch.save_file(signed["ticket"].state, str(plain))
-    out["cli_verify"] = timed(lambda: cli("verify", plain, "--receipt", receipt), repeats)
+    out["cli_verify"] = timed(lambda: cli("verify", plain, "--receipt", receipt,
+                                          threads=None), repeats)
+    out["cli_verify_1thread"] = timed(lambda: cli("verify", plain, "--receipt", receipt),
+                                      repeats)
     return out
 
 
 def external_case(ticket: Ticket, name: str, d: Path, repeats: int) -> dict[str, float]:
     """A ticket of a network ticketctl does not know (`convert` of a state dict with no
-    --arch): the CLI's `sign`, then `verify` of the signed file, fresh processes each."""
+    --arch), through the CLI."""
     ext = ticket.derive(arch="none", arch_args={}, network=NetworkInfo("none"))
     src = save_ticket(ext, d / f"{name}.ext.safetensors", force=True)
     signed, receipt = d / f"{name}.ext.signed.safetensors", d / f"{name}.ext.receipt.json"
-    out = {"cli_sign": timed(lambda: cli("sign", src, "--message", "signature", "--out", signed,
-                                         "--receipt", receipt, "--force"), repeats),
-           "cli_verify": timed(lambda: cli("verify", signed, "--receipt", receipt), repeats),
-           "layer": load_receipt(receipt).placements[0].layer,
-           "file_mb": round(src.stat().st_size / 2**20, 1)}
+    out: dict[str, Any] = cli_times(src, signed, receipt, repeats)
+    out["layer"] = load_receipt(receipt).placements[0].layer
+    out["file_mb"] = round(src.stat().st_size / 2**20, 1)
     return out
 
 
@@ -146,7 +182,7 @@ def pruning(density: float, rates: list[float]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--density", type=float, default=0.15)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--pruning", help="comma-separated rates: check what survives instead")
     args = ap.parse_args()
@@ -174,11 +210,12 @@ def main() -> None:
                f"{platform.python_version()}, load {os.getloadavg()[0]:.2f} at the start")
     print(f"density {args.density}; {machine}; {time.perf_counter() - t0:.0f} s in all")
     print("| ticket | signed layer | sign (library) | verify (library) | sign (CLI) | "
-          "verify (CLI) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          "verify (CLI) | sign (CLI, 1 thread) | verify (CLI, 1 thread) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
-        cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("sign", "verify", "cli_sign",
-                                                              "cli_verify")]
+        cells = [f"{r[k]:.2f}" if k in r else "-" for k in (
+            "sign", "verify", "cli_sign", "cli_verify", "cli_sign_1thread",
+            "cli_verify_1thread")]
         print(f"| {name} | {r['layer']} | " + " | ".join(cells) + " |")
     if args.json_out:
         args.json_out.write_text(json.dumps({"machine": machine, "density": args.density,

@@ -29,7 +29,7 @@ def test_file_is_plain_safetensors_with_documented_names(tmp_path, ticket):
     assert tensors["conv2.weight.mask"].dtype == torch.uint8
     assert "conv1.weight.mask" not in tensors  # the first conv is not prunable
     header = read_header(path)
-    assert header["format"] == "ticketctl" and header["format_version"] == "1"
+    assert header["format"] == "ticketctl" and header["format_version"] == "3"
     meta = json.loads(header["ticket"])
     for key in ("kind", "arch", "arch_args", "num_classes", "dataset", "density", "rewind_epoch",
                 "seed", "masks_sha256", "tensors_sha256"):
@@ -234,7 +234,7 @@ def test_a_dangling_link_is_not_replaced_without_force(tmp_path, ticket):
 
 
 def test_nan_or_infinite_weights_are_refused(tmp_path, ticket):
-    for value in (float("nan"), float("inf")):
+    for value in (float("nan"), float("inf"), float("-inf")):  # (a min-max check sees each)
         tensors = ticket.tensors()
         name = "fc.bias"
         tensors[name] = tensors[name].clone()
@@ -243,3 +243,60 @@ def test_nan_or_infinite_weights_are_refused(tmp_path, ticket):
         path = write_raw(tmp_path / "bad.safetensors", tensors, meta)
         with pytest.raises(TicketctlError, match="'fc.bias' holds 1 NaN or infinite"):
             load_ticket(path)
+
+
+def _legacy_file(path, ticket):
+    """A file as format version 1 wrote it: the same tensors, hashes streamed over every
+    byte."""
+    meta = _meta(ticket, masks_sha256=ticket.mask.legacy_sha256(),
+                 tensors_sha256=ticket.legacy_tensors_sha256())
+    return write_raw(path, ticket.tensors(), meta, version=1)
+
+
+def test_version_1_files_still_load_and_their_tampering_is_caught(tmp_path, ticket):
+    path = _legacy_file(tmp_path / "v1.safetensors", ticket)
+    back = load_ticket(path)
+    assert back.metadata() == ticket.metadata()  # rewritten in version 3 hashes
+    assert ticket.legacy_tensors_sha256() != ticket.tensors_sha256()
+    tensors = ticket.tensors()
+    tensors["fc.bias"] = tensors["fc.bias"] + 1
+    meta = _meta(ticket, masks_sha256=ticket.mask.legacy_sha256(),
+                 tensors_sha256=ticket.legacy_tensors_sha256())
+    with pytest.raises(CheckFailed, match="tensors do not match"):
+        load_ticket(write_raw(tmp_path / "bad.safetensors", tensors, meta, version=1))
+    # a version-1 file holding version-3 hashes was not written by any ticketctl: refused
+    with pytest.raises(CheckFailed, match="masks do not match"):
+        load_ticket(write_raw(tmp_path / "mixed.safetensors", ticket.tensors(), _meta(ticket),
+                              version=1))
+
+
+def test_a_split_of_a_version_1_ticket_merges(tmp_path, ticket):
+    """Key and locked files split from a ticket before version 3 record its older hash."""
+    from ticketctl.protect import merge_parts, split_ticket
+    key, locked = split_ticket(ticket, "omp", 0.1)
+    legacy = ticket.legacy_tensors_sha256()
+    key.extra["parent_sha256"] = locked.extra["parent_sha256"] = legacy
+    merged = merge_parts(locked, key)
+    assert merged.legacy_tensors_sha256() == legacy
+    key.extra["parent_sha256"] = locked.extra["parent_sha256"] = "0" * 64
+    with pytest.raises(CheckFailed, match="does not match the recorded ticket hash"):
+        merge_parts(locked, key)
+
+
+def test_hashes_follow_in_place_changes(ticket):
+    """Each tensor's digest is cached on the tensor: an in-place change or a replaced tensor
+    must change the ticket's hash (the cache keys on the version counter and storage)."""
+    before, masks = ticket.tensors_sha256(), ticket.mask.sha256()
+    assert ticket.tensors_sha256() == before  # cached, the same
+    ticket.state["fc.bias"].mul_(2)  # (times and over two: exact in binary floating point)
+    changed = ticket.tensors_sha256()
+    assert changed != before
+    ticket.state["fc.bias"].div_(2)
+    assert ticket.tensors_sha256() == before  # the same bytes again: the same hash
+    ticket.state["fc.bias"] = ticket.state["fc.bias"] * 4
+    assert ticket.tensors_sha256() not in (before, changed)
+    name = next(iter(ticket.mask))
+    ticket.mask[name].view(-1)[0] ^= True
+    assert ticket.mask.sha256() != masks
+    fresh = Mask({k: v.clone() for k, v in ticket.mask.items()})
+    assert fresh.sha256() == ticket.mask.sha256()  # computed afresh, the same

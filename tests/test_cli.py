@@ -59,7 +59,7 @@ def _bad_files(tmp_path, ticket):
     files["unknown arch"] = (write_raw(tmp_path / "arch.safetensors", ticket.tensors(),
                                        {**meta, "arch": "lenet9"}), "unknown architecture")
     files["newer version"] = (write_raw(tmp_path / "ver.safetensors", ticket.tensors(), meta,
-                                        version=3), "upgrade ticketctl")
+                                        version=4), "upgrade ticketctl")
     shape = ticket.tensors()
     shape["conv2.weight.mask"] = torch.ones(2, 2, dtype=torch.uint8)
     files["mask shape"] = (write_raw(tmp_path / "shape.safetensors", shape, meta), "has shape")

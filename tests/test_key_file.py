@@ -41,7 +41,8 @@ def test_the_key_file_holds_only_its_weights(parts):
     with safetensors.safe_open(str(k), "pt") as f:
         names = set(f.keys())
     assert names == {m + s for m in ticket.mask for s in (INDEX_SUFFIX, VALUE_SUFFIX)}
-    assert read_header(k)["format_version"] == "2"
+    assert read_header(k)["format_version"] == "3"
+    assert "sparse" in json.loads(read_header(k)["ticket"])
 
 
 def test_merge_of_a_sparse_key_is_bit_identical(parts, tmp_path):
@@ -72,7 +73,9 @@ def test_a_key_file_of_the_old_dense_layout_still_reads(tmp_path, parts):
     """A key written before the sparse layout: every tensor and mask, format version 1."""
     ticket, t, _, lk = parts
     key, _ = split_ticket(ticket, "betweenness", 0.1)
-    old = write_raw(tmp_path / "old.key.safetensors", key.tensors(), key.metadata(), version=1)
+    meta = {**key.metadata(), "masks_sha256": key.mask.legacy_sha256(),
+            "tensors_sha256": key.legacy_tensors_sha256()}  # as version 1 hashed
+    old = write_raw(tmp_path / "old.key.safetensors", key.tensors(), meta, version=1)
     # 4 + 1 bytes for each of the 64,512 prunable weights and 4 for the 1,710 others, against
     # 8 for each of the 3,226 key weights (a tenth of a half-density ticket), headers aside
     assert old.stat().st_size > 8 * (tmp_path / "k.safetensors").stat().st_size
@@ -89,7 +92,8 @@ def test_a_key_that_is_not_zero_elsewhere_is_written_densely(tmp_path):
     key, _ = split_ticket(make_ticket(seed=23), "omp", 0.1)
     odd = key.derive(state={**key.state, "fc.bias": torch.ones(10)})
     k = save_ticket(odd, tmp_path / "k.safetensors")
-    assert read_header(k)["format_version"] == "1"
+    assert read_header(k)["format_version"] == "3"
+    assert "sparse" not in json.loads(read_header(k)["ticket"])
     assert load_ticket(k).tensors_sha256() == odd.tensors_sha256()
     negative_zero = key.derive(state={**key.state, "fc.bias": torch.full((10,), -0.0)})
     assert sparse_key(negative_zero.state, dict(negative_zero.mask)) is None

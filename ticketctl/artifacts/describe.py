@@ -7,7 +7,6 @@ from typing import Any
 
 from ticketctl.artifacts.ticket import (
     FORMAT_VERSION,
-    SPARSE_KEY_VERSION,
     Kind,
     Ticket,
     load_ticket,
@@ -27,9 +26,9 @@ def describe(ticket: Ticket) -> dict[str, Any]:
                      if k not in ("masks_sha256", "tensors_sha256")},
         "hashes": {"masks_sha256": meta["masks_sha256"],
                    "tensors_sha256": meta["tensors_sha256"]},
-        # the version the ticket is written in: a key's sparse layout is version 2
-        "format_version": SPARSE_KEY_VERSION if ticket.kind == Kind.KEY and ticket.builtin
-        else FORMAT_VERSION,
+        # the version the ticket is written in (a key of a built-in in the sparse layout)
+        "format_version": FORMAT_VERSION,
+        "layout": "sparse" if ticket.kind == Kind.KEY and ticket.builtin else "dense",
     }
 
 

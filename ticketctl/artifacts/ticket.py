@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,16 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ticketctl import prefetch
 from ticketctl.artifacts.io import atomic_path
-from ticketctl.artifacts.mask import Mask, tensor_digest
+from ticketctl.artifacts.mask import (
+    Mask,
+    listed_sha256,
+    mark_clean,
+    raw_sha256_all,
+    remember_sha256,
+    tensor_digest,
+)
 from ticketctl.artifacts.sparse import dense_key, is_sparse, sparse_key
 from ticketctl.errors import CheckFailed, TicketctlError, first_line
 from ticketctl.models import build_model
@@ -31,6 +40,7 @@ from ticketctl.models.sources import (
     fingerprint,
     source_of,
 )
+from ticketctl.prefetch import MAX_HEADER_BYTES
 from ticketctl.records import Choice
 from ticketctl.schema import (
     HEX64,
@@ -50,9 +60,13 @@ from ticketctl.schema import (
 )
 
 FORMAT_NAME = "ticketctl"
-FORMAT_VERSION = 1  # what every file but a sparse key is written as
-SPARSE_KEY_VERSION = 2  # a key file in the sparse layout (`sparse.py`)
-READ_VERSION = SPARSE_KEY_VERSION  # the newest version this ticketctl reads
+# 1: the dense layout; 2: a key in the sparse layout (`sparse.py`); 3: either layout (a
+# `sparse` field says which), hashed as a list of per-tensor digests (`listed_sha256`)
+# instead of one stream of every byte
+SPARSE_KEY_VERSION = 2
+LISTED_HASH_VERSION = 3
+FORMAT_VERSION = LISTED_HASH_VERSION  # what every file is written as
+READ_VERSION = LISTED_HASH_VERSION  # the newest version this ticketctl reads
 MASK_SUFFIX = ".mask"
 
 
@@ -137,9 +151,7 @@ TICKET_METADATA = Obj({
     "extra": Field(EXTRA),
 })
 
-# A safetensors header holds the tensors' names, shapes and offsets and the metadata: a few
-# kilobytes for the largest registered network. Anything near these bounds was crafted.
-MAX_HEADER_BYTES = 8 << 20
+# (a ticket's header is a few kilobytes: anything near the bounds was crafted)
 MAX_METADATA_BYTES = 1 << 20
 
 PICKLE_HINT = (
@@ -195,10 +207,21 @@ class Ticket:
         """Every tensor the file holds: the state, then each mask as `<param>.mask` (uint8)."""
         out = {k: v.detach().to("cpu").contiguous() for k, v in self.state.items()}
         for name, m in self.mask.items():
-            out[name + MASK_SUFFIX] = m.to(torch.uint8).contiguous()
+            out[name + MASK_SUFFIX] = m.contiguous().view(torch.uint8)
         return out
 
     def tensors_sha256(self) -> str:
+        """SHA-256 of every tensor the file holds, masks included (`listed_sha256`: each
+        tensor's own digest is cached on it, so a derived ticket rehashes only what
+        changed)."""
+        digests = iter(raw_sha256_all([*self.state.values(), *self.mask.values()]))
+        entries = [(k, v.dtype, v.shape, next(digests)) for k, v in self.state.items()]
+        entries += [(k + MASK_SUFFIX, torch.uint8, m.shape, next(digests))
+                    for k, m in self.mask.items()]
+        return listed_sha256(entries)
+
+    def legacy_tensors_sha256(self) -> str:
+        """The hash as format versions 1 and 2 record it (every byte streamed into one)."""
         h = hashlib.sha256()
         tensors = self.tensors()
         for name in sorted(tensors):
@@ -293,7 +316,6 @@ def save_ticket(ticket: Ticket, path: str | Path, force: bool = False) -> Path:
     if sparse is not None:
         tensors, layout = sparse
         meta["sparse"] = layout
-        version = SPARSE_KEY_VERSION
     else:
         tensors = ticket.tensors()
     header = {
@@ -425,7 +447,11 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
     """NaN or infinite weights train to nothing and poison every magnitude ranking: refuse
     them at the boundary, naming the tensor."""
     for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point() or not t.numel():
+            continue
+        # one reduction, no copy: NaN propagates to both, an infinity shows in one
+        lo, hi = torch.aminmax(t.detach())
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
             bad = int((~torch.isfinite(t)).sum())
             raise TicketctlError(f"{where}: tensor {name!r} holds {bad} NaN or infinite "
                                  "value(s); the file cannot be used")
@@ -434,9 +460,14 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (checked to be one by `read_header` first)."""
     try:
-        return safetensors.torch.load_file(str(path))
+        tensors = safetensors.torch.load_file(str(path))
     except Exception as e:
         raise TicketctlError(f"{path}: cannot read tensors ({first_line(e)}); truncated?") from None
+    # each tensor's digest, when the CLI had the file hashed while PyTorch was imported
+    for name, digest in (prefetch.take(path) or {}).items():
+        if name in tensors:
+            remember_sha256(tensors[name], digest)
+    return tensors
 
 
 def load_ticket(path: str | Path, verify_hashes: bool = True) -> Ticket:
@@ -445,20 +476,27 @@ def load_ticket(path: str | Path, verify_hashes: bool = True) -> Ticket:
     Structural problems raise TicketctlError (bad input); a file whose content no longer
     matches the hashes it records raises CheckFailed (it was altered after writing)."""
     p = Path(path)
-    meta = parse_metadata(read_header(p), str(p))
+    header = read_header(p)
+    meta = parse_metadata(header, str(p))
     ticket = ticket_from(meta, read_tensors(p), str(p))
-    problem = altered(ticket, meta, str(p)) if verify_hashes else None
+    problem = altered(ticket, meta, str(p), int(header["format_version"])) \
+        if verify_hashes else None
     if problem:
         raise CheckFailed(problem)
     return ticket
 
 
-def altered(ticket: Ticket, meta: dict[str, Any], where: str) -> str | None:
-    """Why a file's content no longer matches the hashes its metadata records, or None."""
-    if meta.get("masks_sha256") != ticket.mask.sha256():
+def altered(ticket: Ticket, meta: dict[str, Any], where: str,
+            version: int = FORMAT_VERSION) -> str | None:
+    """Why a file's content no longer matches the hashes its metadata records (as its format
+    `version` computes them), or None."""
+    legacy = version < LISTED_HASH_VERSION
+    masks = ticket.mask.legacy_sha256() if legacy else ticket.mask.sha256()
+    if meta.get("masks_sha256") != masks:
         return (f"{where}: masks do not match their recorded SHA-256; "
                 "the file was altered after it was written")
-    if meta.get("tensors_sha256") != ticket.tensors_sha256():
+    tensors = ticket.legacy_tensors_sha256() if legacy else ticket.tensors_sha256()
+    if meta.get("tensors_sha256") != tensors:
         return (f"{where}: tensors do not match their recorded SHA-256; "
                 "the file was altered after it was written")
     return None
@@ -534,17 +572,32 @@ def _checked_mask(masks: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
     """The masks as a Mask, each of its weight's shape (`shapes`), every pruned weight zero
     and every weight finite."""
     try:
-        mask = Mask(masks)
+        mask = Mask(masks, copy=False)  # the file's own tensors, read for this ticket alone
         mask.check_shapes(shapes, where=f"{where}: ")
     except TicketctlError as e:
         msg = str(e)
         raise TicketctlError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-    for name, m in mask.items():
-        n = int(torch.count_nonzero(state[name].masked_fill(m, 0)))
+    def nonzero_pruned(name: str) -> tuple[int, bool]:
+        """How many pruned weights are not zero, and whether they all hold +0.0."""
+        w, m = state[name], mask[name]
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(w.element_size())
+        # on the bits: a pruned weight must be +0.0 exactly (then the ticket need not zero
+        # it again); -0.0 is zero too, only normalised by the ticket
+        n = int(torch.count_nonzero((w.view(bits) if bits else w).masked_fill(m, 0)))
+        if n and bits:
+            return int(torch.count_nonzero(w.masked_fill(m, 0))), False
+        return n, True
+
+    names = list(mask)
+    with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1))) as pool:
+        counts = list(pool.map(nonzero_pruned, names))  # layer by layer, on every core
+    for name, (n, plus_zero) in zip(names, counts, strict=True):
         if n:
             raise TicketctlError(
                 f"{where}: {n} pruned weight(s) of {name!r} are not zero; the file is inconsistent"
             )
+        if plus_zero:
+            mark_clean(state[name], mask[name])
     check_finite(state, where)
     return mask
 

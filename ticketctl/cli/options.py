@@ -27,7 +27,6 @@ from ticketctl.device import Device, configure_threads
 from ticketctl.errors import TicketctlError
 from ticketctl.models import ARCHS
 from ticketctl.models.sources import FACTORY, load_factory, parse_arch_args, use_factory
-from ticketctl.protect.calibrate import read_null_rate
 from ticketctl.protect.receipt import load_public_key, load_receipt
 from ticketctl.protect.trigger import load_trigger_set
 from ticketctl.protect.verdict import ALPHA
@@ -458,6 +457,9 @@ class OwnerMarks:
     alpha: float = option(default=ALPHA, help="Decision level for the p-values.")
 
     def load(self, defend: bool = False) -> Marks:
+        # (calibration brings the trainers: imported only when a null rate is read)
+        from ticketctl.protect.calibrate import read_null_rate
+
         trigger = load_trigger_set(self.trigger) if self.trigger else None
         return Marks(receipt=load_receipt(self.receipt) if self.receipt else None,
                      public_key=load_public_key(self.public_key) if self.public_key else None,

@@ -57,17 +57,20 @@ def sign(
     receipt."""
     output.check(out, receipt, qr_png)
     ticket = load_ticket(ticket_path)
+    kept = ticket.mask.num_kept
     key = load_private_key(signing_key) if signing_key else None
+    # in place: the ticket was read only to be signed (no copy of the layers that change)
     signed, doc, report, qr = sign_ticket(ticket, message, private_key=key, version=qr_version,
                                           mask_pattern=mask_pattern, layer=layer, copies=copies,
-                                          support=support, seed=seed)
+                                          support=support, seed=seed, in_place=True)
+    del ticket
     with all_or_nothing(out, receipt, qr_png, force=output.force):  # all of them or none
         save_ticket(signed, out, force=output.force)
         save_receipt(doc, receipt, force=output.force)
         if qr_png:
             render_png(qr.matrix, qr_png, force=output.force)
     first = report.placements[0]
-    moved = (report.weights_added + abs(report.compensated)) / max(1, ticket.mask.num_kept)
+    moved = (report.weights_added + abs(report.compensated)) / max(1, kept)
     result = {"layer": first.layer, "offset": [first.row, first.col],
               "placements": [{"layer": p.layer, "offset": [p.row, p.col], "view": list(p.view),
                               "block": list(p.block)} for p in report.placements],

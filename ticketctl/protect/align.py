@@ -14,6 +14,8 @@ mask part dominating the cost."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -111,6 +113,20 @@ def _match(reference: list[list[float]], suspect: list[list[float]],
     return order
 
 
+def check_patterns(reference: dict[str, list[list[Any]]], shape: tuple[int, ...],
+                   layer: str = "") -> None:
+    """A receipt's kernel-pattern histograms must name channels and patterns the layer has
+    (checked whether or not a re-alignment runs: a bad receipt is bad input either way)."""
+    k = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    for axis, key in ((0, "row_patterns"), (1, "col_patterns")):
+        n = shape[axis]
+        for c, p, _ in reference.get(key) or []:
+            if c >= n or p >= 2 ** k:
+                raise TicketctlError(
+                    f"the receipt's field 'fingerprints[\"{layer}\"].{key}' names channel "
+                    f"{c}, pattern {p}; the layer has {n} channels and {2 ** k} patterns")
+
+
 def align(weight: torch.Tensor, mask: torch.Tensor,
           reference: dict[str, list[list[float]]], layer: str = "") -> torch.Tensor:
     """The suspect's mask with rows and columns put back in the receipt's order (for a
@@ -126,6 +142,7 @@ def align(weight: torch.Tensor, mask: torch.Tensor,
     for name in ("rows", "cols"):
         if reference[name] and len(reference[name][0]) != len(fp[name][0]):
             return mask
+    check_patterns(reference, tuple(mask.shape), layer)
     k = int(np.prod(mask.shape[2:])) if mask.dim() > 2 else 1
     orders = []
     for axis, name in ((0, "rows"), (1, "cols")):
@@ -133,11 +150,6 @@ def align(weight: torch.Tensor, mask: torch.Tensor,
         pats = None
         if key in reference and key in fp:
             n = mask.shape[axis]
-            for c, p, _ in reference[key]:
-                if c >= n or p >= 2 ** k:
-                    raise TicketctlError(
-                        f"the receipt's field 'fingerprints[\"{layer}\"].{key}' names channel "
-                        f"{c}, pattern {p}; the layer has {n} channels and {2 ** k} patterns")
             pats = (_dense(reference[key], n, k), _dense(fp[key], n, k))
         orders.append(torch.from_numpy(_match(reference[name], fp[name], pats, k == 1)))
     return mask[orders[0]][:, orders[1]]

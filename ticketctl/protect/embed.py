@@ -16,7 +16,9 @@ authors' code:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from ticketctl.artifacts import Kind, Mask, Ticket
+from ticketctl.artifacts.mask import is_clean, kept_count, mark_clean, remember_floor
 from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.protect.blocks import Blocks, auto_blocks, kernel_blocks
 from ticketctl.protect.qr import QRCode, encode, function_module_map
@@ -194,37 +197,55 @@ def _new_values(lo: float, hi: float, count: int, gen: torch.Generator,
 
 
 def embed(ticket: Ticket, qr: QRCode, placements: list[Placement], support: int = 3,
-          seed: int = 0, values: dict[str, torch.Tensor] | None = None) -> tuple[Ticket,
-                                                                                   EmbedReport]:
+          seed: int = 0, values: dict[str, torch.Tensor] | None = None,
+          in_place: bool = False) -> tuple[Ticket, EmbedReport]:
     """Write the code's data modules into each placement; keep the density exactly equal.
 
     values: full (unpruned) weights to take new connections from, e.g. the rewind point of
-    the `find` run; without them new connections get random weights."""
+    the `find` run; without them new connections get random weights.
+    in_place: change `ticket`'s own tensors instead of copies of the layers that change (for
+    a caller that has no further use for the unsigned ticket: a file read only to be signed,
+    whose untouched pages then stay the file's)."""
+    parent = ticket.tensors_sha256()
     state, masks, report = write_code(ticket.state, ticket.mask, qr, placements, support,
-                                      seed, values)
-    signed = ticket.derive(state=state, mask=Mask(masks), kind=Kind.SIGNED,
-                           extra={**ticket.extra, "signed_from": ticket.tensors_sha256()})
+                                      seed, values, in_place=in_place)
+    # the layers the code left alone are shared with `ticket`, not copied: write_code copies
+    # a layer before it changes it (unless in place)
+    signed = ticket.derive(state=state, mask=Mask(masks, copy=False), kind=Kind.SIGNED,
+                           extra={**ticket.extra, "signed_from": parent})
     return signed, report
 
 
 def _kept(masks: Mapping[str, torch.Tensor]) -> int:
-    return sum(int(torch.count_nonzero(m)) for m in masks.values())
+    return sum(kept_count(m) for m in masks.values())
 
 
 def write_code(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
                qr: QRCode, placements: list[Placement], support: int = 3, seed: int = 0,
-               values: Mapping[str, torch.Tensor] | None = None
+               values: Mapping[str, torch.Tensor] | None = None, in_place: bool = False
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], EmbedReport]:
     """`embed` on weights and masks alone (any network): new dicts with the code written and
     the number of kept weights unchanged. A light module empties its block; a dark one keeps
-    at least `support` weights of it (all of them when the block is smaller)."""
+    at least `support` weights of it (all of them when the block is smaller). A layer is
+    copied before it is changed (changed where it is with `in_place`); the others are the
+    caller's tensors, untouched."""
     if support < 1:
         raise TicketctlError(f"--support must be at least 1, got {support}")
     gen = torch.Generator().manual_seed(seed)
     n = qr.matrix.shape[0]
     data = ~function_module_map(qr.version)
-    state = {k: v.clone().contiguous() for k, v in state.items()}
-    masks = {k: v.clone().contiguous() for k, v in masks.items()}
+    state, masks = dict(state), dict(masks)
+    clean = {k for k in masks if is_clean(state[k], masks[k])}  # pruned weights +0.0
+    owned: set[str] = set()
+
+    def own(k: str) -> None:  # copy a layer (weights and mask) before its first change
+        if k not in owned:
+            if not in_place or not (state[k].is_contiguous() and masks[k].is_contiguous()):
+                state[k], masks[k] = state[k].clone().contiguous(), masks[k].clone().contiguous()
+            owned.add(k)
+
+    for p in placements:
+        own(p.layer)
     kept_before = _kept(masks)
     # the regions' blocks, in the signed layers
     protected = {p.layer: torch.zeros_like(masks[p.layer]) for p in placements}
@@ -262,31 +283,55 @@ def write_code(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tens
                 flat_m[ids] = False
                 flat_w[ids] = 0
     delta = added - removed
-    _compensate(state, masks, protected, delta, gen, values)
+    _compensate(state, masks, protected, delta, gen, values, own)
     if _kept(masks) != kept_before:
         raise RuntimeError("density compensation failed")  # a bug, not bad input
+    for k in owned & clean:  # every change zeroed what it pruned: still +0.0 there
+        mark_clean(state[k], masks[k])
     total = sum(m.numel() for m in masks.values())
     density = kept_before / total if total else 1.0
     return state, masks, EmbedReport(list(placements), changed, added, removed, delta,
                                      density, density)
 
 
-def _extremes(scores: Iterator[tuple[str, torch.Tensor, torch.Tensor]], k: int,
-              largest: bool) -> dict[str, torch.Tensor]:
+def _extremes(layers: list[str],
+              candidates: Callable[[str], tuple[torch.Tensor, torch.Tensor]], k: int,
+              largest: bool, left: dict[str, float | None] | None = None
+              ) -> dict[str, torch.Tensor]:
     """Per layer, the flat positions among the k largest (smallest) scores over all layers;
-    `scores` gives each layer's candidate positions and their scores. Each layer's own k
-    best hold the overall k best, so nothing the size of the whole model is concatenated."""
-    names, pos, vals = [], [], []
-    for name, where, score in scores:
-        top = torch.topk(score, min(k, len(score)), largest=largest, sorted=False).indices
-        names += [name] * len(top)
-        pos.append(where[top])
-        vals.append(score[top].double())
-    best = torch.topk(torch.cat(vals), k, largest=largest, sorted=False).indices.tolist()
+    `candidates(layer)` gives a layer's candidate positions and their scores. Each layer's
+    own k best hold the overall k best, so nothing the size of the whole model is
+    concatenated, and the layers are scanned on every core (their gathers free the GIL).
+    `left`, when given, gets for each layer the best score it has left outside the chosen
+    (None when nothing is left), where its k + 1 best tell."""
+    def best_of(name: str) -> tuple[str, torch.Tensor, torch.Tensor, int]:
+        where, score = candidates(name)
+        top = torch.topk(score, min(k + 1, len(score)), largest=largest, sorted=False).indices
+        return name, where[top], score[top].double(), len(score)
+
+    with ThreadPoolExecutor(max(1, min(len(layers), os.cpu_count() or 1))) as pool:
+        tops = list(pool.map(best_of, layers))
+    names, pos, vals, spans = [], [], [], {}
+    for name, where, score, total in tops:
+        spans[name] = (len(names), len(score), total)
+        names += [name] * len(score)
+        pos.append(where)
+        vals.append(score)
+    every = torch.cat(vals)
+    best = torch.topk(every, k, largest=largest, sorted=False).indices.tolist()
     flat_pos = torch.cat(pos)
     out: dict[str, list[int]] = {}
     for i in best:
         out.setdefault(names[i], []).append(int(flat_pos[i]))
+    if left is not None:
+        chosen = torch.zeros(len(every), dtype=torch.bool)
+        chosen[best] = True
+        for name, (start, n, total) in spans.items():
+            rest = every[start:start + n][~chosen[start:start + n]]
+            if len(rest):
+                left[name] = float(rest.max() if largest else rest.min())
+            elif n == total:  # every candidate the layer had was chosen
+                left[name] = None
     return {name: torch.tensor(p, dtype=torch.long) for name, p in out.items()}
 
 
@@ -320,11 +365,12 @@ def _random_free(masks: dict[str, torch.Tensor], protected: dict[str, torch.Tens
 
 def _compensate(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                 protected: dict[str, torch.Tensor], delta: int, gen: torch.Generator,
-                values: Mapping[str, torch.Tensor] | None) -> None:
+                values: Mapping[str, torch.Tensor] | None,
+                own: Callable[[str], None] = lambda k: None) -> None:
     """Remove `delta` lowest-magnitude kept weights outside the regions (delta > 0), or
     restore -delta pruned ones there (delta < 0): by largest true value when known, else at
     random positions with random weights. Changes `state` and `masks` (contiguous) in
-    place."""
+    place, calling `own(layer)` before it changes a layer."""
     if delta == 0:
         return
 
@@ -340,14 +386,21 @@ def _compensate(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                 f"{delta} kept weights outside the code and it has {have}; sign a denser "
                 "ticket (an earlier round) or lower --support")
 
-        def smallest() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-            for k in masks:
-                where = torch.nonzero(free(k, True).view(-1)).squeeze(1)
-                yield k, where, state[k].view(-1)[where].abs()
+        def smallest(k: str) -> tuple[torch.Tensor, torch.Tensor]:
+            where = torch.nonzero(free(k, True).view(-1)).squeeze(1)
+            return where, state[k].view(-1)[where].abs()
 
-        for k, pos in _extremes(smallest(), delta, largest=False).items():
+        # each layer's smallest kept |w| left outside the regions: its magnitude floor for
+        # the receipt, so the floor needs no second pass over the model
+        floors: dict[str, float | None] = {}
+        for k, pos in _extremes(list(masks), smallest, delta, largest=False,
+                                left=floors).items():
+            own(k)
             masks[k].view(-1)[pos] = False
             state[k].view(-1)[pos] = 0
+        for k, value in floors.items():
+            if k not in protected:
+                remember_floor(state[k], masks[k], value)
         return
     need = -delta
     have = sum(int(torch.count_nonzero(free(k, False))) for k in masks)
@@ -356,12 +409,12 @@ def _compensate(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
             f"the ticket is too dense to carry this code: keeping its density needs {need} "
             f"pruned weights outside the code and it has {have}; sign a sparser ticket")
     if values is not None:
-        def largest() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-            for k in masks:
-                where = torch.nonzero(free(k, False).view(-1)).squeeze(1)
-                yield k, where, values[k].reshape(-1)[where].abs()
+        def largest(k: str) -> tuple[torch.Tensor, torch.Tensor]:
+            where = torch.nonzero(free(k, False).view(-1)).squeeze(1)
+            return where, values[k].reshape(-1)[where].abs()
 
-        for k, pos in _extremes(largest(), need, largest=True).items():
+        for k, pos in _extremes(list(masks), largest, need, largest=True).items():
+            own(k)
             state[k].view(-1)[pos] = values[k].reshape(-1)[pos].to(state[k].dtype)
             masks[k].view(-1)[pos] = True
         return
@@ -371,6 +424,7 @@ def _compensate(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                       for k in masks])
     scale = float(kept.median()) if kept.numel() else 0.05
     for k, pos in _random_free(masks, protected, need, gen).items():
+        own(k)
         state[k].view(-1)[pos] = (torch.randn(len(pos), generator=gen) * scale).to(
             state[k].dtype)
         masks[k].view(-1)[pos] = True

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ticketctl.artifacts.io import (
     all_or_nothing,
     read_input,
+    readable_json,
     write_bytes_atomic,
     write_text_atomic,
 )
@@ -306,8 +307,8 @@ def trigger_receipt(trigger_sha256: str, n: int, private: Ed25519PrivateKey | No
 
 def save_receipt(receipt: Receipt, path: str | Path, force: bool = False) -> Path:
     """Owner-only: a receipt tells where the code sits, which a forger would want to know."""
-    return write_text_atomic(path, json.dumps(receipt.to_dict(), indent=2, sort_keys=True) +
-                             "\n", force, private=True)
+    return write_text_atomic(path, readable_json(receipt.to_dict()) + "\n", force,
+                             private=True)
 
 
 def load_receipt(path: str | Path) -> Receipt:

@@ -14,8 +14,9 @@ import torch
 
 from ticketctl import __version__
 from ticketctl.artifacts import Ticket
+from ticketctl.artifacts.mask import kept_floor
 from ticketctl.errors import CheckFailed, TicketctlError
-from ticketctl.protect.align import QUANTILES, align, fingerprints
+from ticketctl.protect.align import QUANTILES, align, check_patterns, fingerprints
 from ticketctl.protect.blocks import candidate_blocks
 from ticketctl.protect.embed import (
     EmbedReport,
@@ -85,10 +86,10 @@ def keep_largest(weight: torch.Tensor, mask: torch.Tensor, count: int) -> torch.
 
 
 def magnitude_floor(ticket: Ticket) -> float:
-    """The smallest kept |w| (layer by layer: no copy of the whole model)."""
-    mins = [float(ticket.state[k][m].abs().min()) for k, m in ticket.mask.items()
-            if bool(m.any())]
-    return min(mins, default=0.0)
+    """The smallest kept |w| (layer by layer: no copy of the whole model; a layer whose
+    floor signing already found is not scanned again)."""
+    mins = [kept_floor(ticket.state[k], m) for k, m in ticket.mask.items()]
+    return min((v for v in mins if v is not None), default=0.0)
 
 
 def sign_ticket(
@@ -104,11 +105,13 @@ def sign_ticket(
     seed: int = 0,
     values: dict[str, torch.Tensor] | None = None,
     max_version: int = 10,
+    in_place: bool = False,
 ) -> tuple[Ticket, Receipt, EmbedReport, QRCode]:
     """Embed `message` as a QR code in the mask; returns the signed ticket, the receipt that
     commits to it (signed with `private_key` when given), what changed, and the code. Only
     the ticket's weights and masks are read: any network whose masked layers can hold the
-    code (see protect/blocks.py for which weights back a module)."""
+    code (see protect/blocks.py for which weights back a module). With `in_place` the
+    ticket's own tensors are changed (see `embed`)."""
     if not message:
         raise TicketctlError("--message must not be empty")
     if not len(ticket.mask):
@@ -118,7 +121,8 @@ def sign_ticket(
     qr = best_code(ticket.mask, message, version, mask_pattern, layer, max_version, support)
     placements = choose_placements(ticket.mask, qr, layer=layer, copies=copies,
                                    support=support, sized=version is not None)
-    signed, report = embed(ticket, qr, placements, support=support, seed=seed, values=values)
+    signed, report = embed(ticket, qr, placements, support=support, seed=seed, values=values,
+                           in_place=in_place)
     signed.extra = {**signed.extra, "receipt_matrix_sha256": _matrix_sha256(qr)}
     return signed, make_receipt(signed, message, qr, placements, support, private_key), \
         report, qr
@@ -152,6 +156,11 @@ def make_receipt(signed: Ticket, message: str, qr: QRCode, placements: list[Plac
                  support: int, private_key: Any = None) -> Receipt:
     """The receipt that commits to `signed` carrying `qr` at `placements` (signed with
     `private_key` when given)."""
+    floor = magnitude_floor(signed)
+    fingerprints_of = {p.layer: fingerprints(signed.state[p.layer], signed.mask[p.layer],
+                                             QUANTILES if wide(signed.mask[p.layer].shape)
+                                             else None)
+                       for p in placements if alignable(signed.mask[p.layer].shape)}
     receipt = Receipt(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         message_sha256=sha256(message), qr_version=qr.version, mask_pattern=qr.mask_pattern,
@@ -159,14 +168,11 @@ def make_receipt(signed: Ticket, message: str, qr: QRCode, placements: list[Plac
         matrix_sha256=_matrix_sha256(qr),
         data_modules=int((~function_module_map(qr.version)).sum()), support=support,
         signed_ticket_sha256=signed.tensors_sha256(), signed_masks_sha256=signed.mask.sha256(),
-        magnitude_floor=magnitude_floor(signed), arch=signed.arch, ticketctl=__version__,
+        magnitude_floor=floor, arch=signed.arch, ticketctl=__version__,
         # the owner's add-on defence: how many weights each signed layer keeps (retraining
         # never changes it; revived positions make it larger)
         kept_counts={p.layer: int(signed.mask[p.layer].sum()) for p in placements},
-        fingerprints={p.layer: fingerprints(signed.state[p.layer], signed.mask[p.layer],
-                                            QUANTILES if wide(signed.mask[p.layer].shape)
-                                            else None)
-                      for p in placements if alignable(signed.mask[p.layer].shape)})
+        fingerprints=fingerprints_of)
     return receipt.sign(private_key)
 
 
@@ -233,23 +239,34 @@ def read_signature(masks: dict[str, torch.Tensor], receipt: Receipt, public_key:
     expected = _unpack(receipt.matrix, n)
     data = ~function_module_map(version)
     total = int(data.sum())
-    views = [("as stored", masks)]
-    if receipt.fingerprints and state is not None:  # channels may have been permuted
-        aligned = dict(masks)
-        for p in placements:
-            if p.layer in receipt.fingerprints and p.layer in state:
-                aligned[p.layer] = align(state[p.layer], masks[p.layer],
-                                         receipt.fingerprints[p.layer], p.layer)
-        views.append(("re-aligned", aligned))
-    best = None
-    for label, view in views:
+    def reading(label: str, view: dict[str, torch.Tensor]) -> tuple[Any, ...]:
         m, _ = extract(view, placements, version, int(receipt.mask_pattern))
-        agree = int((m[data] == expected[data]).sum())
-        if best is None or agree > best[0]:
-            best = (agree, label, view, m)
+        return int((m[data] == expected[data]).sum()), label, view, m
+
+    best = reading("as stored", masks)
+    comparisons = 1
+    if receipt.fingerprints and state is not None:  # channels may have been permuted
+        comparisons = 2
+        for p in placements:
+            if p.layer in receipt.fingerprints and p.layer in state and \
+                    len(receipt.fingerprints[p.layer]["rows"]) == masks[p.layer].shape[0] and \
+                    len(receipt.fingerprints[p.layer]["cols"]) == masks[p.layer].shape[1]:
+                check_patterns(receipt.fingerprints[p.layer], tuple(masks[p.layer].shape),
+                               p.layer)
+        # a reading as stored that matches every module cannot be beaten (a tie keeps it):
+        # the re-alignment (seconds on a wide layer) is then skipped, the choice and its
+        # correction the same
+        if best[0] < total:
+            aligned = dict(masks)
+            for p in placements:
+                if p.layer in receipt.fingerprints and p.layer in state:
+                    aligned[p.layer] = align(state[p.layer], masks[p.layer],
+                                             receipt.fingerprints[p.layer], p.layer)
+            other = reading("re-aligned", aligned)
+            best = other if other[0] > best[0] else best
     matches, alignment, masks, matrix = best
-    # the better of the readings is a choice among len(views): Bonferroni
-    p = min(1.0, len(views) * binomial_tail(matches, total, 0.5))
+    # the better of the readings is a choice among `comparisons`: Bonferroni
+    p = min(1.0, comparisons * binomial_tail(matches, total, 0.5))
     obs_dark = int(matrix[data].sum())
     hits = int((matrix[data] & expected[data]).sum())
     p_prec = precision_tail(hits, obs_dark, int(expected[data].sum()), total)
@@ -262,7 +279,7 @@ def read_signature(masks: dict[str, torch.Tensor], receipt: Receipt, public_key:
         decoded_matches_receipt=message_ok, decode_method=result.method,
         decode_min_count=threshold,
         placements=[q.to_json() for q in placements],
-        comparisons=len(views), alignment=alignment, floor_defence=floor_defence)
+        comparisons=comparisons, alignment=alignment, floor_defence=floor_defence)
 
 
 def verify_with_receipt(masks: dict[str, torch.Tensor], receipt: Receipt,

@@ -125,7 +125,7 @@ def open_suspect(path: str | Path) -> Suspect:
         return Suspect(state, masks_of(state, masks), "safetensors", str(p),
                        findings=[f"the ticketctl header does not hold ({e}); the tensors "
                                  "were read as they are"])
-    problem = altered(ticket, meta, str(p))
+    problem = altered(ticket, meta, str(p), int(header["format_version"]))
     return Suspect(ticket.state, masks_of(ticket.state, dict(ticket.mask)), "ticket", str(p),
                    ticket, [problem + "; checked anyway"] if problem else [])
 
