@@ -1,15 +1,17 @@
-"""Reproduce the paper's ResNet-20 / CIFAR-10 results on one GPU, in resumable stages, by
+"""Reproduce the paper's CIFAR-10 results (ResNet-20 by default; `--arch resnet18|vgg16|resnet50`
+for its other networks) on one GPU, in resumable stages, by
 running the `ticketctl` commands a user would run. Every stage writes its commands' JSON
 outputs and a `stage.json` (wall time, status) into RUN/<stage>/; a finished stage is skipped
 on a rerun, so a run cut short by a time limit continues where it stopped when given the same
 run folder (carry it to a fresh machine and rerun).
 
     python benchmarks/reproduce.py --data-dir DATA --run runs/repro
+    python benchmarks/reproduce.py --data-dir DATA --run runs/r18 --arch resnet18 --stages search,v2
     python benchmarks/reproduce.py --data-dir DATA --run runs/repro --ticket r20.fast.safetensors
     python benchmarks/reproduce.py --smoke --run /tmp/repro     # digits on CPU, about 1 min
 
 Stages (`--stages`, default all, in this order):
-  dense    dense ResNet-20 (`find --max-rounds 0`)
+  dense    the dense network alone (`find --max-rounds 0`)
   search   the extreme-ticket search (`find --preset fast`, resumed from its run folder);
            skipped when --ticket gives a ticket found earlier
   v1       Scheme V1: 4 scores x key ratios 5/10/20%, retrained without the key and with a
@@ -106,6 +108,9 @@ def main() -> int:
     ap.add_argument("--trigger", default=str(ROOT.parent / "shared/data/trigger-abstract-100.npz"))
     ap.add_argument("--ticket", help="a ticket found earlier: skips the search stage")
     ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--arch", default="resnet20", choices=("resnet20", "resnet18", "vgg16",
+                                                            "resnet50"),
+                    help="the network (CIFAR-10; --smoke always uses digits_cnn)")
     ap.add_argument("--smoke", action="store_true", help="digits on CPU, tiny settings")
     ap.add_argument("--budget-s", type=float, default=0,
                     help="start no new stage after this many seconds")
@@ -128,7 +133,7 @@ def main() -> int:
             ap.error("--data-dir is needed (or --smoke)")
         data = ["--dataset", "cifar10", "--data-dir", args.data_dir]
         preset = ["--preset", "fast"]
-        arch = "resnet20"
+        arch = args.arch
         v1 = {"ratios": "0.05,0.1,0.2", "scores": "omp,ewp,betweenness,random", "epochs": None}
         trig_pb, ft_epochs, null_models = "16", "5,10,20", "16"
     data_noset = [a for a in data if a not in ("--dataset", "digits", "cifar10")]
