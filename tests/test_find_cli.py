@@ -172,6 +172,12 @@ def test_resume_of_a_missing_run_folder(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_negative_checkpoint_interval_is_refused_before_any_work(tmp_path):
+    result = find(tmp_path, "--epochs", "2", "--checkpoint-every", "-1")
+    assert_one_line_error(result, 2, "--checkpoint-every must be 0 or more seconds")
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_with_different_settings_names_the_difference(tmp_path):
     assert find(tmp_path, "--epochs", "2", "--max-rounds", "0").exit_code == 0
     result = find(tmp_path, "--epochs", "3", "--max-rounds", "0", "--resume",

@@ -97,21 +97,25 @@ def test_ticket_holds_the_rewind_weights_times_the_mask(search):
         assert bool((result.trained.state[name][~mask[name]] == 0).all())
 
 
-def _find_cmd(run_dir, out):
+def _find_cmd(run_dir, out, every="0"):
     return [sys.executable, "-m", "ticketctl", "find", "--preset", "demo", "--epochs", "4",
             "--rewind-epoch", "1", "--rates", "0.5,0.2", "--run-dir", str(run_dir), "--out",
-            str(out), "--json", "--quiet"]
+            str(out), "--json", "--quiet", "--checkpoint-every", every]
 
 
+# "0": the training in progress is checkpointed after every epoch, so the resumed run goes
+# on from the killed epoch; "3600": only after each training, so the killed training is
+# trained again from its start. Both must end with the same ticket and epoch log.
 @pytest.mark.slow
-def test_killed_run_resumes_to_exactly_the_same_mask(tmp_path):
+@pytest.mark.parametrize("every", ["0", "3600"])
+def test_killed_run_resumes_to_exactly_the_same_mask(tmp_path, every):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # identical arithmetic in every process
     ref_out, out = tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors"
     subprocess.run(_find_cmd(tmp_path / "ref", ref_out), check=True, env=env,
                    capture_output=True, timeout=HANG_GUARD_S)
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_find_cmd(run_dir, out), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_find_cmd(run_dir, out, every), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     epochs = run_dir / "epochs.jsonl"
     deadline = time.monotonic() + HANG_GUARD_S
@@ -119,7 +123,7 @@ def test_killed_run_resumes_to_exactly_the_same_mask(tmp_path):
     while time.monotonic() < deadline and proc.poll() is None:
         if epochs.exists():
             rows = [json.loads(x) for x in epochs.read_text().splitlines() if x.endswith("}")]
-            mid = [r for r in rows if r["training"] == "round-2-trial-0" and r["epoch"] == 2]
+            mid = [r for r in rows if r["training"] == "round-2-trial-0" and r["epoch"] == 3]
             if mid:
                 proc.send_signal(signal.SIGKILL)
                 killed_at = mid[0]
@@ -129,7 +133,12 @@ def test_killed_run_resumes_to_exactly_the_same_mask(tmp_path):
     assert killed_at is not None, "the run ended before it could be killed mid-round"
     assert not out.exists()
 
-    resumed = subprocess.run(_find_cmd(run_dir, out) + ["--resume"], env=env,
+    checkpoint = run_dir / "checkpoint.safetensors"
+    with safetensors.safe_open(str(checkpoint), "pt") as f:
+        saved = json.loads(f.metadata()["json"])["key"]
+    # every epoch: the killed training's own epoch was saved; else the last finished training
+    assert (saved == "round-2-trial-0") == (every == "0"), saved
+    resumed = subprocess.run(_find_cmd(run_dir, out, every) + ["--resume"], env=env,
                              capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert resumed.returncode == 0, resumed.stderr
     a, b = load_ticket(ref_out), load_ticket(out)

@@ -82,6 +82,10 @@ def find(
     run_dir: Annotated[Optional[Path], typer.Option(
         help="Run folder (default: runs/find-<arch>-<dataset>-<settings hash>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir.")] = False,
+    checkpoint_every: Annotated[float, typer.Option(
+        help="Save the training in progress to the run folder at most this often, in "
+             "seconds (and after each training); 0 saves after every epoch. A kill loses "
+             "at most this much training.")] = 60.0,
     plot: Annotated[Optional[Path], typer.Option(
         help="Write a PNG of accuracy against density.")] = None,
     output: Output,
@@ -110,7 +114,7 @@ def find(
     if ctx is not None and not ctx.is_main:  # only rank 0 writes files and output
         try:
             find_ticket(settings, folder, resume=resume, force=output.force,
-                        device=compute.device, dist=ctx)
+                        device=compute.device, dist=ctx, checkpoint_seconds=checkpoint_every)
         finally:
             shutdown()
         return
@@ -119,7 +123,7 @@ def find(
             result = find_ticket(settings, folder, resume=resume, force=output.force,
                                  device=compute.device,
                                  events=ProgressEvents(progress, not output.quiet), pack=pack,
-                                 dist=ctx)
+                                 dist=ctx, checkpoint_seconds=checkpoint_every)
     finally:
         shutdown()
     with all_or_nothing(out, trained, plot, force=output.force):
