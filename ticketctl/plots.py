@@ -105,15 +105,19 @@ def plot_attack(rows: list[dict[str, Any]], reference: float | None, path: str |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [100 * float(r["strength"]) for r in rows]
+    numeric = all(isinstance(r["strength"], (int, float)) for r in rows)
+    # rates and sigmas in percent; named strengths (quantization formats) one tick each
+    xs = [100 * float(r["strength"]) for r in rows] if numeric else list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    if not numeric:
+        ax.set_xticks(xs, [str(r["strength"]) for r in rows])
     ax.plot(xs, [float("nan") if r["accuracy"] is None else r["accuracy"] for r in rows], "o-",
             color="tab:blue", label="test accuracy" if any(r["accuracy"] is not None
                                                            for r in rows) else
             "test accuracy (not measured)")
     if reference is not None:
         ax.axhline(reference - 1.0, color="0.5", ls="--", lw=1, label="matching line (-1 point)")
-    ax.set_xlabel("attack strength (%)")
+    ax.set_xlabel("attack strength (%)" if numeric else "attack")
     ax.set_ylabel("test accuracy (%)")
     ps = [r.get("p_value") for r in rows]
     if any(p is not None for p in ps):

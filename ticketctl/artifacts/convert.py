@@ -531,3 +531,13 @@ def save_torch_prune(ticket: Ticket, path: str | Path, force: bool = False) -> P
     with atomic_path(path, force) as tmp:
         torch.save(export_torch_prune(ticket), str(tmp))
     return Path(path)
+
+
+def write_state_dict(state: dict[str, torch.Tensor], path: str | Path,
+                     force: bool = False) -> Path:
+    """A plain safetensors state dict (no ticket metadata: what a thief releases), written
+    atomically; `verify` reads it as any suspect file, its masks being what is nonzero."""
+    with atomic_path(path, force) as tmp:
+        safetensors.torch.save_file({k: v.detach().to("cpu").contiguous()
+                                     for k, v in sorted(state.items())}, str(tmp))
+    return Path(path)

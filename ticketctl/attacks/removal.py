@@ -7,6 +7,7 @@ trigger set)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -82,13 +83,17 @@ def _check_strengths(values: list[float], what: str) -> None:
             raise TicketctlError(f"{what} must be in [0, 1), got {v}")
 
 
-def sweep(ticket: Ticket, data: Dataset | None, attack: str, strengths: list[float],
-          make: Callable[[float], dict[str, torch.Tensor]], checks: Checker | None
-          ) -> AttackReport:
+def sweep(ticket: Ticket, data: Dataset | None, attack: str, strengths: list[Any],
+          make: Callable[[Any], dict[str, torch.Tensor]], checks: Checker | None,
+          rates: bool = True) -> AttackReport:
     """Score the unattacked model (the reference) and every attacked one; without a dataset
     (a ticket whose network cannot be built) the accuracies are not measured and only the
-    marks are checked."""
-    _check_strengths(strengths, "--rates")
+    marks are checked. `rates`: the strengths are fractions in [0, 1) (checked here);
+    otherwise the attack checked its own."""
+    if rates:
+        _check_strengths(strengths, "--rates")
+    elif not strengths:
+        raise TicketctlError(f"attack {attack} needs at least one strength")
     model = ticket.build_model(data.train_x.device) if data is not None else None
 
     def accuracy(state: dict[str, torch.Tensor]) -> float | None:

@@ -15,9 +15,11 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ticketctl.artifacts import Ticket, load_ticket, save_ticket
+from ticketctl.artifacts.convert import write_state_dict
 from ticketctl.artifacts.io import all_or_nothing, write_text_atomic
 from ticketctl.attacks import AttackReport, AttackRunner, fake1, nokey
 from ticketctl.attacks.checks import owner_checks
+from ticketctl.attacks.degrade import noised, parse_formats, quantized
 from ticketctl.attacks.fake3 import fake3
 from ticketctl.attacks.finetune import finetune
 from ticketctl.attacks.keymask import summary_rows
@@ -240,15 +242,16 @@ def fake1_cmd(
 
 
 # ---- removal attacks on a released model, checked by every mark ---------------------------------
-def _removal(model: Path, name: str, strengths: list[float],
-             make: Callable[[Ticket, float], dict[str, torch.Tensor]], marks: OwnerMarks,
-             defend: bool, sweep: Sweep, also: Callable[[], object] | None = None) -> None:
+def _removal(model: Path, name: str, strengths: list[Any],
+             make: Callable[[Ticket, Any], dict[str, torch.Tensor]], marks: OwnerMarks,
+             defend: bool, sweep: Sweep, also: Callable[[], object] | None = None,
+             rates: bool = True) -> None:
     sweep.output.check(sweep.report.csv_path, sweep.report.plot_path)
     ticket = load_ticket(model)
     dataset = sweep.scoring_data(ticket, marks)
     checks = owner_checks(ticket, dataset, marks.load(defend=defend))
     result = sweep.render(sweep_removal(ticket, dataset, name, strengths,
-                                        lambda s: make(ticket, s), checks), also)
+                                        lambda s: make(ticket, s), checks, rates=rates), also)
     _refuse_removed(result, "an attacked model")
 
 
@@ -286,6 +289,58 @@ def addon_cmd(
     """Revive a fraction of pruned positions with small random weights and check every mark."""
     values = parse_floats(rates, "--rates") or []
     _removal(model, "addon", values, lambda t, s: added(t, s, seed), marks, defend, sweep)
+
+
+@attack("quantize")
+def quantize_cmd(
+    *,
+    model: Released,
+    bits: Annotated[str, typer.Option(
+        help="Integer widths (2-16 bits, per-channel symmetric) and 'fp8' (float8 e4m3, "
+             "per-channel scaled), one row each.")] = "8,6,4,fp8",
+    save: Annotated[Optional[Path], typer.Option(
+        help="Also write each quantized (dequantized) model into this folder as a plain "
+             "state dict, FOLDER/quantized-<format>.safetensors, for `verify`.")] = None,
+    marks: OwnerMarks,
+    sweep: Sweep,
+) -> None:
+    """Quantize every conv and linear weight after training, as deployments do (no
+    fine-tuning), and check every mark on the dequantized model."""
+    formats = parse_formats(bits)
+    files = [save / f"quantized-{f}.safetensors" for f in formats] if save else []
+    if save is not None:
+        if save.exists() and not save.is_dir():
+            raise TicketctlError(f"--save {save}: not a folder")
+        save.mkdir(parents=True, exist_ok=True)
+    sweep.output.check(*files)
+    ticket = load_ticket(model)
+
+    def write() -> None:  # with the rows' plot and CSV: all of them or none
+        for f, path in zip(formats, files, strict=True):
+            write_state_dict(quantized(ticket, f), path, force=sweep.output.force)
+
+    _removal(model, "quantize", formats, quantized, marks, False, sweep,
+             also=write if save else None, rates=False)
+
+
+@attack("noise")
+def noise_cmd(
+    *,
+    model: Released,
+    sigmas: Annotated[str, typer.Option(
+        help="Noise added to every kept weight, as a fraction of its layer's weight "
+             "standard deviation, one row each.")] = "0.01,0.05,0.1,0.2,0.5",
+    seed: Seed = 0,
+    marks: OwnerMarks,
+    sweep: Sweep,
+) -> None:
+    """Add Gaussian noise to the kept weights (masks unchanged) and check every mark."""
+    values = parse_floats(sigmas, "--sigmas") or []
+    for v in values:
+        if not 0 < v < float("inf"):
+            raise TicketctlError(f"--sigmas must be positive and finite, got {v}")
+    _removal(model, "noise", values, lambda t, s: noised(t, s, seed), marks, False, sweep,
+             rates=False)
 
 
 @attack("permute")
