@@ -161,6 +161,7 @@ def test_demo_and_python_dash_m(tmp_path):
     assert v3["verified"] is True and v3["predict_cmd"]["trigger_p_value"] < 1e-6
     attacks = {a["attack"]: a for a in doc["attacks"]}
     assert [r["strength"] for r in attacks["prune-omp"]["rows"]] == [0.1, 0.3, 0.5]
+    assert [r["strength"] for r in attacks["quantize"]["rows"]] == ["int8", "int4"]
     assert all(r["p_value"] is not None for a in doc["attacks"] for r in a["rows"])
     # where the time went: every stage timed, together no more than the whole
     stages = doc["stage_seconds"]

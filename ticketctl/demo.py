@@ -17,6 +17,7 @@ from ticketctl.artifacts.describe import describe_file
 from ticketctl.artifacts.io import all_or_nothing, write_text_atomic
 from ticketctl.attacks import AttackRunner, nokey
 from ticketctl.attacks.checks import owner_checks
+from ticketctl.attacks.degrade import quantized
 from ticketctl.attacks.removal import added, pruned, sweep
 from ticketctl.data import load_dataset
 from ticketctl.device import resolve_device
@@ -131,7 +132,8 @@ def _scheme_v3(signed_path: Path, key_path: Path, out_dir: Path, settings: Any,
 
 
 def _attacks(marked: Path, receipt: Path, trigger: Path) -> list[dict[str, Any]]:
-    """Prune and add-on sweeps on the signed, trigger-marked model, checked both ways."""
+    """Prune, add-on and quantization sweeps on the signed, trigger-marked model, checked
+    both ways."""
     ticket = load_ticket(marked)
     data = load_dataset("digits")
     checks = owner_checks(ticket, data, Marks(receipt=load_receipt(receipt),
@@ -139,7 +141,9 @@ def _attacks(marked: Path, receipt: Path, trigger: Path) -> list[dict[str, Any]]
     reports = [sweep(ticket, data, "prune-omp", [0.1, 0.3, 0.5],
                      lambda s: pruned(ticket, "omp", s), checks),
                sweep(ticket, data, "addon", [0.01, 0.05],
-                     lambda s: added(ticket, s), checks)]
+                     lambda s: added(ticket, s), checks),
+               sweep(ticket, data, "quantize", ["int8", "int4"],
+                     lambda f: quantized(ticket, f), checks, rates=False)]
     return [r.to_dict() for r in reports]
 
 
@@ -191,7 +195,7 @@ def run_demo(
     events.stage("4/5 Scheme V3: retraining with a trigger set, a black-box check")
     v3 = _scheme_v3(Path(v2["signed"]), out_dir / "owner.key", out_dir, settings, force)
     lap("v3")
-    events.stage("5/5 attacks: pruning and add-on sweeps, every mark checked")
+    events.stage("5/5 attacks: pruning, add-on and quantization sweeps, every mark checked")
     attacks = _attacks(Path(v3["marked"]), Path(v2["receipt"]), Path(v3["trigger_set"]))
     lap("attacks")
     return {

@@ -212,7 +212,9 @@ def attacks_table(reports: list[dict[str, Any]]) -> Table:
         for r in rep["rows"]:
             d = r.get("details") or {}
             table.add_row(
-                rep["attack"], f"{100 * r['strength']:g}%", f"{r['accuracy']:.1f}%",
+                rep["attack"], f"{100 * r['strength']:g}%" if isinstance(
+                    r["strength"], (int, float)) else plain(str(r["strength"])),
+                f"{r['accuracy']:.1f}%",
                 plain(r["message"]) if r["message"] else "-",
                 "-" if r["p_value"] is None else f"{r['p_value']:.1e}",
                 "-" if d.get("defended_p_value") is None else f"{d['defended_p_value']:.1e}",
