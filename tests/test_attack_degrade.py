@@ -126,3 +126,15 @@ def test_formats_are_parsed_in_order():
     assert parse_formats("8, 6,4,FP8") == ["int8", "int6", "int4", FP8]
     with pytest.raises(TicketctlError):
         parse_formats("16,99")
+
+
+def test_a_ticket_without_its_network_is_attacked_too(signed, tmp_path):
+    """Quantization and noise need only weights and masks: accuracy is "not measured"."""
+    from ticketctl.models.sources import NetworkInfo
+    ext = signed["ticket"].derive(arch="none", arch_args={}, network=NetworkInfo("none"))
+    path = save_ticket(ext, tmp_path / "ext.safetensors")
+    for attack, extra in (("quantize", ["--bits", "8"]), ("noise", ["--sigmas", "0.05"])):
+        result = run("attack", attack, path, *extra, "--receipt", signed["receipt"], "--json")
+        assert result.exit_code == 0, result.stderr
+        row = json.loads(result.stdout)["rows"][0]
+        assert row["accuracy"] is None and row["message"] == "signature"
