@@ -131,10 +131,13 @@ def test_formats_are_parsed_in_order():
 def test_a_ticket_without_its_network_is_attacked_too(signed, tmp_path):
     """Quantization and noise need only weights and masks: accuracy is "not measured"."""
     from ticketctl.models.sources import NetworkInfo
-    ext = signed["ticket"].derive(arch="none", arch_args={}, network=NetworkInfo("none"))
-    path = save_ticket(ext, tmp_path / "ext.safetensors")
+    ext = make_ticket(seed=71, density_rate=0.6, width=32).derive(
+        arch="none", arch_args={}, network=NetworkInfo("none"))
+    s, doc, _, _ = sign_ticket(ext, "signature")
+    path = save_ticket(s, tmp_path / "ext.safetensors")
+    receipt = save_receipt(doc, tmp_path / "ext.json")
     for attack, extra in (("quantize", ["--bits", "8"]), ("noise", ["--sigmas", "0.05"])):
-        result = run("attack", attack, path, *extra, "--receipt", signed["receipt"], "--json")
+        result = run("attack", attack, path, *extra, "--receipt", receipt, "--json")
         assert result.exit_code == 0, result.stderr
         row = json.loads(result.stdout)["rows"][0]
         assert row["accuracy"] is None and row["message"] == "signature"
