@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import nn
 
 from ticketctl.errors import TicketctlError
+from ticketctl.threads import map_on_cores
 
 
 def _encoding(name: str, dtype: torch.dtype, shape: tuple[int, ...] | torch.Size) -> bytes:
@@ -52,8 +51,7 @@ def raw_sha256_all(tensors: list[torch.Tensor]) -> list[bytes]:
     load every tensor."""
     todo = [t for t in tensors if getattr(t, "_ticketctl_sha256", (None,))[0] != _layout(t)]
     if sum(t.numel() * t.element_size() for t in todo) > PARALLEL_HASH_BYTES:
-        with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as pool:
-            list(pool.map(raw_sha256, sorted(todo, key=lambda t: -t.numel())))
+        map_on_cores(raw_sha256, sorted(todo, key=lambda t: -t.numel()))
     return [raw_sha256(t) for t in tensors]
 
 

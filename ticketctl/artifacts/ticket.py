@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from ticketctl.schema import (
     check,
     parse_json,
 )
+from ticketctl.threads import map_on_cores
 
 FORMAT_NAME = "ticketctl"
 # 1: the dense layout; 2: a key in the sparse layout (`sparse.py`); 3: either layout (a
@@ -589,8 +589,7 @@ def _checked_mask(masks: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
         return n, True
 
     names = list(mask)
-    with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1))) as pool:
-        counts = list(pool.map(nonzero_pruned, names))  # layer by layer, on every core
+    counts = map_on_cores(nonzero_pruned, names)  # layer by layer, on every core
     for name, (n, plus_zero) in zip(names, counts, strict=True):
         if n:
             raise TicketctlError(

@@ -68,11 +68,17 @@ def quantized(ticket: Ticket, fmt: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_sigmas(sigmas: list[float]) -> None:
+    """Noise strengths must be positive and finite (a fraction of a layer's spread)."""
+    for s in sigmas:
+        if not 0 < s < float("inf"):
+            raise TicketctlError(f"--sigmas must be positive and finite, got {s}")
+
+
 def noised(ticket: Ticket, sigma: float, seed: int = 0) -> dict[str, torch.Tensor]:
     """Gaussian noise on every kept weight of every conv and linear layer, of `sigma` times
     the standard deviation of that layer's kept weights; pruned weights stay exactly zero."""
-    if not sigma > 0 or sigma != sigma or sigma == float("inf"):
-        raise TicketctlError(f"--sigmas must be positive and finite, got {sigma}")
+    check_sigmas([sigma])
     gen = torch.Generator().manual_seed(seed)
     state = dict(ticket.state)
     for k, m in attack_mask(ticket).items():

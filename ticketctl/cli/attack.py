@@ -19,7 +19,7 @@ from ticketctl.artifacts.convert import write_state_dict
 from ticketctl.artifacts.io import all_or_nothing, write_text_atomic
 from ticketctl.attacks import AttackReport, AttackRunner, fake1, nokey
 from ticketctl.attacks.checks import owner_checks
-from ticketctl.attacks.degrade import noised, parse_formats, quantized
+from ticketctl.attacks.degrade import check_sigmas, noised, parse_formats, quantized
 from ticketctl.attacks.fake3 import fake3
 from ticketctl.attacks.finetune import finetune
 from ticketctl.attacks.keymask import summary_rows
@@ -242,12 +242,13 @@ def fake1_cmd(
 
 
 # ---- removal attacks on a released model, checked by every mark ---------------------------------
-def _removal(model: Path, name: str, strengths: list[Any],
+def _removal(model: Path | Ticket, name: str, strengths: list[Any],
              make: Callable[[Ticket, Any], dict[str, torch.Tensor]], marks: OwnerMarks,
              defend: bool, sweep: Sweep, also: Callable[[], object] | None = None,
              rates: bool = True) -> None:
+    """An attack without training on `model` (a path, or the ticket already read)."""
     sweep.output.check(sweep.report.csv_path, sweep.report.plot_path)
-    ticket = load_ticket(model)
+    ticket = model if isinstance(model, Ticket) else load_ticket(model)
     dataset = sweep.scoring_data(ticket, marks)
     checks = owner_checks(ticket, dataset, marks.load(defend=defend))
     result = sweep.render(sweep_removal(ticket, dataset, name, strengths,
@@ -319,7 +320,7 @@ def quantize_cmd(
         for f, path in zip(formats, files, strict=True):
             write_state_dict(quantized(ticket, f), path, force=sweep.output.force)
 
-    _removal(model, "quantize", formats, quantized, marks, False, sweep,
+    _removal(ticket, "quantize", formats, quantized, marks, False, sweep,
              also=write if save else None, rates=False)
 
 
@@ -336,9 +337,7 @@ def noise_cmd(
 ) -> None:
     """Add Gaussian noise to the kept weights (masks unchanged) and check every mark."""
     values = parse_floats(sigmas, "--sigmas") or []
-    for v in values:
-        if not 0 < v < float("inf"):
-            raise TicketctlError(f"--sigmas must be positive and finite, got {v}")
+    check_sigmas(values)
     _removal(model, "noise", values, lambda t, s: noised(t, s, seed), marks, False, sweep,
              rates=False)
 
@@ -361,7 +360,7 @@ def permute_cmd(
     ticket = load_ticket(model)
     moved, _ = permute(ticket, seed) if ticket.can_build() else permute_blind(ticket, seed)
     # the permuted model is written with the rows' plot and CSV: all of them or none
-    _removal(model, "permute", [0.0], lambda t, s: moved.state, marks, False, sweep,
+    _removal(ticket, "permute", [0.0], lambda t, s: moved.state, marks, False, sweep,
              also=None if out is None else lambda: save_ticket(moved, out,
                                                                force=sweep.output.force))
 

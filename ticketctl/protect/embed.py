@@ -16,9 +16,7 @@ authors' code:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +28,7 @@ from ticketctl.artifacts.mask import is_clean, kept_count, mark_clean, remember_
 from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.protect.blocks import Blocks, auto_blocks, kernel_blocks
 from ticketctl.protect.qr import QRCode, encode, function_module_map
+from ticketctl.threads import map_on_cores
 
 
 @dataclass(frozen=True)
@@ -309,8 +308,7 @@ def _extremes(layers: list[str],
         top = torch.topk(score, min(k + 1, len(score)), largest=largest, sorted=False).indices
         return name, where[top], score[top].double(), len(score)
 
-    with ThreadPoolExecutor(max(1, min(len(layers), os.cpu_count() or 1))) as pool:
-        tops = list(pool.map(best_of, layers))
+    tops = map_on_cores(best_of, layers)
     names, pos, vals, spans = [], [], [], {}
     for name, where, score, total in tops:
         spans[name] = (len(names), len(score), total)
