@@ -218,8 +218,8 @@ class Search:
                      density=cand.density, kept=cand.num_kept, prune_seconds=prune_seconds,
                      seconds=time.perf_counter() - t_round)
         if self.state.accepted_rounds > accepted_before:
-            self.run.write_tensors(TRAINED_CURRENT, self.run.read_tensors(TRAINED_CANDIDATE)[0])
-            self.run.write_tensors(BEST_CURRENT, self.run.read_tensors(BEST_CANDIDATE)[0])
+            self.run.copy_file(TRAINED_CANDIDATE, TRAINED_CURRENT)
+            self.run.copy_file(BEST_CANDIDATE, BEST_CURRENT)
         self.run.write_state(self.state, self.seq)
         self.run.write_tables(self.state.rounds)
         self.events.round(self.state.rounds[-1])
