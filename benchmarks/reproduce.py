@@ -16,7 +16,8 @@ Stages (`--stages`, default all, in this order):
            skipped when --ticket gives a ticket found earlier
   v1       Scheme V1: 4 scores x key ratios 5/10/20%, retrained without the key and with a
            forged key (`benchmarks/v1_effect.py`, packed on CUDA, its sweep folder resumes)
-  v2       Scheme V2: sign, retrain with and without the signature, prune and add-on attacks
+  v2       Scheme V2: sign, retrain with and without the signature, prune and add-on
+           attacks, and Figure 4 (v2/qr-pruning.png: the code read at 0-30% pruning)
   v3       Scheme V3: retrain the signed ticket with the trigger set, null calibration,
            pruning attack with the trigger check
   attacks  fine-tuning, permutation and fake3 on the marked model
@@ -210,6 +211,12 @@ def main() -> int:
                                              method, "--rates", "0.05,0.1,0.2,0.3,0.5", *chk)
             s["addon"] = st.tc("addon", "attack", "addon", files / "signed-trained.safetensors",
                                "--rates", "0.005,0.01,0.02,0.05,0.1", "--defend", *chk)
+            # Figure 4: the code itself under magnitude pruning
+            s["qr_figure"] = st.script("qr_figure", ROOT / "benchmarks/qr_figure.py",
+                                       files / "signed-trained.safetensors", "--receipt",
+                                       files / "receipt.json", "--out", st.dir / "qr-pruning.png",
+                                       "--title", f"{arch}: the code under pruning",
+                                       "--force")
         elif name == "v3":
             if args.smoke and not Path(trigger).exists():
                 # a fixed set at the digits' own size: a set drawn from each run's fresh owner

@@ -113,3 +113,21 @@ def test_find_with_packed_trials_matches_unpacked(tmp_path, float64):
     trained = {r["training"] for r in rows}
     assert {"round-1-trial-0", "round-1-trial-1", "round-1-trial-2"} <= trained
     assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_default_pack_follows_model_size_on_cuda():
+    """Packing is the default only where it measured faster: small models on CUDA."""
+    from ticketctl.errors import TicketctlError
+    from ticketctl.train.packed import PACK_MAX_PARAMS, default_pack, param_count
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    small = torch.nn.Linear(10, 10)
+    assert param_count(small) == 110
+    assert param_count({"w": torch.zeros(3, 4), "steps": torch.zeros(2, dtype=torch.long)}) == 12
+    assert default_pack(cuda, None, param_count(small)) == 8
+    assert default_pack(cuda, None, PACK_MAX_PARAMS + 1) == 1
+    assert default_pack(cuda, None) == 8  # size unknown: the old default
+    assert default_pack(cpu, None, 10) == 1
+    assert default_pack(cuda, 3, PACK_MAX_PARAMS * 10) == 3  # asked for: as asked
+    with pytest.raises(TicketctlError):
+        default_pack(cuda, 0)

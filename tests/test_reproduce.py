@@ -33,6 +33,10 @@ def test_reproduce_smoke_runs_every_stage_and_resumes(tmp_path):
     assert all(r["nokey"] is not None and r["fake1"] is not None for r in v1_rows)
     v2 = summary["v2"]["summary"]
     assert all(row["verified"] for row in v2["prune_omp"]["rows"])
+    figure = v2["qr_figure"]
+    assert [r["rate"] for r in figure["rows"]] == [0, 0.05, 0.1, 0.2, 0.3]
+    assert figure["rows"][0]["bit_match"] == 1.0  # unpruned: the code as signed
+    assert (run / "v2" / "qr-pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The smoke run's 30-image set is fixed and made at the digits' own 8x8 size, so no key's
     # luck decides it (sets from fresh keys, downsampled, were learnt to 60-100%). It is learnt
     # to 100% (chance is 10%): 80 leaves 6 images.

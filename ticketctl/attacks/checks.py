@@ -14,7 +14,7 @@ from ticketctl.protect.suspect import Suspect
 from ticketctl.protect.verdict import Verdict
 from ticketctl.protect.verify import Marks, check_suspect
 
-Checker = Callable[[dict[str, torch.Tensor]], Verdict]
+Checker = Callable[..., Verdict]  # (released state, runs_as=None) -> verdict
 
 
 def owner_checks(ticket: Ticket, data: Dataset | None, marks: Marks) -> Checker | None:
@@ -25,9 +25,12 @@ def owner_checks(ticket: Ticket, data: Dataset | None, marks: Marks) -> Checker 
     network = ticket.build_model(data.train_x.device) \
         if marks.trigger is not None and data is not None else None
 
-    def check(state: dict[str, torch.Tensor]) -> Verdict:
+    def check(state: dict[str, torch.Tensor],
+              runs_as: dict[str, torch.Tensor] | None = None) -> Verdict:
+        """`state`: the released weights (white box); `runs_as`: the same function in the
+        ticket's own shapes, for the trigger set, when the release has other shapes."""
         if network is not None:
-            network.load_state_dict(state)
+            network.load_state_dict(state if runs_as is None else runs_as)
         return check_suspect(Suspect.of(ticket, state, where="attacked copy"), marks, data,
                              network=network, compare_defence=True)
 

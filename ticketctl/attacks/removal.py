@@ -84,7 +84,7 @@ def _check_strengths(values: list[float], what: str) -> None:
 
 
 def sweep(ticket: Ticket, data: Dataset | None, attack: str, strengths: list[Any],
-          make: Callable[[Any], dict[str, torch.Tensor]], checks: Checker | None,
+          make: Callable[[Any], Any], checks: Checker | None,
           rates: bool = True) -> AttackReport:
     """Score the unattacked model (the reference) and every attacked one; without a dataset
     (a ticket whose network cannot be built) the accuracies are not measured and only the
@@ -105,8 +105,13 @@ def sweep(ticket: Ticket, data: Dataset | None, attack: str, strengths: list[Any
     ref_acc = accuracy(ticket.state)
     rows = []
     for s in strengths:
-        state = make(s)
-        rows.append(scored_row(s, accuracy(state), checks(state) if checks else None))
+        made = make(s)
+        # an attack that changes shapes gives (released state, the same function in the
+        # ticket's shapes): scored on the second, checked on the first
+        released, runs_as = made if isinstance(made, tuple) else (made, None)
+        state = released if runs_as is None else runs_as
+        rows.append(scored_row(s, accuracy(state),
+                               checks(released, runs_as) if checks else None))
     compare(rows, ref_acc)
     return AttackReport(attack, ref_acc, "the unattacked model", rows)
 

@@ -21,7 +21,7 @@ from ticketctl.data import Dataset
 from ticketctl.protect.verdict import Verdict
 from ticketctl.records import Record
 from ticketctl.train import EpochStats, TrainConfig, Trainer, TrainResult
-from ticketctl.train.packed import PackedTrainer, default_pack
+from ticketctl.train.packed import PackedTrainer, default_pack, param_count
 
 MATCH_POINTS = 1.0  # the paper's criterion: within 1 accuracy point of the reference
 
@@ -189,6 +189,7 @@ class AttackRunner:
         (`retrain_many`; default 8 on CUDA, 1 on CPU)."""
         self.data = data
         self.pack = default_pack(data.train_x.device, pack)
+        self._pack_requested = pack
         self._packed: dict[tuple, PackedTrainer] = {}
         self._memo: dict[str, dict[str, Any]] = {}
         self._states: dict[str, dict[str, torch.Tensor]] = {}
@@ -246,7 +247,7 @@ class AttackRunner:
         keys = [self._retrain_key(t) for t in tickets]
         todo = [i for i, k in enumerate(keys) if not self._is_cached(k)]
         todo = [i for n, i in enumerate(todo) if keys[i] not in {keys[j] for j in todo[:n]}]
-        width = self.pack if len(todo) > 1 else 1
+        width = self._width(tickets[0]) if len(todo) > 1 else 1
         for start in range(0, len(todo), width):
             chunk = todo[start:start + width]
             if len(chunk) == 1:
@@ -256,6 +257,11 @@ class AttackRunner:
             for i, res in zip(chunk, results, strict=True):
                 self.cached(keys[i], lambda res=res: (res, None))
         return [self.retrain(t, lab) for t, lab in zip(tickets, labels, strict=True)]
+
+    def _width(self, ticket: Ticket) -> int:
+        """How many of this ticket's retrainings share one packed network."""
+        return default_pack(self.data.train_x.device, self._pack_requested,
+                            param_count(ticket.state))
 
     def _is_cached(self, key: str) -> bool:
         return self._lookup(key) is not None
@@ -310,7 +316,7 @@ class AttackRunner:
         ones trained together in packed networks, each with its own learning-rate schedule."""
         keys = [self._finetune_key(ticket, c, dense) for c in cfgs]
         todo = [i for i, k in enumerate(keys) if not self._finetune_done(k)]
-        width = self.pack if len(todo) > 1 else 1
+        width = self._width(ticket) if len(todo) > 1 else 1
         for start in range(0, len(todo), width):
             chunk = todo[start:start + width]
             if len(chunk) < 2:

@@ -18,6 +18,7 @@ from ticketctl.artifacts import Ticket, load_ticket, save_ticket
 from ticketctl.artifacts.convert import write_state_dict
 from ticketctl.artifacts.io import all_or_nothing, write_text_atomic
 from ticketctl.attacks import AttackReport, AttackRunner, fake1, nokey
+from ticketctl.attacks.channels import ChannelPruned, channel_pruned, check_ratios
 from ticketctl.attacks.checks import owner_checks
 from ticketctl.attacks.degrade import check_sigmas, noised, parse_formats, quantized
 from ticketctl.attacks.fake3 import fake3
@@ -243,7 +244,7 @@ def fake1_cmd(
 
 # ---- removal attacks on a released model, checked by every mark ---------------------------------
 def _removal(model: Path | Ticket, name: str, strengths: list[Any],
-             make: Callable[[Ticket, Any], dict[str, torch.Tensor]], marks: OwnerMarks,
+             make: Callable[[Ticket, Any], Any], marks: OwnerMarks,
              defend: bool, sweep: Sweep, also: Callable[[], object] | None = None,
              rates: bool = True) -> None:
     """An attack without training on `model` (a path, or the ticket already read)."""
@@ -321,6 +322,49 @@ def quantize_cmd(
             write_state_dict(quantized(ticket, f), path, force=sweep.output.force)
 
     _removal(ticket, "quantize", formats, quantized, marks, False, sweep,
+             also=write if save else None, rates=False)
+
+
+@attack("channel-prune")
+def channel_prune_cmd(
+    *,
+    model: Released,
+    rates: Annotated[str, typer.Option(
+        help="Fractions of each layer's output channels to remove, in (0, 1), one row each."),
+        OldSpelling("--ratios")] = "0.1,0.2,0.3,0.5",
+    save: Annotated[Optional[Path], typer.Option(
+        help="Also write each smaller model into this folder as a plain state dict, "
+             "FOLDER/channel-pruned-<rate>.safetensors, for `verify`.")] = None,
+    marks: OwnerMarks,
+    sweep: Sweep,
+) -> None:
+    """Remove the output channels of smallest L1 norm from every layer whose channels feed
+    only other layers' weights, with the inputs that read them (no fine-tuning), and check
+    every mark on the smaller model; verification re-aligns the signed layer's channels."""
+    values = parse_floats(rates, "--rates") or []
+    check_ratios(values)
+    files = [save / f"channel-pruned-{r:g}.safetensors" for r in values] if save else []
+    if save is not None:
+        if save.exists() and not save.is_dir():
+            raise TicketctlError(f"--save {save}: not a folder")
+        save.mkdir(parents=True, exist_ok=True)
+    sweep.output.check(*files)
+    ticket = load_ticket(model)
+    if not ticket.can_build():
+        raise TicketctlError("channel pruning needs the ticket's network, to know which layers "
+                             "read which channels: import the ticket with its network "
+                             "(--arch or --model-factory)")
+    made: dict[float, ChannelPruned] = {}
+
+    def make(t: Ticket, r: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        made[r] = made.get(r) or channel_pruned(t, r)
+        return made[r].released, made[r].scored
+
+    def write() -> None:  # with the rows' plot and CSV: all of them or none
+        for r, path in zip(values, files, strict=True):
+            write_state_dict(made[r].released, path, force=sweep.output.force)
+
+    _removal(ticket, "channel-prune", values, make, marks, False, sweep,
              also=write if save else None, rates=False)
 
 

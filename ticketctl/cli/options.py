@@ -420,7 +420,8 @@ class Training:
 
 Pack = Annotated[Optional[int], typer.Option(
     "--pack", help="Train this many independent models in one packed network (default: 8 "
-    "on CUDA, 1 on CPU; 1 turns packing off).", rich_help_panel=P_CUDA)]
+    "on CUDA for models of at most 2 M weights, else 1; 1 turns packing off).",
+    rich_help_panel=P_CUDA)]
 
 
 @group(panel=P_DIST)

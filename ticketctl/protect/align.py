@@ -133,7 +133,11 @@ def align(weight: torch.Tensor, mask: torch.Tensor,
     linear layer, rows are output units and columns input units). The receipt's
     fingerprints (checked for types on reading) must fit the layer's shape: a
     mismatch is a receipt for another model, left as stored."""
-    if len(reference["rows"]) != mask.shape[0] or len(reference["cols"]) != mask.shape[1]:
+    n_rows, n_cols = len(reference["rows"]), len(reference["cols"])
+    if (n_rows, n_cols) != tuple(mask.shape[:2]):
+        if 0 < mask.shape[0] <= n_rows and 0 < mask.shape[1] <= n_cols and \
+                reference["rows"] and reference["cols"]:
+            return _align_removed(weight, mask, reference, layer)
         return mask
     # the receipt's own form: whole degree vectors, or QUANTILES samples for a wide layer
     single = mask.dim() <= 2 or int(np.prod(mask.shape[2:])) == 1
@@ -153,3 +157,77 @@ def align(weight: torch.Tensor, mask: torch.Tensor,
             pats = (_dense(reference[key], n, k), _dense(fp[key], n, k))
         orders.append(torch.from_numpy(_match(reference[name], fp[name], pats, k == 1)))
     return mask[orders[0]][:, orders[1]]
+
+
+def reference_shape(reference: dict[str, list[list[float]]],
+                    shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The signed layer's shape as the receipt's fingerprints record it (channels), with the
+    suspect's own kernel size."""
+    return (len(reference["rows"]), len(reference["cols"]), *shape[2:])
+
+
+def pad_to(mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A channel-pruned layer's mask read as stored: its channels where they are, the missing
+    ones empty, in the receipt's shape."""
+    out = torch.zeros(shape, dtype=torch.bool)
+    out[: mask.shape[0], : mask.shape[1]] = mask.bool()
+    return out
+
+
+def _removed_cost(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Reference channel i (histogram row a[i]) against suspect channel j (b[j]) when the
+    suspect may have lost some of the other axis' channels: what the suspect has beyond the
+    reference (impossible for the right pair) costs three times what it lacks (the lost
+    kernels). Empty kernels (column 0) are left out: most of a sparse layer's are, and they
+    are what the removal takes."""
+    from scipy.spatial.distance import cdist
+
+    a, b = a[:, 1:], b[:, 1:]
+    l1 = cdist(a, b, "cityblock")
+    sa, sb = a.sum(1)[:, None], b.sum(1)[None, :]
+    excess, lack = (l1 + sb - sa) / 2, (l1 - sb + sa) / 2
+    return 3.0 * excess + lack
+
+
+def _count_histograms(counts: np.ndarray, k: int) -> np.ndarray:
+    """Per channel, how many of its kernels keep 0..k weights (from the sorted counts)."""
+    c = np.clip(np.rint(counts), 0, k).astype(np.int64)
+    return np.stack([np.bincount(row, minlength=k + 1) for row in c]).astype(np.float64)
+
+
+def _align_removed(weight: torch.Tensor, mask: torch.Tensor,
+                   reference: dict[str, list[list[float]]], layer: str) -> torch.Tensor:
+    """Re-align a layer that lost channels (structured pruning, perhaps also permuted): each
+    suspect channel is matched to a distinct reference channel (a rectangular minimum-cost
+    assignment), and the receipt's channels that found no match read as empty. A conv's
+    channels are matched by their kernels' 0/1 patterns (or kept-weight counts, for kernels
+    of more than 9 weights) with the tolerance of `_removed_cost`, and their largest |w|;
+    a linear layer's (one weight per kernel) by their largest |w| alone, since its mask
+    fingerprint, the neighbours' degrees, changes with every removed neighbour."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+
+    shape = reference_shape(reference, tuple(mask.shape))
+    check_patterns(reference, shape, layer)
+    k = int(np.prod(mask.shape[2:])) if mask.dim() > 2 else 1
+    fp = fingerprints(weight, mask)
+    sources = []
+    for axis, name in ((0, "rows"), (1, "cols")):
+        a = np.asarray(reference[name], dtype=np.float64)
+        b = np.asarray(fp[name], dtype=np.float64)
+        scale = max(float(np.abs(a[:, :TOP]).max()), 1e-12)
+        cost = cdist(a[:, :TOP], b[:, :TOP], "cityblock") / scale
+        if k > 1:
+            key = f"{name[:-1]}_patterns"
+            if key in reference and key in fp:
+                ha = _dense(reference[key], shape[axis], k)
+                hb = _dense(fp[key], mask.shape[axis], k)
+            else:
+                ha, hb = _count_histograms(a[:, TOP:], k), _count_histograms(b[:, TOP:], k)
+            cost = cost + 100.0 * _removed_cost(ha, hb) / max(1.0, float(ha.sum(1).max()))
+        ref, sus = linear_sum_assignment(cost)
+        sources.append((torch.from_numpy(ref), torch.from_numpy(sus)))
+    (r_ref, r_sus), (c_ref, c_sus) = sources
+    out = torch.zeros(shape, dtype=torch.bool)
+    out[r_ref[:, None], c_ref[None, :]] = mask.bool()[r_sus[:, None], c_sus[None, :]]
+    return out

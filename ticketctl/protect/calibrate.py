@@ -21,7 +21,7 @@ from ticketctl.protect.stats import clopper_pearson_upper
 from ticketctl.protect.trigger import TriggerSet
 from ticketctl.schema import HEX64, Field, Float, Obj, check, parse_json
 from ticketctl.train import TrainConfig, Trainer
-from ticketctl.train.packed import PackedTrainer, default_pack
+from ticketctl.train.packed import PackedTrainer, default_pack, param_count
 
 
 def calibrate(arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, models: int = 10,
@@ -37,10 +37,10 @@ def calibrate(arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, models
         raise TicketctlError(f"--models must be at least 1, got {models}")
     args = {**(arch_args or {}), "in_channels": data.input_shape[0]}
     x = ts.tensor(data.input_shape, data.mean, data.std, device=data.train_x.device)
-    width = min(default_pack(data.train_x.device, pack), models)
+    template = build_model(arch, data.num_classes, seed=seed, **args).to(data.train_x.device)
+    width = min(default_pack(data.train_x.device, pack, param_count(template)), models)
     agreements: list[float] = []
     accuracies: list[float] = []
-    template = build_model(arch, data.num_classes, seed=seed, **args).to(data.train_x.device)
     # dense training: the mask only says which weights the trainer treats as prunable
     full = Mask.ones(template, prunable_names(template) or
                      prunable_names(template, prune_linear=True))

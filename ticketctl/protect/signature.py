@@ -16,7 +16,14 @@ from ticketctl import __version__
 from ticketctl.artifacts import Ticket
 from ticketctl.artifacts.mask import kept_floor
 from ticketctl.errors import CheckFailed, TicketctlError
-from ticketctl.protect.align import QUANTILES, align, check_patterns, fingerprints
+from ticketctl.protect.align import (
+    QUANTILES,
+    align,
+    check_patterns,
+    fingerprints,
+    pad_to,
+    reference_shape,
+)
 from ticketctl.protect.blocks import candidate_blocks
 from ticketctl.protect.embed import (
     EmbedReport,
@@ -239,6 +246,11 @@ def read_signature(masks: dict[str, torch.Tensor], receipt: Receipt, public_key:
     expected = _unpack(receipt.matrix, n)
     data = ~function_module_map(version)
     total = int(data.sum())
+    # a layer that lost channels (structured pruning) is read as stored in the receipt's
+    # shape, its missing channels empty; the re-alignment below may find them moved
+    shrunk = {k: masks[k] for k in shrunk_layers(masks, receipt)}
+    masks = {**masks, **{k: pad_to(m, reference_shape(receipt.fingerprints[k], tuple(m.shape)))
+                         for k, m in shrunk.items()}}
     def reading(label: str, view: dict[str, torch.Tensor]) -> tuple[Any, ...]:
         m, _ = extract(view, placements, version, int(receipt.mask_pattern))
         return int((m[data] == expected[data]).sum()), label, view, m
@@ -260,7 +272,7 @@ def read_signature(masks: dict[str, torch.Tensor], receipt: Receipt, public_key:
             aligned = dict(masks)
             for p in placements:
                 if p.layer in receipt.fingerprints and p.layer in state:
-                    aligned[p.layer] = align(state[p.layer], masks[p.layer],
+                    aligned[p.layer] = align(state[p.layer], shrunk.get(p.layer, masks[p.layer]),
                                              receipt.fingerprints[p.layer], p.layer)
             other = reading("re-aligned", aligned)
             best = other if other[0] > best[0] else best
@@ -280,6 +292,22 @@ def read_signature(masks: dict[str, torch.Tensor], receipt: Receipt, public_key:
         decode_min_count=threshold,
         placements=[q.to_json() for q in placements],
         comparisons=comparisons, alignment=alignment, floor_defence=floor_defence)
+
+
+def shrunk_layers(masks: Mapping[str, torch.Tensor], receipt: Receipt
+                  ) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """The signed layers with fewer channels than the receipt records (a channel-pruned copy,
+    or a narrower model): layer -> ((rows, cols) found, (rows, cols) recorded)."""
+    out = {}
+    for p in receipt.placements:
+        fp = (receipt.fingerprints or {}).get(p.layer)
+        m = masks.get(p.layer)
+        if not fp or not fp["rows"] or not fp["cols"] or m is None or m.dim() < 2:
+            continue
+        have, want = (m.shape[0], m.shape[1]), (len(fp["rows"]), len(fp["cols"]))
+        if have != want and have[0] <= want[0] and have[1] <= want[1]:
+            out[p.layer] = (have, want)
+    return out
 
 
 def verify_with_receipt(masks: dict[str, torch.Tensor], receipt: Receipt,

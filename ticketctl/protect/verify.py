@@ -16,7 +16,7 @@ from ticketctl.errors import TicketctlError
 from ticketctl.protect.blackbox_verify import verify_command_triggers, verify_model_triggers
 from ticketctl.protect.qr.image import render_png, zbar_decode
 from ticketctl.protect.receipt import Receipt
-from ticketctl.protect.signature import read_code, read_signature, scan
+from ticketctl.protect.signature import read_code, read_signature, scan, shrunk_layers
 from ticketctl.protect.suspect import Suspect, open_suspect
 from ticketctl.protect.trigger import TriggerSet
 from ticketctl.protect.verdict import (
@@ -88,6 +88,11 @@ def check_suspect(suspect: Suspect, marks: Marks, data: Dataset | None = None,
                                         null_rate_for(marks.null_rate, data.num_classes))
     verdict = decide(marks.alpha, signature=signature, trigger=trigger, defended=defended)
     verdict.findings = list(suspect.findings)
+    if signature is not None:
+        for layer, (have, want) in shrunk_layers(suspect.masks, marks.receipt).items():
+            verdict.findings.append(
+                f"layer {layer} has {have[0]}x{have[1]} channels, the receipt records "
+                f"{want[0]}x{want[1]}: read as a channel-pruned copy, missing channels empty")
     _add_receipt(verdict, marks)
     return verdict
 

@@ -55,7 +55,7 @@ from ticketctl.prune.search import (
 from ticketctl.train import EpochStats, TrainConfig, Trainer, TrainResult
 from ticketctl.train.config import raise_all
 from ticketctl.train.engine import Hooks
-from ticketctl.train.packed import PackedTrainer, default_pack
+from ticketctl.train.packed import PackedTrainer, default_pack, param_count
 
 
 @dataclass
@@ -156,7 +156,7 @@ class Search:
         self.tcfg, self.scfg = settings.train, settings.search
         self.device, self.events, self.dist = device, events, dist
         # ranks split every batch; packing would multiply the work per rank
-        self.pack = 1 if dist is not None else default_pack(device, pack)
+        self.pack = 1 if dist is not None else default_pack(device, pack, param_count(model))
         self.full = Mask.ones(model, _prunable(model, settings))
         self.trainer = Trainer(model, data, self.tcfg, mask=self.full, dist=dist)
         self.packed: dict[int, PackedTrainer] = {}
