@@ -21,6 +21,9 @@ Stages (`--stages`, default all, in this order):
   v3       Scheme V3: retrain the signed ticket with the trigger set, null calibration,
            pruning attack with the trigger check
   attacks  fine-tuning, permutation and fake3 on the marked model
+  thief    what a thief runs before deployment, on the marked model: quantization (int8,
+           int6, int4, fp8), channel pruning, weight noise and distillation, every check
+           with the calibrated null rate of v3; its wall time is the new sweep's
 `summary.json` in the run folder collects every stage's numbers; `docs/REPRODUCTION.md` is
 written from it by hand, beside the paper's numbers.
 """
@@ -38,7 +41,7 @@ from typing import Any
 
 from ticketctl.protect.trigger import generate, save_trigger_set
 
-STAGES = ("dense", "search", "v1", "v2", "v3", "attacks")
+STAGES = ("dense", "search", "v1", "v2", "v3", "attacks", "thief")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -257,6 +260,24 @@ def main() -> int:
                 "fake3": st.tc("fake3", "attack", "fake3", files / "marked.safetensors",
                                "--message", "not the owner", "--receipt",
                                files / "receipt.json", *data_noset),
+            }
+        elif name == "thief":
+            calibrated = run / "v3" / "calibrate.json"
+            null_rate = ["--null-rate", f"{json.loads(calibrated.read_text())['null_rate']:.6f}"
+                         ] if calibrated.exists() else []
+            chk = ["--receipt", files / "receipt.json", "--public-key", files / "owner.pub",
+                   "--trigger", trigger, *null_rate, *data_noset]
+            marked = files / "marked.safetensors"
+            s = {
+                "quantize": st.tc("quantize", "attack", "quantize", marked, "--bits",
+                                  "8,6,4,fp8", *chk),
+                "channel_prune": st.tc("channel_prune", "attack", "channel-prune", marked,
+                                       "--rates", "0.1,0.2,0.3,0.5", *chk),
+                "noise": st.tc("noise", "attack", "noise", marked, "--sigmas",
+                               "0.01,0.05,0.1,0.2,0.5", *chk),
+                "distill": st.tc("distill", "attack", "distill", marked, *preset,
+                                 *(["--epochs", "3"] if args.smoke else []), "--out-dir",
+                                 run / "distill-sweep", *chk),
             }
         st.finish(t0, s)
         summary[name] = json.loads((st.dir / "stage.json").read_text())

@@ -24,7 +24,7 @@ def test_reproduce_smoke_runs_every_stage_and_resumes(tmp_path):
     first = _run(run)
     assert first.returncode == 0, first.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert set(summary) == {"dense", "search", "v1", "v2", "v3", "attacks"}
+    assert set(summary) == {"dense", "search", "v1", "v2", "v3", "attacks", "thief"}
     assert all(s["status"] == "done" for s in summary.values())
     assert summary["dense"]["summary"]["dense_accuracy"] > 80  # 98.3-99.0% over seeds
     v1_rows = summary["v1"]["summary"]["rows"]
@@ -44,12 +44,17 @@ def test_reproduce_smoke_runs_every_stage_and_resumes(tmp_path):
     attacks = summary["attacks"]["summary"]
     assert attacks["permute"]["rows"][0]["verified"] is True
     assert attacks["fake3"]["owner_receipt_matches_release"] is True
+    thief = summary["thief"]["summary"]
+    assert [r["strength"] for r in thief["quantize"]["rows"]] == ["int8", "int6", "int4", "fp8"]
+    assert thief["quantize"]["rows"][0]["message"] is not None  # int8 keeps the code
+    assert all(r["trigger_accuracy"] is not None for name in thief for r in thief[name]["rows"])
+    assert thief["distill"]["rows"][0]["details"]["agreement"] > 0
     # kill-and-rerun: a stage without its marker reruns, the others are reused
     (run / "attacks" / "stage.json").unlink()
     (run / "attacks" / "fake3.json").unlink()
     second = _run(run)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert second.stderr.count("done earlier, reused") == 5
+    assert second.stderr.count("done earlier, reused") == 6
     assert "attacks/fake3" in second.stderr and "attacks/permute" not in second.stderr
     again = json.loads((run / "summary.json").read_text())
     assert again["attacks"]["status"] == "done"

@@ -37,6 +37,7 @@ class JobResult(Record):
     density: float | None = None  # of the retrained ticket
     nonzero: float | None = None  # share of masked positions nonzero after fine-tuning
     packed: int | None = None  # trained in a packed network of this many models
+    agreement: float | None = None  # distillation: % of test answers shared with the teacher
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -231,6 +232,10 @@ class AttackRunner:
         if state is not None:
             self._states[key] = state
         return result
+
+    def kept_state(self, key: str) -> dict[str, torch.Tensor]:
+        """The weights a finished job that keeps them (`cached(..., keeps_state=True)`) left."""
+        return self._states[key]
 
     def _retrain_key(self, ticket: Ticket) -> str:
         return job_id("retrain", ticket.tensors_sha256(), self.cfg.to_dict(), self.data.info())

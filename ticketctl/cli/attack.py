@@ -21,6 +21,7 @@ from ticketctl.attacks import AttackReport, AttackRunner, fake1, nokey
 from ticketctl.attacks.channels import ChannelPruned, channel_pruned, check_ratios
 from ticketctl.attacks.checks import owner_checks
 from ticketctl.attacks.degrade import check_sigmas, noised, parse_formats, quantized
+from ticketctl.attacks.distill import check_temperature, distill_attack
 from ticketctl.attacks.fake3 import fake3
 from ticketctl.attacks.finetune import finetune
 from ticketctl.attacks.keymask import summary_rows
@@ -157,7 +158,8 @@ class Retraining:
                 tasks[label] = progress.add_task(f"retrain {label}",
                                                  total=settings.train.epochs, info="")
             progress.update(tasks[label], completed=s.epoch,
-                            info=f"test {s.test_accuracy:.2f}%")
+                            info=f"test {s.test_accuracy:.2f}%" if s.test_accuracy ==
+                            s.test_accuracy else f"loss {s.train_loss:.3f}")
 
         return AttackRunner(sweep.dataset(ticket), settings.train, out_dir=self.out_dir,
                             on_epoch=on_epoch, pack=self.pack)
@@ -438,6 +440,31 @@ def fake3_cmd(
         f"released model; the forger's receipt (made {result['forger_receipt_created']}) "
         f"{'matches' if result['forger_receipt_matches_release'] else 'does not match'} it",
         highlight=False))
+
+
+# ---- distillation --------------------------------------------------------------------------------
+@attack("distill")
+def distill_cmd(
+    *,
+    model: Released,
+    temperature: Annotated[float, typer.Option(
+        help="Softening of both networks' outputs in the distillation loss.")] = 4.0,
+    student: Annotated[Optional[str], typer.Option(
+        help="The student's architecture, a registered name (default: the released one's).")
+    ] = None,
+    retraining: Annotated[Retraining, Without("key", "reference_accuracy")],
+    marks: OwnerMarks,
+    sweep: Sweep,
+) -> None:
+    """Train a fresh network only on the released model's softened outputs over the training
+    images (no labels, no masks) for --epochs, and check every mark on it: the signature is
+    expected to vanish; the row shows what the trigger set keeps."""
+    check_temperature(temperature)
+
+    def run(runner: AttackRunner, ticket: Ticket) -> AttackReport:
+        return distill_attack(runner, ticket, temperature, marks.load(defend=False), student)
+
+    _refuse_removed(_retraining_sweep(model, retraining, sweep, run), "a distilled model")
 
 
 # ---- fine-tuning and transfer --------------------------------------------------------------------
