@@ -137,7 +137,7 @@ def align(weight: torch.Tensor, mask: torch.Tensor,
     if (n_rows, n_cols) != tuple(mask.shape[:2]):
         if 0 < mask.shape[0] <= n_rows and 0 < mask.shape[1] <= n_cols and \
                 reference["rows"] and reference["cols"]:
-            return _align_removed(weight, mask, reference, layer)
+            return align_removed(weight, mask, reference, layer)[0]
         return mask
     # the receipt's own form: whole degree vectors, or QUANTILES samples for a wide layer
     single = mask.dim() <= 2 or int(np.prod(mask.shape[2:])) == 1
@@ -166,12 +166,14 @@ def reference_shape(reference: dict[str, list[list[float]]],
     return (len(reference["rows"]), len(reference["cols"]), *shape[2:])
 
 
-def pad_to(mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def pad_to(mask: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """A channel-pruned layer's mask read as stored: its channels where they are, the missing
-    ones empty, in the receipt's shape."""
+    ones empty, in the receipt's shape; and which positions the suspect has at all."""
     out = torch.zeros(shape, dtype=torch.bool)
     out[: mask.shape[0], : mask.shape[1]] = mask.bool()
-    return out
+    seen = torch.zeros(shape, dtype=torch.bool)
+    seen[: mask.shape[0], : mask.shape[1]] = True
+    return out, seen
 
 
 def _removed_cost(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -195,15 +197,18 @@ def _count_histograms(counts: np.ndarray, k: int) -> np.ndarray:
     return np.stack([np.bincount(row, minlength=k + 1) for row in c]).astype(np.float64)
 
 
-def _align_removed(weight: torch.Tensor, mask: torch.Tensor,
-                   reference: dict[str, list[list[float]]], layer: str) -> torch.Tensor:
+def align_removed(weight: torch.Tensor, mask: torch.Tensor,
+                  reference: dict[str, list[list[float]]], layer: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-align a layer that lost channels (structured pruning, perhaps also permuted): each
     suspect channel is matched to a distinct reference channel (a rectangular minimum-cost
     assignment), and the receipt's channels that found no match read as empty. A conv's
     channels are matched by their kernels' 0/1 patterns (or kept-weight counts, for kernels
     of more than 9 weights) with the tolerance of `_removed_cost`, and their largest |w|;
     a linear layer's (one weight per kernel) by their largest |w| alone, since its mask
-    fingerprint, the neighbours' degrees, changes with every removed neighbour."""
+    fingerprint, the neighbours' degrees, changes with every removed neighbour. Returns the
+    mask in the receipt's shape and the positions matched to a suspect channel on both axes
+    (the rest were not observed: they are missing, not light)."""
     from scipy.optimize import linear_sum_assignment
     from scipy.spatial.distance import cdist
 
@@ -230,4 +235,6 @@ def _align_removed(weight: torch.Tensor, mask: torch.Tensor,
     (r_ref, r_sus), (c_ref, c_sus) = sources
     out = torch.zeros(shape, dtype=torch.bool)
     out[r_ref[:, None], c_ref[None, :]] = mask.bool()[r_sus[:, None], c_sus[None, :]]
-    return out
+    seen = torch.zeros(shape, dtype=torch.bool)
+    seen[r_ref[:, None], c_ref[None, :]] = True
+    return out, seen

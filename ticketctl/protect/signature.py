@@ -19,6 +19,7 @@ from ticketctl.errors import CheckFailed, TicketctlError
 from ticketctl.protect.align import (
     QUANTILES,
     align,
+    align_removed,
     check_patterns,
     fingerprints,
     pad_to,
@@ -34,6 +35,7 @@ from ticketctl.protect.embed import (
     extract,
     grid,
     layers_for,
+    observed_region,
     placement_costs,
 )
 from ticketctl.protect.qr import (
@@ -245,17 +247,31 @@ def read_signature(masks: dict[str, torch.Tensor], receipt: Receipt, public_key:
                 masks[k] = keep_largest(state[k], masks[k], int(count))
     expected = _unpack(receipt.matrix, n)
     data = ~function_module_map(version)
-    total = int(data.sum())
-    # a layer that lost channels (structured pruning) is read as stored in the receipt's
-    # shape, its missing channels empty; the re-alignment below may find them moved
+    # A layer that lost channels (structured pruning) is read in the receipt's shape: as
+    # stored, its channels where they are, or re-aligned; either way the modules of missing
+    # channels were not observed, so they are left out of the test (neither match nor miss).
     shrunk = {k: masks[k] for k in shrunk_layers(masks, receipt)}
-    masks = {**masks, **{k: pad_to(m, reference_shape(receipt.fingerprints[k], tuple(m.shape)))
-                         for k, m in shrunk.items()}}
-    def reading(label: str, view: dict[str, torch.Tensor]) -> tuple[Any, ...]:
-        m, _ = extract(view, placements, version, int(receipt.mask_pattern))
-        return int((m[data] == expected[data]).sum()), label, view, m
+    masks = dict(masks)  # the caller's stay as they are
+    seen: dict[str, torch.Tensor] = {}
+    for k, m in shrunk.items():
+        masks[k], seen[k] = pad_to(m, reference_shape(receipt.fingerprints[k], tuple(m.shape)))
 
-    best = reading("as stored", masks)
+    def observed(where: dict[str, torch.Tensor]) -> np.ndarray:
+        """The data modules every copy of the code saw whole."""
+        ok = data.copy()
+        for q in placements:
+            if q.layer in where:
+                ok &= observed_region(~where[q.layer], q, n) == 0
+        return ok
+
+    def reading(label: str, view: dict[str, torch.Tensor],
+                where: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+        m, _ = extract(view, placements, version, int(receipt.mask_pattern))
+        ok = observed(where)
+        matches, total = int((m[ok] == expected[ok]).sum()), int(ok.sum())
+        return binomial_tail(matches, total, 0.5), matches, total, ok, label, view, m
+
+    best = reading("as stored", masks, seen)
     comparisons = 1
     if receipt.fingerprints and state is not None:  # channels may have been permuted
         comparisons = 2
@@ -268,30 +284,35 @@ def read_signature(masks: dict[str, torch.Tensor], receipt: Receipt, public_key:
         # a reading as stored that matches every module cannot be beaten (a tie keeps it):
         # the re-alignment (seconds on a wide layer) is then skipped, the choice and its
         # correction the same
-        if best[0] < total:
-            aligned = dict(masks)
+        if best[1] < int(data.sum()):
+            aligned, aligned_seen = dict(masks), {}
             for p in placements:
                 if p.layer in receipt.fingerprints and p.layer in state:
-                    aligned[p.layer] = align(state[p.layer], shrunk.get(p.layer, masks[p.layer]),
-                                             receipt.fingerprints[p.layer], p.layer)
-            other = reading("re-aligned", aligned)
-            best = other if other[0] > best[0] else best
-    matches, alignment, masks, matrix = best
+                    fp = receipt.fingerprints[p.layer]
+                    if p.layer in shrunk:
+                        aligned[p.layer], aligned_seen[p.layer] = align_removed(
+                            state[p.layer], shrunk[p.layer], fp, p.layer)
+                    else:
+                        aligned[p.layer] = align(state[p.layer], masks[p.layer], fp, p.layer)
+            other = reading("re-aligned", aligned, aligned_seen)
+            best = other if other[0] < best[0] else best
+    tail, matches, total, ok, alignment, masks, matrix = best
     # the better of the readings is a choice among `comparisons`: Bonferroni
-    p = min(1.0, comparisons * binomial_tail(matches, total, 0.5))
-    obs_dark = int(matrix[data].sum())
-    hits = int((matrix[data] & expected[data]).sum())
-    p_prec = precision_tail(hits, obs_dark, int(expected[data].sum()), total)
+    p = min(1.0, comparisons * tail)
+    obs_dark = int(matrix[ok].sum())
+    hits = int((matrix[ok] & expected[ok]).sum())
+    p_prec = precision_tail(hits, obs_dark, int(expected[ok].sum()), total)
     result, threshold = _decode_any(masks, placements, receipt)
     message_ok = result.message is not None and \
         sha256(result.message) == receipt.message_sha256
     return SignatureReading(
-        message=result.message, bit_match=matches / total, p_value=p, receipt_valid=valid,
-        data_modules=total, matches=matches, precision_p_value=p_prec,
+        message=result.message, bit_match=matches / max(1, total), p_value=p,
+        receipt_valid=valid, data_modules=total, matches=matches, precision_p_value=p_prec,
         decoded_matches_receipt=message_ok, decode_method=result.method,
         decode_min_count=threshold,
         placements=[q.to_json() for q in placements],
-        comparisons=comparisons, alignment=alignment, floor_defence=floor_defence)
+        comparisons=comparisons, alignment=alignment, floor_defence=floor_defence,
+        unobserved_modules=int(data.sum()) - total)
 
 
 def shrunk_layers(masks: Mapping[str, torch.Tensor], receipt: Receipt

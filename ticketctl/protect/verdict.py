@@ -55,6 +55,9 @@ class SignatureReading(Record):
     alignment: str  # the reading that matched best
     floor_defence: bool  # read after the owner's add-on defence
     test: str = SIGNATURE_TEST
+    # data modules in channels the suspect no longer has (structured pruning): not observed,
+    # left out of `data_modules`, `matches` and the test
+    unobserved_modules: int = 0
 
     def passes(self, alpha: float) -> bool:
         """A match no unrelated model reaches by chance, or the committed message itself."""

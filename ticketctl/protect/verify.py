@@ -92,7 +92,8 @@ def check_suspect(suspect: Suspect, marks: Marks, data: Dataset | None = None,
         for layer, (have, want) in shrunk_layers(suspect.masks, marks.receipt).items():
             verdict.findings.append(
                 f"layer {layer} has {have[0]}x{have[1]} channels, the receipt records "
-                f"{want[0]}x{want[1]}: read as a channel-pruned copy, missing channels empty")
+                f"{want[0]}x{want[1]}: read as a channel-pruned copy, missing channels not "
+                "observed")
     _add_receipt(verdict, marks)
     return verdict
 
