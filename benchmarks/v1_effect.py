@@ -23,6 +23,7 @@ import torch
 from ticketctl.artifacts import load_ticket
 from ticketctl.attacks import AttackRunner
 from ticketctl.attacks.keymask import forge_key, forged_size
+from ticketctl.attacks.spread import parse_devices
 from ticketctl.data import load_recorded_dataset
 from ticketctl.device import configure_cuda, resolve_device
 from ticketctl.protect import split_ticket
@@ -43,7 +44,9 @@ def main() -> int:
     ap.add_argument("--out-dir", default="runs/v1-effect")
     ap.add_argument("--budget-s", type=float, default=0, help="start no training after this")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--pack", type=int, help="models per packed network (default 8 on CUDA)")
+    ap.add_argument("--pack", type=int, help="models per packed network (default 8 on CUDA "
+                    "for models of at most 2 M weights)")
+    ap.add_argument("--devices", help="spread the trainings: 'all' GPUs or cuda:0,cuda:1")
     ap.add_argument("--json-out")
     ap.add_argument("--md-out")
     args = ap.parse_args()
@@ -55,7 +58,8 @@ def main() -> int:
                                 train=TrainOverrides(epochs=args.epochs, seed=args.seed))
     data = load_recorded_dataset(ticket.dataset or {}, None, args.data_dir,
                                  device=resolve_device(args.device))
-    runner = AttackRunner(data, settings.train, out_dir=args.out_dir, pack=args.pack)
+    runner = AttackRunner(data, settings.train, out_dir=args.out_dir, pack=args.pack,
+                          devices=parse_devices(args.devices))
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
@@ -78,11 +82,12 @@ def main() -> int:
                 jobs.append((row, cond, target, f"{score} {ratio} {cond}"))
             rows.append(row)
     t_sweep = time.perf_counter()
-    for start in range(0, len(jobs), runner.pack):  # one packed network per chunk
+    step = runner.pack * len(runner.devices or [None])  # a packed network per device
+    for start in range(0, len(jobs), step):
         if over_budget():
             log("budget reached; rerun with the same --out-dir to continue")
             break
-        chunk = jobs[start:start + runner.pack]
+        chunk = jobs[start:start + step]
         results = runner.retrain_many([j[2] for j in chunk], [j[3] for j in chunk])
         for (row, cond, _, label), res in zip(chunk, results, strict=True):
             row[cond] = res.accuracy

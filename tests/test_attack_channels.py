@@ -15,8 +15,8 @@ from ticketctl.artifacts import save_ticket
 from ticketctl.attacks.channels import channel_pruned, shrink_model
 from ticketctl.attacks.permute import permutable_groups, permute
 from ticketctl.errors import TicketctlError
-from ticketctl.protect.receipt import save_receipt
 from ticketctl.protect.qr import function_module_map
+from ticketctl.protect.receipt import save_receipt
 from ticketctl.protect.signature import masks_of, read_signature, sign_ticket
 from ticketctl.protect.trigger import generate, save_trigger_set
 

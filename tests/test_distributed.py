@@ -150,3 +150,38 @@ def test_retrain_runs_data_parallel(tmp_path):
     bad = _cli("retrain", tmp_path / "t.safetensors", "--nproc", "2", "--trigger",
                tmp_path / "missing.npz", "--out", tmp_path / "x.safetensors")
     assert bad.returncode == 2 and "does not run distributed" in bad.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_hosts_on_one_machine(tmp_path):
+    """`--nnodes 2 --rdzv-endpoint`: the same command started on two "hosts" (here two
+    launchers on one machine, each with its own folders, as two machines would have) forms
+    one world of two ranks over gloo. Which host gets rank 0 is the rendezvous' choice: that
+    one writes the ticket and prints the result, the other only trains."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    fixed = ("--rounds", "1", "--rate", "0.5", "--nproc", "1", "--nnodes", "2",
+             "--rdzv-endpoint", endpoint)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    hosts = []
+    for h in ("a", "b"):
+        (tmp_path / h).mkdir()
+        hosts.append(subprocess.Popen(
+            [sys.executable, "-m", "ticketctl", *FIND, *fixed, "--out",
+             str(tmp_path / h / "t.safetensors"), "--run-dir", str(tmp_path / h / "run")],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=HANG_GUARD_S) for p in hosts]
+    assert [p.returncode for p in hosts] == [0, 0], [o[1][-1500:] for o in outs]
+    written = [h for h in ("a", "b") if (tmp_path / h / "t.safetensors").exists()]
+    assert len(written) == 1  # rank 0's host alone
+    printed = [json.loads(o[0]) for o in outs if o[0].strip()]
+    assert len(printed) == 1
+    assert printed[0]["distributed"]["world_size"] == 2
+    assert printed[0]["distributed"]["backend"] == "gloo"
+    assert printed[0]["distributed"]["mask_checks"] == 1
+    assert load_ticket(tmp_path / written[0] / "t.safetensors").mask.num_kept > 0

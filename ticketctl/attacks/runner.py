@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ticketctl.artifacts import Mask, Ticket
 from ticketctl.artifacts.io import atomic_path, write_text_atomic
+from ticketctl.attacks.spread import DataSpec, Job, run_spread
 from ticketctl.data import Dataset
 from ticketctl.protect.verdict import Verdict
 from ticketctl.records import Record
@@ -185,9 +187,17 @@ class AttackRunner:
         out_dir: str | Path | None = None,
         on_epoch: Callable[[str, EpochStats], None] | None = None,
         pack: int | None = None,
+        devices: list[torch.device] | None = None,
     ) -> None:
         """pack: retrainings of one architecture run this many to a packed network
-        (`retrain_many`; default 8 on CUDA, 1 on CPU)."""
+        (`retrain_many`; default 8 on CUDA for small models, 1 on CPU). devices: two or more
+        spread the packs of `retrain_many` and `finetune_many` over one worker process each
+        (`attacks.spread`), through the job store (a temporary one without `out_dir`)."""
+        self.devices = devices if devices is not None and len(devices) > 1 else None
+        self._tmp = None
+        if self.devices is not None and out_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="ticketctl-sweep-")
+            out_dir = self._tmp.name
         self.data = data
         self.pack = default_pack(data.train_x.device, pack)
         self._pack_requested = pack
@@ -233,6 +243,11 @@ class AttackRunner:
             self._states[key] = state
         return result
 
+    def _spread(self, jobs: list[Job]) -> None:
+        assert self.devices is not None and self.out_dir is not None
+        run_spread(jobs, self.devices, DataSpec.of(self.data), self.cfg.to_dict(),
+                   self.out_dir, self._pack_requested, self.on_epoch)
+
     def kept_state(self, key: str) -> dict[str, torch.Tensor]:
         """The weights a finished job that keeps them (`cached(..., keeps_state=True)`) left."""
         return self._states[key]
@@ -253,6 +268,11 @@ class AttackRunner:
         todo = [i for i, k in enumerate(keys) if not self._is_cached(k)]
         todo = [i for n, i in enumerate(todo) if keys[i] not in {keys[j] for j in todo[:n]}]
         width = self._width(tickets[0]) if len(todo) > 1 else 1
+        if self.devices is not None and len(todo) > 1:  # the workers fill the job store
+            self._spread([Job("retrain", [tickets[i] for i in todo[s:s + width]],
+                              [labels[i] for i in todo[s:s + width]])
+                          for s in range(0, len(todo), width)])
+            todo = []
         for start in range(0, len(todo), width):
             chunk = todo[start:start + width]
             if len(chunk) == 1:
@@ -322,6 +342,11 @@ class AttackRunner:
         keys = [self._finetune_key(ticket, c, dense) for c in cfgs]
         todo = [i for i, k in enumerate(keys) if not self._finetune_done(k)]
         width = self._width(ticket) if len(todo) > 1 else 1
+        if self.devices is not None and len(todo) > 1:  # the workers fill the job store
+            self._spread([Job("finetune", [ticket], [labels[i] for i in todo[s:s + width]],
+                              [cfgs[i].to_dict() for i in todo[s:s + width]], dense)
+                          for s in range(0, len(todo), width)])
+            todo = []
         for start in range(0, len(todo), width):
             chunk = todo[start:start + width]
             if len(chunk) < 2:

@@ -29,6 +29,7 @@ from ticketctl.attacks.permute import permute, permute_blind
 from ticketctl.attacks.removal import Method, added, mark_removed, pruned
 from ticketctl.attacks.removal import sweep as sweep_removal
 from ticketctl.attacks.runner import MATCH_POINTS
+from ticketctl.attacks.spread import parse_devices
 from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
     Compute,
@@ -140,6 +141,9 @@ class Retraining:
         help="Reference accuracy of the original ticket, if no --key-mask is given.")
     out_dir: Optional[Path] = option(
         help="Sweep folder: finished rows are kept there and reused on a rerun.")
+    devices: Optional[str] = option(
+        help="Spread the sweep's trainings over these devices, one worker process each: "
+             "'all' (every visible GPU), or a list such as cuda:0,cuda:1 (default: one).")
 
     def key_ticket(self) -> Ticket | None:
         return load_ticket(self.key) if self.key else None
@@ -162,7 +166,8 @@ class Retraining:
                             s.test_accuracy else f"loss {s.train_loss:.3f}")
 
         return AttackRunner(sweep.dataset(ticket), settings.train, out_dir=self.out_dir,
-                            on_epoch=on_epoch, pack=self.pack)
+                            on_epoch=on_epoch, pack=self.pack,
+                            devices=parse_devices(self.devices))
 
 
 def _table(report: AttackReport) -> Table:

@@ -1,0 +1,99 @@
+"""A sweep spread over GPUs against one GPU, in the same run: `retrain_many` of N independent
+ResNet-20 retrainings (20%-density masks pruned by magnitude at initialisation, one seed each),
+first on one device, then over `--devices` (one worker process each, `attacks.spread`), each
+into its own fresh job store. Reports wall time, speed-up and whether both give the same
+accuracies (packing and CUDA make them close, not bit-equal).
+
+    python benchmarks/spread_speed.py --data-dir DATA --devices cuda:0,cuda:1 --jobs 16 \
+        --json-out spread.json
+    python benchmarks/spread_speed.py --smoke          # digits on two CPU workers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ticketctl.artifacts import Mask, Ticket
+from ticketctl.attacks import AttackRunner
+from ticketctl.attacks.spread import parse_devices
+from ticketctl.data import load_dataset
+from ticketctl.device import configure_cuda
+from ticketctl.models import build_model, prunable_names
+from ticketctl.prune import magnitude_prune, resolve_settings
+from ticketctl.train.config import TrainOverrides
+
+
+def tickets(arch: str, classes: int, n: int, density: float, **args) -> list[Ticket]:
+    """N tickets of one architecture, each its own initialisation pruned to `density`."""
+    out = []
+    for seed in range(n):
+        model = build_model(arch, classes, seed=seed, **args)
+        names = prunable_names(model)
+        mask = magnitude_prune(dict(model.named_parameters()), Mask.ones(model, names),
+                               1 - density)
+        out.append(Ticket.from_model(model, mask, kind="ticket", arch=arch, arch_args=args,
+                                     num_classes=classes, rewind_epoch=0, seed=seed))
+    return out
+
+
+def timed(data, cfg, jobs, devices, pack) -> tuple[float, list[float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = AttackRunner(data, cfg, out_dir=Path(tmp), pack=pack, devices=devices)
+        t0 = time.perf_counter()
+        results = runner.retrain_many(jobs, [f"job {i}" for i in range(len(jobs))])
+        return time.perf_counter() - t0, [r.accuracy for r in results]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir")
+    ap.add_argument("--devices", default="all")
+    ap.add_argument("--jobs", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--pack", type=int)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    configure_cuda()
+    if args.smoke:
+        data = load_dataset("digits")
+        arch, extra, devices = "digits_cnn", {"width": 8}, parse_devices("cpu,cpu")
+        cfg = resolve_settings("demo", arch=arch, dataset="digits",
+                               train=TrainOverrides(epochs=2)).train
+        jobs = tickets(arch, 10, 4, 0.2, **extra)
+        first = torch.device("cpu")
+    else:
+        devices = parse_devices(args.devices)
+        first = devices[0] if devices else torch.device("cuda")
+        data = load_dataset("cifar10" if args.data_dir else "synthetic", args.data_dir,
+                            device=first, val_size=5000)
+        cfg = resolve_settings("fast", arch="resnet20", dataset="cifar10",
+                               train=TrainOverrides(epochs=args.epochs)).train
+        jobs = tickets("resnet20", 10, args.jobs, 0.2)
+    one_s, one_acc = timed(data, cfg, jobs, None, args.pack)
+    print(f"one device ({first}): {one_s:.1f} s", file=sys.stderr)
+    many_s, many_acc = timed(data, cfg, jobs, devices, args.pack)
+    print(f"{len(devices or [])} devices: {many_s:.1f} s, {one_s / many_s:.2f}x",
+          file=sys.stderr)
+    doc = {"jobs": len(jobs), "epochs": cfg.epochs, "devices": [str(d) for d in devices or []],
+           "one_device_s": round(one_s, 1), "spread_s": round(many_s, 1),
+           "speedup": round(one_s / many_s, 3),
+           "max_accuracy_difference": max(abs(a - b) for a, b in zip(one_acc, many_acc,
+                                                                      strict=True)),
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__}
+    print(json.dumps(doc, indent=1))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

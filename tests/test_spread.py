@@ -1,0 +1,79 @@
+"""Sweeps spread over devices (`--devices`): two CPU worker processes give the results one
+process gives, the parent trains nothing itself, a rerun reads the workers' cache, and a bad
+device list is refused with one line."""
+
+import json
+
+import pytest
+import torch
+from helpers import assert_one_line_error, make_ticket, run
+
+from ticketctl.artifacts import save_ticket
+from ticketctl.attacks.runner import AttackRunner
+from ticketctl.attacks.spread import parse_devices
+from ticketctl.data import load_dataset
+from ticketctl.errors import TicketctlError
+from ticketctl.train.config import TrainConfig
+
+CFG = TrainConfig(epochs=2, batch_size=64, lr=0.05, momentum=0.9, seed=0)
+TWO = [torch.device("cpu"), torch.device("cpu")]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _tickets():
+    return [make_ticket(seed=s, density_rate=0.5, width=8) for s in (1, 2, 3)]
+
+
+def test_two_workers_give_the_results_of_one(digits, tmp_path):
+    """Each job trains alone on CPU with its own seed and the parent's thread count, so the
+    workers' arithmetic is the parent's: the results are equal, not merely close."""
+    one = AttackRunner(digits, CFG).retrain_many(_tickets(), ["a", "b", "c"])
+    spread = AttackRunner(digits, CFG, out_dir=tmp_path, devices=TWO)
+    both = spread.retrain_many(_tickets(), ["a", "b", "c"])
+    assert [r.accuracy for r in both] == [r.accuracy for r in one]
+    assert [r.best_epoch for r in both] == [r.best_epoch for r in one]
+    assert spread.jobs_run == 0 and spread.jobs_cached == 3  # the workers trained them
+    assert len(list((tmp_path / "jobs").glob("*.json"))) == 3
+    again = AttackRunner(digits, CFG, out_dir=tmp_path)  # the cache serves one device too
+    assert [r.accuracy for r in again.retrain_many(_tickets())] == [r.accuracy for r in one]
+    assert again.jobs_run == 0
+
+
+def test_spread_finetuning_keeps_each_schedule_and_its_weights(digits):
+    ticket = make_ticket(seed=4, density_rate=0.5, width=8)
+    cfgs = [TrainConfig(epochs=e, batch_size=64, lr=0.01, seed=0) for e in (1, 2)]
+    one = AttackRunner(digits, CFG).finetune_many(ticket, cfgs, False, ["1", "2"])
+    both = AttackRunner(digits, CFG, devices=TWO).finetune_many(ticket, cfgs, False,
+                                                                 ["1", "2"])
+    for (r1, s1), (r2, s2) in zip(one, both, strict=True):
+        assert r1.accuracy == r2.accuracy
+        assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_cli_devices(tmp_path):
+    ticket = make_ticket(seed=5, density_rate=0.5, width=8)
+    path = save_ticket(ticket, tmp_path / "t.safetensors")
+    args = ["attack", "finetune", str(path), "--sweep-epochs", "1,2", "--dataset", "digits",
+            "--json"]
+    alone = run(*args)
+    spread = run(*args, "--devices", "cpu,cpu")
+    assert alone.exit_code == spread.exit_code == 0, spread.stderr
+    rows = [json.loads(r.stdout)["rows"] for r in (alone, spread)]
+    assert [r["accuracy"] for r in rows[0]] == [r["accuracy"] for r in rows[1]]
+    plain = args[:-1]  # errors: one line on stderr (with --json they are a JSON document)
+    assert_one_line_error(run(*plain, "--devices", "tpu:0"), 2, "--devices")
+    assert_one_line_error(run(*plain, "--devices", "cuda:7"), 2, "--devices")
+
+
+def test_parse_devices():
+    assert parse_devices(None) is None and parse_devices(" ") is None
+    assert parse_devices("cpu,cpu") == TWO
+    with pytest.raises(TicketctlError, match="not a device"):
+        parse_devices("gpu0")
+    if torch.cuda.device_count() == 0:
+        with pytest.raises(TicketctlError, match="no CUDA device"):
+            parse_devices("all")

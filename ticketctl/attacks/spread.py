@@ -1,0 +1,160 @@
+"""Spreading a sweep's independent trainings over several devices: one worker process per
+device (spawned: CUDA cannot be forked), each loading the dataset itself and taking packs of
+jobs from a shared queue until none are left. A worker trains a pack exactly as the one-device
+runner would (same trainer, same seeds, same packing) and writes each result into the sweep's
+job store, which is how the results come back: the parent then finds every job cached. So
+resume, the cache and the results are those of one device; only the wall time changes."""
+
+from __future__ import annotations
+
+import queue
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ticketctl.errors import TicketctlError
+
+
+@dataclass
+class DataSpec:
+    """How a worker loads the same dataset as the parent (its job keys include its info)."""
+
+    name: str
+    data_dir: str | None
+    val_size: int
+    split_seed: int
+    normalized: bool
+    synthetic_size: int
+
+    @classmethod
+    def of(cls, data: Any) -> DataSpec:
+        return cls(data.name, data.data_dir, int(data.val_size), int(data.split_seed),
+                   bool(data.normalized),
+                   int(data.train_x.shape[0]) + int(data.val_size))
+
+
+@dataclass
+class Job:
+    """One pack's worth of work: `retrain` tickets, or `finetune` one ticket on schedules."""
+
+    kind: str  # "retrain" | "finetune"
+    tickets: list[Any]
+    labels: list[str]
+    cfgs: list[dict[str, Any]] | None = None
+    dense: bool = False
+
+
+def parse_devices(text: str | None) -> list[torch.device] | None:
+    """`--devices`: a comma list (`cuda:0,cuda:1`, `cpu,cpu`), `all` (every visible GPU), or
+    nothing (one device: the one the data are on)."""
+    if text is None or not text.strip():
+        return None
+    if text.strip() == "all":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise TicketctlError("--devices all: no CUDA device is visible")
+        return [torch.device(f"cuda:{i}") for i in range(n)]
+    out = []
+    for part in text.split(","):
+        try:
+            dev = torch.device(part.strip())
+        except RuntimeError as exc:
+            raise TicketctlError(f"--devices: {part.strip()!r} is not a device "
+                                 "(cuda:N or cpu)") from exc
+        if dev.type == "cuda":
+            index = dev.index if dev.index is not None else 0
+            if index >= torch.cuda.device_count():
+                raise TicketctlError(f"--devices: {dev} is not visible "
+                                     f"({torch.cuda.device_count()} CUDA devices)")
+            dev = torch.device(f"cuda:{index}")
+        elif dev.type != "cpu":
+            raise TicketctlError(f"--devices: {dev.type} devices are not supported")
+        out.append(dev)
+    return out
+
+
+def run_spread(jobs: list[Job], devices: list[torch.device], spec: DataSpec,
+               cfg: dict[str, Any], out_dir: Path, pack: int | None,
+               on_epoch: Any = None) -> None:
+    """Train every job on the workers; results land in `out_dir`'s job store. A worker's
+    failure stops the sweep with its error (the jobs it finished stay cached)."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    todo, events = ctx.Queue(), ctx.Queue()
+    for job in jobs:
+        todo.put(job)
+    for _ in devices:
+        todo.put(None)
+    threads = torch.get_num_threads()  # the same CPU arithmetic as the parent's
+    workers = [ctx.Process(target=_worker, args=(str(d), spec, cfg, str(out_dir), pack, todo,
+                                                 events, threads), daemon=True)
+               for d in devices]
+    for w in workers:
+        w.start()
+    errors: list[str] = []
+    try:
+        while any(w.is_alive() for w in workers) or not events.empty():
+            try:
+                event = events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if event[0] == "epoch" and on_epoch is not None:
+                on_epoch(event[1], event[2])
+            elif event[0] == "error":
+                errors.append(event[1])
+    finally:
+        for w in workers:
+            w.join(timeout=5)
+            if w.is_alive():
+                w.terminate()
+    failed = [d for d, w in zip(devices, workers, strict=True) if w.exitcode not in (0, None)]
+    if errors or failed:
+        raise TicketctlError("a sweep worker failed" +
+                             (f" on {', '.join(map(str, failed))}" if failed else "") +
+                             (f": {errors[0]}" if errors else "") +
+                             "; its finished jobs are kept, rerun to continue")
+
+
+@dataclass
+class _Epoch:
+    """What a progress callback reads of an epoch (sent between processes)."""
+
+    epoch: int
+    test_accuracy: float
+    train_loss: float = float("nan")
+
+
+def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: str, pack: int | None,
+            todo: Any, events: Any, threads: int) -> None:
+    try:
+        torch.set_num_threads(threads)
+        from ticketctl.attacks.runner import AttackRunner
+        from ticketctl.data import load_dataset
+        from ticketctl.train.config import TrainConfig
+
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        data = load_dataset(spec.name, spec.data_dir, device=dev, val_size=spec.val_size,
+                            split_seed=spec.split_seed, normalize=spec.normalized,
+                            synthetic_size=spec.synthetic_size)
+
+        def progress(label: str, s: Any) -> None:
+            events.put(("epoch", label, _Epoch(s.epoch, float(s.test_accuracy),
+                                               float(getattr(s, "train_loss", "nan")))))
+
+        runner = AttackRunner(data, TrainConfig.from_dict(cfg), out_dir=Path(out_dir),
+                              on_epoch=progress, pack=pack)
+        while (job := todo.get()) is not None:
+            if job.kind == "retrain":
+                runner.retrain_many(job.tickets, job.labels)
+            else:
+                runner.finetune_many(job.tickets[0], [TrainConfig.from_dict(c)
+                                                      for c in job.cfgs or []],
+                                     job.dense, job.labels)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit 1
+        events.put(("error", f"{type(exc).__name__}: {exc}"))
+        traceback.print_exc()
+        raise SystemExit(1) from None
