@@ -77,3 +77,30 @@ def test_parse_devices():
     if torch.cuda.device_count() == 0:
         with pytest.raises(TicketctlError, match="no CUDA device"):
             parse_devices("all")
+
+
+def test_spread_calibration_measures_what_one_process_does(digits):
+    """Null models are trained from their own seeds: spreading the packs changes where each
+    trains, not what it measures."""
+    from ticketctl.protect.calibrate import calibrate
+    from ticketctl.protect.trigger import generate
+
+    ts = generate(b"s" * 32, n=10, size=8, channels=1)
+    one = calibrate("digits_cnn", digits, ts, CFG, models=3, arch_args={"width": 8})
+    two = calibrate("digits_cnn", digits, ts, CFG, models=3, arch_args={"width": 8},
+                    devices=TWO)
+    assert two["agreements"] == one["agreements"]
+    assert two["test_accuracies"] == one["test_accuracies"]
+    assert two["null_rate"] == one["null_rate"]
+
+
+def test_cli_calibrate_devices(tmp_path):
+    from ticketctl.protect.trigger import generate, save_trigger_set
+
+    trig = save_trigger_set(generate(b"t" * 32, n=10, size=8, channels=1), tmp_path / "t.npz")
+    args = ["calibrate", "--trigger", str(trig), "--arch", "digits_cnn", "--dataset", "digits",
+            "--epochs", "1", "--models", "2", "--json"]
+    alone, spread = run(*args), run(*args, "--devices", "cpu,cpu")
+    assert alone.exit_code == spread.exit_code == 0, spread.stderr
+    a, b = json.loads(alone.stdout), json.loads(spread.stdout)
+    assert a["agreements"] == b["agreements"] and b["models"] == 2

@@ -40,11 +40,12 @@ class DataSpec:
 class Job:
     """One pack's worth of work: `retrain` tickets, or `finetune` one ticket on schedules."""
 
-    kind: str  # "retrain" | "finetune"
+    kind: str  # "retrain" | "finetune" | "calibrate"
     tickets: list[Any]
     labels: list[str]
     cfgs: list[dict[str, Any]] | None = None
     dense: bool = False
+    payload: dict[str, Any] | None = None  # calibrate: index, arch, seeds, trigger, seed
 
 
 def parse_devices(text: str | None) -> list[torch.device] | None:
@@ -77,10 +78,11 @@ def parse_devices(text: str | None) -> list[torch.device] | None:
 
 
 def run_spread(jobs: list[Job], devices: list[torch.device], spec: DataSpec,
-               cfg: dict[str, Any], out_dir: Path, pack: int | None,
-               on_epoch: Any = None) -> None:
-    """Train every job on the workers; results land in `out_dir`'s job store. A worker's
-    failure stops the sweep with its error (the jobs it finished stay cached)."""
+               cfg: dict[str, Any], out_dir: Path | None, pack: int | None,
+               on_epoch: Any = None) -> dict[int, Any]:
+    """Train every job on the workers. Retrainings and fine-tunings land in `out_dir`'s job
+    store; a calibration chunk's measurements come back, by chunk index, in the returned
+    dict. A worker's failure stops the sweep with its error (finished jobs stay cached)."""
     ctx = torch.multiprocessing.get_context("spawn")
     todo, events = ctx.Queue(), ctx.Queue()
     for job in jobs:
@@ -88,9 +90,15 @@ def run_spread(jobs: list[Job], devices: list[torch.device], spec: DataSpec,
     for _ in devices:
         todo.put(None)
     threads = torch.get_num_threads()  # the same CPU arithmetic as the parent's
-    workers = [ctx.Process(target=_worker, args=(str(d), spec, cfg, str(out_dir), pack, todo,
-                                                 events, threads), daemon=True)
+    from ticketctl.models.sources import current_factory
+
+    factory = current_factory()  # the network the user named, imported again by each worker
+    workers = [ctx.Process(target=_worker, args=(str(d), spec, cfg, out_dir, pack, todo,
+                                                 events, threads,
+                                                 factory.spec if factory else None),
+                           daemon=True)
                for d in devices]
+    results: dict[int, Any] = {}
     for w in workers:
         w.start()
     errors: list[str] = []
@@ -102,6 +110,8 @@ def run_spread(jobs: list[Job], devices: list[torch.device], spec: DataSpec,
                 continue
             if event[0] == "epoch" and on_epoch is not None:
                 on_epoch(event[1], event[2])
+            elif event[0] == "result":
+                results[event[1]] = event[2]
             elif event[0] == "error":
                 errors.append(event[1])
     finally:
@@ -115,6 +125,7 @@ def run_spread(jobs: list[Job], devices: list[torch.device], spec: DataSpec,
                              (f" on {', '.join(map(str, failed))}" if failed else "") +
                              (f": {errors[0]}" if errors else "") +
                              "; its finished jobs are kept, rerun to continue")
+    return results
 
 
 @dataclass
@@ -126,12 +137,18 @@ class _Epoch:
     train_loss: float = float("nan")
 
 
-def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: str, pack: int | None,
-            todo: Any, events: Any, threads: int) -> None:
+def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: Path | None,
+            pack: int | None, todo: Any, events: Any, threads: int,
+            factory: str | None) -> None:
     try:
         torch.set_num_threads(threads)
+        if factory is not None:
+            from ticketctl.models.sources import load_factory, use_factory
+
+            use_factory(load_factory(factory))
         from ticketctl.attacks.runner import AttackRunner
         from ticketctl.data import load_dataset
+        from ticketctl.protect.calibrate import NullModels
         from ticketctl.train.config import TrainConfig
 
         dev = torch.device(device)
@@ -140,15 +157,24 @@ def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: str, pack
         data = load_dataset(spec.name, spec.data_dir, device=dev, val_size=spec.val_size,
                             split_seed=spec.split_seed, normalize=spec.normalized,
                             synthetic_size=spec.synthetic_size)
+        train = TrainConfig.from_dict(cfg)
 
         def progress(label: str, s: Any) -> None:
             events.put(("epoch", label, _Epoch(s.epoch, float(s.test_accuracy),
                                                float(getattr(s, "train_loss", "nan")))))
 
-        runner = AttackRunner(data, TrainConfig.from_dict(cfg), out_dir=Path(out_dir),
-                              on_epoch=progress, pack=pack)
+        runner = AttackRunner(data, train, out_dir=out_dir, on_epoch=progress, pack=pack) \
+            if out_dir is not None else None
+        null: NullModels | None = None
         while (job := todo.get()) is not None:
-            if job.kind == "retrain":
+            if job.kind == "calibrate":
+                p = job.payload
+                null = null or NullModels(p["arch"], data, p["trigger"], train, p["seed"],
+                                          p["arch_args"])
+                events.put(("result", p["index"], null.chunk(p["seeds"])))
+            elif runner is None:
+                raise ValueError(f"a {job.kind} job needs the sweep's job store")
+            elif job.kind == "retrain":
                 runner.retrain_many(job.tickets, job.labels)
             else:
                 runner.finetune_many(job.tickets[0], [TrainConfig.from_dict(c)

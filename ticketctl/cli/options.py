@@ -418,6 +418,11 @@ class Training:
             channels_last=False if self.no_channels_last else None)
 
 
+Devices = Annotated[Optional[str], typer.Option(
+    "--devices", help="Spread the independent trainings over these devices, one worker "
+    "process each: 'all' (every visible GPU) or a list such as cuda:0,cuda:1 (default: one).",
+    rich_help_panel=P_CUDA)]
+
 Pack = Annotated[Optional[int], typer.Option(
     "--pack", help="Train this many independent models in one packed network (default: 8 "
     "on CUDA for models of at most 2 M weights, else 1; 1 turns packing off).",

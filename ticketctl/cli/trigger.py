@@ -10,11 +10,13 @@ import typer
 from cryptography.hazmat.primitives import serialization
 
 from ticketctl.artifacts.io import write_text_atomic
+from ticketctl.attacks.spread import parse_devices
 from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import (
     Architecture,
     Compute,
     DataOptions,
+    Devices,
     Output,
     Pack,
     Training,
@@ -67,12 +69,14 @@ def calibrate(
     data: DataOptions,
     training: Training,
     pack: Pack = None,
+    devices: Devices = None,
     output: Output,
     compute: Compute,
 ) -> None:
     """Measure how often models trained without the trigger set agree with it; write the
     upper 99% bound as the null rate for `verify --null-rate`."""
     output.check(out)
+    spread = parse_devices(devices)
     settings = resolve_settings(training.preset, arch=network.name, dataset=data.dataset,
                                 train=training.overrides())
     settings.train.validate()
@@ -82,7 +86,7 @@ def calibrate(
     with output.progress() as progress:
         task = progress.add_task("null models", total=models, info="")
         result = run_calibration(settings.arch, dataset, ts, settings.train, models=models,
-                                 pack=pack, arch_args=network.args,
+                                 pack=pack, arch_args=network.args, devices=spread,
                                  on_model=lambda i, a: progress.update(
                                      task, completed=i + 1, info=f"agreement {100 * a:.0f}%"))
     if out is not None:

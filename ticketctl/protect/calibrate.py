@@ -24,36 +24,37 @@ from ticketctl.train import TrainConfig, Trainer
 from ticketctl.train.packed import PackedTrainer, default_pack, param_count
 
 
-def calibrate(arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, models: int = 10,
-              seed: int = 1000, confidence: float = 0.99,
-              on_model: Callable[[int, float], None] | None = None,
-              pack: int | None = None, arch_args: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
-    """Train `models` independent dense models (own seeds and data orders, no triggers), in
-    packs of `pack` per network (default 8 on CUDA), and measure their agreement with the
-    trigger labels."""
-    ts.check_classes(data.num_classes)
-    if models < 1:
-        raise TicketctlError(f"--models must be at least 1, got {models}")
-    args = {**(arch_args or {}), "in_channels": data.input_shape[0]}
-    x = ts.tensor(data.input_shape, data.mean, data.std, device=data.train_x.device)
-    template = build_model(arch, data.num_classes, seed=seed, **args).to(data.train_x.device)
-    width = min(default_pack(data.train_x.device, pack, param_count(template)), models)
-    agreements: list[float] = []
-    accuracies: list[float] = []
-    # dense training: the mask only says which weights the trainer treats as prunable
-    full = Mask.ones(template, prunable_names(template) or
-                     prunable_names(template, prune_linear=True))
-    trainers: dict[int, Trainer | PackedTrainer] = {}
-    i = 0
-    while i < models:
-        k = min(width, models - i)
-        seeds = [seed + i + j for j in range(k)]
-        fresh = [build_model(arch, data.num_classes, seed=s, **args).state_dict() for s in seeds]
-        if k not in trainers:
-            trainers[k] = (PackedTrainer(template, data, cfg, [full] * k, seeds) if k > 1
-                           else Trainer(template, data, cfg, mask=full))
-        trainer = trainers[k]
+class NullModels:
+    """Trains dense models that never saw the trigger set, a chunk of seeds at a time (packed
+    on CUDA), and measures each one's agreement with the trigger labels and its test
+    accuracy. One per process: a spread calibration gives each worker its own."""
+
+    def __init__(self, arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, seed: int,
+                 arch_args: dict[str, Any] | None = None) -> None:
+        self.arch, self.data, self.ts, self.cfg = arch, data, ts, cfg
+        self.args = {**(arch_args or {}), "in_channels": data.input_shape[0]}
+        self.x = ts.tensor(data.input_shape, data.mean, data.std, device=data.train_x.device)
+        self.template = build_model(arch, data.num_classes, seed=seed,
+                                    **self.args).to(data.train_x.device)
+        # dense training: the mask only says which weights the trainer treats as prunable
+        self.full = Mask.ones(self.template, prunable_names(self.template) or
+                              prunable_names(self.template, prune_linear=True))
+        self.trainers: dict[int, Trainer | PackedTrainer] = {}
+
+    def width(self, pack: int | None, models: int) -> int:
+        return min(default_pack(self.data.train_x.device, pack, param_count(self.template)),
+                   models)
+
+    def chunk(self, seeds: list[int]) -> list[tuple[float, float]]:
+        """(agreement, test accuracy) of one model per seed, trained together."""
+        k = len(seeds)
+        fresh = [build_model(self.arch, self.data.num_classes, seed=s, **self.args).state_dict()
+                 for s in seeds]
+        if k not in self.trainers:
+            self.trainers[k] = (PackedTrainer(self.template, self.data, self.cfg,
+                                              [self.full] * k, seeds) if k > 1
+                                else Trainer(self.template, self.data, self.cfg, mask=self.full))
+        trainer = self.trainers[k]
         if isinstance(trainer, PackedTrainer):
             trainer.restart(fresh, seeds)
             results = trainer.fit()
@@ -62,14 +63,47 @@ def calibrate(arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, models
             trainer.restart(fresh[0], seeds=seeds[0])
             results = [trainer.fit()]
             states = [trainer.model_state()]
+        out = []
         for res, state in zip(results, states, strict=True):
-            template.load_state_dict(state)
-            agree = float((predict(template, x) == ts.labels).mean())
-            agreements.append(agree)
-            accuracies.append(res.test_accuracy)
-            if on_model:
-                on_model(len(agreements) - 1, agree)
-        i += k
+            self.template.load_state_dict(state)
+            agree = float((predict(self.template, self.x) == self.ts.labels).mean())
+            out.append((agree, res.test_accuracy))
+        return out
+
+
+def calibrate(arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, models: int = 10,
+              seed: int = 1000, confidence: float = 0.99,
+              on_model: Callable[[int, float], None] | None = None,
+              pack: int | None = None, arch_args: dict[str, Any] | None = None,
+              devices: list[Any] | None = None) -> dict[str, Any]:
+    """Train `models` independent dense models (own seeds and data orders, no triggers), in
+    packs of `pack` per network (default 8 on CUDA for small models), and measure their
+    agreement with the trigger labels. `devices` (two or more): the packs are spread over one
+    worker process each (`attacks.spread`), with the same results."""
+    ts.check_classes(data.num_classes)
+    if models < 1:
+        raise TicketctlError(f"--models must be at least 1, got {models}")
+    null = NullModels(arch, data, ts, cfg, seed, arch_args)
+    width = null.width(pack, models)
+    chunks = [[seed + i + j for j in range(min(width, models - i))]
+              for i in range(0, models, width)]
+    agreements: list[float] = []
+    accuracies: list[float] = []
+    if devices is not None and len(devices) > 1 and len(chunks) > 1:
+        from ticketctl.attacks.spread import DataSpec, Job, run_spread
+
+        jobs = [Job("calibrate", [], [], payload={
+            "index": n, "arch": arch, "seeds": c, "trigger": ts, "seed": seed,
+            "arch_args": arch_args}) for n, c in enumerate(chunks)]
+        done = run_spread(jobs, devices, DataSpec.of(data), cfg.to_dict(), None, pack)
+        measured = [pair for n in range(len(chunks)) for pair in done[n]]
+    else:
+        measured = [pair for c in chunks for pair in null.chunk(c)]
+    for agree, acc in measured:
+        agreements.append(agree)
+        accuracies.append(acc)
+        if on_model:
+            on_model(len(agreements) - 1, agree)
     k = int(round(sum(agreements) * len(ts.labels)))
     n = models * len(ts.labels)
     return {"null_rate": clopper_pearson_upper(k, n, confidence), "confidence": confidence,
