@@ -190,10 +190,12 @@ def split_pruned_state(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return state, masks
 
 
-def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any], int]:
+def infer_arch(state: dict[str, torch.Tensor], smaller: bool = False
+               ) -> tuple[str, dict[str, Any], int]:
     """Find the registered architecture whose state dict has exactly these names and shapes,
     comparing against each network built on the meta device (a crafted head of a million
-    classes costs nothing there)."""
+    classes costs nothing there). `smaller`: a tensor may also be smaller along any axis (a
+    channel-pruned copy, which `attacks.channels.shrink_model` can run)."""
     if "fc.weight" not in state or "conv1.weight" not in state:
         raise TicketctlError("cannot infer the architecture (no conv1/fc weights); pass --arch")
     conv1, fc = state["conv1.weight"], state["fc.weight"]
@@ -212,16 +214,22 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any], int
             expected = skeleton(arch, num_classes, **args).state_dict()
         except TicketctlError:  # sizes this network cannot take
             continue
-        if _fits(expected, state):
+        if _fits(expected, state, smaller):
             return arch, args, num_classes
     raise TicketctlError("no registered architecture matches these tensors; pass --arch")
 
 
-def _fits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> bool:
+def _fits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+          smaller: bool = False) -> bool:
     keys = set(expected) - {k for k in expected if k.endswith("num_batches_tracked")}
+
+    def fits(have: torch.Size, want: torch.Size) -> bool:
+        if smaller and len(have) == len(want):
+            return all(0 < h <= w for h, w in zip(have, want, strict=True))
+        return tuple(have) == tuple(want)
+
     return keys <= set(state) <= set(expected) and all(
-        tuple(state[k].shape) == tuple(expected[k].shape) for k in state
-    )
+        fits(state[k].shape, expected[k].shape) for k in state)
 
 
 def _read_state(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], bool]:

@@ -75,12 +75,26 @@ class Suspect:
         if self.ticket is not None:
             model = build_model(self.ticket.arch, self.ticket.num_classes,
                                 **self.ticket.arch_args)
-            model.load_state_dict(self.state)
         else:
-            arch, args, classes = infer_arch(self.state)
+            try:
+                arch, args, classes = infer_arch(self.state)
+            except TicketctlError:  # perhaps a channel-pruned copy of a registered network
+                arch, args, classes = infer_arch(self.state, smaller=True)
             model = build_model(arch, classes, **args)
-            model.load_state_dict({k: v for k, v in self.state.items()
-                                   if k in model.state_dict()}, strict=False)
+        own = model.state_dict()
+        state = {k: v for k, v in self.state.items() if k in own}
+        if any(v.shape != own[k].shape for k, v in state.items()):
+            from ticketctl.attacks.channels import shrink_model
+
+            try:  # the smaller network a channel-pruned release describes
+                shrink_model(model, state)
+            except RuntimeError as exc:
+                raise TicketctlError(f"{self.where}: its tensors do not fit a smaller "
+                                     f"{type(model).__name__} "
+                                     f"({str(exc).splitlines()[0]})") from exc
+        else:
+            model.load_state_dict(self.state if self.ticket is not None else state,
+                                  strict=self.ticket is not None)
         return model.to(device).eval()
 
 
