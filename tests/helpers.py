@@ -66,3 +66,19 @@ def write_raw(path: Path, tensors: dict, meta: dict | None, version: int = FORMA
     safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
                                 metadata=header or None)
     return path
+
+
+def signed_files(d: Path, trigger_key: bytes = b"k" * 32) -> dict:
+    """The 32-wide digits ticket signed with "signature", saved in `d` with its receipt and
+    a 20-image trigger set: what the attack tests check against."""
+    from ticketctl.artifacts import save_ticket
+    from ticketctl.protect.receipt import save_receipt
+    from ticketctl.protect.signature import sign_ticket
+    from ticketctl.protect.trigger import generate, save_trigger_set
+
+    s, doc, _, _ = sign_ticket(make_ticket(seed=70, density_rate=0.6, width=32), "signature")
+    return {"d": d, "ticket": s, "receipt_doc": doc,
+            "path": save_ticket(s, d / "s.safetensors"),
+            "receipt": save_receipt(doc, d / "r.json"),
+            "trigger": save_trigger_set(generate(trigger_key, n=20, size=8, channels=1),
+                                        d / "trigger.npz")}

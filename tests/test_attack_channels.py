@@ -8,29 +8,19 @@ import json
 
 import pytest
 import torch
-from helpers import assert_one_line_error, make_ticket, run
+from helpers import assert_one_line_error, run, signed_files
 from trace_nets import INPUTS, Mlp, ResCat, Separable, ticket_of
 
-from ticketctl.artifacts import save_ticket
 from ticketctl.attacks.channels import channel_pruned, shrink_model
 from ticketctl.attacks.permute import permutable_groups, permute
 from ticketctl.errors import TicketctlError
 from ticketctl.protect.qr import function_module_map
-from ticketctl.protect.receipt import save_receipt
-from ticketctl.protect.signature import masks_of, read_signature, sign_ticket
-from ticketctl.protect.trigger import generate, save_trigger_set
+from ticketctl.protect.signature import masks_of, read_signature
 
 
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory):
-    d = tmp_path_factory.mktemp("channels")
-    ticket = make_ticket(seed=70, density_rate=0.6, width=32)
-    s, doc, _, _ = sign_ticket(ticket, "signature")
-    trigger = save_trigger_set(generate(b"c" * 32, n=20, size=8, channels=1),
-                               d / "trigger.npz")
-    return {"d": d, "ticket": s, "receipt": doc,
-            "path": save_ticket(s, d / "s.safetensors"),
-            "receipt_path": save_receipt(doc, d / "r.json"), "trigger": trigger}
+    return signed_files(tmp_path_factory.mktemp("channels"), b"c" * 32)
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.3, 0.5])
@@ -104,7 +94,7 @@ def test_verification_reads_the_code_from_the_smaller_model(signed):
     """Re-alignment must find every surviving channel of the signed layer: then every module
     it still has matches (nothing else changed), and the modules of removed channels are
     left out of the test, as many as the removed rows and columns cross the code's data."""
-    ticket, receipt = signed["ticket"], signed["receipt"]
+    ticket, receipt = signed["ticket"], signed["receipt_doc"]
     p = receipt.placements[0]
     assert (p.layer, p.block) == ("conv2.weight", (1, 9))  # modules are kernels here
     version = int(receipt.qr_version)
@@ -128,7 +118,7 @@ def test_verification_reads_the_code_from_the_smaller_model(signed):
 def test_verification_reads_it_after_a_permutation_too(signed):
     """A thief who relabels the channels before pruning them: the removed channels are the
     same (L1 norms do not depend on the order), so the reading must be the same."""
-    ticket, receipt = signed["ticket"], signed["receipt"]
+    ticket, receipt = signed["ticket"], signed["receipt_doc"]
     moved, _ = permute(ticket, seed=5)
     cut, plain = channel_pruned(moved, 0.1), channel_pruned(ticket, 0.1)
     got = read_signature(masks_of(cut.released), receipt, state=cut.released)
@@ -140,7 +130,7 @@ def test_verification_reads_it_after_a_permutation_too(signed):
 def test_cli_rows_carry_every_check_and_saved_models_verify(signed, tmp_path):
     out = tmp_path / "cut"
     result = run("attack", "channel-prune", str(signed["path"]), "--rates", "0.05,0.2",
-                 "--receipt", str(signed["receipt_path"]), "--trigger", str(signed["trigger"]),
+                 "--receipt", str(signed["receipt"]), "--trigger", str(signed["trigger"]),
                  "--save", str(out), "--json")
     assert result.exit_code in (0, 1), result.output
     doc = json.loads(result.stdout)
@@ -149,7 +139,7 @@ def test_cli_rows_carry_every_check_and_saved_models_verify(signed, tmp_path):
         assert row["accuracy"] is not None and row["p_value"] is not None
         assert row["trigger_accuracy"] is not None
     saved = out / "channel-pruned-0.05.safetensors"
-    check = run("verify", str(saved), "--receipt", str(signed["receipt_path"]), "--trigger",
+    check = run("verify", str(saved), "--receipt", str(signed["receipt"]), "--trigger",
                 str(signed["trigger"]), "--dataset", "digits", "--json")
     assert check.exit_code == 0, check.output
     verdict = json.loads(check.stdout)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_one_line_error, make_ticket, run
+from helpers import assert_one_line_error, make_ticket, run, signed_files
 
 from ticketctl.artifacts import save_ticket
 from ticketctl.attacks.degrade import FP8, noised, parse_formats, quantize_weight, quantized
@@ -13,18 +13,11 @@ from ticketctl.attacks.removal import attack_mask
 from ticketctl.errors import TicketctlError
 from ticketctl.protect.receipt import save_receipt
 from ticketctl.protect.signature import sign_ticket
-from ticketctl.protect.trigger import generate, save_trigger_set
 
 
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory):
-    d = tmp_path_factory.mktemp("degrade")
-    ticket = make_ticket(seed=70, density_rate=0.6, width=32)
-    s, doc, _, _ = sign_ticket(ticket, "signature")
-    trigger = save_trigger_set(generate(b"k" * 32, n=20, size=8, channels=1),
-                               d / "trigger.npz")
-    return {"d": d, "ticket": s, "path": save_ticket(s, d / "s.safetensors"),
-            "receipt": save_receipt(doc, d / "r.json"), "trigger": trigger}
+    return signed_files(tmp_path_factory.mktemp("degrade"))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 6, 8])

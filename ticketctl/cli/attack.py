@@ -300,6 +300,33 @@ def addon_cmd(
     _removal(model, "addon", values, lambda t, s: added(t, s, seed), marks, defend, sweep)
 
 
+def _save_paths(save: Path | None, names: list[str], sweep: Sweep) -> list[Path]:
+    """--save FOLDER: FOLDER/<name>.safetensors for each row (the folder made), none of them
+    over an existing file without --force."""
+    if save is None:
+        return []
+    if save.exists() and not save.is_dir():
+        raise TicketctlError(f"--save {save}: not a folder")
+    save.mkdir(parents=True, exist_ok=True)
+    files = [save / f"{n}.safetensors" for n in names]
+    sweep.output.check(*files)
+    return files
+
+
+def _writer(files: list[Path], state: Callable[[int], dict[str, torch.Tensor]],
+            sweep: Sweep) -> Callable[[], None] | None:
+    """What writes row i's model to files[i] as a plain state dict, with the rows' plot and
+    CSV (all of them or none); None when nothing is saved."""
+    if not files:
+        return None
+
+    def write() -> None:
+        for i, path in enumerate(files):
+            write_state_dict(state(i), path, force=sweep.output.force)
+
+    return write
+
+
 @attack("quantize")
 def quantize_cmd(
     *,
@@ -316,20 +343,10 @@ def quantize_cmd(
     """Quantize every conv and linear weight after training, as deployments do (no
     fine-tuning), and check every mark on the dequantized model."""
     formats = parse_formats(bits)
-    files = [save / f"quantized-{f}.safetensors" for f in formats] if save else []
-    if save is not None:
-        if save.exists() and not save.is_dir():
-            raise TicketctlError(f"--save {save}: not a folder")
-        save.mkdir(parents=True, exist_ok=True)
-    sweep.output.check(*files)
+    files = _save_paths(save, [f"quantized-{f}" for f in formats], sweep)
     ticket = load_ticket(model)
-
-    def write() -> None:  # with the rows' plot and CSV: all of them or none
-        for f, path in zip(formats, files, strict=True):
-            write_state_dict(quantized(ticket, f), path, force=sweep.output.force)
-
     _removal(ticket, "quantize", formats, quantized, marks, False, sweep,
-             also=write if save else None, rates=False)
+             also=_writer(files, lambda i: quantized(ticket, formats[i]), sweep), rates=False)
 
 
 @attack("channel-prune")
@@ -350,12 +367,7 @@ def channel_prune_cmd(
     every mark on the smaller model; verification re-aligns the signed layer's channels."""
     values = parse_floats(rates, "--rates") or []
     check_ratios(values)
-    files = [save / f"channel-pruned-{r:g}.safetensors" for r in values] if save else []
-    if save is not None:
-        if save.exists() and not save.is_dir():
-            raise TicketctlError(f"--save {save}: not a folder")
-        save.mkdir(parents=True, exist_ok=True)
-    sweep.output.check(*files)
+    files = _save_paths(save, [f"channel-pruned-{r:g}" for r in values], sweep)
     ticket = load_ticket(model)
     if not ticket.can_build():
         raise TicketctlError("channel pruning needs the ticket's network, to know which layers "
@@ -367,12 +379,8 @@ def channel_prune_cmd(
         made[r] = made.get(r) or channel_pruned(t, r)
         return made[r].released, made[r].scored
 
-    def write() -> None:  # with the rows' plot and CSV: all of them or none
-        for r, path in zip(values, files, strict=True):
-            write_state_dict(made[r].released, path, force=sweep.output.force)
-
     _removal(ticket, "channel-prune", values, make, marks, False, sweep,
-             also=write if save else None, rates=False)
+             also=_writer(files, lambda i: made[values[i]].released, sweep), rates=False)
 
 
 @attack("noise")
