@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _run(run_dir, *extra):
     return subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), "--smoke",
-                           "--run", str(run_dir), *extra], capture_output=True, text=True,
-                          cwd=ROOT, timeout=HANG_GUARD_S)
+                           "--v2-seeds", "2", "--run", str(run_dir), *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S)
 
 
 @pytest.mark.slow
@@ -33,6 +33,7 @@ def test_reproduce_smoke_runs_every_stage_and_resumes(tmp_path):
     assert all(r["nokey"] is not None and r["fake1"] is not None for r in v1_rows)
     v2 = summary["v2"]["summary"]
     assert all(row["verified"] for row in v2["prune_omp"]["rows"])
+    assert v2["table2"]["seeds"] == 2 and len(v2["table2"]["signed"]) == 2
     figure = v2["qr_figure"]
     assert [r["rate"] for r in figure["rows"]] == [0, 0.05, 0.1, 0.2, 0.3]
     assert figure["rows"][0]["bit_match"] == 1.0  # unpruned: the code as signed
