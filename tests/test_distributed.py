@@ -126,13 +126,19 @@ def test_ranks_holding_different_masks_are_caught(tmp_path):
 def test_ddp_scaling_benchmark_smoke(tmp_path):
     out = tmp_path / "ddp.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks/ddp_scaling.py"), "--smoke",
-                        "--json-out", str(out)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=HANG_GUARD_S, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                        "--round", "--json-out", str(out)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=HANG_GUARD_S,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["gpus"] for r in rows] == [1, 2]
-    assert rows[0]["efficiency"] == 1.0 and rows[1]["global_batch"] == 128
-    assert rows[1]["steps_per_epoch"] == rows[0]["steps_per_epoch"] // 2
+    # strong scaling: the same global batch and steps at both counts; one rank is no DDP
+    assert rows[0]["efficiency"] == 1.0 and rows[0]["ddp"] is False and rows[1]["ddp"] is True
+    assert rows[0]["global_batch"] == rows[1]["global_batch"] == 128
+    assert rows[1]["steps_per_epoch"] == rows[0]["steps_per_epoch"]
+    assert all(r["images_per_second"] > 0 and r["round_seconds"] > 0 for r in rows)
+    # one fixed-rate round: the same kept count, overlapping as in the two-process test above
+    assert rows[0]["mask_jaccard_vs_1"] == 1.0 and rows[1]["mask_jaccard_vs_1"] >= 0.85
 
 
 @pytest.mark.slow
