@@ -116,6 +116,8 @@ def main() -> int:
                                                             "resnet50"),
                     help="the network (CIFAR-10; --smoke always uses digits_cnn)")
     ap.add_argument("--smoke", action="store_true", help="digits on CPU, tiny settings")
+    ap.add_argument("--devices", help="spread the V1 sweep and the null models over these "
+                    "devices ('all' GPUs, or cuda:0,cuda:1)")
     ap.add_argument("--v2-seeds", type=int, default=3,
                     help="Table 2: retrain the ticket with and without its signature under "
                          "this many seeds (the paper's signing cost)")
@@ -155,6 +157,7 @@ def main() -> int:
     if args.smoke:
         trigger = str(files / "owner.trigger.npz")
     summary: dict[str, Any] = {}
+    spread = ["--devices", args.devices] if args.devices else []
 
     for name in STAGES:
         if name not in wanted:
@@ -193,7 +196,7 @@ def main() -> int:
             r = st.script("v1_effect", ROOT / "benchmarks/v1_effect.py", "--ticket", ticket,
                           *data_noset, "--preset", preset[1], "--ratios", v1["ratios"],
                           "--scores", v1["scores"], "--out-dir", run / "v1-sweep",
-                          "--md-out", st.dir / "v1.md", *extra)
+                          "--md-out", st.dir / "v1.md", *extra, *spread)
             s = {"reference": r["meta"]["reference_accuracy"], "rows": r["rows"]}
         elif name == "v2":
             if not (files / "owner.key").exists():
@@ -252,7 +255,7 @@ def main() -> int:
             null = st.tc("calibrate", "calibrate", "--trigger", trigger, "--arch", arch,
                          *data, *preset, "--epochs", "10" if not args.smoke else "2",
                          "--models", null_models, "--out", st.dir / "null-full.json",
-                         "--force")
+                         "--force", *spread)
             prune = st.tc("prune_trigger", "attack", "prune", files / "marked.safetensors",
                           "--rates", "0.05,0.1,0.2,0.5", "--trigger", trigger, "--null-rate",
                           f"{null['null_rate']:.6f}", *data_noset)
