@@ -31,11 +31,12 @@ from ticketctl.data import Dataset
 from ticketctl.data.augment import augment_batch
 from ticketctl.errors import TicketctlError
 from ticketctl.models import build_model
+from ticketctl.protect.blackbox_verify import predict
 from ticketctl.protect.signature import masks_of
 from ticketctl.protect.suspect import Suspect
 from ticketctl.protect.verify import Marks, check_suspect
 from ticketctl.train.config import TrainConfig
-from ticketctl.train.engine import evaluate
+from ticketctl.train.engine import EpochStats, evaluate
 from ticketctl.train.schedule import lr_at
 
 
@@ -69,13 +70,15 @@ def _outputs(model: nn.Module, x: torch.Tensor, what: str, classes: int) -> None
                              f"{classes} classes")
 
 
-def student_for(ticket: Ticket, data: Dataset, arch: str | None, seed: int) -> nn.Module:
+def student_for(ticket: Ticket, data: Dataset, arch: str | None, seed: int,
+                teacher: nn.Module | None = None) -> nn.Module:
     """A freshly initialised student: the ticket's own architecture (with its arguments), or
-    the registered `arch`, checked against the data."""
+    the registered `arch`, checked against the data (as is `teacher`, the released network,
+    built here when not given)."""
     if data.num_classes != ticket.num_classes:
         raise TicketctlError(f"the distillation data has {data.num_classes} classes, the "
                              f"released model {ticket.num_classes}")
-    teacher = ticket.build_model(data.device)
+    teacher = teacher if teacher is not None else ticket.build_model(data.device)
     _outputs(teacher, data.train_x, "the released model", data.num_classes)
     if arch is None or arch == ticket.arch:
         model = build_model(ticket.arch, ticket.num_classes, seed=seed, **ticket.arch_args)
@@ -91,7 +94,7 @@ def student_for(ticket: Ticket, data: Dataset, arch: str | None, seed: int) -> n
 
 def distill(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: TrainConfig,
             temperature: float,
-            on_epoch: Callable[[int, float], None] | None = None) -> Distilled:
+            on_epoch: Callable[[EpochStats], None] | None = None) -> Distilled:
     """Train `student` on `teacher`'s outputs at `temperature` over the (augmented) training
     images, with the schedule and optimiser settings of `cfg`. The training labels are never
     read: only the teacher's answers."""
@@ -132,8 +135,9 @@ def distill(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: TrainCon
         if best is None or score > best[0]:
             best = (score, epoch, {k: v.detach().clone() for k, v in
                                    student.state_dict().items()})
-        if on_epoch is not None:
-            on_epoch(epoch, float(loss.detach()))
+        if on_epoch is not None:  # no labels: no test accuracy to show
+            on_epoch(EpochStats(epoch, opt.param_groups[0]["lr"], float(loss.detach()), None,
+                                float("nan")))
     assert best is not None
     student.load_state_dict(best[2])
     student.eval()
@@ -143,12 +147,9 @@ def distill(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: TrainCon
 
 
 @torch.no_grad()
-def _agreement(a: nn.Module, b: nn.Module, x: torch.Tensor, batch: int = 1000) -> float:
+def _agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     """Percent of images on which two networks give the same top answer."""
-    same = 0
-    for i in range(0, len(x), batch):
-        same += int((a(x[i:i + batch]).argmax(1) == b(x[i:i + batch]).argmax(1)).sum())
-    return 100.0 * same / max(1, len(x))
+    return 100.0 * float((predict(a, x) == predict(b, x)).mean()) if len(x) else 100.0
 
 
 def student_checks(ticket: Ticket, student: nn.Module, data: Dataset, marks: Marks
@@ -180,8 +181,8 @@ def distill_attack(runner: AttackRunner, ticket: Ticket, temperature: float, mar
     check_temperature(temperature)
     data, cfg = runner.data, runner.cfg
     marks.check_fits(ticket.arch, ticket.num_classes)
-    student = student_for(ticket, data, student_arch, cfg.seed)
     teacher = ticket.build_model(data.device).eval()
+    student = student_for(ticket, data, student_arch, cfg.seed, teacher)
     ref = evaluate(teacher, data.test_x, data.test_y)
     arch = student_arch or ticket.arch
     key = job_id("distill", ticket.tensors_sha256(), cfg.to_dict(), data.info(), temperature,
@@ -190,7 +191,7 @@ def distill_attack(runner: AttackRunner, ticket: Ticket, temperature: float, mar
     def run() -> tuple[JobResult, dict[str, torch.Tensor]]:
         hook = runner.on_epoch
         got = distill(teacher, student, data, cfg, temperature,
-                      (lambda e, loss: hook("distill", _Progress(e, loss))) if hook else None)
+                      (lambda stats: hook("distill", stats)) if hook else None)
         return JobResult(got.accuracy, got.seconds, best_epoch=got.best_epoch,
                          agreement=got.agreement), got.state
 
@@ -209,12 +210,3 @@ def distill_attack(runner: AttackRunner, ticket: Ticket, temperature: float, mar
     return AttackReport("distill", ref, "the released model", [row],
                         {"train": cfg.to_dict(), "temperature": temperature, "student": arch,
                          "dataset": data.name})
-
-
-@dataclass
-class _Progress:
-    """What the CLI's progress bar reads of an epoch (an `EpochStats` look-alike)."""
-
-    epoch: int
-    train_loss: float
-    test_accuracy: float = float("nan")

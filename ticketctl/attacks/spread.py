@@ -128,15 +128,6 @@ def run_spread(jobs: list[Job], devices: list[torch.device], spec: DataSpec,
     return results
 
 
-@dataclass
-class _Epoch:
-    """What a progress callback reads of an epoch (sent between processes)."""
-
-    epoch: int
-    test_accuracy: float
-    train_loss: float = float("nan")
-
-
 def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: Path | None,
             pack: int | None, todo: Any, events: Any, threads: int,
             factory: str | None) -> None:
@@ -159,9 +150,8 @@ def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: Path | No
                             synthetic_size=spec.synthetic_size)
         train = TrainConfig.from_dict(cfg)
 
-        def progress(label: str, s: Any) -> None:
-            events.put(("epoch", label, _Epoch(s.epoch, float(s.test_accuracy),
-                                               float(getattr(s, "train_loss", "nan")))))
+        def progress(label: str, s: Any) -> None:  # an EpochStats: it pickles as it is
+            events.put(("epoch", label, s))
 
         runner = AttackRunner(data, train, out_dir=out_dir, on_epoch=progress, pack=pack) \
             if out_dir is not None else None
