@@ -6,10 +6,13 @@ process and on two (gloo). Every folder is written by the test: 40 images of 9-3
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_one_line_error, run
+from helpers import HANG_GUARD_S, assert_one_line_error, run
 from PIL import Image
 from torch import nn
 
@@ -41,6 +44,7 @@ from ticketctl.prune import Events, find_ticket, resolve_settings
 from ticketctl.train import TrainConfig, Trainer
 from ticketctl.train.config import TrainOverrides
 
+ROOT = Path(__file__).resolve().parent.parent
 SIZE = 8  # the side images are trained at here
 
 
@@ -429,3 +433,28 @@ def test_packing_refuses_a_streamed_dataset(streamed):
     with pytest.raises(TicketctlError, match="packed together.*cannot use a streamed"):
         PackedTrainer(tiny_net(), streamed, CFG, None, [0, 1])
 
+
+
+@pytest.mark.slow
+def test_stream_speed_benchmark_smoke(tmp_path):
+    """benchmarks/stream_speed.py at toy sizes on the CPU: the folder it writes and one row
+    with every measurement (torchvision's baseline only where torchvision is installed)."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "stream_speed.py"), "--folder",
+           str(tmp_path / "jpegs"), "--files", "64", "--image-size", "32", "--steps", "2",
+           "--warmup", "1", "--arch", "digits_cnn", "--batch", "8", "--device", "cpu",
+           "--json-out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    train = sorted((tmp_path / "jpegs" / "train").glob("*/*.jpg"))
+    assert len(train) == 64 and len({f.parent.name for f in train}) == 10
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["gpus"] == 1 and row["global_batch"] == 8 and row["steps"] == 2
+    assert all(row[k] > 0 for k in ("stream_model", "stream_alone", "model_alone"))
+    assert row["stream_vs_model"] == row["stream_model"] / row["model_alone"]
+    if importlib.util.find_spec("torchvision") is None:
+        assert row["torchvision"] == "torchvision not installed"
+    else:
+        assert row["torchvision_model"] > 0
+    assert "| 1 |" in p.stdout  # the markdown table

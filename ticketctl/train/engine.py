@@ -400,12 +400,7 @@ class Engine:
     def train_epoch(self, epoch: int, steps: int | None = None) -> float:
         """One epoch (numbered from 1) over a fresh permutation; returns the mean loss.
         `steps`: only the epoch's first steps (benchmarks)."""
-        if self.use_graph and self.graph is None:
-            self._capture()
-        elif self.use_compile and not self.compile_seconds:
-            t0 = time.perf_counter()
-            self._warm_compile()
-            self.compile_seconds = time.perf_counter() - t0
+        self._prepare()
         self.model.train()
         steps = self.steps_per_epoch if steps is None else min(steps, self.steps_per_epoch)
         if self.streamed:
@@ -424,24 +419,54 @@ class Engine:
         for b in range(steps):
             lr = self._set_lr(epoch, b)
             if self.streamed:
-                xb, yb = next(batches)
-                self.x_in.copy_(xb, non_blocking=True)  # pinned: overlaps the step before
-                self.y_in.copy_(yb, non_blocking=True)
+                self._feed(*next(batches))
             else:
                 start = b * self.global_batch + self.rank * bs
                 self.batch_idx.copy_(order[..., start:start + bs])
             if self.trigger_x is not None:
                 self.trig_idx.copy_(cycle[b])
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self._eager_step()
+            self._run_step()
         self.last_lr = lr
         if self.dist is not None:
             broadcast_module_state(self.dist, self.model)
             if fail_rank_for_tests() == self.rank:
                 raise RuntimeError(f"TICKETCTL_FAIL_RANK: rank {self.rank} fails on purpose")
         return float(self.loss_sum) / steps
+
+    def _prepare(self) -> None:
+        """Capture the step's graph, or compile, once, before the first step."""
+        if self.use_graph and self.graph is None:
+            self._capture()
+        elif self.use_compile and not self.compile_seconds:
+            t0 = time.perf_counter()
+            self._warm_compile()
+            self.compile_seconds = time.perf_counter() - t0
+
+    def _feed(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """A streamed batch into the buffers the step reads (from pinned memory the copy
+        overlaps the step before)."""
+        self.x_in.copy_(x, non_blocking=True)
+        self.y_in.copy_(y, non_blocking=True)
+
+    def _run_step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._eager_step()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int = 1, step: int = 0
+                   ) -> None:
+        """One training step on a batch shaped as a streamed dataset's (uint8 N x H x W x 3
+        and labels, on any device), at the learning rate of (epoch, step): what
+        `train_epoch` does with each batch it reads, for batches from elsewhere (a benchmark
+        compares loaders through it)."""
+        if not self.streamed:
+            raise TicketctlError("train_step takes batches for a streamed dataset's trainer")
+        self._prepare()
+        self.model.train()
+        self._set_lr(epoch, step)
+        self._feed(x, y)
+        self._run_step()
 
     def _set_lr(self, epoch: int, b: int) -> float:
         lr = lr_at(self.cfg, (epoch - 1) * self.steps_per_epoch + b, self.steps_per_epoch)
