@@ -170,12 +170,15 @@ def torchvision_baseline(args: argparse.Namespace, trainer, dev: torch.device, w
         if world > 1 else None
     loader = DataLoader(folder, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
                         num_workers=workers, pin_memory=dev.type == "cuda", drop_last=True,
-                        persistent_workers=True, prefetch_factor=4)
+                        prefetch_factor=4)
+    if len(loader) < warm + steps:
+        return {"torchvision": f"the folder has fewer than {warm + steps} batches"}
     staged = torch.empty((per_rank, 3, args.image_size, args.image_size), dtype=torch.uint8,
                          device=dev)
 
+    batches = iter(loader)  # one pass for warm-up and timing: no second pipeline fill
+
     def feed(steps: int) -> None:
-        batches = iter(loader)
         for b in range(steps):
             x, y = next(batches)
             staged.copy_(x, non_blocking=True)  # N x C x H x W, made N x H x W x C on the GPU

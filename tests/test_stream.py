@@ -40,6 +40,7 @@ from ticketctl.data.transforms import (
 )
 from ticketctl.distributed import DistContext
 from ticketctl.errors import TicketctlError
+from ticketctl.protect.trigger import generate, save_trigger_set
 from ticketctl.prune import Events, find_ticket, resolve_settings
 from ticketctl.train import TrainConfig, Trainer
 from ticketctl.train.config import TrainOverrides
@@ -316,6 +317,12 @@ def test_find_and_retrain_on_a_streamed_folder(folder, tmp_path):
     assert retrained.exit_code == 0, retrained.stderr
     assert json.loads(retrained.stdout)["test_accuracy"] >= 75  # as above
     assert load_ticket(tmp_path / "r.safetensors").dataset["stream"] is True
+    # verify --trigger normalises the trigger images with the recorded statistics
+    trigger = save_trigger_set(generate(b"k" * 32, n=20, size=SIZE, channels=3, num_classes=2),
+                               tmp_path / "trigger.npz")
+    checked = run("verify", tmp_path / "r.safetensors", "--trigger", trigger, "--json")
+    assert checked.exit_code in (0, 1), checked.stderr
+    assert json.loads(checked.stdout)["trigger_accuracy"] is not None
     # commands that need every image in memory say so, and how to load it so
     refused = run("attack", "prune", out, "--rates", "0.1", "--device", "cpu")
     assert_one_line_error(refused, 2, "the attacks cannot use a streamed dataset")

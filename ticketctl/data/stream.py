@@ -88,8 +88,14 @@ def _decode(files: list[str], indices: list[int], size: int, train: bool, seed: 
 
 
 def default_workers() -> int:
-    """One decoding worker per core, up to 32."""
-    return max(1, min(32, os.cpu_count() or 1))
+    """One decoding worker per core this process may use, shared with the other ranks on
+    this host (torchrun's LOCAL_WORLD_SIZE), up to 32."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(32, cores // ranks))
 
 
 @dataclass
