@@ -103,6 +103,8 @@ DATASET = Obj({
     "normalize": Field(Bool()),
     "mean": Field(List(Float(), max_len=64)),
     "std": Field(List(Float(), max_len=64)),
+    "stream": Field(Bool()),  # an image folder read from its files batch by batch
+    "image_size": Field(Int(1, 4096)),  # the side an image folder was used at (data.images)
 })
 EXTRA = Obj({
     # a Scheme V1 part: the ticket it came from, and how it was split

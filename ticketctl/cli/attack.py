@@ -105,10 +105,15 @@ class Sweep:
     compute: Compute = nested(Compute)
 
     def dataset(self, ticket: Ticket) -> Dataset:
-        """The ticket's recorded dataset, unless another was given."""
-        return load_recorded_dataset(ticket.dataset or {}, self.data.dataset,
+        """The ticket's recorded dataset, unless another was given; in memory (the attacks
+        train and score on whole splits)."""
+        data = load_recorded_dataset(ticket.dataset or {}, self.data.dataset,
                                      self.data.data_dir,
-                                     device=resolve_device(self.compute.device))
+                                     device=resolve_device(self.compute.device),
+                                     stream=self.data.streaming.stream,
+                                     image_size=self.data.streaming.image_size)
+        data.require_resident("the attacks")
+        return data
 
     def scoring_data(self, ticket: Ticket, marks: OwnerMarks | None = None) -> Dataset | None:
         """The dataset accuracy is measured on, or None when the ticket's network cannot be

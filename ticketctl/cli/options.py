@@ -315,11 +315,26 @@ class Compute:
 
 # ---- data -------------------------------------------------------------------------------------
 @group(panel=P_DATA)
+class Streaming:
+    """Image folders: held in memory, or read from their files batch by batch."""
+
+    stream: Optional[bool] = option(
+        "--stream/--no-stream", show_default=False,
+        help="Image folders: read the images from their files batch by batch (--stream) or "
+             "hold them all in memory (--no-stream); default: stream when they do not fit or "
+             "have mixed sizes (docs/DISTRIBUTED.md).")
+    image_size: Optional[int] = option(
+        help="Image folders: train and evaluate at this side in pixels (needed to stream "
+             "images of mixed sizes; held in memory, images are resized to it).")
+
+
+@group(panel=P_DATA)
 class DataOptions:
     dataset: Optional[str] = option(help="digits, cifar10, cifar100, imagefolder or synthetic "
                                  "(default: the model's, else digits).")
     data_dir: Optional[Path] = option(help="Folder holding cifar-10-batches-py/, "
                                    "cifar-100-python/ or train/ and test/.")
+    streaming: Streaming = nested(Streaming)
 
 
 @group(panel=P_DATA)
@@ -494,5 +509,6 @@ def _parse_list(text: str | None, what: str, cast: Callable[[str], Any]) -> list
 
 
 __all__ = ["Arch", "Architecture", "Compute", "DataOptions", "Distributed", "NetworkSource",
-           "OldSpelling", "Output", "OwnerMarks", "Pack", "Split", "Training", "Without",
-           "command", "console", "group", "nested", "option", "parse_floats", "parse_ints"]
+           "OldSpelling", "Output", "OwnerMarks", "Pack", "Split", "Streaming", "Training",
+           "Without", "command", "console", "group", "nested", "option", "parse_floats",
+           "parse_ints"]

@@ -78,7 +78,9 @@ def retrain(
     settings.train.validate()
     dataset = load_recorded_dataset(ticket.dataset or {}, data.dataset, data.data_dir,
                                     device=resolve_device(compute.device),
-                                    val_size=split.val_size, split_seed=split.split_seed)
+                                    val_size=split.val_size, split_seed=split.split_seed,
+                                    stream=data.streaming.stream,
+                                    image_size=data.streaming.image_size)
     trig, trig_set = None, None
     # every input is read before the training, so a bad one fails now, not after it
     key = load_private_key(signing_key) if signing_key else None
@@ -95,7 +97,7 @@ def retrain(
             if not output.quiet:
                 console.print(f"{trigger_per_batch} trigger images per batch: each seen about "
                               f"{views:.0f} times", highlight=False)
-    ctx = init_from_env(dataset.train_x.device)
+    ctx = init_from_env(dataset.device)
     try:
         with output.progress(silent=ctx is not None) as progress:
             task = progress.add_task("retrain", total=settings.train.epochs, info="")

@@ -122,7 +122,8 @@ def verify(
     owner = marks.load(defend=defend)
     verdict = verify_model(model, owner, predict_cmd=predict_cmd, timeout=timeout,
                            dataset=data.dataset, data_dir=data.data_dir, qr_png=qr_png,
-                           force=output.force)
+                           force=output.force, stream=data.streaming.stream,
+                           image_size=data.streaming.image_size)
     output.emit(verdict.to_dict(), lambda: _print_verdict(verdict))
     if owner.empty:  # a scan reports the codes it finds, but proves nothing
         raise CheckFailed("not verified: nothing to verify against; pass --receipt and/or "

@@ -81,7 +81,9 @@ def calibrate(
                                 train=training.overrides())
     settings.train.validate()
     dataset = load_dataset(settings.dataset, data.data_dir,
-                           device=resolve_device(compute.device))
+                           device=resolve_device(compute.device), stream=data.streaming.stream,
+                           image_size=data.streaming.image_size)
+    dataset.require_resident("calibrate")  # its null models train packed
     ts = load_trigger_set(trigger)
     with output.progress() as progress:
         task = progress.add_task("null models", total=models, info="")

@@ -8,6 +8,22 @@ from typing import Any
 import torch
 
 
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+              ) -> torch.Tensor:
+    """(images - mean) / std per channel, for N x C x H x W images on the [0, 1] scale."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device)
+    return (images.float() - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
+
+
+def denormalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+                ) -> torch.Tensor:
+    """Invert `normalize`: back to the [0, 1] pixel scale."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device)
+    return images.float() * s.view(1, -1, 1, 1) + m.view(1, -1, 1, 1)
+
+
 @dataclass
 class Dataset:
     """All splits of one dataset, already as normalised float32 tensors on one device.
@@ -33,26 +49,28 @@ class Dataset:
     split_seed: int = 0
     data_dir: str | None = None
     normalized: bool = True
+    image_size: int | None = None  # images resized to this (None: their own size)
+
+    streamed = False  # see `stream.StreamedDataset`
 
     @property
     def device(self) -> torch.device:
         """The device all split tensors live on."""
         return self.train_x.device
 
+    def require_resident(self, what: str) -> None:
+        """Every image is in memory: anything may use it (a streamed dataset refuses)."""
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Normalise N x C x H x W images on the [0, 1] scale exactly like this dataset's splits.
 
         Use it for images from elsewhere (e.g. a trigger set) so a model sees them the same way.
         """
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device)
-        std = torch.tensor(self.std, dtype=torch.float32, device=images.device)
-        return (images.float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        return normalize(images, self.mean, self.std)
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """Invert ``normalize``: back to the [0, 1] pixel scale."""
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device)
-        std = torch.tensor(self.std, dtype=torch.float32, device=images.device)
-        return images.float() * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)
+        return denormalize(images, self.mean, self.std)
 
     def info(self) -> dict[str, Any]:
         """A JSON-able description, for artifacts and ``--json`` output."""
@@ -69,4 +87,5 @@ class Dataset:
             "normalized": self.normalized,
             "mean": [float(m) for m in self.mean],
             "std": [float(s) for s in self.std],
+            **({"image_size": self.image_size} if self.image_size is not None else {}),
         }

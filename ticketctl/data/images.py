@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
 from ticketctl.errors import TicketctlError, first_line
+
+T = TypeVar("T")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
@@ -32,8 +36,10 @@ def _too_large(where: str, what: str) -> TicketctlError:
                           f"{MAX_FILE_BYTES >> 20} MiB) an image may have; resize it")
 
 
-def read_rgb(path: str | Path, where: str | None = None) -> np.ndarray:
-    """An image file as H x W x 3 uint8, its size checked before it is decoded. `where` names
+def read_image(path: str | Path, process: Callable[[Image.Image], T],
+               where: str | None = None) -> T:
+    """Open an image file, its size checked before anything is decoded, and return
+    `process(image)` (decoding happens there, inside the same error handling). `where` names
     it in errors (default: the path)."""
     p = Path(path)
     where = where or str(p)
@@ -45,7 +51,7 @@ def read_rgb(path: str | Path, where: str | None = None) -> np.ndarray:
             w, h = image.size
             if w * h > MAX_PIXELS:
                 raise _too_large(where, f"the image claims {w}x{h} pixels")
-            return np.asarray(image.convert("RGB"))
+            return process(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         claimed = re.search(r"\((\d+) pixels\)", str(e))  # Pillow names the pixel count
         raise _too_large(where, f"the image claims {int(claimed[1]):,} pixels" if claimed
@@ -55,3 +61,14 @@ def read_rgb(path: str | Path, where: str | None = None) -> np.ndarray:
             from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
         raise TicketctlError(f"cannot read image {where}: {first_line(e)}") from None
+
+
+def read_rgb(path: str | Path, where: str | None = None) -> np.ndarray:
+    """An image file as H x W x 3 uint8, its size checked before it is decoded. `where` names
+    it in errors (default: the path)."""
+    return read_image(path, lambda image: np.asarray(image.convert("RGB")), where)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding its pixels."""
+    return read_image(path, lambda image: image.size)

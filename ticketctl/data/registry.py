@@ -10,6 +10,11 @@ both on the [0, 1] pixel scale:
   images have been held out (population std; a zero std is replaced by 1).
 
 ``normalize=False`` keeps pixels on the raw [0, 1] scale and records mean 0 / std 1.
+
+An imagefolder that does not fit in memory, or holds images of mixed sizes, streams from its
+files instead (``stream.StreamedDataset``; ``stream=True`` forces it, ``stream=False`` forbids
+it): its statistics come from a fixed sample of its training images, and are recorded so a
+later command can reuse them.
 """
 
 from __future__ import annotations
@@ -21,7 +26,16 @@ import torch
 
 from ticketctl.data import cifar, digits, imagefolder, synthetic
 from ticketctl.data.dataset import Dataset
-from ticketctl.data.splits import RawSplits, holdout_indices
+from ticketctl.data.images import MAX_SIDE
+from ticketctl.data.splits import RawSplits, default_val_size, holdout_indices
+from ticketctl.data.stream import (
+    BatchReader,
+    StreamedDataset,
+    StreamedSplit,
+    as_files,
+    fits_in_memory,
+    measure_stats,
+)
 from ticketctl.errors import TicketctlError
 
 Loader = Callable[..., RawSplits]
@@ -34,6 +48,8 @@ DATASETS: dict[str, Loader] = {
     "synthetic": synthetic.load,
 }
 NEEDS_DATA_DIR = frozenset({"cifar10", "cifar100", "imagefolder"})
+CAN_STREAM = frozenset({"imagefolder"})
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -62,13 +78,22 @@ def load_dataset(
     split_seed: int = 0,
     normalize: bool = True,
     synthetic_size: int = 50000,
-) -> Dataset:
-    """Load a dataset once into normalised tensors (torch's default float dtype) on ``device``.
+    stream: bool | None = None,
+    image_size: int | None = None,
+    stats: Stats | None = None,
+    reader: BatchReader | None = None,
+) -> Dataset | StreamedDataset:
+    """Load a dataset once into normalised tensors (torch's default float dtype) on ``device``,
+    or, for an image folder that does not fit or mixes sizes, as a `StreamedDataset`.
 
     The validation split is held out of the training images by a permutation drawn from
     ``split_seed`` alone, so changing the training seed never changes it. ``val_size=None``
     picks the dataset's default: 5,000 for cifar10/100 (45k/5k), otherwise 10% of the
-    training images.
+    training images. ``stream``: None chooses (`stream.fits_in_memory`), True streams, False
+    keeps every image in memory. ``image_size``: the side images are trained and evaluated
+    at (image folders; needed to stream images of mixed sizes). ``stats``: the (mean, std) of
+    a streamed dataset as recorded earlier, instead of measuring them. ``reader``: the
+    streamed dataset's decoding pool (default: a thread per core).
     """
     key = name.strip().lower()
     if key not in DATASETS:
@@ -77,10 +102,28 @@ def load_dataset(
         raise TicketctlError(f"dataset {key!r} needs its data folder: pass --data-dir DIR")
     if val_size is not None and val_size < 0:
         raise TicketctlError(f"val_size must be 0 or more (got {val_size})")
+    if image_size is not None and not 1 <= image_size <= MAX_SIDE:
+        raise TicketctlError(f"--image-size must be between 1 and {MAX_SIDE}, got {image_size}")
+    if key not in CAN_STREAM and (stream or image_size is not None):
+        what = "--stream" if stream else "--image-size"
+        raise TicketctlError(f"{what} is for image folders (--dataset imagefolder); {key} is "
+                             "always held in memory at its own size")
     dev = _device(device)
     folder = Path(data_dir).expanduser() if data_dir is not None else None
 
-    raw = DATASETS[key](folder, split_seed=split_seed, device=dev, synthetic_size=synthetic_size)
+    if key == "imagefolder":
+        listing = imagefolder.scan(folder)
+        streams, why, image_size = _choose(listing, stream, image_size, dev)
+        if streams:
+            assert folder is not None
+            return _streamed(key, folder, listing, image_size, why, dev, val_size, split_seed,
+                             normalize, stats, reader or BatchReader())
+        raw = imagefolder.load(folder, split_seed=split_seed, device=dev,
+                               synthetic_size=synthetic_size, image_size=image_size,
+                               listing=listing)
+    else:
+        raw = DATASETS[key](folder, split_seed=split_seed, device=dev,
+                            synthetic_size=synthetic_size)
     n_train = len(raw.train_y)
     k = raw.default_val_size if val_size is None else val_size
     if k >= n_train:
@@ -129,7 +172,71 @@ def load_dataset(
         split_seed=split_seed,
         data_dir=str(folder.resolve()) if folder is not None else None,
         normalized=normalize,
+        image_size=image_size,
     )
+
+
+def _choose(listing: imagefolder.Listing, stream: bool | None, image_size: int | None,
+            device: torch.device) -> tuple[bool, str, int | None]:
+    """Whether an image folder streams, why (for the refusals of commands that cannot), and
+    the size it is used at. Image headers are read only where the answer depends on them."""
+    files = listing.train_files + listing.test_files
+    if stream and image_size is not None:
+        return True, "--stream", image_size
+    sizes = imagefolder.image_sizes(files)
+    mixed = imagefolder.mixed_sizes(files, sizes)
+    if stream is False:
+        if mixed and image_size is None:
+            raise TicketctlError(f"all images must have one size to be held in memory: "
+                                 f"{mixed}; pass --image-size N to resize them")
+        return False, "", image_size
+    if stream is None and not mixed:
+        w, h = sizes[0]
+        shape = (3, h, w) if image_size is None else (3, image_size, image_size)
+        if fits_in_memory(len(files), shape, device):
+            return False, "", image_size
+        why = f"{len(files):,} images of {shape[2]}x{shape[1]} do not fit in memory"
+    else:
+        why = "--stream" if stream else "images of mixed sizes"
+    if image_size is None:
+        if mixed:
+            raise TicketctlError(f"images of mixed sizes stream at one size: {mixed}; pass "
+                                 "--image-size N")
+        image_size = min(sizes[0])
+    return True, why, image_size
+
+
+def _streamed(key: str, folder: Path, listing: imagefolder.Listing, image_size: int, why: str,
+              device: torch.device, val_size: int | None, split_seed: int, normalize: bool,
+              stats: Stats | None, reader: BatchReader) -> StreamedDataset:
+    """An image folder as file lists, split and normalised like a resident one."""
+    n_train = len(listing.train_files)
+    k = default_val_size(n_train) if val_size is None else val_size
+    if k >= n_train:
+        raise TicketctlError(
+            f"val_size {k} leaves no training images ({key} has {n_train} before the split); "
+            f"pass a val_size below {n_train}"
+        )
+    kept, held = holdout_indices(n_train, k, split_seed)
+    files = as_files(listing.train_files)
+    labels = torch.tensor(listing.train_labels, dtype=torch.int64)
+
+    def split(rows: torch.Tensor) -> StreamedSplit:
+        return StreamedSplit(tuple(files[i] for i in rows.tolist()), labels[rows])
+
+    train, val = split(kept), split(held)
+    test = StreamedSplit(as_files(listing.test_files),
+                         torch.tensor(listing.test_labels, dtype=torch.int64))
+    if not normalize:
+        stats = ((0.0,) * 3, (1.0,) * 3)
+    elif stats is None:
+        stats = measure_stats(list(train.files), image_size, split_seed, reader)
+    return StreamedDataset(
+        name=key, num_classes=len(listing.classes), class_names=list(listing.classes),
+        input_shape=(3, image_size, image_size), train=train, val=val, test=test,
+        mean=tuple(float(v) for v in stats[0]), std=tuple(float(v) for v in stats[1]),
+        image_size=image_size, device=device, why=why, val_size=k, split_seed=split_seed,
+        data_dir=str(folder.resolve()), normalized=normalize, reader=reader)
 
 
 def load_recorded_dataset(
@@ -140,8 +247,12 @@ def load_recorded_dataset(
     device: str | torch.device = "cpu",
     val_size: int | None = None,
     split_seed: int | None = None,
-) -> Dataset:
-    """Load the dataset a ticket recorded (its metadata's `dataset`), unless told otherwise."""
+    stream: bool | None = None,
+    image_size: int | None = None,
+) -> Dataset | StreamedDataset:
+    """Load the dataset a ticket recorded (its metadata's `dataset`), unless told otherwise:
+    an image folder the same way (streamed or in memory, at the recorded size, a streamed
+    one with its recorded statistics)."""
     name = name or recorded.get("name") or "digits"
     same = name == recorded.get("name")
     folder = data_dir or (recorded.get("data_dir") if same else None)
@@ -149,4 +260,18 @@ def load_recorded_dataset(
         val_size = recorded.get("val_size")
     if split_seed is None:
         split_seed = recorded.get("split_seed", 0) if same else 0
-    return load_dataset(name, folder, device=device, val_size=val_size, split_seed=split_seed)
+    stats, recorded_stream = None, False
+    if same and name in CAN_STREAM:
+        if stream is None:
+            stream = recorded_stream = bool(recorded.get("stream", False))
+        if image_size is None:
+            image_size = recorded.get("image_size")
+        if stream and recorded.get("stream") and recorded.get("mean") and recorded.get("std") \
+                and image_size == recorded.get("image_size") \
+                and split_seed == recorded.get("split_seed", 0):
+            stats = (tuple(recorded["mean"]), tuple(recorded["std"]))
+    data = load_dataset(name, folder, device=device, val_size=val_size, split_seed=split_seed,
+                        stream=stream, image_size=image_size, stats=stats)
+    if recorded_stream and isinstance(data, StreamedDataset):
+        data.why = "it was streamed when the model was made"
+    return data

@@ -83,7 +83,7 @@ def check_suspect(suspect: Suspect, marks: Marks, data: Dataset | None = None,
         if data is None:
             raise ValueError("a trigger check needs the dataset")
         marks.trigger.check_classes(data.num_classes)
-        net = network if network is not None else suspect.network(data.train_x.device)
+        net = network if network is not None else suspect.network(data.device)
         trigger = verify_model_triggers(net, marks.trigger, data,
                                         null_rate_for(marks.null_rate, data.num_classes))
     verdict = decide(marks.alpha, signature=signature, trigger=trigger, defended=defended)
@@ -108,7 +108,8 @@ def _add_receipt(verdict: Verdict, marks: Marks) -> None:
 def verify(model: str | Path | None, marks: Marks, *, predict_cmd: str | None = None,
            timeout: float = 300.0, dataset: str | None = None,
            data_dir: str | Path | None = None, qr_png: str | Path | None = None,
-           force: bool = False) -> Verdict:
+           force: bool = False, stream: bool | None = None,
+           image_size: int | None = None) -> Verdict:
     """`ticketctl verify`: open a suspect file once and check it against the marks, or query
     a model that cannot be opened through `predict_cmd` (the trigger images shuffled among as
     many ordinary test images). With no marks, scan the mask for any code (nothing to verify
@@ -125,10 +126,13 @@ def verify(model: str | Path | None, marks: Marks, *, predict_cmd: str | None = 
     if predict_cmd is None:
         data = None
         if marks.trigger is not None:
-            data = load_recorded_dataset(suspect.recorded_dataset, dataset, data_dir)
+            data = load_recorded_dataset(suspect.recorded_dataset, dataset, data_dir,
+                                         stream=stream, image_size=image_size)
         verdict = check_suspect(suspect, marks, data)
     else:
-        data = load_recorded_dataset({}, dataset, data_dir)
+        data = load_recorded_dataset({}, dataset, data_dir, stream=stream,
+                                     image_size=image_size)
+        data.require_resident("--predict-cmd")  # the decoys are test images, sent as files
         marks.trigger.check_classes(data.num_classes)
         signature = None
         if suspect is not None and marks.receipt is not None and marks.receipt.has_code:

@@ -19,7 +19,13 @@ from typing import Any
 import torch
 
 from ticketctl.artifacts import Kind, Mask, Ticket
-from ticketctl.data import DATASETS, Dataset, load_dataset
+from ticketctl.data import (
+    DATASETS,
+    Dataset,
+    StreamedDataset,
+    load_dataset,
+    load_recorded_dataset,
+)
 from ticketctl.device import resolve_device
 from ticketctl.distributed import DistContext, check_same
 from ticketctl.errors import TicketctlError
@@ -36,6 +42,7 @@ from ticketctl.prune.magnitude import magnitude_prune
 from ticketctl.prune.rundir import (
     BEST_CANDIDATE,
     BEST_CURRENT,
+    DATASET,
     RESULT,
     TRAINED_CANDIDATE,
     TRAINED_CURRENT,
@@ -70,6 +77,8 @@ class FindSettings:
     arch_args: dict[str, Any] = field(default_factory=dict)  # a torchvision/timm/factory's
     prunable: str | None = None  # --prunable: which weights are pruned, by name
     fingerprint: str | None = None  # of a network from outside, once built
+    stream: bool | None = None  # image folders: --stream / --no-stream (None: as they fit)
+    image_size: int | None = None  # image folders: --image-size
 
     def to_dict(self) -> dict[str, Any]:
         # the newer fields only when set, so run folders of built-ins keep their settings
@@ -78,7 +87,9 @@ class FindSettings:
                 "train": self.train.to_dict(), "search": self.search.to_dict(),
                 **({"arch_args": self.arch_args} if self.arch_args else {}),
                 **({"prunable": self.prunable} if self.prunable is not None else {}),
-                **({"fingerprint": self.fingerprint} if self.fingerprint else {})}
+                **({"fingerprint": self.fingerprint} if self.fingerprint else {}),
+                **({"stream": self.stream} if self.stream is not None else {}),
+                **({"image_size": self.image_size} if self.image_size is not None else {})}
 
     def validate(self) -> None:
         """Every problem at once, so one rerun fixes them all."""
@@ -89,6 +100,8 @@ class FindSettings:
                        "torchvision:NAME, timm:NAME, or --model-factory FILE.py:FUNCTION")
         if self.dataset not in DATASETS:
             out.append(f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
+        if self.image_size is not None and self.image_size < 1:
+            out.append(f"--image-size must be at least 1, got {self.image_size}")
         raise_all(out + self.train.problems() + self.search.problems(self.train.epochs))
 
 
@@ -148,15 +161,18 @@ def _seed_for(base: int, round_no: int, trial: int) -> int:
 class Search:
     """One run of `find` in its run folder."""
 
-    def __init__(self, settings: FindSettings, run: RunDir, data: Dataset, model: torch.nn.Module,
+    def __init__(self, settings: FindSettings, run: RunDir, data: Dataset | StreamedDataset,
+                 model: torch.nn.Module,
                  device: torch.device, events: Events, pack: int | None,
                  dist: DistContext | None, checkpoint_seconds: float = 60.0) -> None:
         self.settings, self.run, self.data, self.model = settings, run, data, model
         self.checkpoint_seconds = checkpoint_seconds
         self.tcfg, self.scfg = settings.train, settings.search
         self.device, self.events, self.dist = device, events, dist
-        # ranks split every batch; packing would multiply the work per rank
-        self.pack = 1 if dist is not None else default_pack(device, pack, param_count(model))
+        # ranks split every batch; packing would multiply the work per rank; a streamed
+        # dataset would be decoded once per packed model
+        self.pack = 1 if dist is not None or data.streamed else \
+            default_pack(device, pack, param_count(model))
         self.full = Mask.ones(model, _prunable(model, settings))
         self.trainer = Trainer(model, data, self.tcfg, mask=self.full, dist=dist)
         self.packed: dict[int, PackedTrainer] = {}
@@ -169,15 +185,28 @@ class Search:
              device: torch.device, events: Events, pack: int | None,
              dist: DistContext | None, checkpoint_seconds: float = 60.0) -> Search:
         """Load the data and build the network before touching the run folder, so bad input
-        leaves no folder behind."""
-        data = load_dataset(settings.dataset, settings.data_dir, device=device,
-                            val_size=settings.val_size, split_seed=settings.split_seed)
+        leaves no folder behind. A resumed run loads its data as it was loaded first
+        (streamed or in memory, and a streamed one's statistics)."""
+        recorded = RunDir(path).read_json(DATASET) if resume else None
+        if recorded:
+            data = load_recorded_dataset(
+                recorded, settings.dataset, settings.data_dir, device=device,
+                val_size=settings.val_size, split_seed=settings.split_seed,
+                stream=settings.stream, image_size=settings.image_size)
+        else:
+            data = load_dataset(settings.dataset, settings.data_dir, device=device,
+                                val_size=settings.val_size, split_seed=settings.split_seed,
+                                stream=settings.stream, image_size=settings.image_size)
         model = build_model(settings.arch, data.num_classes, seed=settings.train.seed,
                             in_channels=data.input_shape[0], **settings.arch_args)
         if source_of(settings.arch) != "builtin":  # resuming needs the same network
             settings.fingerprint = fingerprint(model)
         _prunable(model, settings)  # bad input leaves no run folder behind
+        if pack is not None and pack > 1:
+            data.require_resident("--pack")
         run = RunDir.open(path, settings.to_dict(), resume=resume, force=force)
+        if not recorded:
+            run.write_json(DATASET, data.info())
         return cls(settings, run, data, model, device, events, pack, dist, checkpoint_seconds)
 
     # ---- dense training; its weights after epoch `rewind_epoch` are the rewind point ---------

@@ -34,6 +34,7 @@ _HELD: dict[str, int] = {}  # real path -> descriptor holding its lock
 
 # The files of a run folder.
 CONFIG = "config.json"  # the resolved settings and their hash
+DATASET = "dataset.json"  # the dataset as first loaded; a resumed run loads it the same way
 DENSE = "dense.json"  # Dense: the dense training's result
 STATE = "state.json"  # the search state (every finished round) and the epoch-log position
 PENDING = "pending.json"  # the finished trials of the round in progress

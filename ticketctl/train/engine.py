@@ -4,7 +4,9 @@ ResNet-20 at batch 128 is bound by the host launching ~300 small kernels per ste
 fix is to launch less. On the CPU it is plain eager fp32 and bit-reproducible from a seed.
 
 Everything a graph captured is static: rewinding, re-masking and resetting momentum copy
-into the existing tensors, so one capture serves every IMP round.
+into the existing tensors, so one capture serves every IMP round. A streamed dataset
+(`data.stream`) is copied batch by batch into static input buffers that the captured step
+reads; a resident one is gathered inside the step, as before.
 
 `Engine` trains the models of one network: one model, or K models packed into it (see
 `packing`); a `Layout` says which, and how batches, losses, learning rates and accuracies map
@@ -13,6 +15,8 @@ onto the models. Its one epoch loop (`Engine.run`) is what every path trains wit
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -26,10 +30,12 @@ from torch import nn
 from ticketctl.artifacts import Mask
 from ticketctl.data import Dataset
 from ticketctl.data.augment import PAD, crop_flip
+from ticketctl.data.stream import StreamedDataset
 from ticketctl.distributed import (
     DistContext,
     broadcast_floats,
     broadcast_module_state,
+    check_same,
     fail_rank_for_tests,
 )
 from ticketctl.errors import TicketctlError
@@ -105,6 +111,7 @@ class Layout:
 
     def reseed(self, seeds: Sequence[int]) -> None:
         (seed,) = seeds
+        self.seed = seed  # a streamed dataset's order and crops come from (seed, epoch)
         self.order_gen.manual_seed(seed)
         if self.aug_gen is not None:
             self.aug_gen.manual_seed(self.aug_seed(seed))
@@ -165,7 +172,7 @@ class Engine:
     def __init__(
         self,
         model: nn.Module,
-        data: Dataset,
+        data: Dataset | StreamedDataset,
         cfg: TrainConfig,
         mask: Mask | None = None,
         trigger: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -184,11 +191,14 @@ class Engine:
         self.layout = layout or Layout()
         if self.layout.models > 1 and (dist is not None or trigger is not None):
             raise TicketctlError("packed training runs in one process and without triggers")
+        self.streamed = data.streamed
+        if self.layout.models > 1:
+            data.require_resident("training models packed together (--pack)")
         self.dist = dist
         self.rank = dist.rank if dist else 0
         self.cfg = cfg
         self.data = data
-        self.device = data.train_x.device
+        self.device = data.device
         cuda = self.device.type == "cuda"
         self.bf16 = cfg.bf16 and cuda
         self.channels_last = cfg.channels_last and cuda
@@ -249,6 +259,15 @@ class Engine:
         self.batch_idx = torch.zeros(self.layout.index_shape(self.main_batch), dtype=torch.long,
                                      device=self.device)
         self.trig_idx = torch.zeros(max(1, self.k), dtype=torch.long, device=self.device)
+        if self.streamed:  # what the step reads: the stream copies each batch in
+            _, h, w = data.input_shape
+            self.x_in = torch.zeros((self.main_batch, h, w, 3), dtype=torch.uint8,
+                                    device=self.device)
+            self.y_in = torch.zeros(self.main_batch, dtype=torch.long, device=self.device)
+        if dist is not None:  # (an image folder's choice to stream depends on free memory)
+            check_same(dist, hashlib.sha256(json.dumps(
+                [self.streamed, list(data.input_shape), len(data.train_y)]).encode()
+            ).hexdigest(), "the dataset (streamed or in memory, its size)")
         self.loss_sum = torch.zeros((), device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.compile_seconds = 0.0
@@ -328,11 +347,15 @@ class Engine:
 
     # ---- the step -----------------------------------------------------------------------------
     def _step(self) -> None:
-        x = self.data.train_x[self.batch_idx]
-        if self.data.augment != "none":
-            x = self.layout.augment(x)
-        x = self.layout.network_input(x)
-        y = self.data.train_y[self.batch_idx]
+        if self.streamed:  # already augmented by the stream
+            x = self.layout.network_input(self.data.to_input(self.x_in, self.channels_last))
+            y = self.y_in
+        else:
+            x = self.data.train_x[self.batch_idx]
+            if self.data.augment != "none":
+                x = self.layout.augment(x)
+            x = self.layout.network_input(x)
+            y = self.data.train_y[self.batch_idx]
         if self.trigger_x is not None:  # triggers go in as they are, unaugmented
             x = torch.cat([x, self.trigger_x[self.trig_idx]])
             y = torch.cat([y, self.trigger_y[self.trig_idx]])
@@ -374,16 +397,17 @@ class Engine:
         self.loss_sum.zero_()
         self.compile_seconds += time.perf_counter() - t0
 
-    def train_epoch(self, epoch: int) -> float:
-        """One epoch (numbered from 1) over a fresh permutation; returns the mean loss."""
-        if self.use_graph and self.graph is None:
-            self._capture()
-        elif self.use_compile and not self.compile_seconds:
-            t0 = time.perf_counter()
-            self._warm_compile()
-            self.compile_seconds = time.perf_counter() - t0
+    def train_epoch(self, epoch: int, steps: int | None = None) -> float:
+        """One epoch (numbered from 1) over a fresh permutation; returns the mean loss.
+        `steps`: only the epoch's first steps (benchmarks)."""
+        self._prepare()
         self.model.train()
-        order = self.layout.epoch_order(len(self.data.train_y))
+        steps = self.steps_per_epoch if steps is None else min(steps, self.steps_per_epoch)
+        if self.streamed:
+            batches = self.data.train_batches(self.layout.seed, epoch, steps, self.global_batch,
+                                              self.rank, self.main_batch)
+        else:
+            order = self.layout.epoch_order(len(self.data.train_y))
         self.loss_sum.zero_()
         bs = self.main_batch
         lr = 0.0
@@ -392,22 +416,57 @@ class Engine:
             cycle = (torch.arange(self.steps_per_epoch * self.k, device=self.device) + first) \
                 % len(self.trigger_y)
             cycle = cycle.view(self.steps_per_epoch, self.k)
-        for b in range(self.steps_per_epoch):
+        for b in range(steps):
             lr = self._set_lr(epoch, b)
-            start = b * self.global_batch + self.rank * bs
-            self.batch_idx.copy_(order[..., start:start + bs])
+            if self.streamed:
+                self._feed(*next(batches))
+            else:
+                start = b * self.global_batch + self.rank * bs
+                self.batch_idx.copy_(order[..., start:start + bs])
             if self.trigger_x is not None:
                 self.trig_idx.copy_(cycle[b])
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self._eager_step()
+            self._run_step()
         self.last_lr = lr
         if self.dist is not None:
             broadcast_module_state(self.dist, self.model)
             if fail_rank_for_tests() == self.rank:
                 raise RuntimeError(f"TICKETCTL_FAIL_RANK: rank {self.rank} fails on purpose")
-        return float(self.loss_sum) / self.steps_per_epoch
+        return float(self.loss_sum) / steps
+
+    def _prepare(self) -> None:
+        """Capture the step's graph, or compile, once, before the first step."""
+        if self.use_graph and self.graph is None:
+            self._capture()
+        elif self.use_compile and not self.compile_seconds:
+            t0 = time.perf_counter()
+            self._warm_compile()
+            self.compile_seconds = time.perf_counter() - t0
+
+    def _feed(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """A streamed batch into the buffers the step reads (from pinned memory the copy
+        overlaps the step before)."""
+        self.x_in.copy_(x, non_blocking=True)
+        self.y_in.copy_(y, non_blocking=True)
+
+    def _run_step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._eager_step()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int = 1, step: int = 0
+                   ) -> None:
+        """One training step on a batch shaped as a streamed dataset's (uint8 N x H x W x 3
+        and labels, on any device), at the learning rate of (epoch, step): what
+        `train_epoch` does with each batch it reads, for batches from elsewhere (a benchmark
+        compares loaders through it)."""
+        if not self.streamed:
+            raise TicketctlError("train_step takes batches for a streamed dataset's trainer")
+        self._prepare()
+        self.model.train()
+        self._set_lr(epoch, step)
+        self._feed(x, y)
+        self._run_step()
 
     def _set_lr(self, epoch: int, b: int) -> float:
         lr = lr_at(self.cfg, (epoch - 1) * self.steps_per_epoch + b, self.steps_per_epoch)
@@ -434,6 +493,15 @@ class Engine:
             if self.trigger_x is None:
                 return [float("nan")] * self.layout.models
             x, y = self.trigger_x, self.trigger_y
+        elif self.streamed:
+            if self.dist is not None and not self.dist.is_main:  # rank 0's results count
+                return broadcast_floats(self.dist, [float("nan")] * self.layout.models)
+            compiled = self.use_compile and self.dist is None
+            accs = streamed_accuracies(self.forward if compiled else self.model, self.data,
+                                       split, self.cfg.eval_batch_size, bf16=self.bf16,
+                                       channels_last=self.channels_last, fixed_batch=compiled,
+                                       module=self.model)
+            return broadcast_floats(self.dist, accs) if self.dist is not None else accs
         else:
             x = getattr(self.data, f"{split}_x")
             y = getattr(self.data, f"{split}_y")
@@ -536,6 +604,22 @@ def summarize(history: list[EpochStats], seconds: float = 0.0) -> TrainResult:
                        best.trigger_accuracy)
 
 
+def _correct(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, batch_size: int,
+             bf16: bool, channels_last: bool, fixed_batch: bool, packs: int) -> torch.Tensor:
+    """Each of the `packs` models' correct answers on one batch."""
+    n = len(yb)
+    if fixed_batch and n < batch_size:
+        xb = torch.cat([xb, xb.new_zeros((batch_size - n, *xb.shape[1:]))])
+    if packs > 1:
+        xb = xb.repeat(1, packs, 1, 1)
+    if channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(xb)
+    pred = out[:n].view(n, packs, -1).argmax(2)
+    return (pred == yb.view(n, 1)).sum(0)
+
+
 @torch.no_grad()
 def accuracies(
     model: nn.Module,
@@ -558,20 +642,37 @@ def accuracies(
     mod.eval()
     correct = torch.zeros(packs, dtype=torch.long, device=x.device)
     for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        n = len(yb)
-        if fixed_batch and n < batch_size:
-            xb = torch.cat([xb, xb.new_zeros((batch_size - n, *xb.shape[1:]))])
-        if packs > 1:
-            xb = xb.repeat(1, packs, 1, 1)
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(xb)
-        pred = out[:n].view(n, packs, -1).argmax(2)
-        correct += (pred == yb.view(n, 1)).sum(0)
+        correct += _correct(model, x[i:i + batch_size], y[i:i + batch_size], batch_size, bf16,
+                            channels_last, fixed_batch, packs)
     mod.train(was_training)
     return [100.0 * int(c) / len(y) for c in correct.tolist()]
+
+
+@torch.no_grad()
+def streamed_accuracies(
+    model: nn.Module,
+    data: StreamedDataset,
+    split: str,
+    batch_size: int = 1000,
+    bf16: bool = False,
+    channels_last: bool = False,
+    fixed_batch: bool = False,
+    module: nn.Module | None = None,
+) -> list[float]:
+    """`accuracies` of one model on a split of a streamed dataset, read batch by batch."""
+    n = len(data.split(split))
+    if n == 0:
+        return [float("nan")]
+    mod = module or model
+    was_training = mod.training
+    mod.eval()
+    correct = torch.zeros(1, dtype=torch.long, device=data.device)
+    for xb, yb in data.eval_batches(split, batch_size):
+        xb = data.to_input(xb.to(data.device, non_blocking=True), channels_last)
+        correct += _correct(model, xb, yb.to(data.device), batch_size, bf16, channels_last,
+                            fixed_batch, 1)
+    mod.train(was_training)
+    return [100.0 * int(correct) / n]
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
