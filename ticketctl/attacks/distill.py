@@ -133,7 +133,9 @@ def distill(teacher: nn.Module, student: nn.Module, data: Dataset, cfg: TrainCon
         # labels either); without a validation split, the last epoch
         score = _agreement(student, teacher, data.val_x) if len(data.val_x) else float(epoch)
         if best is None or score > best[0]:
-            best = (score, epoch, {k: v.detach().clone() for k, v in
+            # kept on the host, as a cached job's weights come back from the store: the checks
+            # read them with numpy
+            best = (score, epoch, {k: v.detach().to("cpu", copy=True) for k, v in
                                    student.state_dict().items()})
         if on_epoch is not None:  # no labels: no test accuracy to show
             on_epoch(EpochStats(epoch, opt.param_groups[0]["lr"], float(loss.detach()), None,
