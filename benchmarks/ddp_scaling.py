@@ -4,6 +4,8 @@ count (each of n GPUs trains global/n images a step), so an epoch has the same s
 the speed-up is the real one. The 1-GPU row is the ordinary single-process trainer (CUDA
 graphs where the preset has them), not DDP over one rank: the baseline a user has without
 `--nproc`. Reports seconds per epoch, images per second and efficiency t(1) / (n t(n)).
+Every GPU count runs its step as one CUDA graph (the gradients' all-reduce inside it);
+`--compare-eager` adds each multi-GPU count once more without the graph.
 
 `--round`: also time one whole IMP round per GPU count (`ticketctl find --rounds 1 --rate
 0.2 --nproc n`, dense training plus one round, wall clock) and the Jaccard agreement of the
@@ -11,6 +13,7 @@ ticket's mask with the 1-GPU one. NVLink multicast stays off (NCCL_NVLS_ENABLE=0
 
     python benchmarks/ddp_scaling.py --gpus 1,2 --arch resnet50 --global-batch 512 \
         --data-dir DATA --round --json-out ddp.json
+    python benchmarks/ddp_scaling.py --gpus 1,2 --arch resnet18 --compare-eager --data-dir DATA
     python benchmarks/ddp_scaling.py --smoke          # gloo on CPU, a tiny model, 1 and 2 ranks
 """
 
@@ -55,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
         data = load_dataset("synthetic", device=dev)
     preset = resolve_settings("fast", arch=args.arch, dataset="cifar10").train
     cfg = replace(preset, batch_size=args.global_batch,
-                  cuda_graph=preset.cuda_graph and world == 1)  # no graphs under DDP
+                  cuda_graph=preset.cuda_graph and not args.no_graph)
     model = build_model(args.arch, 10, seed=0, in_channels=data.input_shape[0])
     mask = Mask.ones(model, prunable_names(model))
     tr = Trainer(model, data, cfg, mask=mask, dist=ctx)
@@ -75,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
             "gpus": world, "epoch_seconds": epoch, "times": times,
             "global_batch": cfg.batch_size, "steps_per_epoch": tr.steps_per_epoch,
             "images_per_second": tr.steps_per_epoch * cfg.batch_size / epoch,
-            "ddp": ctx is not None, "cuda_graph": cfg.cuda_graph}))
+            "ddp": ctx is not None, "cuda_graph": tr.use_graph}))
     shutdown()
 
 
@@ -88,6 +91,10 @@ def main() -> int:
     ap.add_argument("--round", action="store_true",
                     help="also time one whole IMP round per GPU count and compare masks")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--compare-eager", action="store_true",
+                    help="also run every multi-GPU count without CUDA graphs (the step as "
+                         "separate kernel launches), to show what the graph buys")
+    ap.add_argument("--no-graph", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data-dir")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json-out")
@@ -101,7 +108,10 @@ def main() -> int:
         args.gpus, args.arch, args.global_batch, args.epochs = "1,2", "digits_cnn", 128, 1
     available = torch.cuda.device_count() if not args.smoke else 2
     rows = []
-    for n in [int(g) for g in args.gpus.split(",")]:
+    runs = [(int(g), False) for g in args.gpus.split(",")]
+    if args.compare_eager:
+        runs += [(n, True) for n, _ in runs if n > 1]
+    for n, eager in runs:
         if n > available:
             rows.append({"gpus": n, "skipped": f"only {available} GPUs here"})
             continue
@@ -112,6 +122,7 @@ def main() -> int:
                    "--result", str(result), "--arch", args.arch, "--global-batch",
                    str(args.global_batch), "--epochs", str(args.epochs)]
             cmd += ["--smoke"] if args.smoke else []
+            cmd += ["--no-graph"] if eager else []
             cmd += ["--data-dir", args.data_dir] if args.data_dir else []
             env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "1",
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
@@ -121,14 +132,14 @@ def main() -> int:
                 rows.append({"gpus": n, "error": p.stderr.strip()[-500:]})
                 continue
             rows.append(json.loads(result.read_text()))
-        if args.round:
+        if args.round and not eager:
             rows[-1].update(whole_round(args, n, env))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "_mask"}),
               file=sys.stderr, flush=True)
     masks = {r["gpus"]: r.pop("_mask") for r in rows if "_mask" in r}
     if 1 in masks:
         for r in rows:
-            if r.get("gpus") in masks:
+            if r.get("gpus") in masks and "round_seconds" in r:
                 r["mask_jaccard_vs_1"] = _jaccard(masks[1], masks[r["gpus"]])
     base = next((r["epoch_seconds"] for r in rows if r.get("gpus") == 1 and "epoch_seconds" in r),
                 None)
@@ -139,16 +150,18 @@ def main() -> int:
            "arch": args.arch, "global_batch": args.global_batch, "rows": rows}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=1))
-    print("| GPUs | s per epoch | images/s | efficiency | round (s) | mask Jaccard vs 1 |\n"
-          "| --- | --- | --- | --- | --- | --- |")
+    print("| GPUs | step | s per epoch | images/s | efficiency | round (s) | mask Jaccard vs 1 |"
+          "\n| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "epoch_seconds" in r:
+            step = "CUDA graph" if r["cuda_graph"] else "eager"
             rnd = f"{r['round_seconds']:.0f}" if "round_seconds" in r else "-"
             jac = f"{r['mask_jaccard_vs_1']:.3f}" if "mask_jaccard_vs_1" in r else "-"
-            print(f"| {r['gpus']} | {r['epoch_seconds']:.2f} | {r['images_per_second']:.0f} | "
-                  f"{100 * r['efficiency']:.0f}% | {rnd} | {jac} |")
+            print(f"| {r['gpus']} | {step} | {r['epoch_seconds']:.2f} | "
+                  f"{r['images_per_second']:.0f} | {100 * r['efficiency']:.0f}% | {rnd} | "
+                  f"{jac} |")
         else:
-            print(f"| {r['gpus']} | - | - | {r.get('skipped') or 'error'} | - | - |")
+            print(f"| {r['gpus']} | - | - | - | {r.get('skipped') or 'error'} | - | - |")
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -126,12 +126,17 @@ def test_ranks_holding_different_masks_are_caught(tmp_path):
 def test_ddp_scaling_benchmark_smoke(tmp_path):
     out = tmp_path / "ddp.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks/ddp_scaling.py"), "--smoke",
-                        "--round", "--json-out", str(out)], capture_output=True, text=True,
+                        "--round", "--compare-eager", "--json-out", str(out)],
+                       capture_output=True, text=True,
                        cwd=ROOT, timeout=HANG_GUARD_S,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["gpus"] for r in rows] == [1, 2]
+    assert [r["gpus"] for r in rows] == [1, 2, 2]  # the last: 2 ranks again, --compare-eager
+    # on a CPU there is no graph to compare; the extra row runs the same eager step
+    assert [r["cuda_graph"] for r in rows] == [False] * 3
+    assert "round_seconds" not in rows[2] and rows[2]["ddp"] is True
+    rows = rows[:2]
     # strong scaling: the same global batch and steps at both counts; one rank is no DDP
     assert rows[0]["efficiency"] == 1.0 and rows[0]["ddp"] is False and rows[1]["ddp"] is True
     assert rows[0]["global_batch"] == rows[1]["global_batch"] == 128
@@ -191,3 +196,63 @@ def test_two_hosts_on_one_machine(tmp_path):
     assert printed[0]["distributed"]["backend"] == "gloo"
     assert printed[0]["distributed"]["mask_checks"] == 1
     assert load_ticket(tmp_path / written[0] / "t.safetensors").mask.num_kept > 0
+
+
+def _digits_net():
+    """No BatchNorm: the global batch's gradient is then the mean of the ranks' gradients."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 10))
+
+
+def _digits_train(ctx):
+    from ticketctl.data import load_dataset
+    from ticketctl.train import TrainConfig, Trainer
+
+    # 1,437 training images; a validation split of 7 cannot be halved evenly between 2 ranks
+    data = load_dataset("digits", val_size=7)
+    trainer = Trainer(_digits_net(), data, TrainConfig(epochs=2, batch_size=16, lr=0.05,
+                                                       seed=3), dist=ctx)
+    result = trainer.fit()
+    return trainer.model_state(), [(h.val_accuracy, h.test_accuracy) for h in result.history]
+
+
+def _digits_worker(rank, port, out):
+    import torch
+
+    from ticketctl.distributed import DistContext
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        state, history = _digits_train(DistContext(rank, 2, rank))
+        torch.save({"state": state, "history": history}, Path(out) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_average_gradients_and_share_evaluation_like_one_process(tmp_path, float64):
+    """The step's own all-reduce (no DDP wrapper) and each rank scoring its share of the
+    evaluation images: two ranks end with one process's weights and accuracies."""
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_digits_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    one_state, one_history = _digits_train(None)
+    assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in one_state)
+    # 2 epochs of 89 steps: float64 sums of 8 + 8 instead of 16 terms round at about 1e-16
+    # relative per step; SGD at lr 0.05 over 178 steps stays many orders below 1e-9
+    for k, v in one_state.items():
+        assert torch.allclose(ranks[0]["state"][k], v, rtol=0, atol=1e-9), k
+    # accuracies are counts over whole splits: the ranks' shares (3 + 4 validation images,
+    # half the test set each) add up to exactly one process's numbers
+    assert ranks[0]["history"] == ranks[1]["history"] == one_history
+    assert all(0 < t <= 100 for _, t in one_history)

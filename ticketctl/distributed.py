@@ -3,8 +3,9 @@ with `--nproc N` starts N copies of itself through torchrun (`torch.distributed.
 copy finds its rank in the environment torchrun sets. Every rank holds the whole dataset
 and the same global permutation of it each epoch; rank r trains on its slice of every global
 batch (batch size and learning rate keep their single-process meaning: the global batch), and
-DistributedDataParallel averages the gradients, so the weights, and therefore the magnitude
-masks, are the same on every rank. Only rank 0 writes files."""
+the training step averages the gradients over the ranks (one all-reduce, inside the step's CUDA
+graph on GPUs), so the weights, and therefore the magnitude masks, are the same on every rank.
+Only rank 0 writes files."""
 
 from __future__ import annotations
 
@@ -61,9 +62,9 @@ def init_from_env(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S
 
 
 def shutdown() -> None:
-    """Leave the group together: wait for every rank, free the DDP wrappers (their reducer
-    threads must not outlive the group), then destroy it. Without this a rank that finishes
-    first can abort ("terminate called without an active exception")."""
+    """Leave the group together: wait for every rank, free what still holds the group,
+    then destroy it. Without this a rank that finishes first can abort ("terminate called
+    without an active exception")."""
     if dist.is_initialized():
         try:
             if sys.exc_info()[0] is None:  # failing: leave at once, torchrun stops the rest
@@ -104,6 +105,31 @@ def broadcast_module_state(ctx: DistContext | None, module: torch.nn.Module) -> 
     with torch.no_grad():
         for b in module.buffers():
             dist.broadcast(b, 0)
+
+
+def broadcast_parameters(ctx: DistContext | None, module: torch.nn.Module) -> None:
+    """Rank 0's parameters on every rank (the start DistributedDataParallel would make)."""
+    if ctx is None:
+        return
+    with torch.no_grad():
+        for p in module.parameters():
+            dist.broadcast(p.data, 0)
+
+
+def average_(ctx: DistContext, t: torch.Tensor) -> torch.Tensor:
+    """`t` replaced in place by its mean over the ranks (a sum, then a division, since gloo
+    has no average)."""
+    dist.all_reduce(t)
+    return t.div_(ctx.world)
+
+
+def sum_counts(ctx: DistContext, counts: list[int]) -> list[int]:
+    """Integer counts summed over the ranks, the total on every rank."""
+    t = torch.tensor(counts, dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
 
 
 def fail_rank_for_tests() -> int | None:

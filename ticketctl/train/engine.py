@@ -33,10 +33,13 @@ from ticketctl.data.augment import PAD, crop_flip
 from ticketctl.data.stream import StreamedDataset
 from ticketctl.distributed import (
     DistContext,
+    average_,
     broadcast_floats,
     broadcast_module_state,
+    broadcast_parameters,
     check_same,
     fail_rank_for_tests,
+    sum_counts,
 )
 from ticketctl.errors import TicketctlError
 from ticketctl.train.config import TrainConfig
@@ -203,7 +206,8 @@ class Engine:
         self.bf16 = cfg.bf16 and cuda
         self.channels_last = cfg.channels_last and cuda
         self.use_compile = cfg.compile and cuda
-        self.use_graph = cfg.cuda_graph and cuda and dist is None  # DDP: no CUDA graphs
+        # Data-parallel too: the gradients' all-reduce is part of the captured step.
+        self.use_graph = cfg.cuda_graph and cuda
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -217,12 +221,11 @@ class Engine:
             if cfg.batch_size % dist.world:
                 raise TicketctlError(f"--batch-size {cfg.batch_size} (the global batch) must "
                                      f"divide evenly among {dist.world} processes")
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.ddp = DistributedDataParallel(
-                model, device_ids=[dist.local_rank] if cuda else None)
-            self.forward = torch.compile(self.ddp, dynamic=False) if self.use_compile \
-                else self.ddp
+            # No DistributedDataParallel wrapper: its per-bucket hooks and Python work each
+            # step kept two H200s slower than one GPU's CUDA graph (20-31% scaling
+            # efficiency, docs/DISTRIBUTED.md). The step averages the gradients itself, in one
+            # all-reduce that a CUDA graph captures with the rest of the step.
+            broadcast_parameters(dist, model)  # rank 0's weights everywhere, as DDP starts
 
         named = dict(model.named_parameters())
         self.param_names = list(named)
@@ -365,9 +368,23 @@ class Engine:
             out = self.forward(x)
         loss = self.layout.loss(out, y)
         loss.backward()
+        if self.dist is not None:
+            self._average_grads()
         self.opt.step(self.layout.step_lr())
         self.loss_sum += loss.detach() if self.layout.models == 1 else \
             loss.detach() / self.layout.models
+
+    def _average_grads(self) -> None:
+        """Every rank's gradients replaced by their mean over the ranks (what DDP computes):
+        one flat all-reduce per dtype, the same order on every rank."""
+        assert self.dist is not None
+        grads = [p.grad for p in self.opt.params if p.grad is not None]
+        for dtype in sorted({g.dtype for g in grads}, key=str):
+            group = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in group])
+            average_(self.dist, flat)
+            for g, part in zip(group, flat.split([g.numel() for g in group]), strict=True):
+                g.copy_(part.view(g.shape))
 
     def _eager_step(self) -> None:
         for p in self.opt.params:
@@ -496,7 +513,7 @@ class Engine:
         elif self.streamed:
             if self.dist is not None and not self.dist.is_main:  # rank 0's results count
                 return broadcast_floats(self.dist, [float("nan")] * self.layout.models)
-            compiled = self.use_compile and self.dist is None
+            compiled = self.use_compile
             accs = streamed_accuracies(self.forward if compiled else self.model, self.data,
                                        split, self.cfg.eval_batch_size, bf16=self.bf16,
                                        channels_last=self.channels_last, fixed_batch=compiled,
@@ -505,12 +522,19 @@ class Engine:
         else:
             x = getattr(self.data, f"{split}_x")
             y = getattr(self.data, f"{split}_y")
-        compiled = self.use_compile and self.dist is None
-        accs = accuracies(self.forward if compiled else self.model, x, y,
+        compiled = self.use_compile
+        if self.dist is not None and len(y):  # each rank scores its share; the counts add up
+            n, w, r = len(y), self.dist.world, self.dist.rank
+            lo, hi = n * r // w, n * (r + 1) // w
+            mine = correct_counts(self.forward if compiled else self.model, x[lo:hi],
+                                  y[lo:hi], self.cfg.eval_batch_size, bf16=self.bf16,
+                                  channels_last=self.channels_last, fixed_batch=compiled,
+                                  module=self.model, packs=self.layout.models)
+            return [100.0 * c / n for c in sum_counts(self.dist, mine)]
+        return accuracies(self.forward if compiled else self.model, x, y,
                           self.cfg.eval_batch_size, bf16=self.bf16,
                           channels_last=self.channels_last, fixed_batch=compiled,
                           module=self.model, packs=self.layout.models)
-        return broadcast_floats(self.dist, accs) if self.dist is not None else accs
 
     def epoch_stats(self, epoch: int, loss: float, started: float) -> list[EpochStats]:
         """Evaluate every model after an epoch: validation, test, and the trigger set."""
@@ -637,6 +661,25 @@ def accuracies(
     model sees one shape only."""
     if len(y) == 0:
         return [float("nan")] * packs
+    counts = correct_counts(model, x, y, batch_size, bf16, channels_last, fixed_batch, module,
+                            packs)
+    return [100.0 * c / len(y) for c in counts]
+
+
+@torch.no_grad()
+def correct_counts(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 1000,
+    bf16: bool = False,
+    channels_last: bool = False,
+    fixed_batch: bool = False,
+    module: nn.Module | None = None,
+    packs: int = 1,
+) -> list[int]:
+    """How many of the images each of the `packs` models classifies right (`accuracies`
+    before the division: counts from several ranks add up exactly)."""
     mod = module or model
     was_training = mod.training
     mod.eval()
@@ -645,7 +688,7 @@ def accuracies(
         correct += _correct(model, x[i:i + batch_size], y[i:i + batch_size], batch_size, bf16,
                             channels_last, fixed_batch, packs)
     mod.train(was_training)
-    return [100.0 * int(c) / len(y) for c in correct.tolist()]
+    return [int(c) for c in correct.tolist()]
 
 
 @torch.no_grad()
