@@ -46,7 +46,8 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--pack", type=int, help="models per packed network (default 8 on CUDA "
                     "for models of at most 2 M weights)")
-    ap.add_argument("--devices", help="spread the trainings: 'all' GPUs or cuda:0,cuda:1")
+    ap.add_argument("--devices", help="spread the trainings: 'all' GPUs or cuda:0,cuda:1 "
+                    "(default: every visible GPU when the data are on a GPU)")
     ap.add_argument("--json-out")
     ap.add_argument("--md-out")
     args = ap.parse_args()
@@ -59,7 +60,7 @@ def main() -> int:
     data = load_recorded_dataset(ticket.dataset or {}, None, args.data_dir,
                                  device=resolve_device(args.device))
     runner = AttackRunner(data, settings.train, out_dir=args.out_dir, pack=args.pack,
-                          devices=parse_devices(args.devices))
+                          devices=parse_devices(args.devices, data.device))
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)

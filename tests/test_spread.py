@@ -79,6 +79,16 @@ def test_parse_devices():
             parse_devices("all")
 
 
+def test_devices_default_to_every_gpu_when_the_data_are_on_one(monkeypatch):
+    gpu, cpu = torch.device("cuda:0"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_devices(None, gpu) == [torch.device("cuda:0"), torch.device("cuda:1")]
+    assert parse_devices(None, cpu) is None  # data on the CPU: one process, as before
+    assert parse_devices(None) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert parse_devices(None, gpu) is None  # one GPU: nothing to spread over
+
+
 def test_spread_calibration_measures_what_one_process_does(digits):
     """Null models are trained from their own seeds: spreading the packs changes where each
     trains, not what it measures."""

@@ -48,10 +48,16 @@ class Job:
     payload: dict[str, Any] | None = None  # calibrate: index, arch, seeds, trigger, seed
 
 
-def parse_devices(text: str | None) -> list[torch.device] | None:
-    """`--devices`: a comma list (`cuda:0,cuda:1`, `cpu,cpu`), `all` (every visible GPU), or
-    nothing (one device: the one the data are on)."""
+def parse_devices(text: str | None, data_device: torch.device | None = None
+                  ) -> list[torch.device] | None:
+    """`--devices`: a comma list (`cuda:0,cuda:1`, `cpu,cpu`) or `all` (every visible GPU).
+    Not given: every visible GPU when the data are on a GPU and more than one is visible (a
+    sweep's trainings are independent, so each GPU left idle is time lost), else None (one
+    device: the one the data are on). CUDA_VISIBLE_DEVICES or a list restricts it."""
     if text is None or not text.strip():
+        if data_device is not None and data_device.type == "cuda" \
+                and torch.cuda.device_count() > 1:
+            return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
         return None
     if text.strip() == "all":
         n = torch.cuda.device_count()

@@ -170,9 +170,10 @@ class Retraining:
                             info=f"test {s.test_accuracy:.2f}%" if s.test_accuracy ==
                             s.test_accuracy else f"loss {s.train_loss:.3f}")
 
-        return AttackRunner(sweep.dataset(ticket), settings.train, out_dir=self.out_dir,
+        data = sweep.dataset(ticket)
+        return AttackRunner(data, settings.train, out_dir=self.out_dir,
                             on_epoch=on_epoch, pack=self.pack,
-                            devices=parse_devices(self.devices))
+                            devices=parse_devices(self.devices, data.device))
 
 
 def _table(report: AttackReport) -> Table:

@@ -435,7 +435,8 @@ class Training:
 
 Devices = Annotated[Optional[str], typer.Option(
     "--devices", help="Spread the independent trainings over these devices, one worker "
-    "process each: 'all' (every visible GPU) or a list such as cuda:0,cuda:1 (default: one).",
+    "process each: 'all' (every visible GPU) or a list such as cuda:0,cuda:1 (default: every "
+    "visible GPU when the data are on a GPU, else one).",
     rich_help_panel=P_CUDA)]
 
 Pack = Annotated[Optional[int], typer.Option(

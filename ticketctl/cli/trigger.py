@@ -76,12 +76,13 @@ def calibrate(
     """Measure how often models trained without the trigger set agree with it; write the
     upper 99% bound as the null rate for `verify --null-rate`."""
     output.check(out)
-    spread = parse_devices(devices)
+    device = resolve_device(compute.device)
+    spread = parse_devices(devices, device)
     settings = resolve_settings(training.preset, arch=network.name, dataset=data.dataset,
                                 train=training.overrides())
     settings.train.validate()
     dataset = load_dataset(settings.dataset, data.data_dir,
-                           device=resolve_device(compute.device), stream=data.streaming.stream,
+                           device=device, stream=data.streaming.stream,
                            image_size=data.streaming.image_size)
     dataset.require_resident("calibrate")  # its null models train packed
     ts = load_trigger_set(trigger)
