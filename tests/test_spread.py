@@ -114,3 +114,42 @@ def test_cli_calibrate_devices(tmp_path):
     assert alone.exit_code == spread.exit_code == 0, spread.stderr
     a, b = json.loads(alone.stdout), json.loads(spread.stdout)
     assert a["agreements"] == b["agreements"] and b["models"] == 2
+
+
+FIND = ["find", "--preset", "demo", "--trials", "3", "--max-rounds", "2", "--pack", "2",
+        "--device", "cpu", "--json", "-q"]
+
+
+def test_find_spreads_a_rounds_trials_and_finds_what_one_device_finds(tmp_path):
+    """Three trials a round, the first two packed as one device packs them: over two CPU
+    workers (the parent's thread count, the same trainer and seeds) every trial's accuracy,
+    the ticket and trial 0's weights are equal to one process's, not merely close."""
+    from ticketctl.artifacts import load_ticket
+
+    got = {}
+    for name, extra in (("one", []), ("two", ["--devices", "cpu,cpu"])):
+        p = run(*FIND, *extra, "--out", tmp_path / f"{name}.safetensors", "--trained",
+                tmp_path / f"{name}-trained.safetensors", "--run-dir", tmp_path / name)
+        assert p.exit_code == 0, p.stderr[-2000:]
+        got[name] = json.loads(p.stdout)
+    one, two = got["one"], got["two"]
+    assert [r["accuracies"] for r in two["rounds"]] == [r["accuracies"] for r in one["rounds"]]
+    assert [r["accepted"] for r in two["rounds"]] == [r["accepted"] for r in one["rounds"]]
+    assert all(len(r["accuracies"]) == 3 for r in two["rounds"])
+    a, b = (load_ticket(tmp_path / f"{n}.safetensors") for n in ("one", "two"))
+    assert all(torch.equal(a.mask[k], b.mask[k]) for k in a.mask)
+    ta, tb = (load_ticket(tmp_path / f"{n}-trained.safetensors") for n in ("one", "two"))
+    assert all(torch.equal(ta.state[k], tb.state[k]) for k in ta.state)
+    # the parent logged every epoch of every trial the workers trained
+    rows = [json.loads(line) for line in (tmp_path / "two" / "epochs.jsonl").read_text()
+            .splitlines()]
+    ones = [json.loads(line) for line in (tmp_path / "one" / "epochs.jsonl").read_text()
+            .splitlines()]
+    assert sorted(r["training"] for r in rows) == sorted(r["training"] for r in ones)
+
+
+def test_find_devices_and_nproc_are_refused_together(tmp_path):
+    args = [a for a in FIND if a != "--json"]
+    p = run(*args, "--devices", "cpu,cpu", "--nproc", "2", "--out", tmp_path / "t.safetensors")
+    assert_one_line_error(p, contains="cannot be combined with --nproc")
+    assert not (tmp_path / "t.safetensors").exists()

@@ -1,6 +1,6 @@
 """Spreading a sweep's independent trainings over several devices: one worker process per
 device (spawned: CUDA cannot be forked), each loading the dataset itself and taking packs of
-jobs from a shared queue until none are left. A worker trains a pack exactly as the one-device
+jobs from a shared queue until it is told to stop. A worker trains a pack exactly as the one-device
 runner would (same trainer, same seeds, same packing) and writes each result into the sweep's
 job store, which is how the results come back: the parent then finds every job cached. So
 resume, the cache and the results are those of one device; only the wall time changes."""
@@ -38,14 +38,16 @@ class DataSpec:
 
 @dataclass
 class Job:
-    """One pack's worth of work: `retrain` tickets, or `finetune` one ticket on schedules."""
+    """One pack's worth of work: `retrain` tickets, `finetune` one ticket on schedules,
+    a `calibrate` chunk, or `trials` of one round of `find` (its payload a TrialJob)."""
 
-    kind: str  # "retrain" | "finetune" | "calibrate"
+    kind: str  # "retrain" | "finetune" | "calibrate" | "trials"
     tickets: list[Any]
     labels: list[str]
     cfgs: list[dict[str, Any]] | None = None
     dense: bool = False
-    payload: dict[str, Any] | None = None  # calibrate: index, arch, seeds, trigger, seed
+    payload: Any = None  # calibrate: index, arch, seeds, trigger, seed; trials: a TrialJob
+    id: int = -1  # its place in the batch `SpreadPool.run` was given
 
 
 def parse_devices(text: str | None, data_device: torch.device | None = None
@@ -83,55 +85,90 @@ def parse_devices(text: str | None, data_device: torch.device | None = None
     return out
 
 
-def run_spread(jobs: list[Job], devices: list[torch.device], spec: DataSpec,
-               cfg: dict[str, Any], out_dir: Path | None, pack: int | None,
-               on_epoch: Any = None) -> dict[int, Any]:
-    """Train every job on the workers. Retrainings and fine-tunings land in `out_dir`'s job
-    store; a calibration chunk's measurements come back, by chunk index, in the returned
-    dict. A worker's failure stops the sweep with its error (finished jobs stay cached)."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    todo, events = ctx.Queue(), ctx.Queue()
-    for job in jobs:
-        todo.put(job)
-    for _ in devices:
-        todo.put(None)
-    threads = torch.get_num_threads()  # the same CPU arithmetic as the parent's
-    from ticketctl.models.sources import current_factory
+class SpreadPool:
+    """One worker process per device (spawned: CUDA cannot be forked), kept for as many
+    batches of jobs as the caller sends (`find` sends each round's trials), then closed."""
 
-    factory = current_factory()  # the network the user named, imported again by each worker
-    workers = [ctx.Process(target=_worker, args=(str(d), spec, cfg, out_dir, pack, todo,
-                                                 events, threads,
-                                                 factory.spec if factory else None),
-                           daemon=True)
-               for d in devices]
-    results: dict[int, Any] = {}
-    for w in workers:
-        w.start()
-    errors: list[str] = []
-    try:
-        while any(w.is_alive() for w in workers) or not events.empty():
+    def __init__(self, devices: list[torch.device], spec: DataSpec, cfg: dict[str, Any],
+                 out_dir: Path | None, pack: int | None, on_epoch: Any = None) -> None:
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.todo, self.events = ctx.Queue(), ctx.Queue()
+        self.devices, self.on_epoch = devices, on_epoch
+        threads = torch.get_num_threads()  # the same CPU arithmetic as the parent's
+        from ticketctl.models.sources import current_factory
+
+        factory = current_factory()  # the network the user named, imported again by each
+        self.workers = [ctx.Process(target=_worker, args=(str(d), spec, cfg, out_dir, pack,
+                                                          self.todo, self.events, threads,
+                                                          factory.spec if factory else None),
+                                    daemon=True)
+                        for d in devices]
+        for w in self.workers:
+            w.start()
+        self.closed = False
+
+    def run(self, jobs: list[Job]) -> dict[int, Any]:
+        """Every job done by some worker; what jobs send back (calibration chunks by their
+        index, trials by the job's place in `jobs`). A worker's failure closes the pool and
+        raises its error (jobs finished before it stay cached)."""
+        for i, job in enumerate(jobs):
+            job.id = i
+            self.todo.put(job)
+        results: dict[int, Any] = {}
+        done, errors = 0, []
+        while done < len(jobs) and not errors:
             try:
-                event = events.get(timeout=0.5)
+                event = self.events.get(timeout=0.5)
             except queue.Empty:
-                continue
-            if event[0] == "epoch" and on_epoch is not None:
-                on_epoch(event[1], event[2])
+                if all(w.is_alive() for w in self.workers):
+                    continue
+                try:  # a worker that died may have said why just before
+                    event = self.events.get(timeout=2)
+                except queue.Empty:
+                    break
+            if event[0] == "epoch" and self.on_epoch is not None:
+                self.on_epoch(event[1], event[2])
             elif event[0] == "result":
                 results[event[1]] = event[2]
+            elif event[0] == "done":
+                done += 1
             elif event[0] == "error":
                 errors.append(event[1])
-    finally:
-        for w in workers:
+        if errors or done < len(jobs):
+            self.close()
+            failed = [d for d, w in zip(self.devices, self.workers, strict=True)
+                      if w.exitcode not in (0, None)]
+            raise TicketctlError("a sweep worker failed" +
+                                 (f" on {', '.join(map(str, failed))}" if failed else "") +
+                                 (f": {errors[0]}" if errors else "") +
+                                 "; its finished jobs are kept, rerun to continue")
+        return results
+
+    def close(self) -> None:
+        """Let every worker finish and leave (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        for _ in self.workers:
+            self.todo.put(None)
+        for w in self.workers:
             w.join(timeout=5)
             if w.is_alive():
                 w.terminate()
-    failed = [d for d, w in zip(devices, workers, strict=True) if w.exitcode not in (0, None)]
-    if errors or failed:
-        raise TicketctlError("a sweep worker failed" +
-                             (f" on {', '.join(map(str, failed))}" if failed else "") +
-                             (f": {errors[0]}" if errors else "") +
-                             "; its finished jobs are kept, rerun to continue")
-    return results
+
+
+def run_spread(jobs: list[Job], devices: list[torch.device], spec: DataSpec,
+               cfg: dict[str, Any], out_dir: Path | None, pack: int | None,
+               on_epoch: Any = None) -> dict[int, Any]:
+    """Train every job on a pool of workers made for them. Retrainings and fine-tunings land
+    in `out_dir`'s job store; a calibration chunk's measurements come back, by chunk index, in
+    the returned dict. A worker's failure stops the sweep with its error (finished jobs stay
+    cached)."""
+    pool = SpreadPool(devices, spec, cfg, out_dir, pack, on_epoch)
+    try:
+        return pool.run(jobs)
+    finally:
+        pool.close()
 
 
 def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: Path | None,
@@ -162,12 +199,18 @@ def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: Path | No
         runner = AttackRunner(data, train, out_dir=out_dir, on_epoch=progress, pack=pack) \
             if out_dir is not None else None
         null: NullModels | None = None
+        trainers: dict[int, Any] = {}  # find's trials: one trainer per pack width, reused
         while (job := todo.get()) is not None:
             if job.kind == "calibrate":
                 p = job.payload
                 null = null or NullModels(p["arch"], data, p["trigger"], train, p["seed"],
                                           p["arch_args"])
                 events.put(("result", p["index"], null.chunk(p["seeds"])))
+            elif job.kind == "trials":
+                from ticketctl.prune.imp import train_trials
+
+                events.put(("result", job.id, train_trials(job.payload, data, train,
+                                                           trainers, progress)))
             elif runner is None:
                 raise ValueError(f"a {job.kind} job needs the sweep's job store")
             elif job.kind == "retrain":
@@ -176,6 +219,7 @@ def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: Path | No
                 runner.finetune_many(job.tickets[0], [TrainConfig.from_dict(c)
                                                       for c in job.cfgs or []],
                                      job.dense, job.labels)
+            events.put(("done", job.id))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit 1
         events.put(("error", f"{type(exc).__name__}: {exc}"))
         traceback.print_exc()

@@ -14,6 +14,7 @@ from ticketctl.cli.options import (
     Architecture,
     Compute,
     DataOptions,
+    Devices,
     Distributed,
     Output,
     Pack,
@@ -27,6 +28,7 @@ from ticketctl.cli.options import (
 from ticketctl.cli.render import ProgressEvents, rounds_table
 from ticketctl.device import resolve_device
 from ticketctl.distributed import init_from_env, shutdown
+from ticketctl.errors import TicketctlError
 from ticketctl.plots import plot_search, search_title
 from ticketctl.prune import Scope, SearchOverrides, default_run_dir, find_ticket, resolve_settings
 from ticketctl.prune.rundir import RESULT
@@ -78,6 +80,7 @@ def find(
     search: Search,
     training: Training,
     pack: Pack = None,
+    devices: Devices = None,
     dist: Distributed,
     run_dir: Annotated[Optional[Path], typer.Option(
         help="Run folder (default: runs/find-<arch>-<dataset>-<settings hash>).")] = None,
@@ -109,6 +112,9 @@ def find(
                           f"uses the paper's schedule, {settings.train.epochs} epochs for "
                           "every training, which takes days on a CPU; pass --preset fast or "
                           "--epochs N", highlight=False)
+    if devices is not None and dist.nproc > 1:  # before torchrun starts anything
+        raise TicketctlError("--devices spreads a round's trials over devices from one "
+                             "process; it cannot be combined with --nproc")
     if dist.launched():
         return
     ctx = init_from_env(resolve_device(compute.device))
@@ -124,7 +130,8 @@ def find(
             result = find_ticket(settings, folder, resume=resume, force=output.force,
                                  device=compute.device,
                                  events=ProgressEvents(progress, not output.quiet), pack=pack,
-                                 dist=ctx, checkpoint_seconds=checkpoint_every)
+                                 dist=ctx, checkpoint_seconds=checkpoint_every,
+                                 devices=devices)
     finally:
         shutdown()
     with all_or_nothing(out, trained, plot, force=output.force):

@@ -158,14 +158,73 @@ def _seed_for(base: int, round_no: int, trial: int) -> int:
     return base + 1000 * round_no + trial
 
 
+@dataclass
+class TrialJob:
+    """Trials of one round for a worker on another device (`find --devices`): everything it
+    needs besides the dataset, the rest read from the run folder (rewind point, mask)."""
+
+    run_dir: str
+    round: int
+    trials: list[int]  # consecutive; more than one: trained packed, as one device would
+    seeds: list[int]
+    start_epoch: int
+    arch: str
+    arch_args: dict[str, Any]
+    num_classes: int
+    in_channels: int
+
+
+def train_trials(job: TrialJob, data: Dataset, cfg: TrainConfig, trainers: dict[int, Any],
+                 on_epoch: Callable[[str, EpochStats], None] | None = None
+                 ) -> list[TrialResult]:
+    """Train `job`'s trials exactly as `Search` does on its own device (the same trainer,
+    seeds and packing); trial 0 leaves its weights in the run folder for the round's verdict.
+    `trainers`: a worker's trainers by pack width, reused across rounds (one compilation)."""
+    run = RunDir(Path(job.run_dir))
+    rewind = run.read_rewind()
+    cand = run.read_mask(job.round)
+    if rewind is None or cand is None:
+        raise TicketctlError(f"the run folder {job.run_dir} has no rewind point or no round-"
+                             f"{job.round} mask")
+    width = len(job.trials)
+    if width not in trainers:
+        model = build_model(job.arch, job.num_classes, seed=cfg.seed,
+                            in_channels=job.in_channels, **job.arch_args)
+        trainers[width] = PackedTrainer(model, data, cfg, [cand] * width, job.seeds) \
+            if width > 1 else Trainer(model, data, cfg, mask=Mask.ones(model, list(cand)))
+    trainer = trainers[width]
+    labels = [f"round-{job.round}-trial-{t}" for t in job.trials]
+    if width > 1:
+        trainer.restart([rewind[0]] * width, job.seeds, masks=[cand] * width,
+                        optimizers=[rewind[1]] * width)
+        results = trainer.fit(start_epoch=job.start_epoch, on_epoch=(
+            lambda stats: [on_epoch(lab, st) for lab, st in zip(labels, stats, strict=True)])
+            if on_epoch else None)
+        states = (trainer.model_states()[0], trainer.best_model_states()[0])
+    else:
+        trainer.restart(rewind[0], mask=cand, optimizer=rewind[1], seeds=job.seeds[0])
+        results = [trainer.fit(start_epoch=job.start_epoch, on_epoch=(
+            lambda st: on_epoch(labels[0], st)) if on_epoch else None)]
+        states = (trainer.model_state(), trainer.best_state())
+    if job.trials[0] == 0:
+        run.write_tensors(TRAINED_CANDIDATE, states[0])
+        run.write_tensors(BEST_CANDIDATE, states[1])
+    return [TrialResult(res.test_accuracy, res.val_accuracy, res.best_epoch, res.seconds,
+                        packed=width if width > 1 else None) for res in results]
+
+
 class Search:
     """One run of `find` in its run folder."""
 
     def __init__(self, settings: FindSettings, run: RunDir, data: Dataset | StreamedDataset,
                  model: torch.nn.Module,
                  device: torch.device, events: Events, pack: int | None,
-                 dist: DistContext | None, checkpoint_seconds: float = 60.0) -> None:
+                 dist: DistContext | None, checkpoint_seconds: float = 60.0,
+                 devices: list[torch.device] | None = None) -> None:
+        """devices: two or more spread each round's trials over one worker each."""
         self.settings, self.run, self.data, self.model = settings, run, data, model
+        self.devices = devices if devices is not None and len(devices) > 1 else None
+        self.pool: Any = None  # its workers, started by the first round with trials to spread
         self.checkpoint_seconds = checkpoint_seconds
         self.tcfg, self.scfg = settings.train, settings.search
         self.device, self.events, self.dist = device, events, dist
@@ -183,10 +242,17 @@ class Search:
     @classmethod
     def open(cls, settings: FindSettings, path: Path, *, resume: bool, force: bool,
              device: torch.device, events: Events, pack: int | None,
-             dist: DistContext | None, checkpoint_seconds: float = 60.0) -> Search:
+             dist: DistContext | None, checkpoint_seconds: float = 60.0,
+             devices: str | None = None) -> Search:
         """Load the data and build the network before touching the run folder, so bad input
         leaves no folder behind. A resumed run loads its data as it was loaded first
-        (streamed or in memory, and a streamed one's statistics)."""
+        (streamed or in memory, and a streamed one's statistics). devices: `--devices`."""
+        from ticketctl.attacks.spread import parse_devices
+
+        if devices is not None and dist is not None:
+            raise TicketctlError("--devices spreads a round's trials over devices from one "
+                                 "process; it cannot be combined with --nproc")
+        spread = parse_devices(devices, device) if dist is None else None
         recorded = RunDir(path).read_json(DATASET) if resume else None
         if recorded:
             data = load_recorded_dataset(
@@ -204,10 +270,15 @@ class Search:
         _prunable(model, settings)  # bad input leaves no run folder behind
         if pack is not None and pack > 1:
             data.require_resident("--pack")
+        if data.streamed and spread:
+            if devices is not None:  # asked for; by default a streamed run keeps one device
+                data.require_resident("--devices")
+            spread = None
         run = RunDir.open(path, settings.to_dict(), resume=resume, force=force)
         if not recorded:
             run.write_json(DATASET, data.info())
-        return cls(settings, run, data, model, device, events, pack, dist, checkpoint_seconds)
+        return cls(settings, run, data, model, device, events, pack, dist, checkpoint_seconds,
+                   spread)
 
     # ---- dense training; its weights after epoch `rewind_epoch` are the rewind point ---------
     def train_dense(self) -> None:
@@ -269,6 +340,8 @@ class Search:
         trials, seq = self.run.read_pending(r)
         if seq is not None:
             self.seq = seq
+        if self.devices is not None and self.scfg.trials - len(trials) > 1:
+            return self._spread_trials(r, trials)
         width = min(self.pack, self.scfg.trials - len(trials))
         if width > 1:
             trials = self._packed_trials(r, cand, trials, width)
@@ -283,6 +356,43 @@ class Search:
                                       res.seconds))
             self.run.write_pending(r, trials, self.seq)
         return trials
+
+    def _spread_trials(self, r: int, trials: list[TrialResult]) -> list[TrialResult]:
+        """The round's remaining trials on the workers, grouped as one device would train
+        them (the first `pack` together, the rest one by one), so the results are the same;
+        recorded when all are back (a kill redoes the unrecorded ones)."""
+        from ticketctl.attacks.spread import DataSpec, Job, SpreadPool
+
+        first = len(trials)
+        width = min(self.pack, self.scfg.trials - first)
+        groups = [list(range(first, first + width))] if width > 1 else []
+        groups += [[t] for t in range(first + (width if width > 1 else 0), self.scfg.trials)]
+        if self.pool is None:
+            def on_epoch(label: str, stats: EpochStats) -> None:
+                self.seq += 1
+                self.run.append_epoch(self.seq, label, stats)
+                self.events.epoch(stats)
+
+            self.pool = SpreadPool(self.devices, DataSpec.of(self.data), self.tcfg.to_dict(),
+                                   None, None, on_epoch)
+        self.events.training(f"round-{r}-trials-{first}-{self.scfg.trials - 1} on "
+                             f"{len(self.devices)} devices", self.scfg.rewind_epoch + 1,
+                             self.tcfg.epochs)
+        self.run.truncate_epochs(self.seq)
+        jobs = [Job("trials", [], [], payload=TrialJob(
+            str(self.run.path), r, g, [_seed_for(self.tcfg.seed, r, t) for t in g],
+            self.scfg.rewind_epoch, self.settings.arch,
+            self.settings.arch_args, self.data.num_classes, self.data.input_shape[0]))
+            for g in groups]
+        results = self.pool.run(jobs)
+        trials = trials + [t for i in range(len(jobs)) for t in results[i]]
+        self.run.write_pending(r, trials, self.seq)
+        return trials
+
+    def close(self) -> None:
+        """Stop the trial workers, if any were started."""
+        if self.pool is not None:
+            self.pool.close()
 
     def _packed_trials(self, r: int, cand: Mask, trials: list[TrialResult],
                        width: int) -> list[TrialResult]:
@@ -407,9 +517,12 @@ def find_ticket(
     pack: int | None = None,
     dist: DistContext | None = None,
     checkpoint_seconds: float = 60.0,
+    devices: str | None = None,
 ) -> FindResult:
     """pack: train `--trials` of a round together in one packed network (default 8 on
     CUDA, 1 on CPU); packed trials checkpoint per round, not per epoch.
+    devices: `--devices` (`parse_devices`; by default every GPU of a multi-GPU host when the
+    data are on one): each round's trials spread over one worker process per device.
     checkpoint_seconds: how often a training in progress is saved (0: every epoch).
     dist: one rank of a data-parallel run; rank 0 keeps the run folder, the other ranks a
     private scratch copy, and every round's mask is checked to be the same on all ranks."""
@@ -421,13 +534,14 @@ def find_ticket(
     settings.validate()
     search = Search.open(settings, Path(run_path), resume=resume, force=force,
                          device=resolve_device(device), events=events or Events(), pack=pack,
-                         dist=dist, checkpoint_seconds=checkpoint_seconds)
+                         dist=dist, checkpoint_seconds=checkpoint_seconds, devices=devices)
     try:
         search.train_dense()
         while not search.state.done:
             search.run_round()
         return search.result()
     finally:
+        search.close()
         search.run.unlock()
 
 
