@@ -10,7 +10,9 @@ ResNet-20 under a fixed 20%-density mask, for each batch size and each of:
 (b) eager fp32 with the whole training set resident on the device, batches gathered with a
     per-epoch ``torch.randperm`` and augmented on the device by ``ticketctl.data.augment_batch``;
 (c) ticketctl's ``Trainer`` (bf16 autocast, channels-last, ``torch.compile``, CUDA graphs);
-    ``--variants`` adds rows with one of those switched off at a time.
+    ``--variants`` adds rows with one of those switched off at a time, and one compiled with
+    ``max-autotune-no-cudagraphs`` (kernels picked by timing). Each (c) row also times scoring
+    the validation and the test split once (``eval_val_s``, ``eval_test_s``).
 
 Every config re-applies the mask after each optimizer step, as IMP code does. The first epoch
 of every config is a warm-up: it is reported apart (its excess over the median, and for (c) the
@@ -89,14 +91,16 @@ LABELS = {
     "c-nocompile": "(c) graph, no compile",
     "c-eager": "(c) eager bf16 (no compile, no graph)",
     "c-fp32": "(c) fp32",
+    "c-autotune": "(c) compile mode max-autotune-no-cudagraphs",
 }
 # Trainer flags each (c) variant switches off.
-C_VARIANTS: dict[str, dict[str, bool]] = {
+C_VARIANTS: dict[str, dict[str, Any]] = {
     "c": {},
     "c-nograph": {"cuda_graph": False},
     "c-nocompile": {"compile": False},
     "c-eager": {"compile": False, "cuda_graph": False},
     "c-fp32": {"bf16": False},
+    "c-autotune": {"compile_mode": "max-autotune-no-cudagraphs"},
 }
 
 
@@ -360,6 +364,7 @@ def bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant: 
     row: dict[str, Any] = {"label": LABELS[variant], "flags": flags, "steps_per_epoch": steps,
                            "images_per_epoch": steps * bs, **summary}
     row["compile_seconds"] = trainer.compile_seconds
+    row.update(eval_seconds(trainer, device))
     try:
         row["test_acc"] = float(trainer.evaluate("test"))
     except Exception as exc:  # noqa: BLE001 - timing stands without the sanity check
@@ -367,6 +372,24 @@ def bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant: 
     if round2:
         row["round2"] = next_round(trainer, model, mask, init_state, summary, device)
     return row, model
+
+
+def eval_seconds(trainer: Trainer, device: torch.device) -> dict[str, float]:
+    """What scoring costs after an epoch (median of 3 after a warm-up): the validation split,
+    which every epoch needs, and the test split, which `test_eval` "best" scores only at new
+    best-validation epochs."""
+    out = {}
+    for split in ("val", "test"):
+        times = []
+        for i in range(4):
+            sync(device)
+            t0 = time.perf_counter()
+            trainer.evaluate_models(split)
+            sync(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+        out[f"eval_{split}_s"] = statistics.median(times)
+    return out
 
 
 def next_round(trainer: Trainer, model: nn.Module, mask: Mask,
@@ -522,9 +545,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", default="128,512", help="comma-separated (default 128,512)")
     ap.add_argument("--configs", default="a,b,c",
-                    help="comma-separated from a, b, c, c-nograph, c-nocompile, c-eager, c-fp32")
+                    help="comma-separated from a, b, c, c-nograph, c-nocompile, c-eager, c-fp32, "
+                         "c-autotune")
     ap.add_argument("--variants", action="store_true",
-                    help="add (c) rows with one flag off: no graph, no compile, fp32")
+                    help="add (c) rows with one flag off: no graph, no compile, fp32; and with "
+                         "compile mode max-autotune-no-cudagraphs")
     ap.add_argument("--epochs", type=int, default=4,
                     help="epochs per config; the first is warm-up (default 4: 3 timed)")
     ap.add_argument("--train-size", type=int, default=45000)

@@ -96,3 +96,49 @@ def test_schedules():
     assert lr_at(step, 90 * 10, 10) == pytest.approx(0.1)
     assert lr_at(step, 91 * 10, 10) == pytest.approx(0.01)
     assert lr_at(step, 136 * 10, 10) == pytest.approx(0.001)
+
+
+def _fit(data, test_eval):
+    model = build_model("digits_cnn", width=8, seed=0)
+    cfg = TrainConfig(epochs=6, batch_size=64, lr=0.05, seed=0, test_eval=test_eval)
+    trainer = Trainer(model, data, cfg)
+    return trainer.fit(), trainer.best_state()
+
+
+def test_scoring_the_test_split_at_new_best_validation_epochs_gives_the_same_result(digits):
+    every, w_every = _fit(digits, "every")
+    best, w_best = _fit(digits, "best")
+    # the same training (CPU: the same arithmetic), the same epoch picked, the same numbers
+    assert (best.best_epoch, best.val_accuracy, best.test_accuracy) == \
+        (every.best_epoch, every.val_accuracy, every.test_accuracy)
+    assert all(torch.equal(w_every[k], w_best[k]) for k in w_every)
+    # test scored exactly at the epochs whose validation accuracy beat every earlier one
+    running = -1.0
+    for e, b in zip(every.history, best.history, strict=True):
+        assert e.val_accuracy == b.val_accuracy
+        if e.val_accuracy > running:
+            running = e.val_accuracy
+            assert b.test_accuracy == e.test_accuracy
+        else:
+            assert b.test_accuracy is None
+    assert any(b.test_accuracy is None for b in best.history)  # something was saved
+
+
+def test_without_a_validation_split_the_test_split_is_scored_every_epoch():
+    data = load_dataset("digits", val_size=0)
+    res, _ = _fit(data, "best")
+    assert all(h.test_accuracy is not None for h in res.history)
+    assert res.best_epoch == 6  # the last epoch is the result
+
+
+def test_new_training_settings_leave_old_settings_hashes_alone():
+    """Run folders and job caches are keyed by the settings: fields added later appear in
+    them only when changed."""
+    d = TrainConfig().to_dict()
+    assert "compile_mode" not in d and "test_eval" not in d
+    assert TrainConfig(test_eval="best").to_dict()["test_eval"] == "best"
+    assert TrainConfig.from_dict(TrainConfig(compile_mode="max-autotune-no-cudagraphs")
+                                 .to_dict()).compile_mode == "max-autotune-no-cudagraphs"
+    problems = TrainConfig(compile_mode="fast", test_eval="never").problems()
+    assert any("--compile-mode" in p for p in problems) and any("--test-eval" in p
+                                                                 for p in problems)

@@ -167,8 +167,9 @@ class Retraining:
                 tasks[label] = progress.add_task(f"retrain {label}",
                                                  total=settings.train.epochs, info="")
             progress.update(tasks[label], completed=s.epoch,
-                            info=f"test {s.test_accuracy:.2f}%" if s.test_accuracy ==
-                            s.test_accuracy else f"loss {s.train_loss:.3f}")
+                            info=f"test {s.test_accuracy:.2f}%" if s.test_accuracy is not
+                            None and s.test_accuracy == s.test_accuracy else
+                            f"loss {s.train_loss:.3f}")
 
         data = sweep.dataset(ticket)
         return AttackRunner(data, settings.train, out_dir=self.out_dir,

@@ -32,7 +32,7 @@ from ticketctl.protect.trigger import load_trigger_set
 from ticketctl.protect.verdict import ALPHA
 from ticketctl.protect.verify import Marks
 from ticketctl.prune import Preset
-from ticketctl.train.config import Schedule, TrainOverrides
+from ticketctl.train.config import Schedule, ScoreTest, TrainOverrides
 
 P_TRAIN = "Training (override the preset)"
 P_DATA = "Data"
@@ -420,6 +420,12 @@ class Training:
     no_channels_last: bool = option("--no-channels-last", default=False, panel=P_CUDA,
                                     help="Keep NCHW memory layout (channels-last is faster "
                                          "for bf16 convolutions).")
+    compile_mode: Optional[str] = option(
+        panel=P_CUDA, help="torch.compile mode: default, or max-autotune-no-cudagraphs (times "
+                           "candidate kernels once, minutes of compiling, for faster steps).")
+    test_eval: Optional[ScoreTest] = option(
+        help="Score the test split after every epoch, or only after an epoch that is the best "
+             "on validation so far (all a result needs) [every; paper preset: best].")
 
     def overrides(self) -> TrainOverrides:
         return TrainOverrides(
@@ -430,7 +436,9 @@ class Training:
             warmup_epochs=self.warmup_epochs, seed=self.seed,
             compile=False if self.no_compile else None,
             cuda_graph=False if self.no_graph else None, bf16=False if self.no_bf16 else None,
-            channels_last=False if self.no_channels_last else None)
+            channels_last=False if self.no_channels_last else None,
+            compile_mode=self.compile_mode,
+            test_eval=self.test_eval.value if self.test_eval else None)
 
 
 Devices = Annotated[Optional[str], typer.Option(

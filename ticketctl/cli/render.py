@@ -173,8 +173,9 @@ class ProgressEvents(Events):
 
     def epoch(self, s) -> None:
         self.progress.update(self.task, advance=1,
-                             info=f"ep {s.epoch} val {s.val_accuracy or 0:.2f}% "
-                                  f"test {s.test_accuracy:.2f}%")
+                             info=f"ep {s.epoch} val {s.val_accuracy or 0:.2f}%" +
+                                  (f" test {s.test_accuracy:.2f}%"
+                                   if s.test_accuracy is not None else ""))
 
     def stage(self, what: str) -> None:
         if self.verbose:

@@ -105,8 +105,9 @@ def retrain(
             def on_epoch(s) -> None:
                 trig_info = "" if s.trigger_accuracy is None else \
                     f" trigger {s.trigger_accuracy:.0f}%"
+                test = "" if s.test_accuracy is None else f" test {s.test_accuracy:.2f}%"
                 progress.update(task, completed=s.epoch, info=f"val {s.val_accuracy or 0:.2f}%"
-                                f" test {s.test_accuracy:.2f}%" + trig_info)
+                                + test + trig_info)
 
             result, trained = retrain_ticket(
                 ticket, dataset, settings.train, on_epoch=on_epoch, trigger=trig,

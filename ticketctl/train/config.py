@@ -16,6 +16,23 @@ class Schedule(Choice):
     COSINE = "cosine"
 
 
+class ScoreTest(Choice):
+    """When the test split is scored: after every epoch, or only after an epoch that is the
+    best on the validation split so far (all a result needs: it is the test accuracy at the
+    best-validation epoch; the epoch log then has no test accuracy for the other epochs)."""
+
+    EVERY = "every"
+    BEST = "best"
+
+
+# torch.compile modes the trainer can use: its own CUDA graph excludes the modes that capture
+# one themselves ("reduce-overhead", "max-autotune").
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# Settings added after run folders and job caches existed: written out only when changed, so
+# the settings hash of everything trained before stays the same.
+_NEWER = {"compile_mode": "default", "test_eval": "every"}
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -36,9 +53,11 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = True
     cuda_graph: bool = True
+    compile_mode: str = "default"  # or "max-autotune-no-cudagraphs": kernels chosen by timing
+    test_eval: str = "every"  # or "best" (see ScoreTest)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if _NEWER.get(k, object()) != v}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -63,6 +82,11 @@ class TrainConfig:
             out.append(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             out.append(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if self.compile_mode not in COMPILE_MODES:
+            out.append(f"unknown --compile-mode {self.compile_mode!r}; use "
+                       f"{' or '.join(COMPILE_MODES)}")
+        if self.test_eval not in [t.value for t in ScoreTest]:
+            out.append(f"unknown --test-eval {self.test_eval!r}; use every or best")
         if self.warmup_epochs < 0 or self.warmup_epochs >= max(1, self.epochs):
             out.append(f"--warmup-epochs must be in [0, epochs={self.epochs}), got "
                        f"{self.warmup_epochs}")
@@ -93,3 +117,5 @@ class TrainOverrides(Overrides):
     channels_last: bool | None = None
     compile: bool | None = None
     cuda_graph: bool | None = None
+    compile_mode: str | None = None
+    test_eval: str | None = None

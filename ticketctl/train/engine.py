@@ -54,7 +54,7 @@ class EpochStats:
     lr: float
     train_loss: float
     val_accuracy: float | None
-    test_accuracy: float
+    test_accuracy: float | None  # None: not scored this epoch (`test_eval` "best")
     seconds: float = 0.0
     trigger_accuracy: float | None = None
 
@@ -214,7 +214,9 @@ class Engine:
         model.train()
         self.model = model
         # dynamic=False: training and evaluation batches each get their own static graph.
-        self.forward = torch.compile(model, dynamic=False) if self.use_compile else model
+        self.forward = torch.compile(
+            model, dynamic=False, mode=None if cfg.compile_mode == "default" else
+            cfg.compile_mode) if self.use_compile else model
         if dist is not None:
             if trigger is not None:
                 raise TicketctlError("trigger retraining does not run distributed yet")
@@ -536,9 +538,17 @@ class Engine:
                           channels_last=self.channels_last, fixed_batch=compiled,
                           module=self.model, packs=self.layout.models)
 
-    def epoch_stats(self, epoch: int, loss: float, started: float) -> list[EpochStats]:
-        """Evaluate every model after an epoch: validation, test, and the trigger set."""
-        vals, tests = self.evaluate_models("val"), self.evaluate_models("test")
+    def epoch_stats(self, epoch: int, loss: float, started: float,
+                    histories: list[list[EpochStats]] | None = None) -> list[EpochStats]:
+        """Evaluate every model after an epoch: validation, test, and the trigger set. With
+        `test_eval` "best" and the `histories` so far, the test split only when some model's
+        validation accuracy is a new best (the epochs a result can be taken at)."""
+        vals = self.evaluate_models("val")
+        if self.cfg.test_eval == "best" and histories is not None and \
+                not any(_new_best(v, h) for v, h in zip(vals, histories, strict=True)):
+            tests: list[float | None] = [None] * self.layout.models
+        else:
+            tests = list(self.evaluate_models("test"))
         trigs: list[float | None] = list(self.evaluate_models("trigger")) \
             if self.trigger_x is not None else [None] * self.layout.models
         seconds = time.perf_counter() - started
@@ -563,7 +573,7 @@ class Engine:
         for epoch in range(start_epoch + 1, end_epoch + 1):
             te = time.perf_counter()
             loss = self.train_epoch(epoch)
-            stats = self.epoch_stats(epoch, loss, te)
+            stats = self.epoch_stats(epoch, loss, te, histories)
             for k, (h, s) in enumerate(zip(histories, stats, strict=True)):
                 if epoch <= self.layout.last_epoch(k, end_epoch):
                     h.append(s)
@@ -614,6 +624,15 @@ class Trainer(Engine):
     def evaluate(self, split: str = "test") -> float:
         """Top-1 accuracy in percent on `val`, `test` or `trigger` (NaN for an empty split)."""
         return self.evaluate_models(split)[0]
+
+
+def _new_best(val: float, history: list[EpochStats]) -> bool:
+    """Would an epoch with validation accuracy `val` be `summarize`'s pick after `history`?
+    Without a validation split (NaN) every epoch may be: the last one is taken."""
+    if val != val:
+        return True
+    seen = [h.val_accuracy for h in history if h.val_accuracy is not None]
+    return not seen or (val or -1.0) > max(v or -1.0 for v in seen)
 
 
 def summarize(history: list[EpochStats], seconds: float = 0.0) -> TrainResult:
