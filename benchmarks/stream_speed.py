@@ -7,7 +7,10 @@
   (b) torchvision      `ImageFolder` + `DataLoader` (workers, pinned memory,
                        RandomResizedCrop + flip) feeding the same trainer step;
   (c) stream alone     the streamed loader copying batches to the GPU, no model: its ceiling;
-  (d) model alone      the same step replayed on one resident batch: the GPU's ceiling.
+  (d) model alone      the same step replayed on one resident batch: the GPU's ceiling;
+  (e) GPU decode       (a) with the JPEGs decoded by nvJPEG on the GPU
+                       (`data.gpu_decode.TensorBatchReader`; needs torchvision);
+  (f) GPU decode alone (c) for that reader.
 
 The target is (a) close to (d): the GPU, not the loader, sets the speed. Every figure is
 global (all ranks), `--steps` timed steps after `--warmup` untimed ones; the global batch is
@@ -147,6 +150,24 @@ def worker(args: argparse.Namespace) -> None:
     # (b) torchvision's pipeline feeding the same step
     row.update(torchvision_baseline(args, trainer, dev, world, rank, per_rank, workers,
                                     steps, warm))
+
+    # (e), (f): the streamed loader with its JPEGs decoded on the GPU (nvJPEG), with the model
+    # and alone
+    from ticketctl.data.gpu_decode import TensorBatchReader, nvjpeg_available
+
+    if nvjpeg_available(dev):
+        ds.reader = TensorBatchReader(dev, workers=workers)
+        trainer.train_epoch(5, steps=warm)
+        row["gpu_decode_model"] = _rate(images, lambda: trainer.train_epoch(6, steps=steps), dev)
+
+        def gpu_decode_alone() -> None:
+            for x, y in ds.train_batches(7, 1, steps, args.batch, rank, per_rank):
+                trainer.x_in.copy_(x, non_blocking=True)
+                trainer.y_in.copy_(y, non_blocking=True)
+
+        row["gpu_decode_alone"] = _rate(images, gpu_decode_alone, dev)
+    else:
+        row["gpu_decode"] = "no GPU decoding here (needs CUDA and torchvision)"
     row["stream_vs_model"] = row["stream_model"] / row["model_alone"]
     if ctx is None or ctx.is_main:
         Path(args.result).write_text(json.dumps(row))
@@ -253,16 +274,19 @@ def main() -> int:
 
 def table(rows: list[dict]) -> str:
     lines = ["| GPUs | (a) stream + model | (b) torchvision + model | (c) stream alone | "
-             "(d) model alone | (a)/(d) |", "| --- | --- | --- | --- | --- | --- |"]
+             "(d) model alone | (a)/(d) | (e) GPU decode + model | (f) GPU decode alone |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "stream_model" not in r:
-            lines.append(f"| {r['gpus']} | {r.get('skipped') or 'error'} | | | | |")
+            lines.append(f"| {r['gpus']} | {r.get('skipped') or 'error'} | | | | | | |")
             continue
         tv = r.get("torchvision_model")
+        gpu = (f"{r['gpu_decode_model']:.0f} | {r['gpu_decode_alone']:.0f}"
+               if "gpu_decode_model" in r else f"{r['gpu_decode']} | -")
         lines.append(f"| {r['gpus']} | {r['stream_model']:.0f} | "
                      f"{f'{tv:.0f}' if tv is not None else r['torchvision']} | "
                      f"{r['stream_alone']:.0f} | {r['model_alone']:.0f} | "
-                     f"{100 * r['stream_vs_model']:.0f}% |")
+                     f"{100 * r['stream_vs_model']:.0f}% | {gpu} |")
     return "\n".join(lines) + "\n(images per second, all GPUs together)"
 
 

@@ -460,6 +460,7 @@ def test_stream_speed_benchmark_smoke(tmp_path):
     assert row["gpus"] == 1 and row["global_batch"] == 8 and row["steps"] == 2
     assert all(row[k] > 0 for k in ("stream_model", "stream_alone", "model_alone"))
     assert row["stream_vs_model"] == row["stream_model"] / row["model_alone"]
+    assert row["gpu_decode"].startswith("no GPU decoding here")  # a CPU run
     if importlib.util.find_spec("torchvision") is None:
         assert row["torchvision"] == "torchvision not installed"
     else:
