@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import ROOT, on_ranks, rank_env  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -115,25 +116,18 @@ def main() -> int:
         if n > available:
             rows.append({"gpus": n, "skipped": f"only {available} GPUs here"})
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            result = Path(tmp) / "r.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={n}", str(Path(__file__).resolve()), "--worker",
-                   "--result", str(result), "--arch", args.arch, "--global-batch",
-                   str(args.global_batch), "--epochs", str(args.epochs)]
-            cmd += ["--smoke"] if args.smoke else []
-            cmd += ["--no-graph"] if eager else []
-            cmd += ["--data-dir", args.data_dir] if args.data_dir else []
-            env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                               os.environ.get("PYTHONPATH")]))}
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if p.returncode != 0:
-                rows.append({"gpus": n, "error": p.stderr.strip()[-500:]})
-                continue
-            rows.append(json.loads(result.read_text()))
+        extra = ["--arch", args.arch, "--global-batch", str(args.global_batch), "--epochs",
+                 str(args.epochs)]
+        extra += ["--smoke"] if args.smoke else []
+        extra += ["--no-graph"] if eager else []
+        extra += ["--data-dir", args.data_dir] if args.data_dir else []
+        row, error = on_ranks(Path(__file__).resolve(), n, extra)
+        if row is None:
+            rows.append({"gpus": n, "error": error})
+            continue
+        rows.append(row)
         if args.round and not eager:
-            rows[-1].update(whole_round(args, n, env))
+            rows[-1].update(whole_round(args, n, rank_env()))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "_mask"}),
               file=sys.stderr, flush=True)
     masks = {r["gpus"]: r.pop("_mask") for r in rows if "_mask" in r}

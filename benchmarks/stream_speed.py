@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -37,7 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import on_ranks  # noqa: E402
+
 CLASSES = 10
 SIDE = 256  # the synthetic images' size
 DONE = ".written"  # marks a complete folder: its content is "<files> <side>"
@@ -128,13 +128,13 @@ def worker(args: argparse.Namespace) -> None:
     trainer.train_epoch(1, steps=warm)
     row["stream_model"] = _rate(images, lambda: trainer.train_epoch(2, steps=steps), dev)
 
-    # (c) the loader alone, its batches copied to the device
-    def loader_alone() -> None:
-        for x, y in ds.train_batches(3, 1, steps, args.batch, rank, per_rank):
+    # (c) the loader alone, its batches copied to the device (an epoch of seed `seed`)
+    def loader_alone(seed: int) -> None:
+        for x, y in ds.train_batches(seed, 1, steps, args.batch, rank, per_rank):
             trainer.x_in.copy_(x, non_blocking=True)
             trainer.y_in.copy_(y, non_blocking=True)
 
-    row["stream_alone"] = _rate(images, loader_alone, dev)
+    row["stream_alone"] = _rate(images, lambda: loader_alone(3), dev)
 
     # (d) the step alone, on one resident batch
     x, y = next(ds.train_batches(4, 1, 1, args.batch, rank, per_rank))
@@ -159,13 +159,7 @@ def worker(args: argparse.Namespace) -> None:
         ds.reader = TensorBatchReader(dev, workers=workers)
         trainer.train_epoch(5, steps=warm)
         row["gpu_decode_model"] = _rate(images, lambda: trainer.train_epoch(6, steps=steps), dev)
-
-        def gpu_decode_alone() -> None:
-            for x, y in ds.train_batches(7, 1, steps, args.batch, rank, per_rank):
-                trainer.x_in.copy_(x, non_blocking=True)
-                trainer.y_in.copy_(y, non_blocking=True)
-
-        row["gpu_decode_alone"] = _rate(images, gpu_decode_alone, dev)
+        row["gpu_decode_alone"] = _rate(images, lambda: loader_alone(7), dev)
     else:
         row["gpu_decode"] = "no GPU decoding here (needs CUDA and torchvision)"
     row["stream_vs_model"] = row["stream_model"] / row["model_alone"]
@@ -244,25 +238,15 @@ def main() -> int:
         if args.batch % n:
             rows.append({"gpus": n, "skipped": f"--batch {args.batch} does not divide by {n}"})
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            result = Path(tmp) / "r.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={n}", str(Path(__file__).resolve()), "--worker",
-                   "--result", str(result)]
-            for flag in ("folder", "image_size", "arch", "batch", "steps", "warmup",
-                         "workers", "device"):
-                value = getattr(args, flag)
-                if value is not None:
-                    cmd += [f"--{flag.replace('_', '-')}", str(value)]
-            cmd += ["--processes"] * args.processes + ["--no-compile"] * args.no_compile
-            env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                               os.environ.get("PYTHONPATH")]))}
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if p.returncode != 0:
-                rows.append({"gpus": n, "error": p.stderr.strip()[-800:]})
-            else:
-                rows.append(json.loads(result.read_text()))
+        args_ = []
+        for flag in ("folder", "image_size", "arch", "batch", "steps", "warmup", "workers",
+                     "device"):
+            value = getattr(args, flag)
+            if value is not None:
+                args_ += [f"--{flag.replace('_', '-')}", str(value)]
+        args_ += ["--processes"] * args.processes + ["--no-compile"] * args.no_compile
+        row, error = on_ranks(Path(__file__).resolve(), n, args_)
+        rows.append(row if row is not None else {"gpus": n, "error": error})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     out = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "arch": args.arch,
            "files": args.files, "rows": rows}

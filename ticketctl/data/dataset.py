@@ -8,6 +8,24 @@ from typing import Any
 import torch
 
 
+def describe(data: Any, sizes: tuple[int, int, int]) -> dict[str, Any]:
+    """What `info` says of any dataset (resident or streamed), given its split sizes."""
+    return {
+        "name": data.name,
+        "num_classes": data.num_classes,
+        "input_shape": list(data.input_shape),
+        "train_size": sizes[0],
+        "val_size": sizes[1],
+        "test_size": sizes[2],
+        "split_seed": data.split_seed,
+        "data_dir": data.data_dir,
+        "augment": data.augment,
+        "normalized": data.normalized,
+        "mean": [float(m) for m in data.mean],
+        "std": [float(s) for s in data.std],
+    }
+
+
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
               ) -> torch.Tensor:
     """(images - mean) / std per channel, for N x C x H x W images on the [0, 1] scale."""
@@ -74,18 +92,6 @@ class Dataset:
 
     def info(self) -> dict[str, Any]:
         """A JSON-able description, for artifacts and ``--json`` output."""
-        return {
-            "name": self.name,
-            "num_classes": self.num_classes,
-            "input_shape": list(self.input_shape),
-            "train_size": int(self.train_x.shape[0]),
-            "val_size": int(self.val_x.shape[0]),
-            "test_size": int(self.test_x.shape[0]),
-            "split_seed": self.split_seed,
-            "data_dir": self.data_dir,
-            "augment": self.augment,
-            "normalized": self.normalized,
-            "mean": [float(m) for m in self.mean],
-            "std": [float(s) for s in self.std],
-            **({"image_size": self.image_size} if self.image_size is not None else {}),
-        }
+        return {**describe(self, (int(self.train_x.shape[0]), int(self.val_x.shape[0]),
+                                  int(self.test_x.shape[0]))),
+                **({"image_size": self.image_size} if self.image_size is not None else {})}

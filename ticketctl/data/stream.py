@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ticketctl.data.dataset import denormalize, normalize
+from ticketctl.data.dataset import denormalize, describe, normalize
 from ticketctl.data.transforms import epoch_order, read_eval, read_train
 from ticketctl.errors import TicketctlError
 
@@ -275,22 +275,8 @@ class StreamedDataset:
     def info(self) -> dict[str, Any]:
         """A JSON-able description, for artifacts and ``--json`` output: a resident dataset's,
         with `stream` and `image_size`, so a later command reloads it the same way."""
-        return {
-            "name": self.name,
-            "num_classes": self.num_classes,
-            "input_shape": list(self.input_shape),
-            "train_size": len(self.train),
-            "val_size": len(self.val),
-            "test_size": len(self.test),
-            "split_seed": self.split_seed,
-            "data_dir": self.data_dir,
-            "augment": self.augment,
-            "normalized": self.normalized,
-            "mean": [float(m) for m in self.mean],
-            "std": [float(s) for s in self.std],
-            "stream": True,
-            "image_size": self.image_size,
-        }
+        return {**describe(self, (len(self.train), len(self.val), len(self.test))),
+                "stream": True, "image_size": self.image_size}
 
     # ---- batches -------------------------------------------------------------------------------
     def to_input(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
