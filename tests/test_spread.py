@@ -153,3 +153,29 @@ def test_find_devices_and_nproc_are_refused_together(tmp_path):
     p = run(*args, "--devices", "cpu,cpu", "--nproc", "2", "--out", tmp_path / "t.safetensors")
     assert_one_line_error(p, contains="cannot be combined with --nproc")
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_find_progress_follows_one_spread_trial(tmp_path):
+    """The parent logs every epoch of the three trials, but its progress (the CLI's bar)
+    follows one trial, as for packed trials: one round's bar ends at its epoch count."""
+    from ticketctl.prune import Events, find_ticket, resolve_settings
+    from ticketctl.prune.search import SearchOverrides
+
+    class Count(Events):
+        def __init__(self) -> None:
+            self.epochs, self.rounds = 0, 0
+
+        def epoch(self, stats) -> None:
+            self.epochs += 1
+
+        def round(self, record) -> None:
+            self.rounds += 1
+
+    settings = resolve_settings("demo", search=SearchOverrides(trials=3, max_rounds=1))
+    count = Count()
+    find_ticket(settings, tmp_path / "run", device="cpu", events=count, devices="cpu,cpu")
+    dense, rewind = settings.train.epochs, settings.search.rewind_epoch
+    assert count.rounds == 1
+    assert count.epochs == dense + (dense - rewind)  # the dense run, then one trial's
+    rows = (tmp_path / "run" / "epochs.jsonl").read_text().splitlines()
+    assert len(rows) == dense + 3 * (dense - rewind)  # every trial's epochs are logged

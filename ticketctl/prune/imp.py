@@ -225,6 +225,7 @@ class Search:
         self.settings, self.run, self.data, self.model = settings, run, data, model
         self.devices = devices if devices is not None and len(devices) > 1 else None
         self.pool: Any = None  # its workers, started by the first round with trials to spread
+        self._shown = ""  # the spread trial whose epochs the progress bar shows
         self.checkpoint_seconds = checkpoint_seconds
         self.tcfg, self.scfg = settings.train, settings.search
         self.device, self.events, self.dist = device, events, dist
@@ -371,10 +372,12 @@ class Search:
             def on_epoch(label: str, stats: EpochStats) -> None:
                 self.seq += 1
                 self.run.append_epoch(self.seq, label, stats)
-                self.events.epoch(stats)
+                if label == self._shown:  # the progress bar follows one trial, as packed
+                    self.events.epoch(stats)
 
             self.pool = SpreadPool(self.devices, DataSpec.of(self.data), self.tcfg.to_dict(),
                                    None, None, on_epoch)
+        self._shown = f"round-{r}-trial-{first}"
         self.events.training(f"round-{r}-trials-{first}-{self.scfg.trials - 1} on "
                              f"{len(self.devices)} devices", self.scfg.rewind_epoch + 1,
                              self.tcfg.epochs)
