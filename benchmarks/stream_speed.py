@@ -1,5 +1,5 @@
 """Streamed image folders against a plain torchvision pipeline, on one GPU and on several
-(torchrun, DDP). Writes `--files` synthetic 256 x 256 JPEGs in 10 class folders under
+(torchrun, data-parallel). Writes `--files` synthetic 256 x 256 JPEGs in 10 class folders under
 `--folder` (once; kept for later runs), then measures, in one run, images per second of:
 
   (a) stream + model   ticketctl's streamed loader feeding its trainer (`find`'s step: CUDA

@@ -198,12 +198,12 @@ def test_two_hosts_on_one_machine(tmp_path):
     assert load_ticket(tmp_path / written[0] / "t.safetensors").mask.num_kept > 0
 
 
-def _digits_net():
+def _digits_net(seed=0):
     """No BatchNorm: the global batch's gradient is then the mean of the ranks' gradients."""
     import torch
     from torch import nn
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
                          nn.Linear(4 * 8 * 8, 10))
 
@@ -214,8 +214,10 @@ def _digits_train(ctx):
 
     # 1,437 training images; a validation split of 7 cannot be halved evenly between 2 ranks
     data = load_dataset("digits", val_size=7)
-    trainer = Trainer(_digits_net(), data, TrainConfig(epochs=2, batch_size=16, lr=0.05,
-                                                       seed=3), dist=ctx)
+    # each rank starts from its own weights: the trainer must start them all from rank 0's
+    net = _digits_net(seed=ctx.rank if ctx is not None else 0)
+    trainer = Trainer(net, data, TrainConfig(epochs=2, batch_size=16, lr=0.05, seed=3),
+                      dist=ctx)
     result = trainer.fit()
     return trainer.model_state(), [(h.val_accuracy, h.test_accuracy) for h in result.history]
 

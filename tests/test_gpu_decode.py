@@ -65,10 +65,14 @@ def test_training_crops_match_the_pillow_reader_on_a_linear_image(tmp_path):
         ref = read_train(path, 16, seed=5, epoch=epoch, index=0)
         diff = (x[0].numpy().astype(int) - ref.astype(int))[2:-2, 2:-2]
         assert np.abs(diff).max() <= 1, epoch
+        r = x[0, :, :, 0].numpy().astype(int)  # R = the source column: it runs backwards
+        flipped = bool((r[:, 0] > r[:, -1]).all())  # in a mirrored crop
+        assert flipped or (r[:, 0] < r[:, -1]).all()
         rng = sample_rng(5, epoch, 0)
         crop_box(rng, 200, 200)
-        flips += rng.random() < 0.5
-    assert 0 < flips < 32  # both directions were exercised (the pillow reader's flips)
+        assert flipped == (rng.random() < 0.5)  # the pillow reader's draw
+        flips += flipped
+    assert 0 < flips < 32  # both directions were exercised
 
 
 def test_evaluation_crops_the_centre(tmp_path):
@@ -104,4 +108,31 @@ def test_an_unreadable_file_is_one_clear_error(tmp_path):
 
 def test_nvjpeg_is_only_offered_on_a_gpu():
     assert nvjpeg_available(CPU) is False
-    assert isinstance(TensorBatchReader(CPU, decode=PillowDecode()), BatchReader)
+
+
+def test_a_batch_the_gpu_decoder_refuses_is_decoded_by_pillow(tmp_path):
+    folder = write_folder(tmp_path / "f", mixed=False)
+
+    def refuse(datas, device):
+        raise RuntimeError("nvjpeg: unsupported JPEG")
+
+    ds = load_dataset("imagefolder", folder, image_size=SIZE, val_size=4, stream=True,
+                      reader=TensorBatchReader(CPU, workers=1, decode=refuse))
+    plain = load_dataset("imagefolder", folder, image_size=SIZE, val_size=4, stream=True,
+                         stats=(ds.mean, ds.std), reader=BatchReader(workers=1))
+    (x, y), = ds.train_batches(1, 1, 1, 8)
+    (px, py), = plain.train_batches(1, 1, 1, 8)
+    assert torch.equal(y, py) and x.shape == px.shape == (8, SIZE, SIZE, 3)
+
+
+def test_statistics_are_measured_through_the_reader_as_the_pillow_reader_measures_them(
+        tmp_path):
+    """Images of one size (12 x 10) shown at 8: both readers resize the same boxes; the
+    per-channel means agree within the resampling difference (at most a level or two of
+    255 per pixel, averaged)."""
+    folder = write_folder(tmp_path / "f", mixed=False)
+    a = load_dataset("imagefolder", folder, image_size=SIZE, val_size=4, stream=True,
+                     reader=TensorBatchReader(CPU, workers=1, decode=PillowDecode()))
+    b = load_dataset("imagefolder", folder, image_size=SIZE, val_size=4, stream=True,
+                     reader=BatchReader(workers=1))
+    assert np.allclose(a.mean, b.mean, atol=2 / 255)

@@ -179,3 +179,57 @@ def test_find_progress_follows_one_spread_trial(tmp_path):
     assert count.epochs == dense + (dense - rewind)  # the dense run, then one trial's
     rows = (tmp_path / "run" / "epochs.jsonl").read_text().splitlines()
     assert len(rows) == dense + 3 * (dense - rewind)  # every trial's epochs are logged
+
+
+def test_workers_load_the_dataset_the_parent_holds(tmp_path):
+    """A resized image folder (`--image-size` held in memory): the worker's copy has the
+    parent's size, statistics and therefore its job keys (they include `info()`)."""
+    from test_stream import write_folder
+
+    from ticketctl.attacks.spread import DataSpec
+
+    folder = write_folder(tmp_path / "f")  # mixed sizes: only a resize keeps it in memory
+    parent = load_dataset("imagefolder", folder, image_size=6, stream=False, val_size=4)
+    worker = DataSpec.of(parent).load(torch.device("cpu"))
+    assert worker.info() == parent.info()
+    assert torch.equal(worker.train_x, parent.train_x) and worker.input_shape == (3, 6, 6)
+
+
+def test_find_devices_on_a_streamed_folder(tmp_path):
+    """One device is no spreading, so a streamed folder takes it; two are refused in one
+    line (the workers would need every image in memory)."""
+    from test_stream import SIZE, write_folder
+
+    from ticketctl.prune import find_ticket, resolve_settings
+    from ticketctl.prune.search import SearchOverrides
+
+    folder = write_folder(tmp_path / "f")
+    from ticketctl.train.config import TrainOverrides
+
+    settings = resolve_settings("demo", arch="digits_cnn", dataset="imagefolder",
+                                data_dir=str(folder), val_size=4, image_size=SIZE,
+                                train=TrainOverrides(batch_size=8, epochs=2),
+                                search=SearchOverrides(trials=2, max_rounds=0))
+    find_ticket(settings, tmp_path / "one", device="cpu", devices="cpu")
+    with pytest.raises(TicketctlError, match="--devices cannot use a streamed dataset"):
+        find_ticket(settings, tmp_path / "two", device="cpu", devices="cpu,cpu")
+    assert not (tmp_path / "two").exists()
+
+
+def test_find_spreads_only_more_than_one_job(tmp_path):
+    """Two trials packed together are one job: no workers are started for it."""
+    from ticketctl.prune import Events, find_ticket, resolve_settings
+    from ticketctl.prune.search import SearchOverrides
+
+    class Labels(Events):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def training(self, label, first, last) -> None:
+            self.seen.append(label)
+
+    settings = resolve_settings("demo", search=SearchOverrides(trials=2, max_rounds=1))
+    labels = Labels()
+    find_ticket(settings, tmp_path / "run", device="cpu", pack=2, events=labels,
+                devices="cpu,cpu")
+    assert labels.seen == ["dense", "round-1-trials-0-1"]  # packed here, not spread

@@ -142,3 +142,12 @@ def test_new_training_settings_leave_old_settings_hashes_alone():
     problems = TrainConfig(compile_mode="fast", test_eval="never").problems()
     assert any("--compile-mode" in p for p in problems) and any("--test-eval" in p
                                                                  for p in problems)
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_in_one_line(digits):
+    from ticketctl.errors import TicketctlError
+
+    n = len(digits.train_y)
+    with pytest.raises(TicketctlError, match=f"more than the {n} training images"):
+        Trainer(build_model("digits_cnn", width=8), digits, TrainConfig(batch_size=n + 1))
+    Trainer(build_model("digits_cnn", width=8), digits, TrainConfig(batch_size=n))  # fits

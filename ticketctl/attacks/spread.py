@@ -7,6 +7,7 @@ resume, the cache and the results are those of one device; only the wall time ch
 
 from __future__ import annotations
 
+import os
 import queue
 import traceback
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ticketctl.errors import TicketctlError
+from ticketctl.errors import TicketctlError, first_line
 
 
 @dataclass
@@ -28,12 +29,25 @@ class DataSpec:
     split_seed: int
     normalized: bool
     synthetic_size: int
+    image_size: int | None = None  # an image folder resized when it was loaded
 
     @classmethod
     def of(cls, data: Any) -> DataSpec:
+        data.require_resident("spreading trainings over devices")  # workers hold it whole
         return cls(data.name, data.data_dir, int(data.val_size), int(data.split_seed),
                    bool(data.normalized),
-                   int(data.train_x.shape[0]) + int(data.val_size))
+                   int(data.train_x.shape[0]) + int(data.val_size),
+                   data.info().get("image_size"))
+
+    def load(self, device: torch.device) -> Any:
+        """The parent's dataset, on `device`: held in memory as the parent holds it (a worker
+        never decides to stream on its own, whatever its device's free memory)."""
+        from ticketctl.data import load_dataset
+
+        return load_dataset(self.name, self.data_dir, device=device, val_size=self.val_size,
+                            split_seed=self.split_seed, normalize=self.normalized,
+                            synthetic_size=self.synthetic_size, stream=False,
+                            image_size=self.image_size)
 
 
 @dataclass
@@ -100,7 +114,8 @@ class SpreadPool:
         factory = current_factory()  # the network the user named, imported again by each
         self.workers = [ctx.Process(target=_worker, args=(str(d), spec, cfg, out_dir, pack,
                                                           self.todo, self.events, threads,
-                                                          factory.spec if factory else None),
+                                                          factory.spec if factory else None,
+                                                          os.getpid()),
                                     daemon=True)
                         for d in devices]
         for w in self.workers:
@@ -171,9 +186,20 @@ def run_spread(jobs: list[Job], devices: list[torch.device], spec: DataSpec,
         pool.close()
 
 
+def _next_job(todo: Any, parent: int) -> Job | None:
+    """The next job, or None once told to stop or once the parent is gone (killed: its
+    workers must not hold their GPUs, or write into a run folder, after it)."""
+    while True:
+        try:
+            return todo.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
+
+
 def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: Path | None,
             pack: int | None, todo: Any, events: Any, threads: int,
-            factory: str | None) -> None:
+            factory: str | None, parent: int) -> None:
     try:
         torch.set_num_threads(threads)
         if factory is not None:
@@ -181,16 +207,13 @@ def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: Path | No
 
             use_factory(load_factory(factory))
         from ticketctl.attacks.runner import AttackRunner
-        from ticketctl.data import load_dataset
         from ticketctl.protect.calibrate import NullModels
         from ticketctl.train.config import TrainConfig
 
         dev = torch.device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        data = load_dataset(spec.name, spec.data_dir, device=dev, val_size=spec.val_size,
-                            split_seed=spec.split_seed, normalize=spec.normalized,
-                            synthetic_size=spec.synthetic_size)
+        data = spec.load(dev)
         train = TrainConfig.from_dict(cfg)
 
         def progress(label: str, s: Any) -> None:  # an EpochStats: it pickles as it is
@@ -200,7 +223,7 @@ def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: Path | No
             if out_dir is not None else None
         null: NullModels | None = None
         trainers: dict[int, Any] = {}  # find's trials: one trainer per pack width, reused
-        while (job := todo.get()) is not None:
+        while (job := _next_job(todo, parent)) is not None:
             if job.kind == "calibrate":
                 p = job.payload
                 null = null or NullModels(p["arch"], data, p["trigger"], train, p["seed"],
@@ -221,6 +244,8 @@ def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: Path | No
                                      job.dense, job.labels)
             events.put(("done", job.id))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit 1
-        events.put(("error", f"{type(exc).__name__}: {exc}"))
+        # one line: it ends up in the command's one-line error
+        events.put(("error", first_line(exc) if isinstance(exc, TicketctlError) else
+                    f"{type(exc).__name__}: {first_line(exc)}"))
         traceback.print_exc()
         raise SystemExit(1) from None

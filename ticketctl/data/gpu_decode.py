@@ -10,6 +10,7 @@ bilinear resize (antialiased, as pillow's is when it shrinks) is torch's, not pi
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ticketctl.data.images import read_image
 from ticketctl.data.stream import Batch, BatchReader, StreamedSplit
@@ -34,10 +36,12 @@ def nvjpeg_available(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     try:
+        import torchvision
         from torchvision.io import decode_jpeg  # noqa: F401
     except ImportError:
         return False
-    return True
+    major, minor = (int(v) for v in torchvision.__version__.split("+")[0].split(".")[:2])
+    return (major, minor) >= (0, 19)  # batched decoding of a list on the GPU
 
 
 def nvjpeg_decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
@@ -46,6 +50,13 @@ def nvjpeg_decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor
 
     encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+
+
+def _pillow_decode(data: bytes, device: torch.device) -> torch.Tensor:
+    """One JPEG decoded by pillow (already size-checked when it was read), 3 x H x W."""
+    with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:
+        pixels = np.array(image.convert("RGB"))
+    return torch.from_numpy(pixels).permute(2, 0, 1).to(device)
 
 
 def _read(path: str) -> tuple[bytes | None, np.ndarray | None]:
@@ -110,8 +121,11 @@ class TensorBatchReader(BatchReader):
         jpegs = [k for k, (data, _) in enumerate(read) if data is not None]
         images: list[torch.Tensor | None] = [None] * len(read)
         if jpegs:
-            for k, image in zip(jpegs, self.decode([read[k][0] for k in jpegs], self.device),
-                                strict=True):
+            try:
+                decoded = self.decode([read[k][0] for k in jpegs], self.device)
+            except RuntimeError:  # one the GPU decoder refuses (CMYK, progressive...):
+                decoded = [_pillow_decode(read[k][0], self.device) for k in jpegs]
+            for k, image in zip(jpegs, decoded, strict=True):
                 images[k] = image
         for k, (_, pixels) in enumerate(read):
             if pixels is not None:

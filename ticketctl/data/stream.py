@@ -121,6 +121,7 @@ class BatchReader:
         self._pool: Executor | None = None
 
     def pool(self) -> Executor:
+        """The worker pool, started at first use."""
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) \
                 if self.processes else ThreadPoolExecutor(self.workers,
@@ -128,6 +129,7 @@ class BatchReader:
         return self._pool
 
     def close(self) -> None:
+        """Stop the workers (a later batch starts them again)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -286,6 +288,7 @@ class StreamedDataset:
         return x if channels_last else x.contiguous()
 
     def split(self, name: str) -> StreamedSplit:
+        """The files and labels of `train`, `val` or `test`."""
         if name not in ("train", "val", "test"):
             raise TicketctlError(f"unknown split {name!r}; choose train, val or test")
         return getattr(self, name)
@@ -323,7 +326,7 @@ def measure_stats(files: list[str], size: int, split_seed: int, reader: BatchRea
     count = 0
     plan = (np.arange(a, min(len(pick), a + 64)) for a in range(0, len(pick), 64))
     for x, _ in reader.batches(sample, plan, size, train=False):
-        pixels = x.reshape(-1, 3).double() / 255
+        pixels = x.cpu().reshape(-1, 3).double() / 255  # (a GPU reader's batches: on the GPU)
         total += pixels.sum(0)
         squares += (pixels * pixels).sum(0)
         count += len(pixels)
@@ -334,4 +337,5 @@ def measure_stats(files: list[str], size: int, split_seed: int, reader: BatchRea
 
 
 def as_files(paths: Iterable[Path | str]) -> tuple[str, ...]:
+    """Paths as the strings a split holds (they pickle small, for worker processes)."""
     return tuple(str(p) for p in paths)

@@ -271,7 +271,7 @@ class Search:
         _prunable(model, settings)  # bad input leaves no run folder behind
         if pack is not None and pack > 1:
             data.require_resident("--pack")
-        if data.streamed and spread:
+        if data.streamed and spread and len(spread) > 1:
             if devices is not None:  # asked for; by default a streamed run keeps one device
                 data.require_resident("--devices")
             spread = None
@@ -341,9 +341,10 @@ class Search:
         trials, seq = self.run.read_pending(r)
         if seq is not None:
             self.seq = seq
-        if self.devices is not None and self.scfg.trials - len(trials) > 1:
-            return self._spread_trials(r, trials)
         width = min(self.pack, self.scfg.trials - len(trials))
+        # spread when there is more than one job: one pack, or one trial, is one worker's
+        if self.devices is not None and self.scfg.trials - len(trials) > max(1, width):
+            return self._spread_trials(r, trials)
         if width > 1:
             trials = self._packed_trials(r, cand, trials, width)
         for trial in range(len(trials), self.scfg.trials):

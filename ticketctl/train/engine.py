@@ -259,7 +259,10 @@ class Engine:
             self.main_batch = cfg.batch_size // dist.world  # this rank's slice of every batch
             self.global_batch = cfg.batch_size
         n = len(data.train_y)
-        self.steps_per_epoch = max(1, n // self.global_batch)  # the last partial one is dropped
+        if self.global_batch > n:
+            raise TicketctlError(f"--batch-size {cfg.batch_size} is more than the {n} training "
+                                 f"images; pass --batch-size {n} or less")
+        self.steps_per_epoch = n // self.global_batch  # the last partial one is dropped
         self.lr_t = torch.zeros((), device=self.device)
         self.batch_idx = torch.zeros(self.layout.index_shape(self.main_batch), dtype=torch.long,
                                      device=self.device)
@@ -298,7 +301,7 @@ class Engine:
         """Another learning-rate schedule (epochs, lr, warm-up) for the same captured step;
         what the step captured (batch, optimizer constants, precision) must not change."""
         fixed = ("batch_size", "momentum", "weight_decay", "nesterov", "bf16", "channels_last",
-                 "compile", "cuda_graph", "label_smoothing")
+                 "compile", "cuda_graph", "label_smoothing", "compile_mode")
         changed = [f for f in fixed if getattr(cfg, f) != getattr(self.cfg, f)]
         if changed:
             raise ValueError(f"a trainer's {', '.join(changed)} cannot change")
@@ -421,6 +424,8 @@ class Engine:
         `steps`: only the epoch's first steps (benchmarks)."""
         self._prepare()
         self.model.train()
+        if steps is not None and steps < 1:
+            raise TicketctlError(f"an epoch of {steps} steps trains nothing; give at least 1")
         steps = self.steps_per_epoch if steps is None else min(steps, self.steps_per_epoch)
         if self.streamed:
             batches = self.data.train_batches(self.layout.seed, epoch, steps, self.global_batch,
