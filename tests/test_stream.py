@@ -422,7 +422,7 @@ def test_two_processes_train_on_the_stream_as_one(folder, tmp_path, float64):
     mp.spawn(_ddp_worker, args=(port, str(folder), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
     one_state, one_history = _train(folder, None)
-    # the ranks hold the same weights and report rank 0's evaluation (rank 1 evaluates none)
+    # the ranks hold the same weights and the same accuracies (each scored half the files)
     assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in one_state)
     assert ranks[0]["history"] == ranks[1]["history"]
     # and follow one process: the same images in the same steps, gradients summed in

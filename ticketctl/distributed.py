@@ -87,17 +87,6 @@ def check_same(ctx: DistContext | None, digest: str, what: str) -> None:
         raise TicketctlError(f"ranks disagree on {what}: distributed training diverged")
 
 
-def broadcast_floats(ctx: DistContext | None, values: list[float]) -> list[float]:
-    """Rank 0's values on every rank (decisions such as accepting a round must agree)."""
-    if ctx is None:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.broadcast(t, 0)
-    return [float(v) for v in t.tolist()]
-
-
 def broadcast_module_state(ctx: DistContext | None, module: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics) on every rank; parameters are already equal."""
     if ctx is None:

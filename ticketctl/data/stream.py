@@ -304,13 +304,14 @@ class StreamedDataset:
         return self.reader.batches(self.train, plan, self.image_size, train=True, seed=seed,
                                    epoch=epoch, pin=self.device.type == "cuda")
 
-    def eval_batches(self, split: str, batch_size: int
+    def eval_batches(self, split: str, batch_size: int, part: tuple[int, int] | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """A split's images in file order, resized and centre-cropped, `batch_size` at a time."""
-        part = self.split(split)
-        n = len(part)
-        plan = (np.arange(a, min(n, a + batch_size)) for a in range(0, n, batch_size))
-        return self.reader.batches(part, plan, self.image_size, train=False,
+        """A split's images in file order (those in [lo, hi) when `part` is given: a rank's
+        share), resized and centre-cropped, `batch_size` at a time."""
+        files = self.split(split)
+        lo, hi = part if part is not None else (0, len(files))
+        plan = (np.arange(a, min(hi, a + batch_size)) for a in range(lo, hi, batch_size))
+        return self.reader.batches(files, plan, self.image_size, train=False,
                                    pin=self.device.type == "cuda")
 
 

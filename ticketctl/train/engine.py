@@ -34,7 +34,6 @@ from ticketctl.data.stream import StreamedDataset
 from ticketctl.distributed import (
     DistContext,
     average_,
-    broadcast_floats,
     broadcast_module_state,
     broadcast_parameters,
     check_same,
@@ -518,14 +517,18 @@ class Engine:
                 return [float("nan")] * self.layout.models
             x, y = self.trigger_x, self.trigger_y
         elif self.streamed:
-            if self.dist is not None and not self.dist.is_main:  # rank 0's results count
-                return broadcast_floats(self.dist, [float("nan")] * self.layout.models)
+            n = len(self.data.split(split))
+            if n == 0:
+                return [float("nan")]
+            # each rank decodes and scores its share of the files; the counts add up
+            w, r = (self.dist.world, self.dist.rank) if self.dist is not None else (1, 0)
             compiled = self.use_compile
-            accs = streamed_accuracies(self.forward if compiled else self.model, self.data,
-                                       split, self.cfg.eval_batch_size, bf16=self.bf16,
-                                       channels_last=self.channels_last, fixed_batch=compiled,
-                                       module=self.model)
-            return broadcast_floats(self.dist, accs) if self.dist is not None else accs
+            mine = streamed_correct(self.forward if compiled else self.model, self.data, split,
+                                    self.cfg.eval_batch_size, bf16=self.bf16,
+                                    channels_last=self.channels_last, fixed_batch=compiled,
+                                    module=self.model, part=(n * r // w, n * (r + 1) // w))
+            total = sum_counts(self.dist, [mine])[0] if self.dist is not None else mine
+            return [100.0 * total / n]
         else:
             x = getattr(self.data, f"{split}_x")
             y = getattr(self.data, f"{split}_y")
@@ -716,7 +719,7 @@ def correct_counts(
 
 
 @torch.no_grad()
-def streamed_accuracies(
+def streamed_correct(
     model: nn.Module,
     data: StreamedDataset,
     split: str,
@@ -725,21 +728,20 @@ def streamed_accuracies(
     channels_last: bool = False,
     fixed_batch: bool = False,
     module: nn.Module | None = None,
-) -> list[float]:
-    """`accuracies` of one model on a split of a streamed dataset, read batch by batch."""
-    n = len(data.split(split))
-    if n == 0:
-        return [float("nan")]
+    part: tuple[int, int] | None = None,
+) -> int:
+    """How many images of a streamed split (of its files [lo, hi) when `part` is given) one
+    model classifies right, read batch by batch."""
     mod = module or model
     was_training = mod.training
     mod.eval()
     correct = torch.zeros(1, dtype=torch.long, device=data.device)
-    for xb, yb in data.eval_batches(split, batch_size):
+    for xb, yb in data.eval_batches(split, batch_size, part):
         xb = data.to_input(xb.to(data.device, non_blocking=True), channels_last)
         correct += _correct(model, xb, yb.to(data.device), batch_size, bf16, channels_last,
                             fixed_batch, 1)
     mod.train(was_training)
-    return [100.0 * int(correct) / n]
+    return int(correct)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
