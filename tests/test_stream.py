@@ -466,3 +466,27 @@ def test_stream_speed_benchmark_smoke(tmp_path):
     else:
         assert row["torchvision_model"] > 0
     assert "| 1 |" in p.stdout  # the markdown table
+
+
+def _choice_worker(rank: int, port: int, folder: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # rank 0 has room for the folder, rank 1 does not
+        registry.fits_in_memory = lambda *a, **k: rank == 0
+        ds = load_dataset("imagefolder", folder, val_size=4)
+        Path(out, str(rank)).write_text(str(ds.streamed))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_stream_a_folder_that_one_of_them_cannot_hold(tmp_path):
+    """Each rank measures its own memory; they decide together: it stays in memory only if
+    it fits on every rank."""
+    folder = write_folder(tmp_path / "f", mixed=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_choice_worker, args=(port, str(folder), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / str(r)).read_text() for r in (0, 1)] == ["True", "True"]
+    assert load_dataset("imagefolder", folder, val_size=4).streamed is False  # one process

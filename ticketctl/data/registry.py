@@ -193,7 +193,7 @@ def _choose(listing: imagefolder.Listing, stream: bool | None, image_size: int |
     if stream is None and not mixed:
         w, h = sizes[0]
         shape = (3, h, w) if image_size is None else (3, image_size, image_size)
-        if fits_in_memory(len(files), shape, device):
+        if _everywhere(fits_in_memory(len(files), shape, device), device):
             return False, "", image_size
         why = f"{len(files):,} images of {shape[2]}x{shape[1]} do not fit in memory"
     else:
@@ -204,6 +204,19 @@ def _choose(listing: imagefolder.Listing, stream: bool | None, image_size: int |
                                  "--image-size N")
         image_size = min(sizes[0])
     return True, why, image_size
+
+
+def _everywhere(fits: bool, device: torch.device) -> bool:
+    """Whether the data fit on every rank of a data-parallel run (on one process: here). The
+    ranks measure their own free memory, so without agreeing one could hold a folder that
+    another streams; all hold it only if it fits on each."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return fits
+    flag = torch.tensor([int(fits)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _streamed(key: str, folder: Path, listing: imagefolder.Listing, image_size: int, why: str,

@@ -62,11 +62,14 @@ def fits_in_memory(n_images: int, shape: tuple[int, int, int], device: torch.dev
     in torch's default float dtype takes at most RESIDENT_SHARE of the device's free memory
     (a GPU's free memory as CUDA reports it; on the CPU the available RAM) and the uint8 copy
     read from the files first (twice: decoded, then stacked) takes at most that share of the
-    available RAM. The other half is left to the network, its activations and the optimizer.
-    `device_free`/`host_free` replace the measured amounts (tests)."""
+    available RAM (shared by the data-parallel ranks of this host, LOCAL_WORLD_SIZE). The other
+    half is left to the network, its activations and the optimizer. `device_free`/`host_free`
+    replace the measured amounts (tests)."""
     pixels = n_images * math.prod(shape)
     floats = pixels * torch.finfo(torch.get_default_dtype()).bits // 8
     host = host_free if host_free is not None else host_available()
+    if host is not None and host_free is None:  # the ranks of this host each read a copy
+        host //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     if device.type == "cuda":
         free = device_free if device_free is not None else torch.cuda.mem_get_info(device)[0]
         if floats > RESIDENT_SHARE * free:
