@@ -70,16 +70,14 @@ def parse_devices(text: str | None, data_device: torch.device | None = None
     Not given: every visible GPU when the data are on a GPU and more than one is visible (a
     sweep's trainings are independent, so each GPU left idle is time lost), else None (one
     device: the one the data are on). CUDA_VISIBLE_DEVICES or a list restricts it."""
+    gpus = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
     if text is None or not text.strip():
-        if data_device is not None and data_device.type == "cuda" \
-                and torch.cuda.device_count() > 1:
-            return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
-        return None
+        spread = data_device is not None and data_device.type == "cuda" and len(gpus) > 1
+        return gpus if spread else None
     if text.strip() == "all":
-        n = torch.cuda.device_count()
-        if n == 0:
+        if not gpus:
             raise TicketctlError("--devices all: no CUDA device is visible")
-        return [torch.device(f"cuda:{i}") for i in range(n)]
+        return gpus
     out = []
     for part in text.split(","):
         try:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -707,15 +707,9 @@ def correct_counts(
 ) -> list[int]:
     """How many of the images each of the `packs` models classifies right (`accuracies`
     before the division: counts from several ranks add up exactly)."""
-    mod = module or model
-    was_training = mod.training
-    mod.eval()
-    correct = torch.zeros(packs, dtype=torch.long, device=x.device)
-    for i in range(0, len(y), batch_size):
-        correct += _correct(model, x[i:i + batch_size], y[i:i + batch_size], batch_size, bf16,
-                            channels_last, fixed_batch, packs)
-    mod.train(was_training)
-    return [int(c) for c in correct.tolist()]
+    chunks = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size))
+    return _count(model, chunks, x.device, batch_size, bf16, channels_last, fixed_batch,
+                  module, packs)
 
 
 @torch.no_grad()
@@ -732,16 +726,25 @@ def streamed_correct(
 ) -> int:
     """How many images of a streamed split (of its files [lo, hi) when `part` is given) one
     model classifies right, read batch by batch."""
+    dev = data.device
+    chunks = ((data.to_input(xb.to(dev, non_blocking=True), channels_last), yb.to(dev))
+              for xb, yb in data.eval_batches(split, batch_size, part))
+    return _count(model, chunks, dev, batch_size, bf16, channels_last, fixed_batch, module,
+                  1)[0]
+
+
+def _count(model: nn.Module, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+           device: torch.device, batch_size: int, bf16: bool, channels_last: bool,
+           fixed_batch: bool, module: nn.Module | None, packs: int) -> list[int]:
+    """Each model's correct answers over `chunks` of (images, labels), in eval mode."""
     mod = module or model
     was_training = mod.training
     mod.eval()
-    correct = torch.zeros(1, dtype=torch.long, device=data.device)
-    for xb, yb in data.eval_batches(split, batch_size, part):
-        xb = data.to_input(xb.to(data.device, non_blocking=True), channels_last)
-        correct += _correct(model, xb, yb.to(data.device), batch_size, bf16, channels_last,
-                            fixed_batch, 1)
+    correct = torch.zeros(packs, dtype=torch.long, device=device)
+    for xb, yb in chunks:
+        correct += _correct(model, xb, yb, batch_size, bf16, channels_last, fixed_batch, packs)
     mod.train(was_training)
-    return int(correct)
+    return [int(c) for c in correct.tolist()]
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
