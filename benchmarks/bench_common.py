@@ -48,15 +48,30 @@ def rank_env() -> dict[str, str]:
                                                         os.environ.get("PYTHONPATH")]))}
 
 
-def on_ranks(script: str | Path, n: int, args: list[str]) -> tuple[dict | None, str]:
+def on_ranks(script: str | Path, n: int, args: list[str], timeout_s: float | None = None
+             ) -> tuple[dict | None, str]:
     """Run `script --worker --result FILE ARGS...` as n ranks of one host (torchrun,
-    standalone); rank 0's JSON result from FILE, or None and the end of stderr."""
+    standalone); rank 0's JSON result from FILE, or None and the end of stderr. Past
+    `timeout_s` the ranks are killed (a collective that never completes hangs, it does not
+    fail) and the error says so, with the end of what the ranks printed."""
     with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "r.json"
+        result, err = Path(tmp) / "r.json", Path(tmp) / "stderr.txt"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={n}", str(script), "--worker", "--result", str(result),
                *args]
-        p = subprocess.run(cmd, env=rank_env(), capture_output=True, text=True)
-        if p.returncode != 0:
-            return None, p.stderr.strip()[-800:]
+        with err.open("w") as fh:
+            p = subprocess.Popen(cmd, env=rank_env(), stdout=fh, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+            try:
+                rc = p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                p.wait()
+                rc = None
+        tail = err.read_text(errors="replace").strip()[-1500:]
+        if rc is None and result.exists():  # the ranks hung on the way out, after the work
+            return {**json.loads(result.read_text()), "hung_at_exit": True}, ""
+        if rc != 0:
+            why = f"killed after {timeout_s:.0f} s" if rc is None else f"exit {rc}"
+            return None, f"{why}: {tail}"
         return json.loads(result.read_text()), ""

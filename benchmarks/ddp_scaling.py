@@ -9,7 +9,10 @@ Every GPU count runs its step as one CUDA graph (the gradients' all-reduce insid
 
 `--round`: also time one whole IMP round per GPU count (`ticketctl find --rounds 1 --rate
 0.2 --nproc n`, dense training plus one round, wall clock) and the Jaccard agreement of the
-ticket's mask with the 1-GPU one. NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
+ticket's mask with the 1-GPU one; the 1-GPU round runs twice, so `mask_jaccard_1_repeat` says
+how far two 1-GPU runs already differ (GPU arithmetic is not bit-reproducible, and training
+from initialisation amplifies the difference). NVLink multicast stays off
+(NCCL_NVLS_ENABLE=0).
 
     python benchmarks/ddp_scaling.py --gpus 1,2 --arch resnet50 --global-batch 512 \
         --data-dir DATA --round --json-out ddp.json
@@ -37,6 +40,8 @@ from bench_common import ROOT, on_ranks, rank_env  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
+    import faulthandler
+
     from ticketctl.artifacts import Mask
     from ticketctl.data import load_dataset
     from ticketctl.device import configure_cuda, resolve_device
@@ -45,6 +50,17 @@ def worker(args: argparse.Namespace) -> None:
     from ticketctl.prune import resolve_settings
     from ticketctl.train import Trainer
 
+    # a hung collective never fails: every rank prints where it stands (and its stack when it
+    # is still running near the launcher's limit), so a killed run says where it stopped
+    rank = os.environ.get("RANK", "0")
+    t_start = time.perf_counter()
+
+    def say(what: str) -> None:
+        print(f"[rank {rank} {time.perf_counter() - t_start:6.1f} s] {what}", file=sys.stderr,
+              flush=True)
+
+    if args.stack_after:
+        faulthandler.dump_traceback_later(args.stack_after, repeat=True)
     configure_cuda()
     dev = resolve_device("cpu" if args.smoke else "auto")
     if dev.type == "cuda":
@@ -63,7 +79,9 @@ def worker(args: argparse.Namespace) -> None:
     model = build_model(args.arch, 10, seed=0, in_channels=data.input_shape[0])
     mask = Mask.ones(model, prunable_names(model))
     tr = Trainer(model, data, cfg, mask=mask, dist=ctx)
+    say(f"built ({world} ranks, graph {tr.use_graph})")
     tr.train_epoch(1)  # warm-up (compile)
+    say("epoch 1 (compile and capture) done")
     times = []
     for e in range(2, 2 + args.epochs):
         if dev.type == "cuda":
@@ -73,6 +91,7 @@ def worker(args: argparse.Namespace) -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        say(f"epoch {e}: {times[-1]:.3f} s")
     if ctx is None or ctx.is_main:
         epoch = statistics.median(times)
         Path(args.result).write_text(json.dumps({
@@ -80,7 +99,10 @@ def worker(args: argparse.Namespace) -> None:
             "global_batch": cfg.batch_size, "steps_per_epoch": tr.steps_per_epoch,
             "images_per_second": tr.steps_per_epoch * cfg.batch_size / epoch,
             "ddp": ctx is not None, "cuda_graph": tr.use_graph}))
+    del tr
     shutdown()
+    faulthandler.cancel_dump_traceback_later()
+    say("left the process group")
 
 
 def main() -> int:
@@ -92,10 +114,16 @@ def main() -> int:
     ap.add_argument("--round", action="store_true",
                     help="also time one whole IMP round per GPU count and compare masks")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also time one GPU at the per-GPU batch: the efficiency n GPUs would "
+                         "reach with free communication")
     ap.add_argument("--compare-eager", action="store_true",
                     help="also run every multi-GPU count without CUDA graphs (the step as "
                          "separate kernel launches), to show what the graph buys")
     ap.add_argument("--no-graph", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--run-timeout", type=float, default=300,
+                    help="seconds one GPU count may take before its ranks are killed")
+    ap.add_argument("--stack-after", type=float, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--data-dir")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json-out")
@@ -109,9 +137,10 @@ def main() -> int:
         args.gpus, args.arch, args.global_batch, args.epochs = "1,2", "digits_cnn", 128, 1
     available = torch.cuda.device_count() if not args.smoke else 2
     rows = []
-    runs = [(int(g), False) for g in args.gpus.split(",")]
-    if args.compare_eager:
-        runs += [(n, True) for n, _ in runs if n > 1]
+    counts = [int(g) for g in args.gpus.split(",")]
+    # each multi-GPU count eager first: its numbers stand even if the graph's run fails
+    runs = [(n, eager) for n in counts
+            for eager in ((True, False) if args.compare_eager and n > 1 else (False,))]
     for n, eager in runs:
         if n > available:
             rows.append({"gpus": n, "skipped": f"only {available} GPUs here"})
@@ -121,42 +150,85 @@ def main() -> int:
         extra += ["--smoke"] if args.smoke else []
         extra += ["--no-graph"] if eager else []
         extra += ["--data-dir", args.data_dir] if args.data_dir else []
-        row, error = on_ranks(Path(__file__).resolve(), n, extra)
+        extra += ["--stack-after", str(max(30, args.run_timeout - 20))]
+        row, error = on_ranks(Path(__file__).resolve(), n, extra, timeout_s=args.run_timeout)
         if row is None:
-            rows.append({"gpus": n, "error": error})
+            rows.append({"gpus": n, "eager": eager, "error": error})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            write(args, rows)
             continue
         rows.append(row)
         if args.round and not eager:
             rows[-1].update(whole_round(args, n, rank_env()))
+            if n == 1 and "_mask" in rows[-1]:  # the baseline: one GPU against itself
+                again = whole_round(args, 1, rank_env())
+                if "_mask" in again:
+                    rows[-1]["mask_jaccard_1_repeat"] = _jaccard(rows[-1]["_mask"],
+                                                                 again["_mask"])
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "_mask"}),
               file=sys.stderr, flush=True)
+        write(args, rows)
     masks = {r["gpus"]: r.pop("_mask") for r in rows if "_mask" in r}
     if 1 in masks:
         for r in rows:
-            if r.get("gpus") in masks and "round_seconds" in r:
+            if r.get("gpus") in masks and r.get("gpus") != 1 and "round_seconds" in r:
                 r["mask_jaccard_vs_1"] = _jaccard(masks[1], masks[r["gpus"]])
     base = next((r["epoch_seconds"] for r in rows if r.get("gpus") == 1 and "epoch_seconds" in r),
                 None)
     for r in rows:
         if base and "epoch_seconds" in r:
             r["efficiency"] = base / (r["gpus"] * r["epoch_seconds"])
-    out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "arch": args.arch, "global_batch": args.global_batch, "rows": rows}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=1))
-    print("| GPUs | step | s per epoch | images/s | efficiency | round (s) | mask Jaccard vs 1 |"
-          "\n| --- | --- | --- | --- | --- | --- | --- |")
+    if args.ceiling and base:
+        ceilings(args, rows, base)
+    write(args, rows)
+    print("| GPUs | step | s per epoch | images/s | efficiency | efficiency with free "
+          "communication | round (s) | mask Jaccard vs 1 |"
+          "\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "epoch_seconds" in r:
             step = "CUDA graph" if r["cuda_graph"] else "eager"
             rnd = f"{r['round_seconds']:.0f}" if "round_seconds" in r else "-"
-            jac = f"{r['mask_jaccard_vs_1']:.3f}" if "mask_jaccard_vs_1" in r else "-"
+            jac = f"{r['mask_jaccard_vs_1']:.3f}" if "mask_jaccard_vs_1" in r else \
+                f"{r['mask_jaccard_1_repeat']:.3f} (a second 1-GPU run)" \
+                if "mask_jaccard_1_repeat" in r else "-"
+            ceil = f"{100 * r['ceiling_efficiency']:.0f}%" if "ceiling_efficiency" in r else "-"
             print(f"| {r['gpus']} | {step} | {r['epoch_seconds']:.2f} | "
-                  f"{r['images_per_second']:.0f} | {100 * r['efficiency']:.0f}% | {rnd} | "
-                  f"{jac} |")
+                  f"{r['images_per_second']:.0f} | {100 * r['efficiency']:.0f}% | {ceil} | "
+                  f"{rnd} | {jac} |")
         else:
-            print(f"| {r['gpus']} | - | - | - | {r.get('skipped') or 'error'} | - | - |")
+            print(f"| {r['gpus']} | - | - | - | {r.get('skipped') or 'error'} | - | - | - |")
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def ceilings(args: argparse.Namespace, rows: list[dict], base: float) -> None:
+    """`--ceiling`: one GPU at each count's per-GPU batch (global / n): the epoch n GPUs would
+    take if communication cost nothing, so the efficiency lost to the smaller per-GPU batch
+    (a GPU less busy) is told apart from the efficiency lost to the all-reduce."""
+    for n in sorted({r["gpus"] for r in rows if r.get("gpus", 1) > 1 and "epoch_seconds" in r}):
+        extra = ["--arch", args.arch, "--global-batch", str(args.global_batch // n),
+                 "--epochs", str(args.epochs)] + (["--smoke"] if args.smoke else []) + \
+            (["--data-dir", args.data_dir] if args.data_dir else [])
+        one, error = on_ranks(Path(__file__).resolve(), 1, extra, timeout_s=args.run_timeout)
+        if one is None:
+            print(f"ceiling for {n} GPUs: {error}", file=sys.stderr)
+            continue
+        step = one["epoch_seconds"] / one["steps_per_epoch"]  # a step at the per-GPU batch
+        for r in rows:
+            if r.get("gpus") == n and "epoch_seconds" in r and \
+                    r["cuda_graph"] == one["cuda_graph"]:  # (the same kind of step)
+                ideal = step * r["steps_per_epoch"]
+                r["ceiling_epoch_seconds"] = ideal
+                r["ceiling_efficiency"] = base / (n * ideal)
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The rows so far into --json-out (after every row: a later run may hang)."""
+    if not args.json_out:
+        return
+    out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "arch": args.arch, "global_batch": args.global_batch,
+           "rows": [{k: v for k, v in r.items() if k != "_mask"} for r in rows]}
+    Path(args.json_out).write_text(json.dumps(out, indent=1))
 
 
 def whole_round(args: argparse.Namespace, n: int, env: dict[str, str]) -> dict:
@@ -174,7 +246,11 @@ def whole_round(args: argparse.Namespace, n: int, env: dict[str, str]) -> dict:
                 + (["--data-dir", args.data_dir] if args.data_dir else []))
         cmd += ["--nproc", str(n)] if n > 1 else []
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT,
+                               timeout=args.run_timeout)
+        except subprocess.TimeoutExpired:
+            return {"round_error": f"killed after {args.run_timeout:.0f} s"}
         seconds = time.perf_counter() - t0
         if p.returncode != 0:
             return {"round_error": p.stderr.strip()[-500:]}

@@ -109,9 +109,10 @@ def worker(args: argparse.Namespace) -> None:
     world, rank = (ctx.world, ctx.rank) if ctx else (1, 0)
     per_rank = args.batch // world
     workers = args.workers or max(1, (os.cpu_count() or 1) // world)
+    reader = BatchReader(workers=workers, processes={"auto": None, "threads": False,
+                                                     "processes": True}[args.loader])
     ds = load_dataset("imagefolder", args.folder, device=dev, val_size=0, stream=True,
-                      image_size=args.image_size,
-                      reader=BatchReader(workers=workers, processes=args.processes))
+                      image_size=args.image_size, reader=reader)
     cfg = replace(TrainConfig(), epochs=1, batch_size=args.batch, lr=0.01,
                   compile=not args.no_compile)
     trainer = Trainer(build_model(args.arch, CLASSES, seed=0, in_channels=3), ds, cfg,
@@ -121,7 +122,7 @@ def worker(args: argparse.Namespace) -> None:
     images = steps * args.batch  # global
     row: dict = {"gpus": world, "global_batch": args.batch, "steps": steps,
                  "image_size": args.image_size, "loader_workers_per_rank": workers,
-                 "loader": "processes" if args.processes else "threads",
+                 "loader": "processes" if reader.processes else "threads",
                  "cuda_graph": trainer.use_graph}
 
     # (a) the streamed loader feeding the trainer (epoch 1 warms up: capture, compile)
@@ -216,10 +217,12 @@ def main() -> int:
     ap.add_argument("--gpus", default="1")
     ap.add_argument("--workers", type=int, help="decoding workers per rank (default: the "
                     "cores divided among the ranks)")
-    ap.add_argument("--processes", action="store_true",
-                    help="decode in worker processes instead of threads")
+    ap.add_argument("--loader", choices=("auto", "threads", "processes"), default="auto",
+                    help="decoding workers: threads, processes, or the library's choice")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--run-timeout", type=float, default=400,
+                    help="seconds one GPU count may take before its ranks are killed")
     ap.add_argument("--json-out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -244,14 +247,14 @@ def main() -> int:
             value = getattr(args, flag)
             if value is not None:
                 args_ += [f"--{flag.replace('_', '-')}", str(value)]
-        args_ += ["--processes"] * args.processes + ["--no-compile"] * args.no_compile
-        row, error = on_ranks(Path(__file__).resolve(), n, args_)
+        args_ += ["--loader", args.loader] + ["--no-compile"] * args.no_compile
+        row, error = on_ranks(Path(__file__).resolve(), n, args_, timeout_s=args.run_timeout)
         rows.append(row if row is not None else {"gpus": n, "error": error})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    out = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "arch": args.arch,
-           "files": args.files, "rows": rows}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=1))
+        out = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "arch": args.arch,
+               "files": args.files, "rows": rows}
+        if args.json_out:  # after every GPU count: a later one may be killed
+            Path(args.json_out).write_text(json.dumps(out, indent=1))
     print(table(rows))
     return 0 if all("error" not in r for r in rows) else 1
 

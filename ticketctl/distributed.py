@@ -14,9 +14,11 @@ import os
 import signal
 import subprocess
 import sys
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -61,15 +63,32 @@ def init_from_env(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S
     return DistContext(rank, world, local)
 
 
+class GraphOwner(Protocol):
+    def release_graph(self) -> None: ...
+
+
+# Trainers whose captured CUDA graph holds NCCL collectives: destroying the process group
+# while such a graph lives can hang (pytorch#115388), so shutdown() releases them first.
+_graph_owners: weakref.WeakSet[GraphOwner] = weakref.WeakSet()
+
+
+def release_before_shutdown(owner: GraphOwner) -> None:
+    """Have shutdown() call `owner.release_graph()` before it destroys the process group."""
+    _graph_owners.add(owner)
+
+
 def shutdown() -> None:
-    """Leave the group together: wait for every rank, free what still holds the group,
-    then destroy it. Without this a rank that finishes first can abort ("terminate called
-    without an active exception")."""
+    """Leave the group together: wait for every rank, free what still holds the group
+    (captured graphs first), then destroy it. Without this a rank that finishes first can
+    abort ("terminate called without an active exception")."""
     if dist.is_initialized():
         try:
             if sys.exc_info()[0] is None:  # failing: leave at once, torchrun stops the rest
                 dist.barrier()
         finally:
+            for owner in list(_graph_owners):
+                owner.release_graph()
+            _graph_owners.clear()
             gc.collect()
             dist.destroy_process_group()
 

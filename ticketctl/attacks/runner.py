@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ticketctl.artifacts import Mask, Ticket
 from ticketctl.artifacts.io import atomic_path, write_text_atomic
-from ticketctl.attacks.spread import DataSpec, Job, run_spread
+from ticketctl.attacks.spread import DataSpec, Job, run_spread, spread_width
 from ticketctl.data import Dataset
 from ticketctl.protect.verdict import Verdict
 from ticketctl.records import Record
@@ -269,6 +269,7 @@ class AttackRunner:
         todo = [i for n, i in enumerate(todo) if keys[i] not in {keys[j] for j in todo[:n]}]
         width = self._width(tickets[0]) if len(todo) > 1 else 1
         if self.devices is not None and len(todo) > 1:  # the workers fill the job store
+            width = spread_width(width, len(todo), len(self.devices))
             self._spread([Job("retrain", [tickets[i] for i in todo[s:s + width]],
                               [labels[i] for i in todo[s:s + width]])
                           for s in range(0, len(todo), width)])
@@ -343,6 +344,7 @@ class AttackRunner:
         todo = [i for i, k in enumerate(keys) if not self._finetune_done(k)]
         width = self._width(ticket) if len(todo) > 1 else 1
         if self.devices is not None and len(todo) > 1:  # the workers fill the job store
+            width = spread_width(width, len(todo), len(self.devices))
             self._spread([Job("finetune", [ticket], [labels[i] for i in todo[s:s + width]],
                               [cfgs[i].to_dict() for i in todo[s:s + width]], dense)
                           for s in range(0, len(todo), width)])

@@ -110,16 +110,24 @@ class Batch:
     parts: list[tuple[int, int, Future]]
 
 
+# From this many workers on, decode in processes. Threads share the GIL for everything
+# around pillow's decode (crops, flips, copies): on a 32-core H200 host (2026-11-30, ResNet-50
+# at 224, benchmarks/stream_speed.py) 32 threads fed 1,159 images/s and 32 processes 5,442,
+# against 6,704 for the GPU alone. Below it (a laptop, CI's two cores) threads start at once.
+PROCESSES_FROM = 4
+
+
 class BatchReader:
     """Decodes batches on a pool of `workers` threads (pillow decodes and resizes without the
-    GIL) or processes, keeping `prefetch` batches in flight ahead of the one in use."""
+    GIL) or processes, keeping `prefetch` batches in flight ahead of the one in use.
+    `processes` None: processes from `PROCESSES_FROM` workers on, else threads."""
 
-    def __init__(self, workers: int | None = None, processes: bool = False,
+    def __init__(self, workers: int | None = None, processes: bool | None = None,
                  prefetch: int = PREFETCH) -> None:
         if workers is not None and workers < 1:
             raise TicketctlError(f"a batch reader needs at least one worker, got {workers}")
         self.workers = workers or default_workers()
-        self.processes = processes
+        self.processes = self.workers >= PROCESSES_FROM if processes is None else processes
         self.prefetch = max(1, prefetch)
         self._pool: Executor | None = None
 

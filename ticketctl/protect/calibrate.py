@@ -85,6 +85,10 @@ def calibrate(arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, models
         raise TicketctlError(f"--models must be at least 1, got {models}")
     null = NullModels(arch, data, ts, cfg, seed, arch_args)
     width = null.width(pack, models)
+    if devices is not None and len(devices) > 1:  # a pack for every device
+        from ticketctl.attacks.spread import spread_width
+
+        width = spread_width(width, models, len(devices))
     chunks = [[seed + i + j for j in range(min(width, models - i))]
               for i in range(0, models, width)]
     agreements: list[float] = []

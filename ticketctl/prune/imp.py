@@ -165,7 +165,7 @@ class TrialJob:
 
     run_dir: str
     round: int
-    trials: list[int]  # consecutive; more than one: trained packed, as one device would
+    trials: list[int]  # consecutive; more than one: trained packed together
     seeds: list[int]
     start_epoch: int
     arch: str
@@ -342,8 +342,8 @@ class Search:
         if seq is not None:
             self.seq = seq
         width = min(self.pack, self.scfg.trials - len(trials))
-        # spread when there is more than one job: one pack, or one trial, is one worker's
-        if self.devices is not None and self.scfg.trials - len(trials) > max(1, width):
+        # spread when there is more than one trial left: a pack for every device
+        if self.devices is not None and self.scfg.trials - len(trials) > 1:
             return self._spread_trials(r, trials)
         if width > 1:
             trials = self._packed_trials(r, cand, trials, width)
@@ -360,15 +360,16 @@ class Search:
         return trials
 
     def _spread_trials(self, r: int, trials: list[TrialResult]) -> list[TrialResult]:
-        """The round's remaining trials on the workers, grouped as one device would train
-        them (the first `pack` together, the rest one by one), so the results are the same;
-        recorded when all are back (a kill redoes the unrecorded ones)."""
-        from ticketctl.attacks.spread import DataSpec, Job, SpreadPool
+        """The round's remaining trials on the workers, in packs of at most `pack` and enough
+        packs for every device (`spread_width`); a trial's seed is its own wherever it
+        trains. Recorded when all are back (a kill redoes the unrecorded ones)."""
+        from ticketctl.attacks.spread import DataSpec, Job, SpreadPool, spread_width
 
         first = len(trials)
-        width = min(self.pack, self.scfg.trials - first)
-        groups = [list(range(first, first + width))] if width > 1 else []
-        groups += [[t] for t in range(first + (width if width > 1 else 0), self.scfg.trials)]
+        left = self.scfg.trials - first
+        width = spread_width(min(self.pack, left), left, len(self.devices))
+        groups = [list(range(t, min(t + width, self.scfg.trials)))
+                  for t in range(first, self.scfg.trials, width)]
         if self.pool is None:
             def on_epoch(label: str, stats: EpochStats) -> None:
                 self.seq += 1

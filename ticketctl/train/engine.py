@@ -38,6 +38,7 @@ from ticketctl.distributed import (
     broadcast_parameters,
     check_same,
     fail_rank_for_tests,
+    release_before_shutdown,
     sum_counts,
 )
 from ticketctl.errors import TicketctlError
@@ -409,10 +410,17 @@ class Engine:
         torch.cuda.current_stream().wait_stream(side)
         for p in self.opt.params:
             p.grad = None
+        torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # Data-parallel: the capture is thread-local, so the NCCL watchdog thread may still
+        # query the events of collectives issued before it (as nccl-tests captures), and the
+        # graph is released before the process group is destroyed (pytorch#115388).
+        mode = "thread_local" if self.dist is not None else "global"
+        with torch.cuda.graph(self.graph, capture_error_mode=mode):
             self._step()
         torch.cuda.synchronize()
+        if self.dist is not None:
+            release_before_shutdown(self)
         self.load_model_state(saved[0])
         self.load_optimizer_state(saved[1])
         self.loss_sum.zero_()
@@ -470,6 +478,12 @@ class Engine:
         overlaps the step before)."""
         self.x_in.copy_(x, non_blocking=True)
         self.y_in.copy_(y, non_blocking=True)
+
+    def release_graph(self) -> None:
+        """Drop the captured step (it is captured again on the next epoch)."""
+        if self.graph is not None:
+            torch.cuda.synchronize()
+            self.graph = None
 
     def _run_step(self) -> None:
         if self.graph is not None:
