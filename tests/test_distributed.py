@@ -258,3 +258,27 @@ def test_two_ranks_average_gradients_and_share_evaluation_like_one_process(tmp_p
     # half the test set each) add up to exactly one process's numbers
     assert ranks[0]["history"] == ranks[1]["history"] == one_history
     assert all(0 < t <= 100 for _, t in one_history)
+
+
+def test_shutdown_releases_captured_graphs_before_destroying_the_group():
+    """A CUDA graph holding NCCL collectives must be gone before the process group is
+    destroyed (pytorch#115388: it can hang otherwise); shutdown() releases every registered
+    owner first, while the group still exists, and forgets them."""
+    from ticketctl.distributed import release_before_shutdown, shutdown
+
+    seen = []
+
+    class Owner:
+        def release_graph(self):
+            seen.append(dist.is_initialized())
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    owner = Owner()
+    release_before_shutdown(owner)
+    shutdown()
+    assert seen == [True]  # released once, before the group was destroyed
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    shutdown()
+    assert seen == [True]  # not released twice

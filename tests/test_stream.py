@@ -148,6 +148,42 @@ def test_worker_processes_decode_what_threads_decode(streamed):
         threads.close()
 
 
+def test_processes_decode_into_shared_slots_and_give_them_back(streamed, monkeypatch):
+    """Worker processes write batches into shared slots (nothing pickled back): the batches
+    equal the threads' ones, every slot is free again after a full pass and after a pass cut
+    short, and a batch larger than a slot, or no shared memory at all, falls back to sending
+    the images back, with the same result."""
+    from ticketctl.data import stream
+
+    n = len(streamed.train)
+    assert n >= 18  # the last batch is larger than the first
+    plan = [np.arange(0, 5), np.arange(5, 9), np.arange(9, 12), np.arange(12, n)]
+    threads = BatchReader(workers=2, processes=False, prefetch=2)
+    want = list(threads.batches(streamed.train, plan, SIZE, train=True, seed=3, epoch=1))
+    threads.close()
+    # slots sized for 5 images (the first batch): the last, larger batch cannot use one
+    monkeypatch.setattr(stream, "SLOT_MIN_BYTES", 1)
+    procs = BatchReader(workers=2, processes=True, prefetch=2)
+    try:
+        got = list(procs.batches(streamed.train, plan, SIZE, train=True, seed=3, epoch=1))
+        assert same(got, want)
+        assert len(procs._slots) == 3 and sorted(procs._free) == [0, 1, 2]
+        cut = procs.batches(streamed.train, plan, SIZE, train=True, seed=3, epoch=1)
+        assert same([next(cut)], want[:1])
+        cut.close()  # the batches decoded ahead are dropped, their slots freed
+        assert sorted(procs._free) == [0, 1, 2]
+    finally:
+        procs.close()
+    monkeypatch.setattr(stream, "_shared_slots", lambda count, nbytes: [])
+    none = BatchReader(workers=2, processes=True, prefetch=2)
+    try:
+        assert same(list(none.batches(streamed.train, plan, SIZE, train=True, seed=3,
+                                      epoch=1)), want)
+        assert none._slots == []
+    finally:
+        none.close()
+
+
 def test_many_workers_decode_in_processes_unless_told():
     """Threads share the GIL around pillow's decode: from PROCESSES_FROM workers on the
     reader uses processes (measured 4.7x faster with 32 on the H200 host); an explicit

@@ -112,7 +112,7 @@ class TensorBatchReader(BatchReader):
         parts = [(i, i + 1, self.pool().submit(_read, split.files[r]))
                  for i, r in enumerate(rows)]
         return _Reading(torch.empty(0, dtype=torch.uint8), split.labels[torch.from_numpy(idx)],
-                        parts, rows, (size, train, seed, epoch))
+                        parts, rows=rows, how=(size, train, seed, epoch))
 
     def _finish(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         assert isinstance(batch, _Reading)
