@@ -282,3 +282,40 @@ def test_shutdown_releases_captured_graphs_before_destroying_the_group():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     shutdown()
     assert seen == [True]  # not released twice
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_command_stops_its_ranks(tmp_path):
+    """The ranks run in their own session; a SIGTERM to the command the user started (from
+    `timeout`, a scheduler, `kill`) stops them before it exits 143, leaving nothing on the
+    devices."""
+    import signal
+    import time
+
+    from ticketctl.distributed import _descendants
+
+    cmd = [sys.executable, "-m", "ticketctl", *FIND, "--nproc", "2", "--epochs", "500",
+           "--out", str(tmp_path / "t.safetensors"), "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + HANG_GUARD_S
+    ranks: list[int] = []
+    while time.monotonic() < deadline:  # torchrun and its two ranks are running
+        ranks = _descendants(proc.pid)
+        if len(ranks) >= 3 or proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None and len(ranks) >= 3, "the ranks never started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=HANG_GUARD_S)
+    assert proc.returncode == 143
+    assert err.strip().splitlines()[-1] == "error: stopped by SIGTERM; every rank was stopped"
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    assert not [pid for pid in ranks if alive(pid)]

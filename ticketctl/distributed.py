@@ -18,12 +18,12 @@ import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from ticketctl.errors import TicketctlError
+from ticketctl.errors import Terminated, TicketctlError
 
 DEFAULT_TIMEOUT_S = 600
 
@@ -164,15 +164,36 @@ def launch(module_args: list[str], nproc: int, nnodes: int = 1,
     cmd += ["-m", "ticketctl", *module_args]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # The ranks run in their own session (so a failing one can be stopped with the rest):
+    # a SIGTERM to this process (`timeout`, a batch scheduler, `kill`) must stop them too,
+    # or they would keep the GPUs after it is gone.
+    previous = _on_sigterm_raise()
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _stop_tree(proc)
         raise TicketctlError(f"distributed run did not finish within {timeout_s:g} s "
                              "(--dist-timeout); every rank was stopped") from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         _stop_tree(proc)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm_raise() -> Any:
+    """Make SIGTERM raise `Terminated` in the main thread; the handler it replaced (None
+    outside the main thread, where signals cannot be handled)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -18,3 +18,10 @@ def first_line(e: BaseException, limit: int = 160) -> str:
     characters, or its type's name when it has no message."""
     text = str(e)
     return text.splitlines()[0][:limit] if text.strip() else type(e).__name__
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while a command waited for the data-parallel ranks it started (they
+    are stopped first); the command exits 143, as SIGTERM itself would end it."""
+
+    code = 143

@@ -67,7 +67,7 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-ERROR_KINDS = {1: "check failed", 2: "bad input", 130: "interrupted"}
+ERROR_KINDS = {1: "check failed", 2: "bad input", 130: "interrupted", 143: "interrupted"}
 
 
 def fail(message: str, code: int = 2, as_json: bool = False, kind: str | None = None) -> None:

@@ -24,7 +24,7 @@ from typer.models import ParameterInfo
 from ticketctl.artifacts.io import check_output_path
 from ticketctl.cli.common import console, emit_json, fail, launch_ranks, progress_bar
 from ticketctl.device import Device, configure_threads
-from ticketctl.errors import TicketctlError
+from ticketctl.errors import Terminated, TicketctlError
 from ticketctl.models import ARCHS
 from ticketctl.models.sources import FACTORY, load_factory, parse_arch_args, use_factory
 from ticketctl.protect.receipt import load_public_key, load_receipt
@@ -257,6 +257,9 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(str(e), e.exit_code, as_json=output.json_out and not output.emitted)
         except KeyboardInterrupt:
             fail("interrupted", 130, as_json=as_json)
+        except Terminated:  # SIGTERM while data-parallel ranks ran: they were stopped first
+            fail("stopped by SIGTERM; every rank was stopped", Terminated.code,
+                 as_json=as_json)
         except Exception as e:  # anything unforeseen still gets one line
             if output.debug:
                 raise
