@@ -147,13 +147,27 @@ def fail_rank_for_tests() -> int | None:
     return int(v) if v else None
 
 
+# torchrun, without the traceback it prints when a rank fails (the rank has said why), and
+# exiting with the first failed rank's own exit status (2 for bad input) instead of 1.
+_TORCHRUN = """import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+try:
+    main()
+except ChildFailedError as e:
+    codes = [f.exitcode for _, f in sorted(e.failures.items())]
+    sys.exit(next((c for c in codes if 0 < c < 128), 1))
+"""
+
 def launch(module_args: list[str], nproc: int, nnodes: int = 1,
-           rdzv_endpoint: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
-    """Run `python -m ticketctl MODULE_ARGS` as nproc ranks through torchrun; returns the
-    exit code. Past `timeout_s` without finishing, every rank is killed and 2 returned."""
+           rdzv_endpoint: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+           env: dict[str, str] | None = None) -> int:
+    """Run `python -m ticketctl MODULE_ARGS` as nproc ranks through torchrun (with `env`
+    added to their environment); returns the exit code. Past `timeout_s` without finishing,
+    every rank is killed and 2 returned."""
     if nproc < 1 or nnodes < 1:
         raise TicketctlError("--nproc and --nnodes must be at least 1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-c", _TORCHRUN, f"--nproc-per-node={nproc}",
            f"--nnodes={nnodes}", "--max-restarts=0"]
     if rdzv_endpoint:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
@@ -162,7 +176,8 @@ def launch(module_args: list[str], nproc: int, nnodes: int = 1,
             raise TicketctlError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT")
         cmd += ["--standalone"]
     cmd += ["-m", "ticketctl", *module_args]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           **(env or {})}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     # The ranks run in their own session (so a failing one can be stopped with the rest):
     # a SIGTERM to this process (`timeout`, a batch scheduler, `kill`) must stop them too,

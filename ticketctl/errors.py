@@ -1,5 +1,9 @@
 """Typed errors: the CLI turns each into one line and an exit code."""
 
+# Where a data-parallel rank that fails writes its error (`rank<R>.json`), for the command
+# that started the ranks to report once in place of every rank printing its own.
+RANK_ERRORS_ENV = "TICKETCTL_RANK_ERRORS"
+
 
 class TicketctlError(Exception):
     """Bad usage or bad input: exit status 2."""

@@ -11,9 +11,11 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -28,7 +30,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ticketctl.errors import TicketctlError
+from ticketctl.errors import RANK_ERRORS_ENV, TicketctlError
 
 # Not a terminal (a pipe, a log file, CI): Rich would assume 80 columns and squeeze tables,
 # cutting numbers ("6.1e-1..." for 6.1e-108); give it room instead, and tables fold, never cut.
@@ -72,7 +74,16 @@ ERROR_KINDS = {1: "check failed", 2: "bad input", 130: "interrupted", 143: "inte
 
 def fail(message: str, code: int = 2, as_json: bool = False, kind: str | None = None) -> None:
     """One line on stderr and the exit status; with --json also one JSON document on stdout
-    (`error`, `exit_code`, `message`), so a script reading stdout sees the failure."""
+    (`error`, `exit_code`, `message`), so a script reading stdout sees the failure. A rank of
+    a data-parallel run started by `launch_ranks` writes the error to its file instead: the
+    command that started the ranks reports it once."""
+    errors = os.environ.get(RANK_ERRORS_ENV)
+    if errors and os.path.isdir(errors) and "RANK" in os.environ:
+        doc = {"message": message, "code": code, "kind": kind, "time": time.time()}
+        target = Path(errors) / f"rank{os.environ['RANK']}.json"
+        target.with_suffix(".tmp").write_text(json.dumps(doc))
+        os.replace(target.with_suffix(".tmp"), target)
+        raise typer.Exit(code)
     if as_json:
         emit_json(error_doc(message, code, kind))
     error_line(message)
@@ -179,8 +190,38 @@ def launch_ranks(nproc: int, nnodes: int, rdzv_endpoint: str | None, timeout_s: 
 
     if (nproc <= 1 and nnodes <= 1) or in_worker():
         return False
-    code = launch(relaunch_args(sys.argv[1:]), nproc, nnodes, rdzv_endpoint, timeout_s)
-    if code != 0:
+    with tempfile.TemporaryDirectory(prefix="ticketctl-errors-") as errors:
+        code = launch(relaunch_args(sys.argv[1:]), nproc, nnodes, rdzv_endpoint, timeout_s,
+                      env={RANK_ERRORS_ENV: errors})
+        reported = rank_error(Path(errors))
+    if code == 0:
+        return True
+    if reported is None:
         raise TicketctlError(f"a distributed rank failed (exit {code}); every rank was "
                              "stopped, see the messages above")
-    return True
+    rank, message, rank_code = reported
+    if rank != 0:
+        message = f"a distributed rank failed (rank {rank}: {message}); every rank was stopped"
+    err = TicketctlError(message)
+    err.exit_code = rank_code
+    raise err
+
+
+def rank_error(folder: Path) -> tuple[int, str, int] | None:
+    """The error to report of those the ranks wrote: the first one written (the cause; the
+    others are usually ranks losing their peer), rank 0's when it came within a second of
+    the first (every rank rejecting the same input: rank 0's names the user's paths)."""
+    found = []
+    for f in folder.glob("rank*.json"):
+        try:
+            doc = json.loads(f.read_text())
+            found.append((float(doc["time"]), int(f.stem[4:]), str(doc["message"]),
+                          int(doc["code"])))
+        except (OSError, ValueError, KeyError):
+            continue
+    if not found:
+        return None
+    first = min(found)
+    zero = next((e for e in found if e[1] == 0 and e[0] - first[0] <= 1.0), None)
+    _, rank, message, code = zero or first
+    return rank, message, code
