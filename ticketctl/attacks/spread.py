@@ -1,9 +1,11 @@
 """Spreading a sweep's independent trainings over several devices: one worker process per
 device (spawned: CUDA cannot be forked), each loading the dataset itself and taking packs of
-jobs from a shared queue until it is told to stop. A worker trains a pack exactly as the one-device
-runner would (same trainer, same seeds, same packing) and writes each result into the sweep's
-job store, which is how the results come back: the parent then finds every job cached. So
-resume, the cache and the results are those of one device; only the wall time changes."""
+jobs from a shared queue until it is told to stop. A worker trains a pack as the one-device
+runner trains one (same trainer, same seeds; packs cut so every device gets one,
+`spread_width`) and writes each result into the sweep's job store, which is how the results
+come back: the parent then finds every job cached. So resume, the cache and the results are
+those of one device (equal on CPU; on a GPU a pack's width changes only float rounding); the
+wall time is what changes."""
 
 from __future__ import annotations
 

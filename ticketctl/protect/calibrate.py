@@ -79,7 +79,9 @@ def calibrate(arch: str, data: Dataset, ts: TriggerSet, cfg: TrainConfig, models
     """Train `models` independent dense models (own seeds and data orders, no triggers), in
     packs of `pack` per network (default 8 on CUDA for small models), and measure their
     agreement with the trigger labels. `devices` (two or more): the packs are spread over one
-    worker process each (`attacks.spread`), with the same results."""
+    worker process each (`attacks.spread`), cut so every device gets one; each model keeps
+    its seed, so the results are one device's (equal on CPU; on a GPU packing changes only
+    float rounding)."""
     ts.check_classes(data.num_classes)
     if models < 1:
         raise TicketctlError(f"--models must be at least 1, got {models}")
