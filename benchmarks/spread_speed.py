@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -43,12 +45,27 @@ def tickets(arch: str, classes: int, n: int, density: float, **args) -> list[Tic
     return out
 
 
-def timed(data, cfg, jobs, devices, pack) -> tuple[float, list[float]]:
+def timed(data, cfg, jobs, devices, pack) -> tuple[float, list[float], dict]:
+    """Wall time, accuracies, and where the time went: when each pack's first epoch ended
+    (start-up: worker start, data, compilation and capture) and its training epochs' median
+    length, from the epoch events the workers send back."""
+    seen: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+
+    def on_epoch(label: str, stats) -> None:
+        seen.setdefault(label, []).append(time.perf_counter() - t0)
+
     with tempfile.TemporaryDirectory() as tmp:
-        runner = AttackRunner(data, cfg, out_dir=Path(tmp), pack=pack, devices=devices)
+        runner = AttackRunner(data, cfg, out_dir=Path(tmp), pack=pack, devices=devices,
+                              on_epoch=on_epoch)
         t0 = time.perf_counter()
         results = runner.retrain_many(jobs, [f"job {i}" for i in range(len(jobs))])
-        return time.perf_counter() - t0, [r.accuracy for r in results]
+        wall = time.perf_counter() - t0
+    packs = {label: {"first_epoch_end_s": round(ts[0], 1), "last_epoch_end_s": round(ts[-1], 1),
+                     "epoch_s": round(statistics.median([b - a for a, b in pairwise(ts)]), 3)
+                     if len(ts) > 1 else None}
+             for label, ts in seen.items()}
+    return wall, [r.accuracy for r in results], packs
 
 
 def main() -> int:
@@ -77,9 +94,9 @@ def main() -> int:
         cfg = resolve_settings("fast", arch="resnet20", dataset="cifar10",
                                train=TrainOverrides(epochs=args.epochs)).train
         jobs = tickets("resnet20", 10, args.jobs, 0.2)
-    one_s, one_acc = timed(data, cfg, jobs, None, args.pack)
+    one_s, one_acc, one_packs = timed(data, cfg, jobs, None, args.pack)
     print(f"one device ({first}): {one_s:.1f} s", file=sys.stderr)
-    many_s, many_acc = timed(data, cfg, jobs, devices, args.pack)
+    many_s, many_acc, many_packs = timed(data, cfg, jobs, devices, args.pack)
     print(f"{len(devices or [])} devices: {many_s:.1f} s, {one_s / many_s:.2f}x",
           file=sys.stderr)
     doc = {"jobs": len(jobs), "epochs": cfg.epochs, "devices": [str(d) for d in devices or []],
@@ -87,6 +104,7 @@ def main() -> int:
            "speedup": round(one_s / many_s, 3),
            "max_accuracy_difference": max(abs(a - b) for a, b in zip(one_acc, many_acc,
                                                                       strict=True)),
+           "packs_one_device": one_packs, "packs_spread": many_packs,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__}
     print(json.dumps(doc, indent=1))

@@ -240,8 +240,8 @@ def test_find_spreads_only_more_than_one_trial(tmp_path):
 
 def test_spread_width_gives_every_device_a_pack():
     """Sixteen jobs that one device packs 16 to a network go 8 and 8 to two devices (one pack
-    of 16 left the second H200 idle); never wider than one device packs; one device or one job
-    keeps the device's width."""
+    of 16 would leave the second idle); never wider than one device packs; one device or one
+    job keeps the device's width."""
     from ticketctl.attacks.spread import spread_width
 
     assert spread_width(16, 16, 2) == 8

@@ -68,11 +68,10 @@ class Job:
 
 def spread_width(width: int, jobs: int, devices: int) -> int:
     """How many jobs share one packed network when `jobs` are spread over `devices`: at most
-    what one device packs (`width`), and few enough that every device gets a pack. Measured
-    on two H200s (2026-11-30): sixteen ResNet-20 retrainings in one pack of 16 left the
-    second GPU idle (0.98x); two packs of 8 keep both busy. On a GPU packing changes the
-    arithmetic only at float rounding (packed and alone are close, not bit-equal), so the
-    grouping is free to follow the devices."""
+    what one device packs (`width`), and few enough that every device gets a pack (eight
+    trials that one GPU packs together would otherwise leave a second GPU idle). On a GPU
+    packing changes the arithmetic only at float rounding (packed and alone are close, not
+    bit-equal), so the grouping is free to follow the devices."""
     if devices < 2 or jobs < 2:
         return max(1, width)
     return max(1, min(width, -(-jobs // devices)))
