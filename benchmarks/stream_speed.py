@@ -164,6 +164,8 @@ def worker(args: argparse.Namespace) -> None:
     else:
         row["gpu_decode"] = "no GPU decoding here (needs CUDA and torchvision)"
     row["stream_vs_model"] = row["stream_model"] / row["model_alone"]
+    # how many of the streamed batches came back through shared memory (worker processes)
+    row["shared_memory_batches"] = reader.shared_batches
     if ctx is None or ctx.is_main:
         Path(args.result).write_text(json.dumps(row))
     shutdown()

@@ -272,7 +272,7 @@ def test_shutdown_releases_captured_graphs_before_destroying_the_group():
     seen = []
 
     class Owner:
-        def release_graph(self):
+        def release_graph(self, sync=True):
             seen.append(dist.is_initialized())
 
     store = dist.HashStore()
@@ -342,3 +342,43 @@ def test_an_error_every_rank_meets_is_reported_once(tmp_path):
     last = again.stderr.strip().splitlines()[-1]
     assert last == f"error: {doc['message']}"
     assert sum(line.startswith("error:") for line in again.stderr.splitlines()) == 1
+
+
+def test_the_reported_rank_error_is_the_cause(tmp_path):
+    """Of the errors the ranks wrote: not a rank that lost its peer (unless nothing else was
+    written); rank 0's when it came within the grace the other ranks wait (the same bad
+    input, in the user's words); otherwise the first written; with its code and kind."""
+    from ticketctl.cli.common import LOST_PEER, RANK_ERROR_GRACE_S, rank_error
+
+    def write(folder, rank, t, message, code=2, kind=None):
+        folder.mkdir(exist_ok=True)
+        (folder / f"rank{rank}.json").write_text(json.dumps(
+            {"time": t, "message": message, "code": code, "kind": kind}))
+
+    a = tmp_path / "a"  # rank 1 failed; rank 0 then lost it, and wrote first
+    write(a, 1, 10.5, "boom", kind="unexpected")
+    write(a, 0, 10.0, "Connection closed by peer", kind=LOST_PEER)
+    assert rank_error(a) == (1, "boom", 2, "unexpected")
+    b = tmp_path / "b"  # every rank refused the same input
+    write(b, 1, 10.0, "cannot resume /tmp/scratch/run")
+    write(b, 0, 10.0 + RANK_ERROR_GRACE_S / 2, "cannot resume /home/u/run")
+    assert rank_error(b) == (0, "cannot resume /home/u/run", 2, None)
+    c = tmp_path / "c"  # rank 0 failed later, on its own: the first is the cause
+    write(c, 1, 10.0, "first", code=1, kind="check failed")
+    write(c, 0, 10.0 + 2 * RANK_ERROR_GRACE_S, "later")
+    assert rank_error(c) == (1, "first", 1, "check failed")
+    d = tmp_path / "d"  # nothing but a lost peer: still reported
+    write(d, 0, 10.0, "Connection closed by peer", kind=LOST_PEER)
+    assert rank_error(d) == (0, "Connection closed by peer", 2, LOST_PEER)
+    (tmp_path / "e").mkdir()
+    assert rank_error(tmp_path / "e") is None
+
+
+def test_a_lost_peer_is_told_from_a_cause():
+    from ticketctl.cli.options import lost_peer
+
+    gloo = ("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+            "[127.0.0.1]:29500")
+    assert lost_peer(RuntimeError(gloo))
+    assert not lost_peer(RuntimeError("TICKETCTL_FAIL_RANK: rank 1 fails on purpose"))
+    assert not lost_peer(ValueError("cannot resume"))

@@ -150,9 +150,10 @@ def test_worker_processes_decode_what_threads_decode(streamed):
 
 def test_processes_decode_into_shared_slots_and_give_them_back(streamed, monkeypatch):
     """Worker processes write batches into shared slots (nothing pickled back): the batches
-    equal the threads' ones, every slot is free again after a full pass and after a pass cut
-    short, and a batch larger than a slot, or no shared memory at all, falls back to sending
-    the images back, with the same result."""
+    equal the threads' ones; a batch larger than the slots goes the old way while others hold
+    slots, and makes them grow when none does; every slot is free again after a full pass and
+    after a pass cut short, and a batch from before `close` gives nothing to the next pool;
+    without shared memory every batch goes the old way, with the same result."""
     from ticketctl.data import stream
 
     n = len(streamed.train)
@@ -161,17 +162,32 @@ def test_processes_decode_into_shared_slots_and_give_them_back(streamed, monkeyp
     threads = BatchReader(workers=2, processes=False, prefetch=2)
     want = list(threads.batches(streamed.train, plan, SIZE, train=True, seed=3, epoch=1))
     threads.close()
-    # slots sized for 5 images (the first batch): the last, larger batch cannot use one
-    monkeypatch.setattr(stream, "SLOT_MIN_BYTES", 1)
+    row = SIZE * SIZE * 3
+    monkeypatch.setattr(stream, "SLOT_MIN_BYTES", 1)  # slots sized by the first batch
     procs = BatchReader(workers=2, processes=True, prefetch=2)
     try:
         got = list(procs.batches(streamed.train, plan, SIZE, train=True, seed=3, epoch=1))
         assert same(got, want)
-        assert len(procs._slots) == 3 and sorted(procs._free) == [0, 1, 2]
+        # the first three fit a 5-image slot; the last came while others held slots
+        assert procs.shared_batches == 3 and procs._slots[0].numel() == 5 * row
+        assert sorted(procs._free) == [0, 1, 2]
+        # a pass that starts with the large batch, all slots free: they grow to take it
+        big = list(procs.batches(streamed.train, plan[::-1], SIZE, train=True, seed=3,
+                                 epoch=1))
+        assert same(big, want[::-1]) and procs.shared_batches == 3 + 4
+        assert procs._slots[0].numel() == (n - 12) * row
         cut = procs.batches(streamed.train, plan, SIZE, train=True, seed=3, epoch=1)
         assert same([next(cut)], want[:1])
         cut.close()  # the batches decoded ahead are dropped, their slots freed
         assert sorted(procs._free) == [0, 1, 2]
+        # a batch that took its slot before the reader was closed gives it back to no one
+        old = procs._submit(streamed.train, plan[0], SIZE, True, 3, 1, False)
+        assert old.slot is not None and len(procs._free) == 2
+        procs.close()
+        assert same(list(procs.batches(streamed.train, plan, SIZE, train=True, seed=3,
+                                       epoch=1)), want)
+        procs._release(old)
+        assert sorted(procs._free) == [0, 1, 2] and old.slot is None
     finally:
         procs.close()
     monkeypatch.setattr(stream, "_shared_slots", lambda count, nbytes: [])
@@ -179,7 +195,7 @@ def test_processes_decode_into_shared_slots_and_give_them_back(streamed, monkeyp
     try:
         assert same(list(none.batches(streamed.train, plan, SIZE, train=True, seed=3,
                                       epoch=1)), want)
-        assert none._slots == []
+        assert none._slots == [] and none.shared_batches == 0
     finally:
         none.close()
 

@@ -64,7 +64,7 @@ def init_from_env(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S
 
 
 class GraphOwner(Protocol):
-    def release_graph(self) -> None: ...
+    def release_graph(self, sync: bool = True) -> None: ...
 
 
 # Trainers whose captured CUDA graph holds NCCL collectives: destroying the process group
@@ -86,8 +86,14 @@ def shutdown() -> None:
             if sys.exc_info()[0] is None:  # failing: leave at once, torchrun stops the rest
                 dist.barrier()
         finally:
+            failing = sys.exc_info()[0] is not None
             for owner in list(_graph_owners):
-                owner.release_graph()
+                try:
+                    # failing: drop the graph without waiting on a device whose collective
+                    # may never complete (its peer is gone)
+                    owner.release_graph(sync=not failing)
+                except Exception:  # noqa: BLE001 - the group must still be destroyed
+                    pass
             _graph_owners.clear()
             gc.collect()
             dist.destroy_process_group()
@@ -155,8 +161,8 @@ from torch.distributed.run import main
 try:
     main()
 except ChildFailedError as e:
-    codes = [f.exitcode for _, f in sorted(e.failures.items())]
-    sys.exit(next((c for c in codes if 0 < c < 128), 1))
+    code = e.get_first_failure()[1].exitcode
+    sys.exit(code if 0 < code < 128 else 1)
 """
 
 def launch(module_args: list[str], nproc: int, nnodes: int = 1,
@@ -178,32 +184,36 @@ def launch(module_args: list[str], nproc: int, nnodes: int = 1,
     cmd += ["-m", "ticketctl", *module_args]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            **(env or {})}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     # The ranks run in their own session (so a failing one can be stopped with the rest):
     # a SIGTERM to this process (`timeout`, a batch scheduler, `kill`) must stop them too,
     # or they would keep the GPUs after it is gone.
     previous = _on_sigterm_raise()
     try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _stop_tree(proc)
-        raise TicketctlError(f"distributed run did not finish within {timeout_s:g} s "
-                             "(--dist-timeout); every rank was stopped") from None
-    except (KeyboardInterrupt, Terminated):
-        _stop_tree(proc)
-        raise
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _stop_tree(proc, previous is not _NOT_INSTALLED)
+            raise TicketctlError(f"distributed run did not finish within {timeout_s:g} s "
+                                 "(--dist-timeout); every rank was stopped") from None
+        except (KeyboardInterrupt, Terminated):
+            _stop_tree(proc, previous is not _NOT_INSTALLED)
+            raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if previous is not _NOT_INSTALLED:  # (None: it was set outside Python; the default)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+_NOT_INSTALLED = object()
 
 
 def _on_sigterm_raise() -> Any:
-    """Make SIGTERM raise `Terminated` in the main thread; the handler it replaced (None
-    outside the main thread, where signals cannot be handled)."""
+    """Make SIGTERM raise `Terminated` in the main thread; the handler it replaced, or
+    `_NOT_INSTALLED` outside the main thread (where signals cannot be handled)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return _NOT_INSTALLED
 
     def handler(signum: int, frame: Any) -> None:
         raise Terminated()
@@ -228,8 +238,12 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _stop_tree(proc: subprocess.Popen) -> None:
-    """torchrun stops its ranks on SIGTERM; whatever is left after 10 s is killed."""
+def _stop_tree(proc: subprocess.Popen, ignore_sigterm: bool = False) -> None:
+    """torchrun stops its ranks on SIGTERM; whatever is left after 10 s is killed.
+    `ignore_sigterm`: a second SIGTERM to this process meanwhile must not cut this short
+    (the launch's handler would raise in the middle of it)."""
+    if ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ranks = _descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     try:

@@ -70,6 +70,8 @@ def emit_json(obj: Any) -> None:
 
 
 ERROR_KINDS = {1: "check failed", 2: "bad input", 130: "interrupted", 143: "interrupted"}
+RANK_ERROR_GRACE_S = 2.0  # how long a failing rank other than 0 waits before it exits
+LOST_PEER = "lost peer"  # a rank's error kind when another rank left first: not the cause
 
 
 def fail(message: str, code: int = 2, as_json: bool = False, kind: str | None = None) -> None:
@@ -81,9 +83,18 @@ def fail(message: str, code: int = 2, as_json: bool = False, kind: str | None = 
     if errors and os.path.isdir(errors) and "RANK" in os.environ:
         doc = {"message": message, "code": code, "kind": kind, "time": time.time()}
         target = Path(errors) / f"rank{os.environ['RANK']}.json"
-        target.with_suffix(".tmp").write_text(json.dumps(doc))
-        os.replace(target.with_suffix(".tmp"), target)
-        raise typer.Exit(code)
+        try:
+            target.with_suffix(".tmp").write_text(json.dumps(doc))
+            os.replace(target.with_suffix(".tmp"), target)
+        except OSError:
+            pass  # (then said here, as without the file)
+        else:
+            if os.environ["RANK"] != "0":
+                # torchrun stops every rank once one has exited: the others wait a moment,
+                # so that rank 0, meeting the same bad input, reports it in the user's words
+                # (the others work in scratch copies of the run folder)
+                time.sleep(RANK_ERROR_GRACE_S)
+            raise typer.Exit(code)
     if as_json:
         emit_json(error_doc(message, code, kind))
     error_line(message)
@@ -199,29 +210,34 @@ def launch_ranks(nproc: int, nnodes: int, rdzv_endpoint: str | None, timeout_s: 
     if reported is None:
         raise TicketctlError(f"a distributed rank failed (exit {code}); every rank was "
                              "stopped, see the messages above")
-    rank, message, rank_code = reported
+    rank, message, rank_code, kind = reported
     if rank != 0:
         message = f"a distributed rank failed (rank {rank}: {message}); every rank was stopped"
     err = TicketctlError(message)
     err.exit_code = rank_code
+    err.kind = kind  # type: ignore[attr-defined]  # (the --json document's "error")
     raise err
 
 
-def rank_error(folder: Path) -> tuple[int, str, int] | None:
-    """The error to report of those the ranks wrote: the first one written (the cause; the
-    others are usually ranks losing their peer), rank 0's when it came within a second of
-    the first (every rank rejecting the same input: rank 0's names the user's paths)."""
+def rank_error(folder: Path) -> tuple[int, str, int, str | None] | None:
+    """The error to report of those the ranks wrote (rank, message, exit code, kind): of the
+    errors that are not a rank losing its peer (unless there is nothing else), the first one
+    written, or rank 0's when it came within the grace the other ranks wait (every rank
+    refusing the same input: rank 0's message names the user's own paths)."""
     found = []
     for f in folder.glob("rank*.json"):
         try:
             doc = json.loads(f.read_text())
             found.append((float(doc["time"]), int(f.stem[4:]), str(doc["message"]),
-                          int(doc["code"])))
+                          int(doc["code"]), doc.get("kind")))
         except (OSError, ValueError, KeyError):
             continue
+    causes = [e for e in found if e[4] != LOST_PEER]
+    found = causes or found
     if not found:
         return None
     first = min(found)
-    zero = next((e for e in found if e[1] == 0 and e[0] - first[0] <= 1.0), None)
-    _, rank, message, code = zero or first
-    return rank, message, code
+    zero = next((e for e in found if e[1] == 0 and e[0] - first[0] <= RANK_ERROR_GRACE_S),
+                None)
+    _, rank, message, code, kind = zero or first
+    return rank, message, code, kind

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +23,14 @@ from rich.progress import Progress
 from typer.models import ParameterInfo
 
 from ticketctl.artifacts.io import check_output_path
-from ticketctl.cli.common import console, emit_json, fail, launch_ranks, progress_bar
+from ticketctl.cli.common import (
+    LOST_PEER,
+    console,
+    emit_json,
+    fail,
+    launch_ranks,
+    progress_bar,
+)
 from ticketctl.device import Device, configure_threads
 from ticketctl.errors import Terminated, TicketctlError
 from ticketctl.models import ARCHS
@@ -243,7 +251,7 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             for name, build in builders.items():  # (a group may check its values)
                 kwargs[name] = build(kwargs)
         except TicketctlError as e:
-            fail(str(e), e.exit_code, as_json=json_requested)
+            fail(str(e), e.exit_code, as_json=json_requested, kind=getattr(e, "kind", None))
         output = next((o for o in map(_output, kwargs.values()) if o is not None), Output())
         # a command that printed its result (a verdict that then fails) prints no second one
         as_json = output.json_out and not output.emitted
@@ -254,7 +262,8 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         except TicketctlError as e:
             if output.debug:
                 raise
-            fail(str(e), e.exit_code, as_json=output.json_out and not output.emitted)
+            fail(str(e), e.exit_code, as_json=output.json_out and not output.emitted,
+                 kind=getattr(e, "kind", None))
         except KeyboardInterrupt:
             fail("interrupted", 130, as_json=as_json)
         except Terminated:  # SIGTERM while data-parallel ranks ran: they were stopped first
@@ -264,11 +273,23 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             if output.debug:
                 raise
             fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", 2,
-                 as_json=output.json_out and not output.emitted, kind="unexpected")
+                 as_json=output.json_out and not output.emitted,
+                 kind=LOST_PEER if lost_peer(e) else "unexpected")
 
     wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
     return wrapper
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether a data-parallel rank failed because another one left (its collective lost the
+    peer): not the cause, which the launching command then reports instead."""
+    text = str(e)
+    if any(s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                               "Broken pipe")):
+        return True
+    dist = sys.modules.get("torch.distributed")  # (never imported here just to ask)
+    return dist is not None and isinstance(e, getattr(dist, "DistNetworkError", ()))
 
 
 # ---- every command ----------------------------------------------------------------------------

@@ -142,6 +142,8 @@ class Batch:
     y: torch.Tensor  # int64 N
     parts: list[tuple[int, int, Future]]
     slot: int | None = None  # the shared slot worker processes decode it into
+    slot_buf: torch.Tensor | None = None  # that slot (kept even if the reader is closed)
+    generation: int = 0  # of the reader's pool and slots when the slot was taken
 
 
 # From this many workers on, decode in processes. Threads share the GIL for everything
@@ -164,52 +166,83 @@ class BatchReader:
         self.processes = self.workers >= PROCESSES_FROM if processes is None else processes
         self.prefetch = max(1, prefetch)
         self._pool: Executor | None = None
-        # worker processes decode into shared slots, one per batch in flight, so a decoded
+        # Worker processes decode into shared slots, one per batch in flight, so a decoded
         # batch is not pickled back through a pipe (the parent's cost that capped processes
-        # at 81% of an H200's ResNet-50 speed); a batch larger than a slot goes the old way
+        # at 81% of an H200's ResNet-50 speed). A batch larger than the slots makes them grow
+        # when none is in use (the statistics' small batches come first); otherwise, or
+        # without shared memory, it goes the old way.
         self._slots: list[torch.Tensor] = []
         self._free: list[int] = []
+        self._generation = 0  # the pool and slots a batch's slot belongs to
+        self.shared_batches = 0  # batches that came back through shared memory
 
     def pool(self, nbytes: int = 0) -> Executor:
         """The worker pool, started at first use (`nbytes`: the first batch's size, for the
         shared slots of worker processes)."""
         if self._pool is None:
             if self.processes:
-                self._slots = _shared_slots(self.prefetch + 1, max(nbytes, SLOT_MIN_BYTES))
-                self._free = list(range(len(self._slots)))
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                                 initializer=_init_slots,
-                                                 initargs=(self._slots,))
+                self._start_processes(nbytes)
             else:
                 self._pool = ThreadPoolExecutor(self.workers,
                                                 thread_name_prefix="ticketctl-decode")
+        assert self._pool is not None
         return self._pool
+
+    def _start_processes(self, nbytes: int) -> None:
+        self._generation += 1
+        self._slots = _shared_slots(self.prefetch + 1, max(nbytes, SLOT_MIN_BYTES))
+        self._free = list(range(len(self._slots)))
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                         initializer=_init_slots, initargs=(self._slots,))
 
     def close(self) -> None:
         """Stop the workers (a later batch starts them again)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self._generation += 1  # a batch still holding an old slot does not give it back here
         self._slots, self._free = [], []
+
+    def _take_slot(self, nbytes: int) -> int | None:
+        """A free shared slot for a batch of `nbytes` (worker processes), or None."""
+        if not self.processes or not self._slots:
+            return None
+        if nbytes > self._slots[0].numel() and len(self._free) == len(self._slots):
+            # no batch in flight holds a slot: larger ones, and workers that map them
+            assert self._pool is not None
+            self._pool.shutdown(wait=True)  # (work still pending elsewhere completes first)
+            self._pool = None
+            self._start_processes(nbytes)
+        if self._free and nbytes <= self._slots[0].numel():
+            return self._free.pop()
+        return None
 
     def _submit(self, split: StreamedSplit, idx: np.ndarray, size: int, train: bool, seed: int,
                 epoch: int, pin: bool) -> Batch:
         n = len(idx)
         x = torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=pin)
-        pool = self.pool(x.numel())
-        slot = self._free.pop() if self.processes and self._free and \
-            x.numel() <= self._slots[0].numel() else None
+        self.pool(x.numel())
+        slot = self._take_slot(x.numel())
+        batch = Batch(x, split.labels[torch.from_numpy(idx)], [], slot,
+                      self._slots[slot] if slot is not None else None, self._generation)
+        pool = self.pool()
         chunk = max(1, math.ceil(n / self.workers))
-        parts = []
         view = x.numpy()
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            rows = idx[a:b].tolist()
-            files = [split.files[i] for i in rows]
-            out = None if self.processes else view[a:b]  # threads write into the batch itself
-            parts.append((a, b, pool.submit(_decode, files, rows, size, train, seed, epoch,
-                                            out, None if slot is None else (slot, a))))
-        return Batch(x, split.labels[torch.from_numpy(idx)], parts, slot)
+        try:
+            for a in range(0, n, chunk):
+                b = min(n, a + chunk)
+                rows = idx[a:b].tolist()
+                files = [split.files[i] for i in rows]
+                out = None if self.processes else view[a:b]  # threads write into the batch
+                batch.parts.append((a, b, pool.submit(_decode, files, rows, size, train, seed,
+                                                      epoch, out,
+                                                      None if slot is None else (slot, a))))
+        except BaseException:
+            for _, _, future in batch.parts:
+                future.cancel()
+            self._release(batch)
+            raise
+        return batch
 
     def _finish(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -217,21 +250,24 @@ class BatchReader:
                 got = future.result()  # a worker's error (an unreadable file) is raised here
                 if self.processes and batch.slot is None:
                     batch.x[a:b] = torch.from_numpy(got)
-            if batch.slot is not None:
-                batch.x.view(-1).copy_(self._slots[batch.slot][:batch.x.numel()])
+            if batch.slot_buf is not None:
+                batch.x.view(-1).copy_(batch.slot_buf[:batch.x.numel()])
+                self.shared_batches += 1
         finally:
             self._release(batch)
         return batch.x, batch.y
 
     def _release(self, batch: Batch) -> None:
-        """Give a batch's shared slot back once no worker can still write into it."""
+        """Give a batch's shared slot back once no worker can still write into it (and only
+        to the pool it came from: `close` or larger slots may have replaced it)."""
         if batch.slot is None:
             return
         for _, _, future in batch.parts:
             if not future.cancel():
                 future.exception()  # running: wait for it (its error is the batch's, unused)
-        self._free.append(batch.slot)
-        batch.slot = None
+        if batch.generation == self._generation:
+            self._free.append(batch.slot)
+        batch.slot, batch.slot_buf = None, None
 
     def batches(self, split: StreamedSplit, plan: Iterable[np.ndarray], size: int, *,
                 train: bool, seed: int = 0, epoch: int = 0, pin: bool = False

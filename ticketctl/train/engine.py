@@ -479,10 +479,12 @@ class Engine:
         self.x_in.copy_(x, non_blocking=True)
         self.y_in.copy_(y, non_blocking=True)
 
-    def release_graph(self) -> None:
-        """Drop the captured step (it is captured again on the next epoch)."""
+    def release_graph(self, sync: bool = True) -> None:
+        """Drop the captured step (it is captured again on the next epoch); `sync`: first
+        wait for the device to finish what it runs."""
         if self.graph is not None:
-            torch.cuda.synchronize()
+            if sync:
+                torch.cuda.synchronize()
             self.graph = None
 
     def _run_step(self) -> None:
