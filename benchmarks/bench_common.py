@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -46,6 +47,15 @@ def rank_env() -> dict[str, str]:
     return {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                         os.environ.get("PYTHONPATH")]))}
+
+
+def rank_options(ap: argparse.ArgumentParser, run_timeout: float) -> None:
+    """The options of a script that `on_ranks` runs: `--run-timeout` for the user, and the
+    hidden `--worker --result FILE` that a rank is started with."""
+    ap.add_argument("--run-timeout", type=float, default=run_timeout,
+                    help="seconds one GPU count may take before its ranks are killed")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
 
 
 def on_ranks(script: str | Path, n: int, args: list[str], timeout_s: float | None = None

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import ROOT, on_ranks, rank_env  # noqa: E402
+from bench_common import ROOT, on_ranks, rank_env, rank_options  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -121,14 +121,11 @@ def main() -> int:
                     help="also run every multi-GPU count without CUDA graphs (the step as "
                          "separate kernel launches), to show what the graph buys")
     ap.add_argument("--no-graph", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--run-timeout", type=float, default=300,
-                    help="seconds one GPU count may take before its ranks are killed")
     ap.add_argument("--stack-after", type=float, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--data-dir")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json-out")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
+    rank_options(ap, run_timeout=300)
     args = ap.parse_args()
     if args.worker:
         worker(args)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import on_ranks  # noqa: E402
+from bench_common import on_ranks, rank_options  # noqa: E402
 
 CLASSES = 10
 SIDE = 256  # the synthetic images' size
@@ -223,11 +223,8 @@ def main() -> int:
                     help="decoding workers: threads, processes, or the library's choice")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--run-timeout", type=float, default=400,
-                    help="seconds one GPU count may take before its ranks are killed")
     ap.add_argument("--json-out")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
+    rank_options(ap, run_timeout=400)
     args = ap.parse_args()
     if args.worker:
         worker(args)
