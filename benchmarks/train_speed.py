@@ -92,6 +92,8 @@ LABELS = {
     "c-eager": "(c) eager bf16 (no compile, no graph)",
     "c-fp32": "(c) fp32",
     "c-autotune": "(c) compile mode max-autotune-no-cudagraphs",
+    "c-nchw": "(c) NCHW (channels_last off)",
+    "c-autotune-nchw": "(c) NCHW, compile mode max-autotune-no-cudagraphs",
 }
 # Trainer flags each (c) variant switches off.
 C_VARIANTS: dict[str, dict[str, Any]] = {
@@ -101,6 +103,10 @@ C_VARIANTS: dict[str, dict[str, Any]] = {
     "c-eager": {"compile": False, "cuda_graph": False},
     "c-fp32": {"bf16": False},
     "c-autotune": {"compile_mode": "max-autotune-no-cudagraphs"},
+    # ResNet-20's 16-64 channel convolutions at batch 128 are small; whether cuDNN's NHWC
+    # kernels or its NCHW ones are faster there is what these rows show
+    "c-nchw": {"channels_last": False},
+    "c-autotune-nchw": {"channels_last": False, "compile_mode": "max-autotune-no-cudagraphs"},
 }
 
 
@@ -346,7 +352,7 @@ def reset_compiler() -> None:
 
 
 def bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant: str,
-            round2: bool) -> tuple[dict[str, Any], nn.Module]:
+            round2: bool, profile: bool = False) -> tuple[dict[str, Any], nn.Module]:
     reset_compiler()
     configure_cuda()  # what the ticketctl CLI sets at start; undone after the row
     torch.manual_seed(0)
@@ -364,6 +370,8 @@ def bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant: 
     row: dict[str, Any] = {"label": LABELS[variant], "flags": flags, "steps_per_epoch": steps,
                            "images_per_epoch": steps * bs, **summary}
     row["compile_seconds"] = trainer.compile_seconds
+    if profile:
+        row["profile"] = profile_epoch(trainer, device, epoch=epochs + 1)
     row.update(eval_seconds(trainer, device))
     try:
         row["test_acc"] = float(trainer.evaluate("test"))
@@ -372,6 +380,37 @@ def bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant: 
     if round2:
         row["round2"] = next_round(trainer, model, mask, init_state, summary, device)
     return row, model
+
+
+def profile_epoch(trainer: Trainer, device: torch.device, epoch: int, top: int = 25
+                  ) -> dict[str, Any]:
+    """Where one more epoch's device time goes, from `torch.profiler`: kernels per step and
+    their device time, and the kernels that take most of it (a step bound by many small
+    kernels and one bound by a few large ones need different fixes). Inside a CUDA graph the
+    profiler may see the graph's kernels or only its launch, depending on the CUDA version:
+    `kernels_seen` says which."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        trainer.train_epoch(epoch)
+        sync(device)
+    steps = trainer.steps_per_epoch
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"
+              or (device.type != "cuda" and e.self_cpu_time_total > 0)]
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events.sort(key=lambda e: getattr(e, key, 0.0), reverse=True)
+    total_us = sum(getattr(e, key, 0.0) for e in events)
+    return {
+        "steps": steps, "kernels_seen": bool(events) and device.type == "cuda",
+        "kernels_per_step": sum(e.count for e in events) / steps,
+        "device_ms_per_step": total_us / steps / 1000,
+        "top": [{"name": e.key[:120], "per_step": e.count / steps,
+                 "us_per_step": getattr(e, key, 0.0) / steps,
+                 "share": getattr(e, key, 0.0) / total_us if total_us else 0.0}
+                for e in events[:top]],
+    }
 
 
 def eval_seconds(trainer: Trainer, device: torch.device) -> dict[str, float]:
@@ -546,7 +585,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-sizes", default="128,512", help="comma-separated (default 128,512)")
     ap.add_argument("--configs", default="a,b,c",
                     help="comma-separated from a, b, c, c-nograph, c-nocompile, c-eager, c-fp32, "
-                         "c-autotune")
+                         "c-autotune, c-nchw, c-autotune-nchw")
+    ap.add_argument("--profile", default="",
+                    help="comma-separated (c) configs to profile one more epoch of with "
+                         "torch.profiler: kernels per step and the top kernels (JSON 'profile')")
     ap.add_argument("--variants", action="store_true",
                     help="add (c) rows with one flag off: no graph, no compile, fp32; and with "
                          "compile mode max-autotune-no-cudagraphs")
@@ -635,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
                     result, model = bench_b(data, bs, args.epochs, device, test_n)
                 else:
                     result, model = bench_c(data, bs, args.epochs, device, config,
-                                            args.round2 and config == "c")
+                                            args.round2 and config == "c",
+                                            profile=config in parse_list(args.profile))
                 row.update(result)
                 row["flags_after"] = backend_flags()
                 trained[config] = model

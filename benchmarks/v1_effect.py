@@ -103,9 +103,9 @@ def main() -> int:
                             for c in args.conditions.split(","))}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"ResNet V1 effect on {meta['gpu']} | ticket density {100 * ticket.density:.2f}% "
-             f"({ticket.mask.num_kept} weights) | reference {ref.accuracy:.2f}% | "
-             f"{settings.train.epochs} epochs",
+    lines = [f"{ticket.arch} V1 effect on {meta['gpu']} | ticket density "
+             f"{100 * ticket.density:.2f}% ({ticket.mask.num_kept} weights) | "
+             f"reference {ref.accuracy:.2f}% | {settings.train.epochs} epochs",
              "", "| score | key ratio | key weights | no key | change | forged key | change |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
