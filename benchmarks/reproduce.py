@@ -121,9 +121,16 @@ def main() -> int:
     ap.add_argument("--v2-seeds", type=int, default=3,
                     help="Table 2: retrain the ticket with and without its signature under "
                          "this many seeds (the paper's signing cost)")
+    ap.add_argument("--v1-scores", help="the V1 sweep's scores (default "
+                    "omp,ewp,betweenness,random; a large network may take fewer)")
+    ap.add_argument("--v1-ratios", help="the V1 sweep's key ratios (default 0.05,0.1,0.2)")
+    ap.add_argument("--null-models", type=int,
+                    help="the V3 null models calibrated (default 16; 2 with --smoke)")
     ap.add_argument("--budget-s", type=float, default=0,
                     help="start no new stage after this many seconds")
     args = ap.parse_args()
+    if args.null_models is not None and args.null_models < 2:
+        ap.error("--null-models must be at least 2")
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -145,6 +152,12 @@ def main() -> int:
         arch = args.arch
         v1 = {"ratios": "0.05,0.1,0.2", "scores": "omp,ewp,betweenness,random", "epochs": None}
         trig_pb, ft_epochs, null_models = "16", "5,10,20", "16"
+    if args.v1_scores:
+        v1["scores"] = args.v1_scores
+    if args.v1_ratios:
+        v1["ratios"] = args.v1_ratios
+    if args.null_models is not None:
+        null_models = str(args.null_models)
     data_noset = [a for a in data if a not in ("--dataset", "digits", "cifar10")]
     wanted = [s for s in args.stages.split(",") if s]
     unknown = set(wanted) - set(STAGES)

@@ -65,3 +65,20 @@ def test_reproduce_smoke_runs_every_stage_and_resumes(tmp_path):
 def test_reproduce_refuses_unknown_stages(tmp_path):
     result = _run(tmp_path / "r", "--stages", "dense,tables")
     assert result.returncode == 2 and "unknown stages: tables" in result.stderr
+
+
+def test_reproduce_v1_sweep_takes_the_scores_and_ratios_given(tmp_path):
+    """A large network (ResNet-50) cannot afford the whole V1 grid: --v1-scores/--v1-ratios
+    narrow it, and the stage's rows are exactly the grid asked for."""
+    run = tmp_path / "repro"
+    res = _run(run, "--stages", "search,v1", "--v1-scores", "random", "--v1-ratios", "0.1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((run / "v1" / "stage.json").read_text())["summary"]["rows"]
+    assert [(r["score"], r["key_ratio"]) for r in rows] == [("random", 0.1)]
+    assert rows[0]["nokey"] is not None and rows[0]["fake1"] is not None
+
+
+def test_reproduce_refuses_too_few_null_models(tmp_path):
+    res = _run(tmp_path / "repro", "--null-models", "1")
+    assert res.returncode == 2 and "--null-models must be at least 2" in res.stderr
+    assert not (tmp_path / "repro").exists()  # refused before anything is written
