@@ -3,14 +3,18 @@ process gives, the parent trains nothing itself, a rerun reads the workers' cach
 device list is refused with one line."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error, make_ticket, run
+from helpers import HANG_GUARD_S, assert_one_line_error, make_ticket, run
 
 from ticketctl.artifacts import save_ticket
 from ticketctl.attacks.runner import AttackRunner
-from ticketctl.attacks.spread import parse_devices
+from ticketctl.attacks.spread import environment, parse_devices, worker_visible_devices
 from ticketctl.data import load_dataset
 from ticketctl.errors import TicketctlError
 from ticketctl.train.config import TrainConfig
@@ -251,3 +255,60 @@ def test_spread_width_gives_every_device_a_pack():
     assert spread_width(16, 16, 1) == 16
     assert spread_width(8, 1, 2) == 8
     assert spread_width(1, 16, 2) == 1
+
+
+def test_a_gpu_worker_sees_its_gpu_alone(monkeypatch):
+    """A worker for cuda:N starts with CUDA_VISIBLE_DEVICES naming that one GPU (the Nth of
+    the parent's own list), so every worker compiles for cuda:0 and shares Inductor's cache."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_visible_devices(torch.device("cuda:1")) == "1"
+    assert worker_visible_devices(torch.device("cuda")) == "0"
+    assert worker_visible_devices(torch.device("cpu")) is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6")
+    assert worker_visible_devices(torch.device("cuda:0")) == "4"
+    assert worker_visible_devices(torch.device("cuda:1")) == "6"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,GPU-bbb")
+    assert worker_visible_devices(torch.device("cuda:1")) == "GPU-bbb"
+    with pytest.raises(TicketctlError, match="not among CUDA_VISIBLE_DEVICES"):
+        worker_visible_devices(torch.device("cuda:2"))
+
+
+def _report_env(name, out):
+    out.put(os.environ.get(name))
+
+
+@pytest.mark.parametrize("before", [None, "7"])
+def test_a_spawned_child_starts_with_the_environment_given(monkeypatch, before):
+    name = "TICKETCTL_TEST_VISIBLE"
+    if before is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, before)
+    ctx = torch.multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_report_env, args=(name, out))
+    with environment(name, "3"):
+        child.start()
+    assert out.get(timeout=120) == "3"
+    child.join(timeout=60)
+    assert os.environ.get(name) == before  # the parent's own environment is as it was
+    with environment(name, None):  # None: nothing changes
+        assert os.environ.get(name) == before
+
+
+def test_spread_speed_benchmark_smoke(tmp_path):
+    """benchmarks/spread_speed.py on two CPU workers: the warm-up runs in a process of its
+    own, and both timed runs give the same accuracies (CPU arithmetic is the same in every
+    process), each pack's timing recorded."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "spread.json"
+    res = subprocess.run([sys.executable, str(root / "benchmarks/spread_speed.py"), "--smoke",
+                          "--json-out", str(out)], capture_output=True, text=True, cwd=root,
+                         timeout=HANG_GUARD_S)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["warm_up_s"] > 0 and "warm-up (one pack" in res.stderr
+    assert doc["max_accuracy_difference"] == 0
+    assert doc["jobs"] == 4 and len(doc["packs_spread"]) == 4
+    assert all(p["first_epoch_end_s"] <= p["last_epoch_end_s"]
+               for p in doc["packs_spread"].values())

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import queue
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,40 @@ def parse_devices(text: str | None, data_device: torch.device | None = None
     return out
 
 
+def worker_visible_devices(device: torch.device) -> str | None:
+    """The CUDA_VISIBLE_DEVICES a worker for `device` starts with (None: leave it as it is):
+    the one entry of the parent's own list (or the bare index) that its `cuda:N` names."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else 0
+    parent = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if parent is None:
+        return str(index)
+    entries = [e.strip() for e in parent.split(",") if e.strip()]
+    if index >= len(entries):
+        raise TicketctlError(f"{device} is not among CUDA_VISIBLE_DEVICES={parent!r}")
+    return entries[index]
+
+
+@contextmanager
+def environment(name: str, value: str | None) -> Iterator[None]:
+    """`name` set to `value` while a child process starts (spawned children copy the
+    environment they start with); None leaves it alone. Restored afterwards, unset if it
+    was unset."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 class SpreadPool:
     """One worker process per device (spawned: CUDA cannot be forked), kept for as many
     batches of jobs as the caller sends (`find` sends each round's trials), then closed."""
@@ -123,14 +159,20 @@ class SpreadPool:
         from ticketctl.models.sources import current_factory
 
         factory = current_factory()  # the network the user named, imported again by each
-        self.workers = [ctx.Process(target=_worker, args=(str(d), spec, cfg, out_dir, pack,
-                                                          self.todo, self.events, threads,
-                                                          factory.spec if factory else None,
-                                                          os.getpid()),
+        # A GPU worker sees its GPU alone, as its cuda:0: the code it compiles is then the
+        # code every other worker and the parent compile (Inductor's on-disk cache is keyed
+        # by device index, so a worker on cuda:1 would otherwise compile everything anew
+        # while the others load it), and it opens no CUDA context on another GPU.
+        visible = [worker_visible_devices(d) for d in devices]
+        self.workers = [ctx.Process(target=_worker,
+                                    args=("cuda:0" if v is not None else str(d), spec, cfg,
+                                          out_dir, pack, self.todo, self.events, threads,
+                                          factory.spec if factory else None, os.getpid()),
                                     daemon=True)
-                        for d in devices]
-        for w in self.workers:
-            w.start()
+                        for d, v in zip(devices, visible, strict=True)]
+        for w, v in zip(self.workers, visible, strict=True):
+            with environment("CUDA_VISIBLE_DEVICES", v):
+                w.start()
         self.closed = False
 
     def run(self, jobs: list[Job]) -> dict[int, Any]:
