@@ -274,3 +274,47 @@ def test_top_kept_equals_a_full_lexicographic_sort_with_ties():
     want = set(idx[np.lexsort((idx, -mag[idx], -prim[idx]))[:n]].tolist())
     flat = torch.cat([got[k].reshape(-1) for k in names]).numpy()
     assert set(np.flatnonzero(flat).tolist()) == want
+
+
+@pytest.mark.parametrize("pivots", [None, 40])
+def test_betweenness_reports_its_progress_and_the_same_scores(pivots):
+    """Exact betweenness on a large network takes most of an hour on a CPU: it reports how
+    many source channels are done, from 0 to all of them, and reporting changes nothing."""
+    graph = build_channel_graph(resnet20_ticket())
+    seen = []
+    with_progress = edge_betweenness(graph, pivots, seed=3,
+                                     on_progress=lambda d, t: seen.append((d, t)))
+    total = graph.num_nodes if pivots is None else pivots
+    assert seen[0] == (0, total) and seen[-1] == (total, total)
+    assert all(t == total for _, t in seen)
+    done = [d for d, _ in seen]
+    assert done == sorted(set(done)) and len(done) >= 2
+    assert np.array_equal(with_progress, edge_betweenness(graph, pivots, seed=3))
+
+
+def test_split_shows_betweenness_progress_unless_json(tmp_path):
+    t = save_ticket(resnet20_ticket(), tmp_path / "t.safetensors")
+    args = ["split", t, "--score", "betweenness", "--key-ratio", "0.05", "--key-mask",
+            tmp_path / "k.safetensors", "--locked", tmp_path / "l.safetensors", "--force"]
+    shown = run(*args)
+    assert shown.exit_code == 0, shown.stderr
+    lines = [ln for ln in shown.stderr.splitlines() if "betweenness over source channels" in ln]
+    n = build_channel_graph(load_ticket(t)).num_nodes
+    assert lines and f"{n}/{n}" in lines[-1]
+    assert "--pivots" not in shown.stderr  # ResNet-20 is quick exactly: no hint to sample
+    quiet = run(*args, "--json")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_split_suggests_sampling_when_exact_betweenness_is_large(tmp_path, monkeypatch):
+    import ticketctl.cli.split as split_cli
+
+    monkeypatch.setattr(split_cli, "SAMPLE_HINT", 10)  # as if ResNet-20 were ResNet-50
+    t = save_ticket(resnet20_ticket(), tmp_path / "t.safetensors")
+    args = ["split", t, "--score", "betweenness", "--key-ratio", "0.05", "--key-mask",
+            tmp_path / "k.safetensors", "--locked", tmp_path / "l.safetensors", "--force"]
+    exact = run(*args)
+    assert exact.exit_code == 0 and "--pivots 256 samples" in exact.stderr
+    sampled = run(*args, "--pivots", "20")
+    assert sampled.exit_code == 0 and "--pivots 256" not in sampled.stderr
+    assert "20/20" in sampled.stderr

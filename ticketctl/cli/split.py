@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -13,6 +13,8 @@ from ticketctl.cli.common import console, plain
 from ticketctl.cli.options import NetworkSource, OldSpelling, Output, command
 from ticketctl.errors import TicketctlError
 from ticketctl.protect import Score, merge_parts, split_ticket
+
+SAMPLE_HINT = 5000  # source channels from which exact betweenness takes minutes on a CPU
 
 
 @command
@@ -40,7 +42,21 @@ def split(
     ticket = load_ticket(ticket_path)
     options = {"walks": walks} if score == Score.EWP else {"pivots": pivots} \
         if score == Score.BETWEENNESS else {}
-    key_t, locked_t = split_ticket(ticket, score.value, key_ratio, seed=seed, **options)
+    with output.progress() as progress:
+        task: list[Any] = []  # made at the first report: most scores take under a second
+
+        def on_progress(done: int, total: int) -> None:
+            if not task and score == Score.BETWEENNESS and pivots is None \
+                    and total > SAMPLE_HINT and not (output.quiet or output.json_out):
+                console.print(f"exact betweenness from all {total:,} channels; --pivots 256 "
+                              "samples 256 of them instead", highlight=False)
+            if not task:
+                task.append(progress.add_task(f"{score.value} over source channels",
+                                              total=total, info=""))
+            progress.update(task[0], completed=done)
+
+        key_t, locked_t = split_ticket(ticket, score.value, key_ratio, seed=seed,
+                                       on_progress=on_progress, **options)
     with all_or_nothing(key, locked, force=output.force):  # never a key without its lock
         save_ticket(key_t, key, force=output.force)
         save_ticket(locked_t, locked, force=output.force)

@@ -35,6 +35,7 @@ from ticketctl.protect.channel_graph import ChannelGraph, build_channel_graph
 from ticketctl.records import Choice
 
 Scores = dict[str, torch.Tensor]
+Progress = Callable[[int, int], None]  # (done, total): what a long score has got through
 UNSEEN = -1.0e18  # below any real path rank
 
 
@@ -110,11 +111,14 @@ def ewp_scores(ticket: Ticket, seed: int = 0, walks: int = 10_000,
     return _kernel_scores(ticket, graph, np.where(np.isinf(rank), UNSEEN, -rank), UNSEEN)
 
 
-def edge_betweenness(graph: ChannelGraph, pivots: int | None = None, seed: int = 0) -> np.ndarray:
+def edge_betweenness(graph: ChannelGraph, pivots: int | None = None, seed: int = 0,
+                     on_progress: Progress | None = None) -> np.ndarray:
     """Edge betweenness centrality with distance 1 / strength (strong kernels are close),
     normalised as networkx does. Exact when `pivots` is None, else from `pivots` source
     channels, drawn as networkx draws them for `seed`. Of parallel edges (a channel that
-    reaches another both through a layer and a shortcut) the shortest carries the paths."""
+    reaches another both through a layer and a shortcut) the shortest carries the paths.
+    `on_progress(done, total)` follows the source channels (exact on a ResNet-50 is tens of
+    thousands of them: most of an hour on a laptop core)."""
     if pivots is not None and pivots < 1:
         raise TicketctlError(f"--pivots must be at least 1 (or left out for exact), got {pivots}")
     n, m = graph.num_nodes, len(graph.src)
@@ -130,7 +134,7 @@ def edge_betweenness(graph: ChannelGraph, pivots: int | None = None, seed: int =
     level = _levels(uniq // n, uniq % n, n)
     if level is None:  # not a forward network's graph: networkx's general algorithm
         return _networkx_betweenness(graph, k, seed)
-    central = _brandes_levels(uniq // n, uniq % n, best, level, sources)
+    central = _brandes_levels(uniq // n, uniq % n, best, level, sources, on_progress)
     central *= 1.0 / (len(sources) * (n - 1))
     carries = dist == best[inv]
     share = np.bincount(inv, weights=carries)  # equally short parallel edges split the paths
@@ -159,7 +163,7 @@ def _levels(src: np.ndarray, dst: np.ndarray, n: int) -> np.ndarray | None:
 
 
 def _brandes_levels(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, level: np.ndarray,
-                    sources: np.ndarray) -> np.ndarray:
+                    sources: np.ndarray, on_progress: Progress | None = None) -> np.ndarray:
     """Brandes' edge betweenness (unnormalised) over a levelled acyclic graph without
     parallel edges: shortest distances and path counts level by level upwards, then the
     dependencies level by level downwards, for a block of sources at a time. The same
@@ -188,6 +192,8 @@ def _brandes_levels(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, level: n
     central = np.zeros(m)  # in backward order
     block = max(1, min(64, (1 << 25) // max(m, 1)))
     sources = sources[np.argsort(level[sources], kind="stable")]
+    if on_progress is not None:
+        on_progress(0, len(sources))
     for i in range(0, len(sources), block):
         s = sources[i:i + block]
         rows = np.arange(len(s))
@@ -227,6 +233,8 @@ def _brandes_levels(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, level: n
             sg = sigma[:, nodes]
             coeff[:, nodes] = np.where(sg > 0, (1.0 + delta[:, nodes]) / np.where(sg > 0, sg, 1.0),
                                        0.0)
+        if on_progress is not None:
+            on_progress(i + len(s), len(sources))
     out = np.empty(m)
     out[bwd] = central
     return out
@@ -245,9 +253,11 @@ def _networkx_betweenness(graph: ChannelGraph, k: int | None, seed: int) -> np.n
 
 
 def betweenness_scores(ticket: Ticket, seed: int = 0, pivots: int | None = None,
-                       model: nn.Module | None = None, **_: object) -> Scores:
+                       model: nn.Module | None = None, on_progress: Progress | None = None,
+                       **_: object) -> Scores:
     graph = build_channel_graph(ticket, model)
-    return _kernel_scores(ticket, graph, edge_betweenness(graph, pivots, seed), -1.0)
+    return _kernel_scores(ticket, graph, edge_betweenness(graph, pivots, seed, on_progress),
+                          -1.0)
 
 
 class Score(Choice):

@@ -7,6 +7,7 @@ metadata, so a merge can prove it rebuilt exactly that ticket."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,17 +33,19 @@ def key_size(ticket: Ticket, key_ratio: float) -> int:
 
 def split_ticket(
     ticket: Ticket, score: str, key_ratio: float, seed: int = 0,
-    model: nn.Module | None = None, **score_options: Any
+    model: nn.Module | None = None, on_progress: Callable[[int, int], None] | None = None,
+    **score_options: Any
 ) -> tuple[Ticket, Ticket]:
     """Return (key, locked). `model` is the ticket's network, for the path scores (by
-    default its architecture)."""
+    default its architecture); `on_progress(done, total)` follows a long score (exact
+    betweenness on a large network)."""
     if not len(ticket.mask):
         raise TicketctlError("this file has no mask: nothing to split")
     if ticket.kind not in (Kind.TICKET, Kind.TRAINED, Kind.SIGNED):
         raise TicketctlError(f"cannot split a '{ticket.kind}' file; split a ticket")
     n = key_size(ticket, key_ratio)
     key_bits = top_kept(ticket, compute_scores(ticket, score, seed=seed, model=model,
-                                               **score_options), n)
+                                               on_progress=on_progress, **score_options), n)
     key_mask = Mask(key_bits)
     locked_mask = Mask({k: ticket.mask[k] & ~key_bits[k] for k in ticket.mask})
     parent = ticket.metadata()
