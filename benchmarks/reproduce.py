@@ -172,10 +172,20 @@ def main() -> int:
     summary: dict[str, Any] = {}
     spread = ["--devices", args.devices] if args.devices else []
 
+    # what each stage's results depend on beyond the run folder's ticket: a stage (or a kept
+    # command of it) is reused only under the same settings
+    settings = {"v1": {"scores": v1["scores"], "ratios": v1["ratios"]},
+                "v2": {"v2_seeds": args.v2_seeds}, "v3": {"null_models": null_models}}
     for name in STAGES:
         if name not in wanted:
             continue
         st = Stage(run, name, log)
+        want = {"arch": arch, **settings.get(name, {})}
+        kept = st.dir / "settings.json"
+        if kept.exists() and json.loads(kept.read_text()) != want:
+            ap.error(f"stage {name} of {run} ran with {json.loads(kept.read_text())}, not "
+                     f"{want}: use another --run folder, or the same options")
+        kept.write_text(json.dumps(want))
         if st.done:
             summary[name] = json.loads((st.dir / "stage.json").read_text())
             log(f"{name}: done earlier, reused")

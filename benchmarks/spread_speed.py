@@ -31,6 +31,7 @@ from ticketctl.device import configure_cuda
 from ticketctl.models import build_model, prunable_names
 from ticketctl.prune import magnitude_prune, resolve_settings
 from ticketctl.train.config import TrainOverrides
+from ticketctl.train.packed import default_pack, param_count
 
 
 def tickets(arch: str, classes: int, n: int, density: float, **args) -> list[Ticket]:
@@ -69,17 +70,22 @@ def timed(data, cfg, jobs, devices, pack) -> tuple[float, list[float], dict]:
     return wall, [r.accuracy for r in results], packs
 
 
-def warm_up(data, cfg, jobs, device, pack) -> float:
-    """One epoch of one pack in a worker process of its own, before anything is timed: the
-    compiler's on-disk caches then hold the pack's code for both timed runs (every worker
-    sees its GPU as cuda:0, so one warm-up serves them all). Without it the one-device run
-    pays the cold compilation and the spread run, coming second, does not."""
-    width = spread_width(pack or 8, len(jobs), 2)
-    one = replace(cfg, epochs=1, warmup_epochs=0)
+def warm_up(data, cfg, jobs, devices, pack) -> float:
+    """One epoch of each pack width the two timed runs use (one device packs as
+    `default_pack` says; the spread run cuts packs so every device gets one), in a worker
+    process of its own on the first device, before anything is timed: the compiler's on-disk
+    caches then hold that code for both runs. Without it the one-device run, coming first,
+    pays the cold compilation and the spread run does not. Every GPU worker calls its GPU
+    cuda:0, so one warm-up serves them all; the one-device run, in this process, shares it
+    when the first device is cuda:0."""
+    one_width = min(default_pack(devices[0], pack, param_count(jobs[0].state)), len(jobs))
+    widths = {one_width, spread_width(one_width, len(jobs), len(devices))}
+    short = replace(cfg, epochs=1, warmup_epochs=0)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        run_spread([Job("retrain", jobs[:width], [f"warm {i}" for i in range(width)])],
-                   [device], DataSpec.of(data), one.to_dict(), Path(tmp), pack)
+        run_spread([Job("retrain", jobs[:w], [f"warm {w}.{i}" for i in range(w)])
+                    for w in sorted(widths)], devices[:1], DataSpec.of(data),
+                   short.to_dict(), Path(tmp), pack)
     return time.perf_counter() - t0
 
 
@@ -112,7 +118,8 @@ def main() -> int:
         cfg = resolve_settings("fast", arch="resnet20", dataset="cifar10",
                                train=TrainOverrides(epochs=args.epochs)).train
         jobs = tickets("resnet20", 10, args.jobs, 0.2)
-    warm_s = warm_up(data, cfg, jobs, first, args.pack) if args.warm_up else None
+    warm_s = warm_up(data, cfg, jobs, devices or [first], args.pack) if args.warm_up \
+        else None
     if warm_s is not None:
         print(f"warm-up (one pack, one epoch, own process): {warm_s:.1f} s", file=sys.stderr)
     one_s, one_acc, one_packs = timed(data, cfg, jobs, None, args.pack)

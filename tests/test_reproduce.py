@@ -82,3 +82,15 @@ def test_reproduce_refuses_too_few_null_models(tmp_path):
     res = _run(tmp_path / "repro", "--null-models", "1")
     assert res.returncode == 2 and "--null-models must be at least 2" in res.stderr
     assert not (tmp_path / "repro").exists()  # refused before anything is written
+
+
+def test_reproduce_refuses_to_reuse_a_stage_run_with_other_options(tmp_path):
+    """A finished V1 stage of one grid is not passed off as another grid's."""
+    run = tmp_path / "repro"
+    first = _run(run, "--stages", "search,v1", "--v1-scores", "random", "--v1-ratios", "0.1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    other = _run(run, "--stages", "search,v1", "--v1-scores", "omp", "--v1-ratios", "0.1")
+    assert other.returncode == 2 and "stage v1 of" in other.stderr
+    assert "another --run folder" in other.stderr
+    same = _run(run, "--stages", "search,v1", "--v1-scores", "random", "--v1-ratios", "0.1")
+    assert same.returncode == 0 and "v1: done earlier, reused" in same.stderr

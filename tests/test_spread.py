@@ -260,6 +260,7 @@ def test_spread_width_gives_every_device_a_pack():
 def test_a_gpu_worker_sees_its_gpu_alone(monkeypatch):
     """A worker for cuda:N starts with CUDA_VISIBLE_DEVICES naming that one GPU (the Nth of
     the parent's own list), so every worker compiles for cuda:0 and shares Inductor's cache."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # as CUDA counts the list
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert worker_visible_devices(torch.device("cuda:1")) == "1"
     assert worker_visible_devices(torch.device("cuda")) == "0"
@@ -267,10 +268,48 @@ def test_a_gpu_worker_sees_its_gpu_alone(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6")
     assert worker_visible_devices(torch.device("cuda:0")) == "4"
     assert worker_visible_devices(torch.device("cuda:1")) == "6"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,GPU-bbb")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,GPU-bbb,MIG-ccc")
     assert worker_visible_devices(torch.device("cuda:1")) == "GPU-bbb"
-    with pytest.raises(TicketctlError, match="not among CUDA_VISIBLE_DEVICES"):
+    with pytest.raises(TicketctlError, match="cuda:2 is not visible"):
         worker_visible_devices(torch.device("cuda:2"))
+    monkeypatch.setattr(torch.version, "hip", "6.0")  # ROCm: HIP's variables rule; untouched
+    assert worker_visible_devices(torch.device("cuda:1")) is None
+
+
+def test_the_pool_starts_each_gpu_worker_on_its_own_gpu(monkeypatch):
+    """SpreadPool gives every GPU worker the device cuda:0 and starts it with its own GPU in
+    CUDA_VISIBLE_DEVICES; the parent's environment is left as it was."""
+    import queue as queue_mod
+
+    from ticketctl.attacks.spread import DataSpec, SpreadPool
+
+    started = []
+
+    class FakeProcess:
+        def __init__(self, target, args, daemon):
+            self.args, self.exitcode = args, None
+
+        def start(self):
+            started.append((self.args[0], os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+    class FakeContext:
+        Process = FakeProcess
+
+        @staticmethod
+        def Queue():
+            return queue_mod.Queue()
+
+    monkeypatch.setattr(torch.multiprocessing, "get_context", lambda kind: FakeContext)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    spec = DataSpec("digits", None, 0, 0, False, 0)
+    pool = SpreadPool([torch.device("cuda:0"), torch.device("cuda:1")], spec, CFG.to_dict(),
+                      None, None)
+    assert started == [("cuda:0", "5"), ("cuda:0", "7")]
+    assert pool.remapped and os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
+    started.clear()
+    cpu = SpreadPool(TWO, spec, CFG.to_dict(), None, None)
+    assert started == [("cpu", "5,7"), ("cpu", "5,7")] and not cpu.remapped
 
 
 def _report_env(name, out):

@@ -114,17 +114,18 @@ def parse_devices(text: str | None, data_device: torch.device | None = None
 
 def worker_visible_devices(device: torch.device) -> str | None:
     """The CUDA_VISIBLE_DEVICES a worker for `device` starts with (None: leave it as it is):
-    the one entry of the parent's own list (or the bare index) that its `cuda:N` names."""
-    if device.type != "cuda":
+    the one entry of the parent's own list (or the bare index) that its `cuda:N` names. Not
+    on ROCm, where HIP's own variables can take precedence."""
+    if device.type != "cuda" or torch.version.hip is not None:
         return None
     index = device.index if device.index is not None else 0
+    count = torch.cuda.device_count()
+    if index >= count:  # also what CUDA makes of a list with an invalid entry before N
+        raise TicketctlError(f"{device} is not visible ({count} CUDA devices)")
     parent = os.environ.get("CUDA_VISIBLE_DEVICES")
     if parent is None:
         return str(index)
-    entries = [e.strip() for e in parent.split(",") if e.strip()]
-    if index >= len(entries):
-        raise TicketctlError(f"{device} is not among CUDA_VISIBLE_DEVICES={parent!r}")
-    return entries[index]
+    return parent.split(",")[index].strip()
 
 
 @contextmanager
@@ -164,6 +165,7 @@ class SpreadPool:
         # by device index, so a worker on cuda:1 would otherwise compile everything anew
         # while the others load it), and it opens no CUDA context on another GPU.
         visible = [worker_visible_devices(d) for d in devices]
+        self.remapped = any(v is not None for v in visible)
         self.workers = [ctx.Process(target=_worker,
                                     args=("cuda:0" if v is not None else str(d), spec, cfg,
                                           out_dir, pack, self.todo, self.events, threads,
@@ -206,8 +208,11 @@ class SpreadPool:
             self.close()
             failed = [d for d, w in zip(self.devices, self.workers, strict=True)
                       if w.exitcode not in (0, None)]
+            # a GPU worker names its GPU cuda:0 in its own messages
+            remapped = " (each GPU worker calls its GPU cuda:0)" if self.remapped else ""
             raise TicketctlError("a sweep worker failed" +
                                  (f" on {', '.join(map(str, failed))}" if failed else "") +
+                                 remapped +
                                  (f": {errors[0]}" if errors else "") +
                                  "; its finished jobs are kept, rerun to continue")
         return results

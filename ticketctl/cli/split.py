@@ -42,18 +42,18 @@ def split(
     ticket = load_ticket(ticket_path)
     options = {"walks": walks} if score == Score.EWP else {"pivots": pivots} \
         if score == Score.BETWEENNESS else {}
+    channels = sum(int(m.shape[0]) for m in ticket.mask.values())  # the graph's, about
+    if score == Score.BETWEENNESS and pivots is None and channels > SAMPLE_HINT \
+            and not (output.quiet or output.json_out):
+        console.print(f"exact betweenness from all {channels:,} channels; --pivots 256 "
+                      "samples 256 of them instead", highlight=False)
     with output.progress() as progress:
         task: list[Any] = []  # made at the first report: most scores take under a second
 
-        def on_progress(done: int, total: int) -> None:
-            if not task and score == Score.BETWEENNESS and pivots is None \
-                    and total > SAMPLE_HINT and not (output.quiet or output.json_out):
-                console.print(f"exact betweenness from all {total:,} channels; --pivots 256 "
-                              "samples 256 of them instead", highlight=False)
+        def on_progress(done: int, total: int) -> None:  # shown in percent of the work
             if not task:
-                task.append(progress.add_task(f"{score.value} over source channels",
-                                              total=total, info=""))
-            progress.update(task[0], completed=done)
+                task.append(progress.add_task(f"{score.value} (% done)", total=100, info=""))
+            progress.update(task[0], completed=round(100 * done / max(total, 1)))
 
         key_t, locked_t = split_ticket(ticket, score.value, key_ratio, seed=seed,
                                        on_progress=on_progress, **options)
