@@ -628,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in configs if c not in ("a", "b") and c not in C_VARIANTS]
     if unknown:
         raise SystemExit(f"unknown config(s) {', '.join(unknown)}")
-    stray = [c for c in parse_list(args.profile) if c not in configs or c in ("a", "b")]
+    profiled = parse_list(args.profile)
+    stray = [c for c in profiled if c not in configs or c in ("a", "b")]
     if stray:
         raise SystemExit(f"--profile names (c) configs of this run; not: {', '.join(stray)}")
     if args.epochs < 4 and not args.smoke:
@@ -685,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     result, model = bench_c(data, bs, args.epochs, device, config,
                                             args.round2 and config == "c",
-                                            profile=config in parse_list(args.profile))
+                                            profile=config in profiled)
                 row.update(result)
                 row["flags_after"] = backend_flags()
                 trained[config] = model

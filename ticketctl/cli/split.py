@@ -48,7 +48,7 @@ def split(
         console.print(f"exact betweenness from all {channels:,} channels; --pivots 256 "
                       "samples 256 of them instead", highlight=False)
     with output.progress() as progress:
-        task: list[Any] = []  # made at the first report: most scores take under a second
+        task: list[Any] = []  # made at the first report: only betweenness reports
 
         def on_progress(done: int, total: int) -> None:  # shown in percent of the work
             if not task:
