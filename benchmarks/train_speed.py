@@ -94,6 +94,8 @@ LABELS = {
     "c-autotune": "(c) compile mode max-autotune-no-cudagraphs",
     "c-nchw": "(c) NCHW (channels_last off)",
     "c-autotune-nchw": "(c) NCHW, compile mode max-autotune-no-cudagraphs",
+    "c-unfused": "(c) network compiled alone (fuse_step off: as before 2026-11-30)",
+    "c-autotune-unfused": "(c) network compiled alone, max-autotune-no-cudagraphs",
 }
 # Trainer flags each (c) variant switches off.
 C_VARIANTS: dict[str, dict[str, Any]] = {
@@ -107,6 +109,9 @@ C_VARIANTS: dict[str, dict[str, Any]] = {
     # kernels or its NCHW ones are faster there is what these rows show
     "c-nchw": {"channels_last": False},
     "c-autotune-nchw": {"channels_last": False, "compile_mode": "max-autotune-no-cudagraphs"},
+    # the step's gather, augmentation, loss and SGD update outside the compiled network
+    "c-unfused": {"fuse_step": False},
+    "c-autotune-unfused": {"fuse_step": False, "compile_mode": "max-autotune-no-cudagraphs"},
 }
 
 
@@ -589,7 +594,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-sizes", default="128,512", help="comma-separated (default 128,512)")
     ap.add_argument("--configs", default="a,b,c",
                     help="comma-separated from a, b, c, c-nograph, c-nocompile, c-eager, c-fp32, "
-                         "c-autotune, c-nchw, c-autotune-nchw")
+                         "c-autotune, c-nchw, c-autotune-nchw, c-unfused, "
+                         "c-autotune-unfused")
     ap.add_argument("--profile", default="",
                     help="comma-separated (c) configs to profile one more epoch of with "
                          "torch.profiler: kernels per step and the top kernels (JSON 'profile')")

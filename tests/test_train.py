@@ -1,4 +1,5 @@
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -151,3 +152,53 @@ def test_a_batch_larger_than_the_training_set_is_refused_in_one_line(digits):
     with pytest.raises(TicketctlError, match=f"more than the {n} training images"):
         Trainer(build_model("digits_cnn", width=8), digits, TrainConfig(batch_size=n + 1))
     Trainer(build_model("digits_cnn", width=8), digits, TrainConfig(batch_size=n))  # fits
+
+
+@pytest.mark.parametrize("kind", ["single", "trigger", "packed"])
+def test_fused_step_traces_whole_and_trains_as_before(kind, digits, monkeypatch):
+    """`fuse_step` compiles the step's gather, crop and flip, triggers, loss and masked SGD
+    with the network. Compiled here with dynamo's "eager" backend and fullgraph=True: a graph
+    break in either function fails (it would split the fused kernels again), and the traced
+    graphs run the same operators in the same order as the eager step, so the weights after
+    training are bitwise those of the trainer that compiles nothing."""
+    from ticketctl.train import engine
+    from ticketctl.train.packed import PackedTrainer
+
+    traced = []
+
+    def strict(fn, mode):
+        traced.append(getattr(fn, "__name__", type(fn).__name__))
+        return torch.compile(fn, backend="eager", fullgraph=True, dynamic=False)
+
+    data = replace(digits, augment="crop_flip")  # the crop and flip in the traced step too
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, momentum=0.9, nesterov=True)
+    trigger = (data.test_x[:8], torch.arange(8) % 10) if kind == "trigger" else None
+
+    def train(fuse: bool) -> dict[str, torch.Tensor]:
+        model = build_model("digits_cnn", 10, seed=0, width=8)
+        mask = magnitude_prune(dict(model.named_parameters()),
+                               Mask.ones(model, prunable_names(model)), 0.5)
+        c = replace(cfg, fuse_step=fuse)
+        if kind == "packed":  # two models, each at its own learning rate
+            packed = PackedTrainer(model, data, c, [mask, mask], [1, 2])
+            packed.restart([mask.apply_state(model.state_dict())] * 2, [1, 2])
+            packed.set_schedules([c, replace(c, lr=0.02)])
+            t = packed.engine
+        else:
+            t = Trainer(model, data, c, mask=mask, trigger=trigger, trigger_per_batch=2)
+        t.train_epoch(1, steps=4)
+        assert t.fused == fuse
+        return t.model_state()  # packed: both models' weights, stacked
+
+    reference = train(False)  # plain eager: COMPILE_ON_CPU is off
+    monkeypatch.setattr(engine, "COMPILE_ON_CPU", True)
+    monkeypatch.setattr(engine, "_compile", strict)
+    torch._dynamo.reset()
+    fused = train(True)
+    assert "_batch_loss" in traced and "_sgd_update" in traced
+    for name, t in reference.items():
+        assert torch.equal(fused[name], t), name
+    # four steps moved the weights, so the comparison above means something
+    untrained = build_model("digits_cnn", 10, seed=0, width=8).state_dict()
+    first = reference[next(iter(reference))]
+    assert not torch.equal(first[:len(untrained["conv1.weight"])], untrained["conv1.weight"])

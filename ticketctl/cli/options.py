@@ -447,6 +447,10 @@ class Training:
     compile_mode: Optional[str] = option(
         panel=P_CUDA, help="torch.compile mode: default, or max-autotune-no-cudagraphs (times "
                            "candidate kernels once, minutes of compiling, for faster steps).")
+    no_fuse_step: bool = option(
+        "--no-fuse-step", default=False, panel=P_CUDA,
+        help="Compile the network alone, not the whole step (batch gather, crop and flip, "
+             "loss and SGD update then run as separate small kernels).")
     test_eval: Optional[ScoreTest] = option(
         help="Score the test split after every epoch, or only after an epoch that is the best "
              "on validation so far (all a result needs) [every; paper preset: best].")
@@ -462,6 +466,7 @@ class Training:
             cuda_graph=False if self.no_graph else None, bf16=False if self.no_bf16 else None,
             channels_last=False if self.no_channels_last else None,
             compile_mode=self.compile_mode,
+            fuse_step=False if self.no_fuse_step else None,
             test_eval=self.test_eval.value if self.test_eval else None)
 
 

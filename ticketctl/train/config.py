@@ -30,7 +30,7 @@ class ScoreTest(Choice):
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # Settings added after run folders and job caches existed: written out only when changed, so
 # the settings hash of everything trained before stays the same.
-_NEWER = {"compile_mode": "default", "test_eval": "every"}
+_NEWER = {"compile_mode": "default", "test_eval": "every", "fuse_step": True}
 
 
 @dataclass
@@ -55,6 +55,9 @@ class TrainConfig:
     cuda_graph: bool = True
     compile_mode: str = "default"  # or "max-autotune-no-cudagraphs": kernels chosen by timing
     test_eval: str = "every"  # or "best" (see ScoreTest)
+    # CUDA with compile: the step's gather, augmentation, loss and masked SGD compiled with
+    # the network (False: the network alone, as before; the same arithmetic either way)
+    fuse_step: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if _NEWER.get(k, object()) != v}
@@ -119,3 +122,4 @@ class TrainOverrides(Overrides):
     cuda_graph: bool | None = None
     compile_mode: str | None = None
     test_eval: str | None = None
+    fuse_step: bool | None = None

@@ -1,7 +1,10 @@
 """The trainer. On CUDA a whole training step (batch gather, augmentation, forward, backward,
 masked SGD) is one CUDA graph replay of a `torch.compile`d model in bf16 and channels_last:
 ResNet-20 at batch 128 is bound by the host launching ~300 small kernels per step, so the
-fix is to launch less. On the CPU it is plain eager fp32 and bit-reproducible from a seed.
+fix is to launch less. With `fuse_step` (the default) the step's gather, crop and flip and
+loss are compiled with the network and the masked SGD update on its own, so their small
+operators become a few fused kernels too. On the CPU it is plain eager fp32 and
+bit-reproducible from a seed.
 
 Everything a graph captured is static: rewinding, re-masking and resetting momentum copy
 into the existing tensors, so one capture serves every IMP round. A streamed dataset
@@ -46,6 +49,15 @@ from ticketctl.train.config import TrainConfig
 from ticketctl.train.packing import loss_logits
 from ticketctl.train.schedule import lr_at
 from ticketctl.train.sgd import MaskedSGD
+
+# On the CPU the trainer runs eager. Tests set this to compile there too, with `_compile`
+# swapped for dynamo's "eager" backend: the step's functions must trace as one graph each.
+COMPILE_ON_CPU = False
+
+
+def _compile(fn: Callable[..., Any], mode: str | None) -> Callable[..., Any]:
+    """torch.compile as the trainer uses it: one static shape per function."""
+    return torch.compile(fn, dynamic=False, mode=mode)
 
 
 @dataclass
@@ -108,6 +120,11 @@ class Layout:
     def index_shape(self, main_batch: int) -> tuple[int, ...]:
         return (main_batch,)
 
+    def aug_generators(self) -> list[torch.Generator]:
+        """The CPU generators crops and flips are drawn from (none on CUDA, which draws from
+        the device's default generator)."""
+        return [self.aug_gen] if self.aug_gen is not None else []
+
     def aug_seed(self, seed: int) -> int:
         """Every rank crops its own images differently; one process keeps seed + 1."""
         return seed + 1 + 1_000_003 * self.engine.rank
@@ -135,14 +152,19 @@ class Layout:
     def epoch_order(self, n: int) -> torch.Tensor:
         return torch.randperm(n, generator=self.order_gen).to(self.engine.device)
 
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
+    def draw(self, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+        """The random crops and flips of a batch of this index shape (drawn apart from
+        `crop`, so a compiled step can take them as inputs: see `Engine._batch_loss`)."""
         gen = self.aug_gen
         dev = self.engine.device if gen is None else "cpu"
-        n = x.shape[0]
+        n = shape[0]
         dy = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=dev)
         dx = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=dev)
         flip = torch.randint(0, 2, (n,), generator=gen, device=dev)
-        return crop_flip(x, dy, dx, flip)
+        return dy, dx, flip
+
+    def crop(self, x: torch.Tensor, draws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return crop_flip(x, *draws)
 
     def network_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -205,7 +227,7 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.bf16 = cfg.bf16 and cuda
         self.channels_last = cfg.channels_last and cuda
-        self.use_compile = cfg.compile and cuda
+        self.use_compile = cfg.compile and (cuda or COMPILE_ON_CPU)
         # Data-parallel too: the gradients' all-reduce is part of the captured step.
         self.use_graph = cfg.cuda_graph and cuda
         model.to(self.device)
@@ -214,9 +236,13 @@ class Engine:
         model.train()
         self.model = model
         # dynamic=False: training and evaluation batches each get their own static graph.
-        self.forward = torch.compile(
-            model, dynamic=False, mode=None if cfg.compile_mode == "default" else
-            cfg.compile_mode) if self.use_compile else model
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        self.forward = _compile(model, mode) if self.use_compile else model
+        # The whole step compiled (see `_batch_loss`), not the network alone; the compiled
+        # network above still scores the splits.
+        self.fused = self.use_compile and cfg.fuse_step
+        self._loss = _compile(self._batch_loss, mode) if self.fused else self._batch_loss
+        self._update = _compile(self._sgd_update, mode) if self.fused else self._sgd_update
         if dist is not None:
             if trigger is not None:
                 raise TicketctlError("trigger retraining does not run distributed yet")
@@ -301,7 +327,7 @@ class Engine:
         """Another learning-rate schedule (epochs, lr, warm-up) for the same captured step;
         what the step captured (batch, optimizer constants, precision) must not change."""
         fixed = ("batch_size", "momentum", "weight_decay", "nesterov", "bf16", "channels_last",
-                 "compile", "cuda_graph", "label_smoothing", "compile_mode")
+                 "compile", "cuda_graph", "label_smoothing", "compile_mode", "fuse_step")
         changed = [f for f in fixed if getattr(cfg, f) != getattr(self.cfg, f)]
         if changed:
             raise ValueError(f"a trainer's {', '.join(changed)} cannot change")
@@ -355,13 +381,29 @@ class Engine:
 
     # ---- the step -----------------------------------------------------------------------------
     def _step(self) -> None:
+        draws = None
+        if not self.streamed and self.data.augment != "none":
+            # drawn outside the compiled part, from the same generator in the same order
+            draws = self.layout.draw(self.batch_idx.shape)
+        loss = self._loss(draws)
+        loss.backward()
+        if self.dist is not None:
+            self._average_grads()
+        self._update()
+        self.loss_sum += loss.detach() if self.layout.models == 1 else \
+            loss.detach() / self.layout.models
+
+    def _batch_loss(self, draws: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        """The step's loss from its inputs: batch gather, crop and flip, triggers, forward and
+        loss. With `fuse_step` this is compiled as one function, so its small kernels are
+        fused with the network's (ResNet-20 at batch 128 is bound by their number)."""
         if self.streamed:  # already augmented by the stream
             x = self.layout.network_input(self.data.to_input(self.x_in, self.channels_last))
             y = self.y_in
         else:
             x = self.data.train_x[self.batch_idx]
-            if self.data.augment != "none":
-                x = self.layout.augment(x)
+            if draws is not None:
+                x = self.layout.crop(x, draws)
             x = self.layout.network_input(x)
             y = self.data.train_y[self.batch_idx]
         if self.trigger_x is not None:  # triggers go in as they are, unaugmented
@@ -370,14 +412,13 @@ class Engine:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.forward(x)
-        loss = self.layout.loss(out, y)
-        loss.backward()
-        if self.dist is not None:
-            self._average_grads()
+            out = self.model(x) if self.fused else self.forward(x)
+        return self.layout.loss(out, y)
+
+    def _sgd_update(self) -> None:
+        """Masked SGD at the step's learning rate(s) (compiled with `fuse_step`: its foreach
+        operations over every parameter become a few fused kernels)."""
         self.opt.step(self.layout.step_lr())
-        self.loss_sum += loss.detach() if self.layout.models == 1 else \
-            loss.detach() / self.layout.models
 
     def _average_grads(self) -> None:
         """Every rank's gradients replaced by their mean over the ranks (what DDP computes):
@@ -516,12 +557,17 @@ class Engine:
     def _warm_compile(self) -> None:
         """Compile outside the timed epochs (compile without graphs): one step, then undo it."""
         saved = (self.model_state(), self.optimizer_state())
+        gens = self.layout.aug_generators()  # the warm step's crops are undone too
+        rng = [g.get_state() for g in gens]
         self.batch_idx.copy_(torch.arange(self.main_batch, device=self.device)
                              % len(self.data.train_y))
         self._eager_step()
         self.load_model_state(saved[0])
         self.load_optimizer_state(saved[1])
-        torch.cuda.synchronize()
+        for g, state in zip(gens, rng, strict=True):
+            g.set_state(state)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()

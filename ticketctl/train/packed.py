@@ -54,6 +54,9 @@ class Packed(Layout):
     def index_shape(self, main_batch: int) -> tuple[int, ...]:
         return (self.models, main_batch)
 
+    def aug_generators(self) -> list[torch.Generator]:
+        return list(self.aug_gens or [])
+
     def reseed(self, seeds: Sequence[int]) -> None:
         if len(seeds) != self.models:
             raise TicketctlError("one seed per packed model")
@@ -75,18 +78,21 @@ class Packed(Layout):
         return torch.stack([torch.randperm(n, generator=g) for g in self.order_gens]
                            ).to(self.engine.device)
 
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
-        k, n = x.shape[:2]
+    def draw(self, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+        k, n = shape[:2]
         if self.aug_gens is not None:  # model by model, in the single trainer's order
             draws = [[torch.randint(0, hi, (n,), generator=g) for hi in
                       (2 * PAD + 1, 2 * PAD + 1, 2)] for g in self.aug_gens]
-            dy, dx, flip = (torch.cat([d[i] for d in draws]) for i in range(3))
-        else:
-            dev = self.engine.device
-            dy = torch.randint(0, 2 * PAD + 1, (k * n,), device=dev)
-            dx = torch.randint(0, 2 * PAD + 1, (k * n,), device=dev)
-            flip = torch.randint(0, 2, (k * n,), device=dev)
-        return crop_flip(x.reshape(k * n, *x.shape[2:]), dy, dx, flip).view(x.shape)
+            return tuple(torch.cat([d[i] for d in draws]) for i in range(3))
+        dev = self.engine.device
+        dy = torch.randint(0, 2 * PAD + 1, (k * n,), device=dev)
+        dx = torch.randint(0, 2 * PAD + 1, (k * n,), device=dev)
+        flip = torch.randint(0, 2, (k * n,), device=dev)
+        return dy, dx, flip
+
+    def crop(self, x: torch.Tensor, draws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        k, n = x.shape[:2]
+        return crop_flip(x.reshape(k * n, *x.shape[2:]), *draws).view(x.shape)
 
     def network_input(self, x: torch.Tensor) -> torch.Tensor:
         return stack_inputs(x)
