@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ticketctl.artifacts import Mask
 from ticketctl.data import load_dataset
 from ticketctl.models import build_model, prunable_names
-from ticketctl.prune import magnitude_prune
+from ticketctl.prune import magnitude_prune, resolve_settings
 from ticketctl.train import TrainConfig, Trainer, lr_at
 from ticketctl.train.sgd import MaskedSGD
 
@@ -136,7 +136,8 @@ def test_new_training_settings_leave_old_settings_hashes_alone():
     """Run folders and job caches are keyed by the settings: fields added later appear in
     them only when changed."""
     d = TrainConfig().to_dict()
-    assert "compile_mode" not in d and "test_eval" not in d
+    assert "compile_mode" not in d and "test_eval" not in d and "fuse_step" not in d
+    assert TrainConfig(fuse_step=False).to_dict()["fuse_step"] is False
     assert TrainConfig(test_eval="best").to_dict()["test_eval"] == "best"
     assert TrainConfig.from_dict(TrainConfig(compile_mode="max-autotune-no-cudagraphs")
                                  .to_dict()).compile_mode == "max-autotune-no-cudagraphs"
@@ -202,3 +203,14 @@ def test_fused_step_traces_whole_and_trains_as_before(kind, digits, monkeypatch)
     untrained = build_model("digits_cnn", 10, seed=0, width=8).state_dict()
     first = reference[next(iter(reference))]
     assert not torch.equal(first[:len(untrained["conv1.weight"])], untrained["conv1.weight"])
+
+
+def test_no_fuse_step_reaches_the_training_settings():
+    """The CLI flag turns the whole-step compilation off (and so enters the settings hash);
+    without it the default stays out of the settings."""
+    from ticketctl.cli.options import Training
+
+    off = resolve_settings("demo", train=Training(no_fuse_step=True).overrides()).train
+    on = resolve_settings("demo", train=Training().overrides()).train
+    assert off.fuse_step is False and on.fuse_step is True
+    assert off.to_dict() != on.to_dict()
