@@ -96,6 +96,8 @@ LABELS = {
     "c-autotune-nchw": "(c) NCHW, compile mode max-autotune-no-cudagraphs",
     "c-unfused": "(c) network compiled alone (fuse_step off: as before 2026-11-30)",
     "c-autotune-unfused": "(c) network compiled alone, max-autotune-no-cudagraphs",
+    "c-combo": "(c) Inductor combo kernels (independent kernels launched as one)",
+    "c-coord": "(c) Inductor coordinate-descent tuning of its kernels' launch settings",
 }
 # Trainer flags each (c) variant switches off.
 C_VARIANTS: dict[str, dict[str, Any]] = {
@@ -112,6 +114,14 @@ C_VARIANTS: dict[str, dict[str, Any]] = {
     # the step's gather, augmentation, loss and SGD update outside the compiled network
     "c-unfused": {"fuse_step": False},
     "c-autotune-unfused": {"fuse_step": False, "compile_mode": "max-autotune-no-cudagraphs"},
+    "c-combo": {},
+    "c-coord": {},
+}
+# Inductor settings (not trainer settings) a (c) variant compiles under, for the row only:
+# whether they would be worth a trainer option is what the rows show.
+C_INDUCTOR: dict[str, dict[str, Any]] = {
+    "c-combo": {"combo_kernels": True},
+    "c-coord": {"coordinate_descent_tuning": True},
 }
 
 
@@ -358,6 +368,26 @@ def reset_compiler() -> None:
 
 def bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant: str,
             round2: bool, profile: bool = False) -> tuple[dict[str, Any], nn.Module]:
+    inductor = C_INDUCTOR.get(variant, {})
+    if not inductor:
+        return _bench_c(data, bs, epochs, device, variant, round2, profile)
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(inductor):  # every compilation of the row happens inside
+        row, model = _bench_c(data, bs, epochs, device, variant, round2, profile)
+    reset_compiler()  # nothing compiled under these settings is reused by later rows
+    return row, model
+
+
+def inductor_settings() -> dict[str, Any]:
+    """The Inductor settings the (c) variants change, as they are now (recorded per row)."""
+    import torch._inductor.config as inductor_config
+
+    return {k: getattr(inductor_config, k) for v in C_INDUCTOR.values() for k in v}
+
+
+def _bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant: str,
+             round2: bool, profile: bool = False) -> tuple[dict[str, Any], nn.Module]:
     reset_compiler()
     configure_cuda()  # what the ticketctl CLI sets at start; undone after the row
     torch.manual_seed(0)
@@ -375,6 +405,7 @@ def bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant: 
     row: dict[str, Any] = {"label": LABELS[variant], "flags": flags, "steps_per_epoch": steps,
                            "images_per_epoch": steps * bs, **summary}
     row["compile_seconds"] = trainer.compile_seconds
+    row["inductor"] = inductor_settings()
     row.update(eval_seconds(trainer, device))
     try:
         row["test_acc"] = float(trainer.evaluate("test"))
@@ -595,7 +626,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--configs", default="a,b,c",
                     help="comma-separated from a, b, c, c-nograph, c-nocompile, c-eager, c-fp32, "
                          "c-autotune, c-nchw, c-autotune-nchw, c-unfused, "
-                         "c-autotune-unfused")
+                         "c-autotune-unfused, c-combo, c-coord")
     ap.add_argument("--profile", default="",
                     help="comma-separated (c) configs to profile one more epoch of with "
                          "torch.profiler: kernels per step and the top kernels (JSON 'profile')")
