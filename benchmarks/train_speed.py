@@ -368,6 +368,7 @@ def reset_compiler() -> None:
 
 def bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant: str,
             round2: bool, profile: bool = False) -> tuple[dict[str, Any], nn.Module]:
+    """One (c) row; a variant with Inductor settings compiles under them, for its row only."""
     inductor = C_INDUCTOR.get(variant, {})
     if not inductor:
         return _bench_c(data, bs, epochs, device, variant, round2, profile)
@@ -391,7 +392,8 @@ def _bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant:
     reset_compiler()
     configure_cuda()  # what the ticketctl CLI sets at start; undone after the row
     torch.manual_seed(0)
-    flags = {"bf16": True, "channels_last": True, "compile": True, "cuda_graph": True}
+    flags = {"bf16": True, "channels_last": True, "compile": True, "cuda_graph": True,
+             "fuse_step": True}
     flags.update(C_VARIANTS[variant])
     cfg = TrainConfig(epochs=epochs, batch_size=bs, lr=LR, momentum=MOMENTUM,
                       weight_decay=WEIGHT_DECAY, schedule="multistep", milestones=[], seed=0,

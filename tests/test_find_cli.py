@@ -190,6 +190,15 @@ def test_resume_with_different_settings_names_the_difference(tmp_path):
     doc = find_json(tmp_path, "--epochs", "2", "--max-rounds", "0", "--resume",
                     out="again.safetensors")
     assert doc["dense_accuracy"] == first["dense_accuracy"]
+    # How the step is compiled may change (a fused compilation that fails goes on without);
+    # a recipe setting beside it is still refused, and named alone.
+    doc = find_json(tmp_path, "--epochs", "2", "--max-rounds", "0", "--resume",
+                    "--no-fuse-step", out="again2.safetensors")
+    assert doc["dense_accuracy"] == first["dense_accuracy"]
+    result = find(tmp_path, "--epochs", "3", "--max-rounds", "0", "--resume", "--no-fuse-step",
+                  out="third.safetensors")
+    assert_one_line_error(result, 2, "different settings")
+    assert "train.epochs" in result.stderr and "fuse_step" not in result.stderr
 
 
 # ---- the extreme-ticket search end to end ------------------------------------------------------

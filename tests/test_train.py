@@ -155,24 +155,30 @@ def test_a_batch_larger_than_the_training_set_is_refused_in_one_line(digits):
     Trainer(build_model("digits_cnn", width=8), digits, TrainConfig(batch_size=n))  # fits
 
 
-@pytest.mark.parametrize("kind", ["single", "trigger", "packed"])
+@pytest.mark.parametrize("kind", ["single", "plain", "trigger", "packed"])
 def test_fused_step_traces_whole_and_trains_as_before(kind, digits, monkeypatch):
     """`fuse_step` compiles the step's gather, crop and flip, triggers, loss and masked SGD
     with the network. Compiled here with dynamo's "eager" backend and fullgraph=True: a graph
-    break in either function fails (it would split the fused kernels again), and the traced
-    graphs run the same operators in the same order as the eager step, so the weights after
-    training are bitwise those of the trainer that compiles nothing."""
+    break in either function fails (it would split the fused kernels again); each function is
+    traced once, not again after a new schedule, a re-mask, an evaluation or a second epoch
+    (a retrace every step would cost the speed the fusion is for); and the traced graphs run
+    the same operators in the same order as the eager step, so the weights after training
+    are bitwise those of the trainer that compiles nothing."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     from ticketctl.train import engine
     from ticketctl.train.packed import PackedTrainer
 
-    traced = []
+    counters: dict[str, CompileCounterWithBackend] = {}
 
     def strict(fn, mode):
-        traced.append(getattr(fn, "__name__", type(fn).__name__))
-        return torch.compile(fn, backend="eager", fullgraph=True, dynamic=False)
+        counter = counters.setdefault(getattr(fn, "__name__", type(fn).__name__),
+                                      CompileCounterWithBackend("eager"))
+        return torch.compile(fn, backend=counter, fullgraph=True, dynamic=False)
 
-    data = replace(digits, augment="crop_flip")  # the crop and flip in the traced step too
-    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, momentum=0.9, nesterov=True)
+    # "plain": no augmentation (no random draws go into the step)
+    data = digits if kind == "plain" else replace(digits, augment="crop_flip")
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, momentum=0.9, nesterov=True)
     trigger = (data.test_x[:8], torch.arange(8) % 10) if kind == "trigger" else None
 
     def train(fuse: bool) -> dict[str, torch.Tensor]:
@@ -188,6 +194,13 @@ def test_fused_step_traces_whole_and_trains_as_before(kind, digits, monkeypatch)
         else:
             t = Trainer(model, data, c, mask=mask, trigger=trigger, trigger_per_batch=2)
         t.train_epoch(1, steps=4)
+        if kind == "packed":
+            packed.set_schedules([replace(c, lr=0.03), replace(c, lr=0.01)])
+        else:
+            t.set_schedule(replace(c, lr=0.03))
+            t.set_mask(magnitude_prune(dict(model.named_parameters()), mask, 0.2))
+        t.evaluate_models("val")
+        t.train_epoch(2, steps=3)
         assert t.fused == fuse
         return t.model_state()  # packed: both models' weights, stacked
 
@@ -196,10 +209,11 @@ def test_fused_step_traces_whole_and_trains_as_before(kind, digits, monkeypatch)
     monkeypatch.setattr(engine, "_compile", strict)
     torch._dynamo.reset()
     fused = train(True)
-    assert "_batch_loss" in traced and "_sgd_update" in traced
+    assert counters["_batch_loss"].frame_count == 1, counters["_batch_loss"].frame_count
+    assert counters["_sgd_update"].frame_count == 1, counters["_sgd_update"].frame_count
     for name, t in reference.items():
         assert torch.equal(fused[name], t), name
-    # four steps moved the weights, so the comparison above means something
+    # seven steps moved the weights, so the comparison above means something
     untrained = build_model("digits_cnn", 10, seed=0, width=8).state_dict()
     first = reference[next(iter(reference))]
     assert not torch.equal(first[:len(untrained["conv1.weight"])], untrained["conv1.weight"])

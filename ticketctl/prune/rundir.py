@@ -85,13 +85,21 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
+# Settings a resumed run may change: how the step is compiled, not what it computes (a fused
+# compilation that fails on another GPU or torch can go on with --no-fuse-step).
+RESUMABLE = frozenset({"train.fuse_step"})
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
             out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"]
+    name = prefix.rstrip(".")
+    if name in RESUMABLE:
+        return []
+    return [] if a == b else [f"{name}: {a!r} then, {b!r} now"]
 
 
 class RunDir:

@@ -164,6 +164,7 @@ class Layout:
         return dy, dx, flip
 
     def crop(self, x: torch.Tensor, draws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The batch cropped and flipped as `draw` said (no randomness here: traceable)."""
         return crop_flip(x, *draws)
 
     def network_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -412,7 +413,9 @@ class Engine:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model(x) if self.fused else self.forward(x)
+            # the compiled network, which a compiled step traces into: should Dynamo ever
+            # give up on the step (its recompile limit), the network is still compiled
+            out = self.forward(x)
         return self.layout.loss(out, y)
 
     def _sgd_update(self) -> None:
