@@ -555,3 +555,30 @@ def test_ranks_stream_a_folder_that_one_of_them_cannot_hold(tmp_path):
     mp.spawn(_choice_worker, args=(port, str(folder), str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / str(r)).read_text() for r in (0, 1)] == ["True", "True"]
     assert load_dataset("imagefolder", folder, val_size=4).streamed is False  # one process
+
+
+def test_a_streamed_step_compiles_whole_and_trains_as_before(folder, monkeypatch):
+    """The fused step on a streamed folder (its batches copied into the step's input buffers):
+    traced once as one graph (dynamo's "eager" backend, fullgraph=True) and bitwise the eager
+    trainer's weights and accuracies after two epochs."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from ticketctl.train import engine
+
+    reference = _train(folder, None)
+    counters: dict[str, CompileCounterWithBackend] = {}
+
+    def strict(fn, mode):
+        counter = counters.setdefault(getattr(fn, "__name__", type(fn).__name__),
+                                      CompileCounterWithBackend("eager"))
+        return torch.compile(fn, backend=counter, fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(engine, "COMPILE_ON_CPU", True)
+    monkeypatch.setattr(engine, "_compile", strict)
+    torch._dynamo.reset()
+    state, history = _train(folder, None)
+    assert counters["_batch_loss"].frame_count == 1 and counters["_sgd_update"].frame_count == 1
+    assert history == reference[1]
+    for name, t in reference[0].items():
+        assert torch.equal(state[name], t), name
+    assert not torch.equal(state["0.weight"], tiny_net().state_dict()["0.weight"])  # trained
