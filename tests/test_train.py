@@ -161,9 +161,10 @@ def test_fused_step_traces_whole_and_trains_as_before(kind, digits, monkeypatch)
     with the network. Compiled here with dynamo's "eager" backend and fullgraph=True: a graph
     break in either function fails (it would split the fused kernels again); each function is
     traced once, not again after a new schedule, a re-mask, an evaluation or a second epoch
-    (a retrace every step would cost the speed the fusion is for); and the traced graphs run
-    the same operators in the same order as the eager step, so the weights after training
-    are bitwise those of the trainer that compiles nothing."""
+    (a retrace every step would cost the speed the fusion is for), and a second trainer reuses
+    the traces; and the traced graphs run the same operators in the same order as the eager
+    step, so the weights after training are bitwise those of the trainer that compiles
+    nothing, for both trainers."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from ticketctl.train import engine
@@ -209,10 +210,13 @@ def test_fused_step_traces_whole_and_trains_as_before(kind, digits, monkeypatch)
     monkeypatch.setattr(engine, "_compile", strict)
     torch._dynamo.reset()
     fused = train(True)
+    # a second trainer in the process reuses the traced step: it must read its own tensors
+    again = train(True)
     assert counters["_batch_loss"].frame_count == 1, counters["_batch_loss"].frame_count
     assert counters["_sgd_update"].frame_count == 1, counters["_sgd_update"].frame_count
     for name, t in reference.items():
         assert torch.equal(fused[name], t), name
+        assert torch.equal(again[name], t), name
     # seven steps moved the weights, so the comparison above means something
     untrained = build_model("digits_cnn", 10, seed=0, width=8).state_dict()
     first = reference[next(iter(reference))]
