@@ -11,8 +11,11 @@ ResNet-20 under a fixed 20%-density mask, for each batch size and each of:
     per-epoch ``torch.randperm`` and augmented on the device by ``ticketctl.data.augment_batch``;
 (c) ticketctl's ``Trainer`` (bf16 autocast, channels-last, ``torch.compile``, CUDA graphs);
     ``--variants`` adds rows with one of those switched off at a time, and one compiled with
-    ``max-autotune-no-cudagraphs`` (kernels picked by timing). Each (c) row also times scoring
-    the validation and the test split once (``eval_val_s``, ``eval_test_s``).
+    ``max-autotune-no-cudagraphs`` (kernels picked by timing), with the network compiled alone
+    instead of the whole step (``c-unfused``, ``c-autotune-unfused``), NCHW, and under two
+    Inductor settings (``c-combo``, ``c-coord``; the autotuned and coordinate-descent rows
+    spend minutes compiling). Each (c) row also times scoring the validation and the test
+    split once (``eval_val_s``, ``eval_test_s``) and records its flags and Inductor settings.
 
 Every config re-applies the mask after each optimizer step, as IMP code does. The first epoch
 of every config is a warm-up: it is reported apart (its excess over the median, and for (c) the
