@@ -371,16 +371,12 @@ def reset_compiler() -> None:
 
 def bench_c(data: Dataset, bs: int, epochs: int, device: torch.device, variant: str,
             round2: bool, profile: bool = False) -> tuple[dict[str, Any], nn.Module]:
-    """One (c) row; a variant with Inductor settings compiles under them, for its row only."""
-    inductor = C_INDUCTOR.get(variant, {})
-    if not inductor:
-        return _bench_c(data, bs, epochs, device, variant, round2, profile)
+    """One (c) row; a variant with Inductor settings compiles under them, for its row only
+    (every row starts from a reset compiler, so no later row reuses that code)."""
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(inductor):  # every compilation of the row happens inside
-        row, model = _bench_c(data, bs, epochs, device, variant, round2, profile)
-    reset_compiler()  # nothing compiled under these settings is reused by later rows
-    return row, model
+    with inductor_config.patch(C_INDUCTOR.get(variant, {})):  # every compilation of the row
+        return _bench_c(data, bs, epochs, device, variant, round2, profile)
 
 
 def inductor_settings() -> dict[str, Any]:
@@ -629,15 +625,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", default="128,512", help="comma-separated (default 128,512)")
     ap.add_argument("--configs", default="a,b,c",
-                    help="comma-separated from a, b, c, c-nograph, c-nocompile, c-eager, c-fp32, "
-                         "c-autotune, c-nchw, c-autotune-nchw, c-unfused, "
-                         "c-autotune-unfused, c-combo, c-coord")
+                    help=f"comma-separated from a, b, {', '.join(C_VARIANTS)}")
     ap.add_argument("--profile", default="",
                     help="comma-separated (c) configs to profile one more epoch of with "
                          "torch.profiler: kernels per step and the top kernels (JSON 'profile')")
     ap.add_argument("--variants", action="store_true",
-                    help="add (c) rows with one flag off: no graph, no compile, fp32; and with "
-                         "compile mode max-autotune-no-cudagraphs")
+                    help="add every (c) variant's row (the autotuned and coordinate-descent "
+                         "ones compile for minutes)")
     ap.add_argument("--epochs", type=int, default=4,
                     help="epochs per config; the first is warm-up (default 4: 3 timed)")
     ap.add_argument("--train-size", type=int, default=45000)

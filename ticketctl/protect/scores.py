@@ -39,6 +39,10 @@ Progress = Callable[[int, int], None]  # (done, total): what a long score has go
 UNSEEN = -1.0e18  # below any real path rank
 
 
+def _unreported(done: int, total: int) -> None:
+    """The progress callback when nobody follows the work."""
+
+
 def omp_scores(ticket: Ticket, seed: int = 0, **_: object) -> Scores:
     return {n: ticket.state[n].detach().abs().to(torch.float64) for n in ticket.mask}
 
@@ -124,11 +128,11 @@ def edge_betweenness(graph: ChannelGraph, pivots: int | None = None, seed: int =
     time left extrapolated from the start is an upper bound (about 2x early on)."""
     if pivots is not None and pivots < 1:
         raise TicketctlError(f"--pivots must be at least 1 (or left out for exact), got {pivots}")
+    report = on_progress or _unreported
     n, m = graph.num_nodes, len(graph.src)
     out = np.zeros(m)
     if n < 2 or m == 0:
-        if on_progress is not None:
-            on_progress(1, 1)
+        report(1, 1)
         return out
     k = None if pivots is None or pivots >= n else pivots
     sources = np.arange(n) if k is None else np.array(random.Random(seed).sample(range(n), k))
@@ -138,13 +142,11 @@ def edge_betweenness(graph: ChannelGraph, pivots: int | None = None, seed: int =
     np.minimum.at(best, inv, dist)
     level = _levels(uniq // n, uniq % n, n)
     if level is None:  # not a forward network's graph: networkx's general algorithm
-        if on_progress is not None:
-            on_progress(0, 1)
+        report(0, 1)
         result = _networkx_betweenness(graph, k, seed)
-        if on_progress is not None:
-            on_progress(1, 1)
+        report(1, 1)
         return result
-    central = _brandes_levels(uniq // n, uniq % n, best, level, sources, on_progress)
+    central = _brandes_levels(uniq // n, uniq % n, best, level, sources, report)
     central *= 1.0 / (len(sources) * (n - 1))
     carries = dist == best[inv]
     share = np.bincount(inv, weights=carries)  # equally short parallel edges split the paths
@@ -210,8 +212,8 @@ def _brandes_levels(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, level: n
                                                  f_bounds[int(level[sources[i]]) + 1]))
             for i in blocks]
     total_cost, done_cost = sum(cost), 0
-    if on_progress is not None:
-        on_progress(0, total_cost)
+    report = on_progress or _unreported
+    report(0, total_cost)
     for b_i, i in enumerate(blocks):
         s = sources[i:i + block]
         rows = np.arange(len(s))
@@ -252,8 +254,7 @@ def _brandes_levels(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, level: n
             coeff[:, nodes] = np.where(sg > 0, (1.0 + delta[:, nodes]) / np.where(sg > 0, sg, 1.0),
                                        0.0)
         done_cost += cost[b_i]
-        if on_progress is not None:
-            on_progress(done_cost, total_cost)
+        report(done_cost, total_cost)
     out = np.empty(m)
     out[bwd] = central
     return out

@@ -7,7 +7,6 @@ metadata, so a merge can prove it rebuilt exactly that ticket."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 
 from ticketctl.artifacts import Kind, Mask, Ticket
 from ticketctl.errors import CheckFailed, TicketctlError
-from ticketctl.protect.scores import compute_scores, top_kept
+from ticketctl.protect.scores import Progress, compute_scores, top_kept
 
 
 def key_size(ticket: Ticket, key_ratio: float) -> int:
@@ -33,7 +32,7 @@ def key_size(ticket: Ticket, key_ratio: float) -> int:
 
 def split_ticket(
     ticket: Ticket, score: str, key_ratio: float, seed: int = 0,
-    model: nn.Module | None = None, on_progress: Callable[[int, int], None] | None = None,
+    model: nn.Module | None = None, on_progress: Progress | None = None,
     **score_options: Any
 ) -> tuple[Ticket, Ticket]:
     """Return (key, locked). `model` is the ticket's network, for the path scores (by
