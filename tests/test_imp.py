@@ -156,3 +156,54 @@ def test_run_folder_masks_are_plain_safetensors(search):
     _, run = search
     tensors = safetensors.torch.load_file(str(run.file("masks/round-001.safetensors")))
     assert all(t.dtype == torch.uint8 for t in tensors.values())
+
+
+class _Killed(Exception):
+    """Stands for a kill right after a save (in-process, so the test can edit the files)."""
+
+
+def test_a_resumed_round_reports_the_time_earlier_processes_spent_on_it(tmp_path,
+                                                                         monkeypatch):
+    """A round cut by a kill and resumed in a new process reports its whole wall time: what
+    was spent before the kill (its finished trials, in pending.json; the checkpointed part
+    of the trial in progress) plus the resumed part, not the resumed part alone."""
+    settings = resolve_settings("demo", train=TrainOverrides(epochs=3),
+                                search=SearchOverrides(rates=[0.5], rewind_epoch=1, trials=2,
+                                                       max_rounds=1))
+    run_dir = tmp_path / "run"
+    write = RunDir.write_checkpoint
+
+    def write_then_die(self, ck):
+        write(self, ck)
+        if ck.key == "round-1-trial-1" and ck.epoch == 2:
+            raise _Killed
+
+    monkeypatch.setattr(RunDir, "write_checkpoint", write_then_die)
+    with pytest.raises(_Killed):
+        find_ticket(settings, run_dir, device="cpu", checkpoint_seconds=0)
+    monkeypatch.setattr(RunDir, "write_checkpoint", write)
+
+    # Pretend the killed process was slow: 500 s for trial 0, 1000 s into trial 1. Real
+    # times on this CPU are far below these, so the sums below can only come from the files.
+    run = RunDir(run_dir)
+    ck = run.read_checkpoint("round-1-trial-1")
+    assert ck is not None and ck.epoch == 2 and 0 < ck.seconds < 500
+    ck.seconds = 1000.0
+    run.write_checkpoint(ck)
+    pending = json.loads(run.file("pending.json").read_text())
+    assert pending["round"] == 1 and len(pending["trials"]) == 1 and pending["seconds"] > 0
+    pending["seconds"] = 500.0
+    run.file("pending.json").write_text(json.dumps(pending))
+
+    t0 = time.perf_counter()
+    result = find_ticket(settings, run_dir, device="cpu", checkpoint_seconds=0, resume=True)
+    resumed_wall = time.perf_counter() - t0
+    (rd,) = result.rounds
+    assert 1500.0 <= rd.seconds <= 1500.0 + resumed_wall
+    trials = json.loads(run.file("pending.json").read_text())["trials"]
+    assert 1000.0 <= trials[1]["seconds"] <= 1000.0 + resumed_wall
+    assert trials[0]["seconds"] < 500  # finished before the kill: as it was recorded
+    assert result.seconds <= resumed_wall  # this process's own time
+    assert result.search_seconds == pytest.approx(result.dense.seconds + rd.seconds)
+    assert json.loads(run.file("rounds.jsonl").read_text().splitlines()[0])["seconds"] \
+        == rd.seconds

@@ -151,8 +151,11 @@ def find(
         console.print(rounds_table(result.rounds, result.dense_accuracy, result.ticket_accuracy,
                                    result.density))
         spec = ", ".join(f"{k}: {v}" for k, v in result.spec.items())
+        total = result.search_seconds  # more than this process's time when it resumed
+        over = f" (its trainings over every run of the folder: {total:.1f} s)" \
+            if total is not None and total > result.seconds + 1 else ""
         console.print(f"pruning specification (accepted rounds per rate): {spec}; "
-                      f"{result.seconds:.1f} s; run folder {plain(result.run_dir)}",
+                      f"{result.seconds:.1f} s{over}; run folder {plain(result.run_dir)}",
                       highlight=False)
         console.print(f"wrote {plain(out)}" + (f" and {plain(trained)}" if trained else ""),
                       highlight=False)

@@ -132,11 +132,21 @@ class FindResult:
     dense: Dense | None = None
     distributed: dict[str, Any] | None = None  # world size and per-round mask checks
 
+    @property
+    def search_seconds(self) -> float | None:
+        """The dense training and every round, summed over all the processes that worked on
+        the run (`seconds` is this process's own); None for a run folder from before rounds
+        kept their time."""
+        if self.dense is None or any(r.seconds is None for r in self.rounds):
+            return None
+        return self.dense.seconds + sum(r.seconds or 0.0 for r in self.rounds)
+
     def summary(self) -> dict[str, Any]:
         """The JSON document `find --json` prints (without the tickets)."""
         return {"dense_accuracy": self.dense_accuracy, "ticket_accuracy": self.ticket_accuracy,
                 "density": self.density, "rounds": [r.to_dict() for r in self.rounds],
                 "spec": self.spec, "run_dir": self.run_dir, "seconds": self.seconds,
+                "search_seconds": self.search_seconds,
                 "dense": asdict(self.dense) if self.dense else {},
                 "distributed": self.distributed}
 
@@ -239,6 +249,9 @@ class Search:
         self.mask_checks = 0
         self.seq = 0  # the last row of the epoch log
         self.started = time.perf_counter()
+        # the round in progress: when this process started it, and the wall time earlier
+        # processes spent on it (see `_round_seconds`)
+        self._round_t0, self._round_carried = self.started, 0.0
 
     @classmethod
     def open(cls, settings: FindSettings, path: Path, *, resume: bool, force: bool,
@@ -310,20 +323,26 @@ class Search:
     # ---- one round: prune the last accepted mask, retrain its trials, accept or revert --------
     def run_round(self) -> None:
         r = len(self.state.rounds) + 1
-        t_round = time.perf_counter()
+        self._round_t0, self._round_carried = time.perf_counter(), 0.0
         cand = self._candidate(r, current_rate(self.state, self.scfg))
-        prune_seconds = time.perf_counter() - t_round
+        prune_seconds = time.perf_counter() - self._round_t0
         trials = self._trials(r, cand)
         accepted_before = self.state.accepted_rounds
         record_round(self.state, self.scfg, self.dense.accuracy, trials=trials,
                      density=cand.density, kept=cand.num_kept, prune_seconds=prune_seconds,
-                     seconds=time.perf_counter() - t_round)
+                     seconds=self._round_seconds())
         if self.state.accepted_rounds > accepted_before:
             self.run.copy_file(TRAINED_CANDIDATE, TRAINED_CURRENT)
             self.run.copy_file(BEST_CANDIDATE, BEST_CURRENT)
         self.run.write_state(self.state, self.seq)
         self.run.write_tables(self.state.rounds)
         self.events.round(self.state.rounds[-1])
+
+    def _round_seconds(self) -> float:
+        """The round's wall time so far: this process's part, and what earlier processes
+        spent on it up to what they saved (its finished trials, the checkpoint of the one in
+        progress); work a kill lost after the last save is not counted."""
+        return time.perf_counter() - self._round_t0 + self._round_carried
 
     def _candidate(self, r: int, rate: float | None) -> Mask:
         cand = self.run.read_mask(r)
@@ -338,9 +357,10 @@ class Search:
         return cand
 
     def _trials(self, r: int, cand: Mask) -> list[TrialResult]:
-        trials, seq = self.run.read_pending(r)
+        trials, seq, spent = self.run.read_pending(r)
         if seq is not None:
             self.seq = seq
+            self._round_carried += spent
         width = min(self.pack, self.scfg.trials - len(trials))
         # spread when there is more than one trial left: a pack for every device
         if self.devices is not None and self.scfg.trials - len(trials) > 1:
@@ -356,7 +376,7 @@ class Search:
                 self.run.write_tensors(BEST_CANDIDATE, self.trainer.best_state())
             trials.append(TrialResult(res.test_accuracy, res.val_accuracy, res.best_epoch,
                                       res.seconds))
-            self.run.write_pending(r, trials, self.seq)
+            self.run.write_pending(r, trials, self.seq, self._round_seconds())
         return trials
 
     def _spread_trials(self, r: int, trials: list[TrialResult]) -> list[TrialResult]:
@@ -391,7 +411,7 @@ class Search:
             for g in groups]
         results = self.pool.run(jobs)
         trials = trials + [t for i in range(len(jobs)) for t in results[i]]
-        self.run.write_pending(r, trials, self.seq)
+        self.run.write_pending(r, trials, self.seq, self._round_seconds())
         return trials
 
     def close(self) -> None:
@@ -427,7 +447,7 @@ class Search:
             self.run.write_tensors(BEST_CANDIDATE, ptr.best_model_states()[0])
         trials = trials + [TrialResult(res.test_accuracy, res.val_accuracy, res.best_epoch,
                                        res.seconds, packed=width) for res in results]
-        self.run.write_pending(r, trials, self.seq)
+        self.run.write_pending(r, trials, self.seq, self._round_seconds())
         return trials
 
     def _train(self, trainer: Trainer, key: str, start_epoch: int,
@@ -439,16 +459,19 @@ class Search:
         history: list[EpochStats] = []
         best = None
         epoch = start_epoch
+        before = 0.0  # the wall time earlier processes spent on this training, up to its save
         ck = self.run.read_checkpoint(key)
         if ck is not None:
             trainer.load_model_state(ck.model)
             trainer.load_optimizer_state(ck.optimizer)
             trainer.load_rng_state(ck.rng)
             history, epoch, self.seq, best = ck.history, ck.epoch, ck.seq, ck.best
+            before = ck.seconds
+            self._round_carried += before
         self.run.truncate_epochs(self.seq)
         self.events.training(key, epoch + 1, trainer.cfg.epochs)
 
-        last = time.perf_counter()
+        started = last = time.perf_counter()
 
         def checkpoint(e: int, histories: list[list[EpochStats]]) -> None:
             nonlocal last
@@ -460,12 +483,15 @@ class Search:
                     time.perf_counter() - last >= self.checkpoint_seconds:
                 self.run.write_checkpoint(Checkpoint(
                     key, e, self.seq, histories[0], trainer.model_state(),
-                    trainer.optimizer_state(), trainer.rng_state(), trainer.best_states[0]))
+                    trainer.optimizer_state(), trainer.rng_state(), trainer.best_states[0],
+                    before + time.perf_counter() - started))
                 last = time.perf_counter()
 
         hooks = Hooks(trained=trained, checkpoint=checkpoint,
                       evaluated=lambda _e, stats: self.events.epoch(stats[0]))
-        return trainer.run(epoch, trainer.cfg.epochs, [history], hooks, best=[best])[0]
+        res = trainer.run(epoch, trainer.cfg.epochs, [history], hooks, best=[best])[0]
+        res.seconds += before
+        return res
 
     def _accepted_mask(self) -> Mask | None:
         last = self.state.last_accepted

@@ -79,6 +79,9 @@ class Checkpoint:
     optimizer: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
     best: dict[str, torch.Tensor] | None = None  # the best-validation epoch's weights so far
+    # the training's wall time up to this checkpoint, over every process that worked on it
+    # (a resumed training reports the whole, not only its last part)
+    seconds: float = 0.0
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -232,16 +235,19 @@ class RunDir:
     def write_state(self, state: SearchState, seq: int) -> None:
         self.write_json(STATE, {**state.to_dict(), "seq": seq})
 
-    def read_pending(self, round_no: int) -> tuple[list[TrialResult], int | None]:
-        """The finished trials of round `round_no` (none if another round was pending)."""
+    def read_pending(self, round_no: int) -> tuple[list[TrialResult], int | None, float]:
+        """The finished trials of round `round_no` (none if another round was pending), the
+        epoch-log position after them and the round's wall time until they were recorded."""
         d = self.read_json(PENDING) or {}
         if d.get("round") != round_no or not d.get("trials"):
-            return [], None
-        return [TrialResult.from_dict(t) for t in d["trials"]], d["seq"]
+            return [], None, 0.0
+        return [TrialResult.from_dict(t) for t in d["trials"]], d["seq"], \
+            float(d.get("seconds", 0.0))
 
-    def write_pending(self, round_no: int, trials: list[TrialResult], seq: int) -> None:
+    def write_pending(self, round_no: int, trials: list[TrialResult], seq: int,
+                      seconds: float = 0.0) -> None:
         self.write_json(PENDING, {"round": round_no, "trials": [t.to_dict() for t in trials],
-                                  "seq": seq})
+                                  "seq": seq, "seconds": seconds})
 
     def read_rewind(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
         """The rewind point: (model state, optimizer state)."""
@@ -261,18 +267,21 @@ class RunDir:
         if got is None or got[1].get("key") != key:
             return None
         tensors, meta = got
-        return Checkpoint(key, meta["epoch"], meta["seq"],
-                          [EpochStats(**h) for h in meta["history"]],
+        history = [EpochStats(**h) for h in meta["history"]]
+        # a checkpoint written before `seconds` was kept: its epochs' own times
+        seconds = meta.get("seconds", sum(h.seconds for h in history))
+        return Checkpoint(key, meta["epoch"], meta["seq"], history,
                           _prefixed(tensors, "model."), _prefixed(tensors, "opt."),
                           {k: v for k, v in tensors.items() if k.startswith("rng.")},
-                          _prefixed(tensors, "best.") or None)
+                          _prefixed(tensors, "best.") or None, float(seconds))
 
     def write_checkpoint(self, ck: Checkpoint) -> None:
         self.write_tensors(CHECKPOINT, {**_with_prefix(ck.model, "model."),
                                         **_with_prefix(ck.optimizer, "opt."), **ck.rng,
                                         **_with_prefix(ck.best or {}, "best.")},
                            {"key": ck.key, "epoch": ck.epoch, "seq": ck.seq,
-                            "history": [h.to_dict() for h in ck.history]})
+                            "history": [h.to_dict() for h in ck.history],
+                            "seconds": ck.seconds})
 
     # ---- metrics --------------------------------------------------------------------------------
     def append_epoch(self, seq: int, training: str, stats: EpochStats) -> None:
