@@ -117,13 +117,13 @@ C_VARIANTS: dict[str, dict[str, Any]] = {
     # the step's gather, augmentation, loss and SGD update outside the compiled network
     "c-unfused": {"fuse_step": False},
     "c-autotune-unfused": {"fuse_step": False, "compile_mode": "max-autotune-no-cudagraphs"},
-    "c-combo": {},
+    # the trainer's --combo-kernels
+    "c-combo": {"combo_kernels": True},
     "c-coord": {},
 }
 # Inductor settings (not trainer settings) a (c) variant compiles under, for the row only:
 # whether they would be worth a trainer option is what the rows show.
 C_INDUCTOR: dict[str, dict[str, Any]] = {
-    "c-combo": {"combo_kernels": True},
     "c-coord": {"coordinate_descent_tuning": True},
 }
 

@@ -44,14 +44,17 @@ def test_train_speed_refuses_a_profile_of_a_row_it_does_not_run(tmp_path):
 
 
 def test_train_speed_records_the_inductor_settings_of_a_row(tmp_path):
-    """c-combo compiles under Inductor's combo kernels for its own row only: each row records
-    the settings it ran under, so the row after it shows them restored (on a CPU nothing is
-    compiled, but the settings are switched all the same)."""
+    """c-coord compiles under Inductor's coordinate-descent tuning for its own row only: each
+    row records the settings it ran under, so the row after it shows them restored (on a CPU
+    nothing is compiled, but the settings are switched all the same). c-combo is the
+    trainer's own --combo-kernels, in its flags."""
     out = tmp_path / "speed.json"
-    res = _speed("--configs", "c-combo,c-unfused", "--no-round2", "--json-out", out)
+    res = _speed("--configs", "c-coord,c-combo,c-unfused", "--no-round2", "--json-out", out)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
     assert not any("error" in r for r in rows.values())
-    assert rows["c-combo"]["inductor"]["combo_kernels"] is True
-    assert rows["c-unfused"]["inductor"]["combo_kernels"] is False
+    assert rows["c-coord"]["inductor"]["coordinate_descent_tuning"] is True
+    assert rows["c-combo"]["inductor"]["coordinate_descent_tuning"] is False
+    assert rows["c-combo"]["flags"]["combo_kernels"] is True
+    assert "combo_kernels" not in rows["c-unfused"]["flags"]
     assert rows["c-unfused"]["flags"]["fuse_step"] is False

@@ -223,6 +223,53 @@ def test_fused_step_traces_whole_and_trains_as_before(kind, digits, monkeypatch)
     assert not torch.equal(first[:len(untrained["conv1.weight"])], untrained["conv1.weight"])
 
 
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+@pytest.mark.parametrize("combo", [False, True])
+def test_combo_kernels_reach_every_compiled_function(monkeypatch, digits, mode, combo):
+    """--combo-kernels is an Inductor option, which torch.compile takes only in place of a
+    mode: every function the trainer compiles (network, batch loss, update) gets the mode's
+    own options and combo kernels; without it, the mode as before."""
+    from ticketctl.train import engine
+
+    calls = []
+
+    def record(fn, **kwargs):
+        calls.append((getattr(fn, "__name__", type(fn).__name__), kwargs))
+        return fn  # eager: what is compiled is not the question here
+
+    cfg = TrainConfig(epochs=1, batch_size=32, compile_mode=mode, combo_kernels=combo)
+    # this torch knows the options (it checks their names when the wrapper is made)
+    torch.compile(lambda x: x, dynamic=False, **engine.compile_kwargs(cfg))
+    monkeypatch.setattr(engine, "COMPILE_ON_CPU", True)
+    monkeypatch.setattr(torch, "compile", record)
+    model = build_model("digits_cnn", 10, seed=0, width=8)
+    t = Trainer(model, digits, cfg, mask=Mask.ones(model, ["conv1.weight"]))
+    t.train_epoch(1, steps=2)
+    assert sorted(name for name, _ in calls) == ["DigitsCNN", "_batch_loss", "_sgd_update"]
+    for _, kwargs in calls:
+        assert kwargs["dynamic"] is False
+        if combo:
+            assert "mode" not in kwargs
+            assert kwargs["options"]["combo_kernels"] is True
+            assert kwargs["options"].get("max_autotune", False) is (mode != "default")
+        else:
+            assert "options" not in kwargs
+            assert kwargs["mode"] == (None if mode == "default" else mode)
+
+
+def test_combo_kernels_reach_the_training_settings_and_may_change_on_resume():
+    """The CLI flag reaches the settings (and their hash); a run folder started without it
+    may be resumed with it, as it changes how the step is compiled, not what it computes."""
+    from ticketctl.cli.options import Training
+    from ticketctl.prune.rundir import RESUMABLE
+
+    on = resolve_settings("demo", train=Training(combo_kernels=True).overrides()).train
+    off = resolve_settings("demo", train=Training().overrides()).train
+    assert on.combo_kernels is True and off.combo_kernels is False
+    assert "combo_kernels" not in off.to_dict() and on.to_dict()["combo_kernels"] is True
+    assert "train.combo_kernels" in RESUMABLE
+
+
 def test_no_fuse_step_reaches_the_training_settings():
     """The CLI flag turns the whole-step compilation off (and so enters the settings hash);
     without it the default stays out of the settings."""

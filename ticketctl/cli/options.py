@@ -451,6 +451,11 @@ class Training:
         "--no-fuse-step", default=False, panel=P_CUDA,
         help="Compile the network alone, not the whole step (batch gather, crop and flip, "
              "loss and SGD update then run as separate small kernels).")
+    combo_kernels: bool = option(
+        "--combo-kernels", default=False, panel=P_CUDA,
+        help="Compile with Inductor's combo kernels: independent small kernels launched as "
+             "one (same arithmetic; 5% faster batch-128 ResNet-20 epochs on an H200, other "
+             "networks not measured).")
     test_eval: Optional[ScoreTest] = option(
         help="Score the test split after every epoch, or only after an epoch that is the best "
              "on validation so far (all a result needs) [every; paper preset: best].")
@@ -467,6 +472,7 @@ class Training:
             channels_last=False if self.no_channels_last else None,
             compile_mode=self.compile_mode,
             fuse_step=False if self.no_fuse_step else None,
+            combo_kernels=True if self.combo_kernels else None,
             test_eval=self.test_eval.value if self.test_eval else None)
 
 

@@ -90,7 +90,7 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 # Settings a resumed run may change: how the step is compiled, not what it computes (a fused
 # compilation that fails on another GPU or torch can go on with --no-fuse-step).
-RESUMABLE = frozenset({"train.fuse_step"})
+RESUMABLE = frozenset({"train.fuse_step", "train.combo_kernels"})
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -55,9 +55,20 @@ from ticketctl.train.sgd import MaskedSGD
 COMPILE_ON_CPU = False
 
 
-def _compile(fn: Callable[..., Any], mode: str | None) -> Callable[..., Any]:
+def compile_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """torch.compile's `mode`, or its `options`, for the trainer's settings: combo kernels
+    are an Inductor option, and torch.compile takes options only instead of a mode, so the
+    mode's own options are spelled out beside it."""
+    if not cfg.combo_kernels:
+        return {"mode": None if cfg.compile_mode == "default" else cfg.compile_mode}
+    from torch._inductor import list_mode_options
+
+    return {"options": {**list_mode_options(cfg.compile_mode), "combo_kernels": True}}
+
+
+def _compile(fn: Callable[..., Any], cfg: TrainConfig) -> Callable[..., Any]:
     """torch.compile as the trainer uses it: one static shape per function."""
-    return torch.compile(fn, dynamic=False, mode=mode)
+    return torch.compile(fn, dynamic=False, **compile_kwargs(cfg))
 
 
 @dataclass
@@ -237,13 +248,12 @@ class Engine:
         model.train()
         self.model = model
         # dynamic=False: training and evaluation batches each get their own static graph.
-        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-        self.forward = _compile(model, mode) if self.use_compile else model
+        self.forward = _compile(model, cfg) if self.use_compile else model
         # The whole step compiled (see `_batch_loss`), not the network alone; the compiled
         # network above still scores the splits.
         self.fused = self.use_compile and cfg.fuse_step
-        self._loss = _compile(self._batch_loss, mode) if self.fused else self._batch_loss
-        self._update = _compile(self._sgd_update, mode) if self.fused else self._sgd_update
+        self._loss = _compile(self._batch_loss, cfg) if self.fused else self._batch_loss
+        self._update = _compile(self._sgd_update, cfg) if self.fused else self._sgd_update
         if dist is not None:
             if trigger is not None:
                 raise TicketctlError("trigger retraining does not run distributed yet")
@@ -328,7 +338,8 @@ class Engine:
         """Another learning-rate schedule (epochs, lr, warm-up) for the same captured step;
         what the step captured (batch, optimizer constants, precision) must not change."""
         fixed = ("batch_size", "momentum", "weight_decay", "nesterov", "bf16", "channels_last",
-                 "compile", "cuda_graph", "label_smoothing", "compile_mode", "fuse_step")
+                 "compile", "cuda_graph", "label_smoothing", "compile_mode", "fuse_step",
+                 "combo_kernels")
         changed = [f for f in fixed if getattr(cfg, f) != getattr(self.cfg, f)]
         if changed:
             raise ValueError(f"a trainer's {', '.join(changed)} cannot change")
