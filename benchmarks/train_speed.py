@@ -12,9 +12,10 @@ ResNet-20 under a fixed 20%-density mask, for each batch size and each of:
 (c) ticketctl's ``Trainer`` (bf16 autocast, channels-last, ``torch.compile``, CUDA graphs);
     ``--variants`` adds rows with one of those switched off at a time, and one compiled with
     ``max-autotune-no-cudagraphs`` (kernels picked by timing), with the network compiled alone
-    instead of the whole step (``c-unfused``, ``c-autotune-unfused``), NCHW, and under two
-    Inductor settings (``c-combo``, ``c-coord``; the autotuned and coordinate-descent rows
-    spend minutes compiling). Each (c) row also times scoring the validation and the test
+    instead of the whole step (``c-unfused``, ``c-autotune-unfused``), NCHW, with the
+    trainer's combo kernels (``c-combo``, ``c-combo-autotune``) and under Inductor's
+    coordinate-descent tuning (``c-coord``; the autotuned and coordinate-descent rows spend
+    minutes compiling). Each (c) row also times scoring the validation and the test
     split once (``eval_val_s``, ``eval_test_s``) and records its flags and Inductor settings.
 
 Every config re-applies the mask after each optimizer step, as IMP code does. The first epoch
@@ -100,6 +101,7 @@ LABELS = {
     "c-unfused": "(c) network compiled alone (fuse_step off: as before 2026-11-30)",
     "c-autotune-unfused": "(c) network compiled alone, max-autotune-no-cudagraphs",
     "c-combo": "(c) Inductor combo kernels (independent kernels launched as one)",
+    "c-combo-autotune": "(c) combo kernels, compile mode max-autotune-no-cudagraphs",
     "c-coord": "(c) Inductor coordinate-descent tuning of its kernels' launch settings",
 }
 # Trainer flags each (c) variant switches off.
@@ -119,6 +121,7 @@ C_VARIANTS: dict[str, dict[str, Any]] = {
     "c-autotune-unfused": {"fuse_step": False, "compile_mode": "max-autotune-no-cudagraphs"},
     # the trainer's --combo-kernels
     "c-combo": {"combo_kernels": True},
+    "c-combo-autotune": {"combo_kernels": True, "compile_mode": "max-autotune-no-cudagraphs"},
     "c-coord": {},
 }
 # Inductor settings (not trainer settings) a (c) variant compiles under, for the row only:
