@@ -195,10 +195,31 @@ def test_resume_with_different_settings_names_the_difference(tmp_path):
     doc = find_json(tmp_path, "--epochs", "2", "--max-rounds", "0", "--resume",
                     "--no-fuse-step", out="again2.safetensors")
     assert doc["dense_accuracy"] == first["dense_accuracy"]
+    doc = find_json(tmp_path, "--epochs", "2", "--max-rounds", "0", "--resume",
+                    "--combo-kernels", out="again3.safetensors")
+    assert doc["dense_accuracy"] == first["dense_accuracy"]
     result = find(tmp_path, "--epochs", "3", "--max-rounds", "0", "--resume", "--no-fuse-step",
-                  out="third.safetensors")
+                  "--combo-kernels", out="third.safetensors")
     assert_one_line_error(result, 2, "different settings")
     assert "train.epochs" in result.stderr and "fuse_step" not in result.stderr
+    assert "combo_kernels" not in result.stderr
+
+
+def test_the_default_run_folder_is_the_same_whatever_a_resume_may_change():
+    """Without --run-dir the folder is named by the settings' hash: --no-fuse-step and
+    --combo-kernels, which a resume may change, leave the name as it is; a recipe setting
+    does not."""
+    from ticketctl.cli.options import Training
+    from ticketctl.prune import resolve_settings
+    from ticketctl.prune.imp import default_run_dir
+
+    def folder(**kw):
+        return default_run_dir(resolve_settings("demo", train=Training(**kw).overrides()))
+
+    plain = folder()
+    assert folder(combo_kernels=True) == plain
+    assert folder(no_fuse_step=True, combo_kernels=True) == plain
+    assert folder(epochs=3) != plain
 
 
 # ---- the extreme-ticket search end to end ------------------------------------------------------

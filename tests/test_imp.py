@@ -207,3 +207,37 @@ def test_a_resumed_round_reports_the_time_earlier_processes_spent_on_it(tmp_path
     assert result.search_seconds == pytest.approx(result.dense.seconds + rd.seconds)
     assert json.loads(run.file("rounds.jsonl").read_text().splitlines()[0])["seconds"] \
         == rd.seconds
+
+
+def test_a_resumed_dense_training_reports_its_whole_time_and_the_first_round_its_own(
+        tmp_path, monkeypatch):
+    """The dense training's time carried in its checkpoint counts for the dense training,
+    not for the first round after it."""
+    settings = resolve_settings("demo", train=TrainOverrides(epochs=3),
+                                search=SearchOverrides(rates=[0.5], rewind_epoch=1,
+                                                       max_rounds=1))
+    run_dir = tmp_path / "run"
+    write = RunDir.write_checkpoint
+
+    def write_then_die(self, ck):
+        write(self, ck)
+        if ck.key == "dense" and ck.epoch == 2:
+            raise _Killed
+
+    monkeypatch.setattr(RunDir, "write_checkpoint", write_then_die)
+    with pytest.raises(_Killed):
+        find_ticket(settings, run_dir, device="cpu", checkpoint_seconds=0)
+    monkeypatch.setattr(RunDir, "write_checkpoint", write)
+    run = RunDir(run_dir)
+    ck = run.read_checkpoint("dense")
+    assert ck is not None and ck.epoch == 2
+    ck.seconds = 1000.0  # far above what this CPU takes (see the test above)
+    run.write_checkpoint(ck)
+
+    t0 = time.perf_counter()
+    result = find_ticket(settings, run_dir, device="cpu", checkpoint_seconds=0, resume=True)
+    resumed_wall = time.perf_counter() - t0
+    assert 1000.0 <= result.dense.seconds <= 1000.0 + resumed_wall
+    assert json.loads(run.file("dense.json").read_text())["seconds"] == result.dense.seconds
+    (rd,) = result.rounds
+    assert rd.seconds <= resumed_wall

@@ -568,7 +568,7 @@ def test_a_streamed_step_compiles_whole_and_trains_as_before(folder, monkeypatch
     reference = _train(folder, None)
     counters: dict[str, CompileCounterWithBackend] = {}
 
-    def strict(fn, mode):
+    def strict(fn, cfg):
         counter = counters.setdefault(getattr(fn, "__name__", type(fn).__name__),
                                       CompileCounterWithBackend("eager"))
         return torch.compile(fn, backend=counter, fullgraph=True, dynamic=False)

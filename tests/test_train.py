@@ -172,7 +172,7 @@ def test_fused_step_traces_whole_and_trains_as_before(kind, digits, monkeypatch)
 
     counters: dict[str, CompileCounterWithBackend] = {}
 
-    def strict(fn, mode):
+    def strict(fn, cfg):
         counter = counters.setdefault(getattr(fn, "__name__", type(fn).__name__),
                                       CompileCounterWithBackend("eager"))
         return torch.compile(fn, backend=counter, fullgraph=True, dynamic=False)

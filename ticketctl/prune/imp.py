@@ -50,6 +50,7 @@ from ticketctl.prune.rundir import (
     Dense,
     RunDir,
     settings_hash,
+    without_resumable,
 )
 from ticketctl.prune.search import (
     Round,
@@ -136,7 +137,8 @@ class FindResult:
     def search_seconds(self) -> float | None:
         """The dense training and every round, summed over all the processes that worked on
         the run (`seconds` is this process's own); None for a run folder from before rounds
-        kept their time."""
+        kept their time. A round resumed before 2026-11-30 (session 7) kept only its last
+        process's part, so a folder with one counts short."""
         if self.dense is None or any(r.seconds is None for r in self.rounds):
             return None
         return self.dense.seconds + sum(r.seconds or 0.0 for r in self.rounds)
@@ -592,9 +594,10 @@ def _on_scratch_copy(settings: FindSettings, run_path: Path, resume: bool, devic
 
 
 def default_run_dir(settings: FindSettings, root: str | Path = "runs") -> Path:
-    """Named by a hash of the settings, so rerunning a command finds its own folder."""
+    """Named by a hash of the settings, so rerunning a command finds its own folder (those a
+    resume may change, such as --combo-kernels, left out: the same folder either way)."""
     return Path(root) / f"find-{settings.arch}-{settings.dataset}-" \
-                        f"{settings_hash(settings.to_dict())}"
+                        f"{settings_hash(without_resumable(settings.to_dict()))}"
 
 
 def ticket_at_round(run_path: str | Path, result: FindResult, round_no: int) -> Ticket:

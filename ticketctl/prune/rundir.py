@@ -93,6 +93,16 @@ def settings_hash(settings: dict[str, Any]) -> str:
 RESUMABLE = frozenset({"train.fuse_step", "train.combo_kernels"})
 
 
+def without_resumable(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings less those a resumed run may change (what names a run's folder)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items()}
+    for key in RESUMABLE:
+        part, name = key.split(".")
+        if isinstance(out.get(part), dict):
+            out[part].pop(name, None)
+    return out
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
