@@ -162,6 +162,36 @@ class _Killed(Exception):
     """Stands for a kill right after a save (in-process, so the test can edit the files)."""
 
 
+def _killed_after_checkpoint(monkeypatch, settings, run_dir, key, epoch):
+    """Run a search until the checkpoint of training `key` at `epoch` is written, then stop
+    it as a kill would; returns the run folder with its checkpoint's time set to 1000 s (far
+    above what a CPU takes for the tiny trainings here, so sums that reach it can only come
+    from the files)."""
+    write = RunDir.write_checkpoint
+
+    def write_then_die(self, ck):
+        write(self, ck)
+        if ck.key == key and ck.epoch == epoch:
+            raise _Killed
+
+    monkeypatch.setattr(RunDir, "write_checkpoint", write_then_die)
+    with pytest.raises(_Killed):
+        find_ticket(settings, run_dir, device="cpu", checkpoint_seconds=0)
+    monkeypatch.setattr(RunDir, "write_checkpoint", write)
+    run = RunDir(run_dir)
+    ck = run.read_checkpoint(key)
+    assert ck is not None and ck.epoch == epoch and 0 < ck.seconds < 500
+    ck.seconds = 1000.0
+    run.write_checkpoint(ck)
+    return run
+
+
+def _resumed(settings, run_dir):
+    t0 = time.perf_counter()
+    result = find_ticket(settings, run_dir, device="cpu", checkpoint_seconds=0, resume=True)
+    return result, time.perf_counter() - t0
+
+
 def test_a_resumed_round_reports_the_time_earlier_processes_spent_on_it(tmp_path,
                                                                          monkeypatch):
     """A round cut by a kill and resumed in a new process reports its whole wall time: what
@@ -171,33 +201,14 @@ def test_a_resumed_round_reports_the_time_earlier_processes_spent_on_it(tmp_path
                                 search=SearchOverrides(rates=[0.5], rewind_epoch=1, trials=2,
                                                        max_rounds=1))
     run_dir = tmp_path / "run"
-    write = RunDir.write_checkpoint
-
-    def write_then_die(self, ck):
-        write(self, ck)
-        if ck.key == "round-1-trial-1" and ck.epoch == 2:
-            raise _Killed
-
-    monkeypatch.setattr(RunDir, "write_checkpoint", write_then_die)
-    with pytest.raises(_Killed):
-        find_ticket(settings, run_dir, device="cpu", checkpoint_seconds=0)
-    monkeypatch.setattr(RunDir, "write_checkpoint", write)
-
-    # Pretend the killed process was slow: 500 s for trial 0, 1000 s into trial 1. Real
-    # times on this CPU are far below these, so the sums below can only come from the files.
-    run = RunDir(run_dir)
-    ck = run.read_checkpoint("round-1-trial-1")
-    assert ck is not None and ck.epoch == 2 and 0 < ck.seconds < 500
-    ck.seconds = 1000.0
-    run.write_checkpoint(ck)
+    run = _killed_after_checkpoint(monkeypatch, settings, run_dir, "round-1-trial-1", 2)
+    # and the killed process spent 500 s on trial 0
     pending = json.loads(run.file("pending.json").read_text())
     assert pending["round"] == 1 and len(pending["trials"]) == 1 and pending["seconds"] > 0
     pending["seconds"] = 500.0
     run.file("pending.json").write_text(json.dumps(pending))
 
-    t0 = time.perf_counter()
-    result = find_ticket(settings, run_dir, device="cpu", checkpoint_seconds=0, resume=True)
-    resumed_wall = time.perf_counter() - t0
+    result, resumed_wall = _resumed(settings, run_dir)
     (rd,) = result.rounds
     assert 1500.0 <= rd.seconds <= 1500.0 + resumed_wall
     trials = json.loads(run.file("pending.json").read_text())["trials"]
@@ -217,26 +228,8 @@ def test_a_resumed_dense_training_reports_its_whole_time_and_the_first_round_its
                                 search=SearchOverrides(rates=[0.5], rewind_epoch=1,
                                                        max_rounds=1))
     run_dir = tmp_path / "run"
-    write = RunDir.write_checkpoint
-
-    def write_then_die(self, ck):
-        write(self, ck)
-        if ck.key == "dense" and ck.epoch == 2:
-            raise _Killed
-
-    monkeypatch.setattr(RunDir, "write_checkpoint", write_then_die)
-    with pytest.raises(_Killed):
-        find_ticket(settings, run_dir, device="cpu", checkpoint_seconds=0)
-    monkeypatch.setattr(RunDir, "write_checkpoint", write)
-    run = RunDir(run_dir)
-    ck = run.read_checkpoint("dense")
-    assert ck is not None and ck.epoch == 2
-    ck.seconds = 1000.0  # far above what this CPU takes (see the test above)
-    run.write_checkpoint(ck)
-
-    t0 = time.perf_counter()
-    result = find_ticket(settings, run_dir, device="cpu", checkpoint_seconds=0, resume=True)
-    resumed_wall = time.perf_counter() - t0
+    run = _killed_after_checkpoint(monkeypatch, settings, run_dir, "dense", 2)
+    result, resumed_wall = _resumed(settings, run_dir)
     assert 1000.0 <= result.dense.seconds <= 1000.0 + resumed_wall
     assert json.loads(run.file("dense.json").read_text())["seconds"] == result.dense.seconds
     (rd,) = result.rounds
