@@ -89,7 +89,8 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 
 # Settings a resumed run may change: how the step is compiled, not what it computes (a fused
-# compilation that fails on another GPU or torch can go on with --no-fuse-step).
+# compilation that fails on another GPU or torch can go on with --no-fuse-step; a run can
+# take or drop --combo-kernels).
 RESUMABLE = frozenset({"train.fuse_step", "train.combo_kernels"})
 
 
