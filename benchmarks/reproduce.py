@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ticketctl.artifacts.io import write_text_atomic
 from ticketctl.protect.trigger import generate, save_trigger_set
 
 STAGES = ("dense", "search", "v1", "v2", "v3", "attacks", "thief")
@@ -94,7 +95,7 @@ class Stage:
             doc = json.loads(p.stdout)
         doc = {**doc, "_seconds": round(seconds, 1), "_rc": p.returncode} \
             if isinstance(doc, dict) else {"result": doc, "_seconds": round(seconds, 1)}
-        out.write_text(json.dumps(doc, indent=1))
+        write_text_atomic(out, json.dumps(doc, indent=1), force=True)  # read back on resume
         return doc
 
     def finish(self, t0: float, summary: dict[str, Any]) -> None:
@@ -102,7 +103,7 @@ class Stage:
         earlier = json.loads(prior.read_text()).get("seconds", 0.0) if prior.exists() else 0.0
         doc = {"status": "done", "seconds": round(earlier + time.perf_counter() - t0, 1),
                "commands": self.commands, "summary": summary}
-        (self.dir / "stage.json").write_text(json.dumps(doc, indent=1))
+        write_text_atomic(self.dir / "stage.json", json.dumps(doc, indent=1), force=True)
 
 
 def main() -> int:
@@ -185,7 +186,7 @@ def main() -> int:
         if kept.exists() and json.loads(kept.read_text()) != want:
             ap.error(f"stage {name} of {run} ran with {json.loads(kept.read_text())}, not "
                      f"{want}: use another --run folder, or the same options")
-        kept.write_text(json.dumps(want))
+        write_text_atomic(kept, json.dumps(want), force=True)
         if st.done:
             summary[name] = json.loads((st.dir / "stage.json").read_text())
             log(f"{name}: done earlier, reused")

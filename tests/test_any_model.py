@@ -333,6 +333,33 @@ def test_torchvision_and_timm_names_build_through_their_registries(fake_hubs, tm
     assert t.network.fingerprint == fingerprint(TinyViT(10, 1))
 
 
+def test_architecture_arguments_that_load_weights_are_refused(fake_hubs, tmp_path):
+    """A ticket file stores its architecture's arguments; one that would make timm or
+    torchvision read or fetch weights (timm's checkpoint_path unpickles a file) is refused
+    before the package builds anything, whether a file or the command line gives it."""
+    from ticketctl.errors import TicketctlError
+    from ticketctl.models.registry import build_model
+
+    for arch, args in (("timm:tiny_vit", {"checkpoint_path": "/tmp/evil.pth"}),
+                       ("timm:tiny_vit", {"pretrained_cfg_overlay": {"file": "x"}}),
+                       ("torchvision:rescat", {"weights_backbone": "DEFAULT"})):
+        with pytest.raises(TicketctlError, match=f"refusing the architecture argument.*"
+                                                 f"{next(iter(args))}"):
+            build_model(arch, 5, **args)
+    # a ticket whose file names one: every command that rebuilds its network refuses it
+    doc = _json(run("find", "--arch", "timm:tiny_vit", "--prunable", r"fc\d", *FAST, "--out",
+                    tmp_path / "t.safetensors", "--run-dir", tmp_path / "run", "--json"))
+    assert doc["density"] < 1
+    t = load_ticket(tmp_path / "t.safetensors")
+    save_ticket(t.derive(arch_args={**t.arch_args, "checkpoint_path": "/tmp/evil.pth"}),
+                tmp_path / "planted.safetensors")
+    assert_one_line_error(run("retrain", tmp_path / "planted.safetensors", "--epochs", "1",
+                              "-o", tmp_path / "r"), 2, "checkpoint_path")
+    assert_one_line_error(run("find", "--arch", "timm:tiny_vit", "--arch-arg",
+                              "checkpoint_path=/tmp/evil.pth", *FAST, "--out", tmp_path / "u",
+                              "--run-dir", tmp_path / "run2"), 2, "checkpoint_path")
+
+
 def test_a_missing_package_is_named(tmp_path):
     import importlib.util
 

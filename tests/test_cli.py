@@ -83,6 +83,33 @@ def test_tampered_file_is_exit_1(tmp_path, ticket):
     assert_one_line_error(run("inspect", path), 1, "altered after it was written")
 
 
+def test_a_missing_choice_option_is_one_line_with_its_choices(tmp_path, ticket):
+    """Click lists a missing choice option's choices one per line; the error stays one."""
+    src = save_ticket(ticket, tmp_path / "t.safetensors")
+    result = run("split", src, "--key-ratio", "0.1")
+    assert_one_line_error(result, 2, "Missing option '--score'. Choose from: omp, ewp,")
+
+
+def test_demo_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert_one_line_error(run("demo", "--out-dir", afile), 2, "is a file, not a folder")
+    assert_one_line_error(run("demo", "--out-dir", afile / "sub"), 2, "cannot make --out-dir")
+    assert afile.read_text() == "keep me"
+
+
+def test_an_npz_given_as_a_ticket_is_named_as_one(tmp_path):
+    """A trigger set (.npz, a zip like torch.save's) passed where a ticket goes is called
+    what it is, not a pickled checkpoint to convert."""
+    import numpy as np
+
+    path = tmp_path / "trigger.npz"
+    np.savez(path, images=np.zeros((2, 8, 8), np.uint8), labels=np.zeros(2, np.int64))
+    result = run("retrain", path, "--epochs", "1", "-o", tmp_path / "r")
+    assert_one_line_error(result, 2, "is a NumPy .npz archive (a trigger set?), not a ticket")
+    assert "convert" not in result.stderr
+
+
 def test_missing_data_folder_is_exit_2(tmp_path):
     result = run("data", "cifar10", "--data-dir", tmp_path / "nowhere")
     assert_one_line_error(result, 2, "does not exist")

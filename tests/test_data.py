@@ -264,6 +264,36 @@ def test_safe_pickle_refuses_foreign_globals(tmp_path):
     assert not marker.exists()
 
 
+class ArrayOverBytes:
+    """Unpickles as numpy.ndarray((1,), object, b"AAAAAAAA"): an object array whose one
+    element is the pointer 0x4141414141414141 (reading it crashes the process)."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((1,), np.dtype("O"), b"A" * 8))
+
+
+class ArrayOfOtherType:
+    """Unpickles through numpy's `_reconstruct` with a class other than numpy.ndarray."""
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.dtype, (0,), b"b"))
+
+
+def test_safe_pickle_refuses_arrays_built_over_the_files_bytes(tmp_path):
+    with pytest.raises(TicketctlError, match="calls numpy.ndarray directly"):
+        safe_loads(pickle.dumps({"label_names": [ArrayOverBytes()]}))
+    with pytest.raises(TicketctlError, match="another type than numpy.ndarray"):
+        safe_loads(pickle.dumps(ArrayOfOtherType(), protocol=2))
+    # planted as CIFAR's label names, the CLI's loader refuses it with one error
+    write_cifar10(tmp_path / "d")
+    (tmp_path / "d" / "cifar-10-batches-py" / "batches.meta").write_bytes(
+        pickle.dumps({b"label_names": [ArrayOverBytes()]}))
+    with pytest.raises(TicketctlError, match="batches.meta.*numpy.ndarray directly"):
+        load_dataset("cifar10", tmp_path / "d", val_size=0)
+
+
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_safe_pickle_loads_numpy(tmp_path, protocol):
     value = {"a": np.arange(12, dtype=np.uint8).reshape(3, 4), "s": np.int64(7), "l": [1, "x"]}

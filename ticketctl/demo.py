@@ -161,10 +161,15 @@ def run_demo(
     """Find an extreme ticket for the digits CNN (dense training, IMP with rewinding, the
     extreme search), save the ticket, the trained model and a plot, and describe the ticket."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TicketctlError(f"--out-dir {out_dir} is a file, not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise TicketctlError(f"{out_dir} exists and is not empty; pass --force or another "
                              "--out-dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TicketctlError(f"cannot make --out-dir {out_dir}: {e.strerror or e}") from None
     events = events or Events()
     t0 = time.perf_counter()
     stage_seconds: dict[str, float] = {}  # where the time goes, shown with the result

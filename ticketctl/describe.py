@@ -23,6 +23,7 @@ from ticketctl.artifacts.ticket import (
     FORMAT_NAME,
     PICKLE_HINT,
     file_format,
+    is_npz,
     read_header,
     read_tensors,
 )
@@ -148,7 +149,7 @@ def describe_path(path: str | Path, label: str | None = None) -> Described:
     p = Path(path)
     name = label if label is not None else str(p)
     if file_format(p) == "pickle":
-        if _is_npz(p):
+        if is_npz(p):
             return describe_trigger_npz(p, name)
         raise TicketctlError(f"{name}: " + PICKLE_HINT.format(path=name if label is None
                                                               else "FILE"))
@@ -186,17 +187,6 @@ def describe_stream(stream: BinaryIO, label: str = "-", limit: int | None = None
 
 
 # ---- trigger sets -------------------------------------------------------------------------------
-def _is_npz(p: Path) -> bool:
-    """A zip whose members are all `.npy` arrays: NumPy's `.npz`, not a torch.save zip (whose
-    members are `data.pkl`, `data/0`, ...)."""
-    try:
-        with zipfile.ZipFile(p) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False
-    return bool(names) and all(n.endswith(".npy") for n in names)
-
-
 def _npy_header(z: zipfile.ZipFile, member: str, where: str) -> tuple[tuple[int, ...], np.dtype]:
     with z.open(member) as f:
         try:

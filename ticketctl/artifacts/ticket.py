@@ -392,6 +392,19 @@ def file_format(path: Path) -> str:
     return "safetensors"
 
 
+def is_npz(path: Path) -> bool:
+    """A zip whose members are all `.npy` arrays: NumPy's `.npz` (a trigger set, say), not a
+    torch.save zip (whose members are `data.pkl`, `data/0`, ...)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
 def header_size(path: Path) -> int:
     """The length of a safetensors file's header (its first 8 bytes, little-endian)."""
     with open(path, "rb") as f:
@@ -403,6 +416,9 @@ def read_header(path: str | Path) -> dict[str, str]:
     header is of a sane size (a crafted header of tens of megabytes is refused unread)."""
     p = Path(path)
     if file_format(p) == "pickle":
+        if is_npz(p):
+            raise TicketctlError(f"{p} is a NumPy .npz archive (a trigger set?), not a ticket "
+                                 "file; `ticketctl inspect` says what it holds")
         raise TicketctlError(f"{p}: " + PICKLE_HINT.format(path=p))
     n = header_size(p)
     if MAX_HEADER_BYTES < n <= p.stat().st_size - 8:  # (a length past the end: corrupt)

@@ -99,10 +99,11 @@ class OneLineErrors(TyperGroup):
                 ctx = getattr(e, "ctx", None)
                 hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
                 words = sys.argv[1:] if args is None else [str(a) for a in args]
+                # one line: Click lists a missing choice option's choices one per line
+                message = " ".join(e.format_message().split()) + hint
                 if "--json" in words:
-                    emit_json({"error": "usage", "exit_code": code,
-                               "message": e.format_message() + hint})
-                console.print(f"[bold red]error:[/] {plain(e.format_message() + hint)}",
+                    emit_json({"error": "usage", "exit_code": code, "message": message})
+                console.print(f"[bold red]error:[/] {plain(message)}",
                               highlight=False, soft_wrap=True)
             sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else 0)

@@ -314,7 +314,10 @@ def _save_paths(save: Path | None, names: list[str], sweep: Sweep) -> list[Path]
         return []
     if save.exists() and not save.is_dir():
         raise TicketctlError(f"--save {save}: not a folder")
-    save.mkdir(parents=True, exist_ok=True)
+    try:
+        save.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TicketctlError(f"cannot make --save {save}: {e.strerror or e}") from None
     files = [save / f"{n}.safetensors" for n in names]
     sweep.output.check(*files)
     return files

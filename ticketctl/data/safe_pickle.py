@@ -38,15 +38,45 @@ def _attr(module: str, name: str) -> Callable[[], Any]:
     return lambda: getattr(importlib.import_module(module), name)
 
 
+class _NdarrayName:
+    """What `numpy.ndarray` in a data file resolves to. numpy's own pickles name the class
+    only as `_reconstruct`'s first argument; called directly, `ndarray(shape, dtype,
+    buffer)` would lay an array over the file's bytes, and with an object dtype those bytes
+    become pointers (reading the array crashes the process, or worse)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TicketctlError("a data file calls numpy.ndarray directly, which numpy's own "
+                             "pickles never do; refusing to build an array over its bytes")
+
+
+_NDARRAY = _NdarrayName()
+
+
+def _reconstruct() -> Callable[..., Any]:
+    """numpy's `_reconstruct`, for plain arrays only: it must be handed `numpy.ndarray` as
+    read from the file (an empty array, filled by its pickled state afterwards)."""
+    import numpy as np
+
+    real = _numpy_core("multiarray", "_reconstruct")()
+
+    def rebuild(subtype: Any, shape: Any, dtype: Any) -> Any:
+        if subtype is not _NDARRAY:
+            raise TicketctlError("a data file rebuilds an array of another type than "
+                                 "numpy.ndarray; refusing it")
+        return real(np.ndarray, shape, dtype)
+
+    return rebuild
+
+
 # (module, name) as written in the pickle -> resolver. Both numpy 1 ("numpy.core") and
 # numpy 2 ("numpy._core") spellings are accepted and map to whatever this numpy provides.
 _ALLOWED: dict[tuple[str, str], Callable[[], Any]] = {
-    ("numpy", "ndarray"): _attr("numpy", "ndarray"),
+    ("numpy", "ndarray"): lambda: _NDARRAY,
     ("numpy", "dtype"): _attr("numpy", "dtype"),
     ("_codecs", "encode"): _attr("_codecs", "encode"),
 }
 for _prefix in ("numpy.core", "numpy._core"):
-    _ALLOWED[(f"{_prefix}.multiarray", "_reconstruct")] = _numpy_core("multiarray", "_reconstruct")
+    _ALLOWED[(f"{_prefix}.multiarray", "_reconstruct")] = _reconstruct
     _ALLOWED[(f"{_prefix}.multiarray", "scalar")] = _numpy_core("multiarray", "scalar")
     _ALLOWED[(f"{_prefix}.numeric", "_frombuffer")] = _numpy_core("numeric", "_frombuffer")
 

@@ -152,9 +152,21 @@ def _package(name: str, arch: str) -> Any:
                              f"pip install {name}") from None
 
 
+# Builder arguments that would load or fetch weights: timm's `checkpoint_path` unpickles a
+# file, `pretrained*` and `weights*` download, `cache_dir` and hub ids point at files. A
+# ticket file stores its architecture's arguments, so these would let a file name what is
+# read; ticketctl's weights come from the ticket itself, so none is needed anywhere.
+_LOADING_ARG = re.compile(r"pretrain|checkpoint|weights|cache|file|url|hub|path", re.I)
+
+
 def build_external(arch: str, num_classes: int, in_channels: int | None = None,
                    **args: Any) -> nn.Module:
-    """A torchvision or timm classifier, untrained (weights are never downloaded)."""
+    """A torchvision or timm classifier, untrained (weights are never downloaded or read)."""
+    loading = sorted(k for k in args if _LOADING_ARG.search(k))
+    if loading:
+        raise TicketctlError(f"--arch {arch}: refusing the architecture argument(s) "
+                             f"{', '.join(loading)}: they load or fetch weights, and a ticket's "
+                             "weights come from the ticket file")
     if arch.startswith(TORCHVISION):
         name = arch[len(TORCHVISION):]
         tv = _package("torchvision", arch)
