@@ -148,8 +148,8 @@ def _package(name: str, arch: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise TicketctlError(f"--arch {arch} needs the {name} package, which is not installed: "
-                             f"pip install {name}") from None
+        raise TicketctlError(f"the network {arch} (--arch, or a ticket's) needs the {name} "
+                             f"package, which is not installed: pip install {name}") from None
 
 
 # Builder arguments that would load or fetch weights: timm's `checkpoint_path` unpickles a
@@ -164,7 +164,7 @@ def build_external(arch: str, num_classes: int, in_channels: int | None = None,
     """A torchvision or timm classifier, untrained (weights are never downloaded or read)."""
     loading = sorted(k for k in args if _LOADING_ARG.search(k))
     if loading:
-        raise TicketctlError(f"--arch {arch}: refusing the architecture argument(s) "
+        raise TicketctlError(f"{arch}: refusing the architecture argument(s) "
                              f"{', '.join(loading)}: they load or fetch weights, and a ticket's "
                              "weights come from the ticket file")
     if arch.startswith(TORCHVISION):
