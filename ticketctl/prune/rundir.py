@@ -95,7 +95,8 @@ RESUMABLE = frozenset({"train.fuse_step", "train.combo_kernels"})
 
 
 def without_resumable(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings less those a resumed run may change (what names a run's folder)."""
+    """The settings less those a resumed run may change (what names a run's folder, and
+    what a resume compares)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items()}
     for key in RESUMABLE:
         part, name = key.split(".")
@@ -111,8 +112,6 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     name = prefix.rstrip(".")
-    if name in RESUMABLE:
-        return []
     return [] if a == b else [f"{name}: {a!r} then, {b!r} now"]
 
 
@@ -135,7 +134,9 @@ class RunDir:
             run._lock()
             if resume:
                 old = json.loads(cfg.read_text())
-                diffs = _diff(old.get("settings"), settings)
+                before = old.get("settings")
+                diffs = _diff(without_resumable(before) if isinstance(before, dict) else before,
+                              without_resumable(settings))
                 if diffs:
                     run.unlock()
                     raise TicketctlError(
