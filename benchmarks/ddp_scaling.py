@@ -5,7 +5,11 @@ the speed-up is the real one. The 1-GPU row is the ordinary single-process train
 graphs where the preset has them), not DDP over one rank: the baseline a user has without
 `--nproc`. Reports seconds per epoch, images per second and efficiency t(1) / (n t(n)).
 Every GPU count runs its step as one CUDA graph (the gradients' all-reduce inside it);
-`--compare-eager` adds each multi-GPU count once more without the graph.
+`--compare-eager` adds each multi-GPU count once more without the graph;
+`--compare-bf16-reduce` once more with the gradients averaged in bf16 (`--reduce-bf16`).
+`--comm` first times the all-reduce alone on each multi-GPU count: the network's gradient
+size in fp32 and bf16, launched eagerly and replayed from a CUDA graph (as the step does),
+with the bandwidth it reached and whether the GPUs reach each other's memory directly.
 
 `--round`: also time one whole IMP round per GPU count (`ticketctl find --rounds 1 --rate
 0.2 --nproc n`, dense training plus one round, wall clock) and the Jaccard agreement of the
@@ -23,6 +27,7 @@ from initialisation amplifies the difference). NVLink multicast stays off
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -77,6 +82,11 @@ def worker(args: argparse.Namespace) -> None:
     cfg = replace(preset, batch_size=args.global_batch,
                   cuda_graph=preset.cuda_graph and not args.no_graph)
     model = build_model(args.arch, 10, seed=0, in_channels=data.input_shape[0])
+    if args.comm_only:
+        comm_worker(args, ctx, model, dev, say)
+        shutdown()
+        return
+    cfg = replace(cfg, reduce_bf16=args.reduce_bf16)
     mask = Mask.ones(model, prunable_names(model))
     tr = Trainer(model, data, cfg, mask=mask, dist=ctx)
     say(f"built ({world} ranks, graph {tr.use_graph})")
@@ -98,11 +108,62 @@ def worker(args: argparse.Namespace) -> None:
             "gpus": world, "epoch_seconds": epoch, "times": times,
             "global_batch": cfg.batch_size, "steps_per_epoch": tr.steps_per_epoch,
             "images_per_second": tr.steps_per_epoch * cfg.batch_size / epoch,
-            "ddp": ctx is not None, "cuda_graph": tr.use_graph}))
+            "ddp": ctx is not None, "cuda_graph": tr.use_graph,
+            "reduce": "bf16" if ctx is not None and cfg.reduce_bf16 else "fp32"}))
     del tr
     shutdown()
     faulthandler.cancel_dump_traceback_later()
     say("left the process group")
+
+
+def comm_worker(args: argparse.Namespace, ctx, model: torch.nn.Module, dev: torch.device,
+                say) -> None:
+    """The gradients' all-reduce alone, at the network's size: eager calls and replays of a
+    captured one, in fp32 and bf16. Bandwidth is the algorithm's (bytes of the tensor over
+    the time), the number to hold against the link's."""
+    import torch.distributed as dist
+
+    numel = sum(p.numel() for p in model.parameters())
+    out: dict = {"gpus": ctx.world, "numel": numel, "runs": []}
+    if dev.type == "cuda" and torch.cuda.device_count() > 1:
+        out["peer_access"] = torch.cuda.can_device_access_peer(0, 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.ones(numel, dtype=dtype, device=dev)
+        for graphed in ((False, True) if dev.type == "cuda" else (False,)):
+            once = functools.partial(dist.all_reduce, t)
+            run = once
+            if graphed:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        once()
+                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                # thread-local, as the trainer captures: NCCL's watchdog may still poll
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    once()
+                run = graph.replay
+            for _ in range(3):
+                run()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            reps = 3 if args.smoke else 20
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                run()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / reps * 1e3
+            mb = numel * t.element_size() / 1e6
+            out["runs"].append({"dtype": str(dtype).removeprefix("torch."), "graph": graphed,
+                                "mb": mb, "ms": ms, "gb_per_s": mb / ms})
+            say(f"all-reduce {mb:.1f} MB {dtype} graph={graphed}: {ms:.3f} ms")
+            if graphed:
+                del graph
+    if ctx.is_main:
+        Path(args.result).write_text(json.dumps(out))
 
 
 def main() -> int:
@@ -120,7 +181,14 @@ def main() -> int:
     ap.add_argument("--compare-eager", action="store_true",
                     help="also run every multi-GPU count without CUDA graphs (the step as "
                          "separate kernel launches), to show what the graph buys")
+    ap.add_argument("--compare-bf16-reduce", action="store_true",
+                    help="also run every multi-GPU count with the gradients averaged in bf16 "
+                         "(half the bytes of the all-reduce)")
+    ap.add_argument("--comm", action="store_true",
+                    help="first time the gradients' all-reduce alone on each multi-GPU count")
     ap.add_argument("--no-graph", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--reduce-bf16", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--comm-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stack-after", type=float, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--data-dir")
     ap.add_argument("--smoke", action="store_true")
@@ -135,27 +203,32 @@ def main() -> int:
     available = torch.cuda.device_count() if not args.smoke else 2
     rows = []
     counts = [int(g) for g in args.gpus.split(",")]
-    # each multi-GPU count eager first: its numbers stand even if the graph's run fails
-    runs = [(n, eager) for n in counts
-            for eager in ((True, False) if args.compare_eager and n > 1 else (False,))]
-    for n, eager in runs:
+    # the variants first: their numbers stand even if the plain graph's run fails
+    comm = [comm_row(args, n) for n in counts if args.comm and 1 < n <= available]
+    # each multi-GPU count: eager, then with the bf16 all-reduce, then the step as it is
+    runs = [(n, eager, bf16) for n in counts for eager, bf16 in
+            ([(True, False)] if args.compare_eager and n > 1 else []) +
+            ([(False, True)] if args.compare_bf16_reduce and n > 1 else []) + [(False, False)]]
+    for n, eager, bf16 in runs:
         if n > available:
-            rows.append({"gpus": n, "skipped": f"only {available} GPUs here"})
+            if not bf16:
+                rows.append({"gpus": n, "skipped": f"only {available} GPUs here"})
             continue
         extra = ["--arch", args.arch, "--global-batch", str(args.global_batch), "--epochs",
                  str(args.epochs)]
         extra += ["--smoke"] if args.smoke else []
         extra += ["--no-graph"] if eager else []
+        extra += ["--reduce-bf16"] if bf16 else []
         extra += ["--data-dir", args.data_dir] if args.data_dir else []
         extra += ["--stack-after", str(max(30, args.run_timeout - 20))]
         row, error = on_ranks(Path(__file__).resolve(), n, extra, timeout_s=args.run_timeout)
         if row is None:
             rows.append({"gpus": n, "eager": eager, "error": error})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            write(args, rows)
+            write(args, rows, comm)
             continue
         rows.append(row)
-        if args.round and not eager:
+        if args.round and not eager and not bf16:
             rows[-1].update(whole_round(args, n, rank_env()))
             if n == 1 and "_mask" in rows[-1]:  # the baseline: one GPU against itself
                 again = whole_round(args, 1, rank_env())
@@ -164,7 +237,7 @@ def main() -> int:
                                                                  again["_mask"])
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "_mask"}),
               file=sys.stderr, flush=True)
-        write(args, rows)
+        write(args, rows, comm)
     masks = {r["gpus"]: r.pop("_mask") for r in rows if "_mask" in r}
     if 1 in masks:
         for r in rows:
@@ -177,13 +250,19 @@ def main() -> int:
             r["efficiency"] = base / (r["gpus"] * r["epoch_seconds"])
     if args.ceiling and base:
         ceilings(args, rows, base)
-    write(args, rows)
+    write(args, rows, comm)
+    for c in comm:
+        for r in c.get("runs", []):
+            print(f"all-reduce on {c['gpus']} GPUs, {r['mb']:.1f} MB {r['dtype']}"
+                  f"{' (CUDA graph)' if r['graph'] else ''}: {r['ms']:.3f} ms, "
+                  f"{r['gb_per_s']:.1f} GB/s", file=sys.stderr)
     print("| GPUs | step | s per epoch | images/s | efficiency | efficiency with free "
           "communication | round (s) | mask Jaccard vs 1 |"
           "\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "epoch_seconds" in r:
-            step = "CUDA graph" if r["cuda_graph"] else "eager"
+            step = ("CUDA graph" if r["cuda_graph"] else "eager") + \
+                (", bf16 all-reduce" if r.get("reduce") == "bf16" else "")
             rnd = f"{r['round_seconds']:.0f}" if "round_seconds" in r else "-"
             jac = f"{r['mask_jaccard_vs_1']:.3f}" if "mask_jaccard_vs_1" in r else \
                 f"{r['mask_jaccard_1_repeat']:.3f} (a second 1-GPU run)" \
@@ -218,13 +297,22 @@ def ceilings(args: argparse.Namespace, rows: list[dict], base: float) -> None:
                 r["ceiling_efficiency"] = base / (n * ideal)
 
 
-def write(args: argparse.Namespace, rows: list[dict]) -> None:
+def comm_row(args: argparse.Namespace, n: int) -> dict:
+    """`--comm`: the all-reduce alone on n ranks (`comm_worker`)."""
+    extra = ["--arch", args.arch, "--comm-only"] + (["--smoke"] if args.smoke else [])
+    row, error = on_ranks(Path(__file__).resolve(), n, extra, timeout_s=args.run_timeout)
+    return row if row is not None else {"gpus": n, "error": error}
+
+
+def write(args: argparse.Namespace, rows: list[dict], comm: list[dict] | None = None) -> None:
     """The rows so far into --json-out (after every row: a later run may hang)."""
     if not args.json_out:
         return
     out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "arch": args.arch, "global_batch": args.global_batch,
            "rows": [{k: v for k, v in r.items() if k != "_mask"} for r in rows]}
+    if comm:
+        out["all_reduce"] = comm
     Path(args.json_out).write_text(json.dumps(out, indent=1))
 
 

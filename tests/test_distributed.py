@@ -126,18 +126,28 @@ def test_ranks_holding_different_masks_are_caught(tmp_path):
 def test_ddp_scaling_benchmark_smoke(tmp_path):
     out = tmp_path / "ddp.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks/ddp_scaling.py"), "--smoke",
-                        "--round", "--compare-eager", "--json-out", str(out)],
+                        "--round", "--compare-eager", "--compare-bf16-reduce", "--comm",
+                        "--json-out", str(out)],
                        capture_output=True, text=True,
                        cwd=ROOT, timeout=HANG_GUARD_S,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    # 2 ranks twice: first the --compare-eager row (no round), then the graph's row
-    assert [r["gpus"] for r in rows] == [1, 2, 2]
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    # 2 ranks three times: the --compare-eager row and the --compare-bf16-reduce row (no
+    # rounds), then the graph's row
+    assert [r["gpus"] for r in rows] == [1, 2, 2, 2]
+    assert [r["reduce"] for r in rows] == ["fp32", "fp32", "bf16", "fp32"]
     # on a CPU there is no graph to compare; the extra row runs the same eager step
-    assert [r["cuda_graph"] for r in rows] == [False] * 3
-    assert "round_seconds" not in rows[1] and rows[1]["ddp"] is True
-    rows = [rows[0], rows[2]]
+    assert [r["cuda_graph"] for r in rows] == [False] * 4
+    assert all("round_seconds" not in rows[i] and rows[i]["ddp"] is True for i in (1, 2))
+    # --comm: the all-reduce alone at the network's size, fp32 then bf16 (half the bytes)
+    (comm,) = doc["all_reduce"]
+    assert comm["gpus"] == 2 and [r["dtype"] for r in comm["runs"]] == ["float32", "bfloat16"]
+    fp32, bf16 = comm["runs"]
+    assert fp32["mb"] == 2 * bf16["mb"] == comm["numel"] * 4 / 1e6
+    assert all(r["ms"] > 0 and not r["graph"] for r in comm["runs"])  # no graphs on a CPU
+    rows = [rows[0], rows[3]]
     # strong scaling: the same global batch and steps at both counts; one rank is no DDP
     assert rows[0]["efficiency"] == 1.0 and rows[0]["ddp"] is False and rows[1]["ddp"] is True
     assert rows[0]["global_batch"] == rows[1]["global_batch"] == 128
@@ -382,3 +392,53 @@ def test_a_lost_peer_is_told_from_a_cause():
     assert lost_peer(RuntimeError(gloo))
     assert not lost_peer(RuntimeError("TICKETCTL_FAIL_RANK: rank 1 fails on purpose"))
     assert not lost_peer(ValueError("cannot resume"))
+
+
+def _grads(rank):
+    import torch
+
+    g = torch.Generator().manual_seed(10 + rank)
+    return [torch.randn(1000, generator=g), torch.randn(7, 3, generator=g)]
+
+
+def _average_worker(rank, port, out):
+    import torch
+
+    from ticketctl.distributed import average_grads_
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        got = {}
+        for wire in (None, torch.bfloat16):
+            grads = _grads(rank)
+            average_grads_(DistContext(rank, 2, rank), grads, wire)
+            got[str(wire)] = grads
+        torch.save(got, Path(out) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_are_averaged_in_fp32_exactly_and_in_bf16_within_its_rounding(tmp_path):
+    """`--reduce-bf16` sends half the bytes; what it costs is bf16's rounding, bounded."""
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_average_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    exact = [(a + b) / 2 for a, b in zip(_grads(0), _grads(1), strict=True)]
+    for wire in ("None", "torch.bfloat16"):
+        for a, b in zip(ranks[0][wire], ranks[1][wire], strict=True):
+            assert torch.equal(a, b) and a.dtype == torch.float32  # every rank the same
+    # fp32: one IEEE sum of two terms and a halving, as here: equal, not merely close
+    assert all(torch.equal(g, e) for g, e in zip(ranks[0]["None"], exact, strict=True))
+    # bf16 (8 significant bits, unit roundoff u = 2**-8): each gradient rounded (u |g_r|),
+    # their sum rounded (u |r_0 + r_1|), halving exact, so the mean is off by at most
+    # (u (|g_0| + |g_1|) + u (1 + u) (|g_0| + |g_1|)) / 2 <= u (1 + u) (|g_0| + |g_1|)
+    u = 2.0 ** -8
+    for g, e, a, b in zip(ranks[0]["torch.bfloat16"], exact, _grads(0), _grads(1), strict=True):
+        assert ((g - e).abs() <= u * (1 + u) * (a.abs() + b.abs())).all()
+        assert not torch.equal(g, e)  # rounded: the option took effect

@@ -16,6 +16,7 @@ from ticketctl.artifacts import save_ticket
 from ticketctl.attacks.runner import AttackRunner
 from ticketctl.attacks.spread import environment, parse_devices, worker_visible_devices
 from ticketctl.data import load_dataset
+from ticketctl.device import CudaSwitches
 from ticketctl.errors import TicketctlError
 from ticketctl.train.config import TrainConfig
 
@@ -283,7 +284,7 @@ def test_the_pool_starts_each_gpu_worker_on_its_own_gpu(monkeypatch):
 
     from ticketctl.attacks.spread import DataSpec, SpreadPool
 
-    started = []
+    started, switches = [], []
 
     class FakeProcess:
         def __init__(self, target, args, daemon):
@@ -291,6 +292,7 @@ def test_the_pool_starts_each_gpu_worker_on_its_own_gpu(monkeypatch):
 
         def start(self):
             started.append((self.args[0], os.environ.get("CUDA_VISIBLE_DEVICES")))
+            switches.append(self.args[7])
 
     class FakeContext:
         Process = FakeProcess
@@ -306,10 +308,39 @@ def test_the_pool_starts_each_gpu_worker_on_its_own_gpu(monkeypatch):
     pool = SpreadPool([torch.device("cuda:0"), torch.device("cuda:1")], spec, CFG.to_dict(),
                       None, None)
     assert started == [("cuda:0", "5"), ("cuda:0", "7")]
+    assert switches == [CudaSwitches.current()] * 2  # the parent's switches, to each worker
     assert pool.remapped and os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
     started.clear()
     cpu = SpreadPool(TWO, spec, CFG.to_dict(), None, None)
     assert started == [("cpu", "5,7"), ("cpu", "5,7")] and not cpu.remapped
+
+
+def _report_switches(switches, out):
+    out.put(CudaSwitches.current())
+    switches.apply()
+    out.put(CudaSwitches.current())
+
+
+def test_a_spawned_worker_runs_with_the_parents_cuda_switches():
+    """A spawned process starts from PyTorch's defaults, without cuDNN autotuning or TF32
+    (a sweep's workers trained slower than the parent, and missed its compiled code); the
+    switches SpreadPool hands its workers make the child's the parent's."""
+    before = CudaSwitches.current()
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_num_threads(1)
+    try:
+        parent = CudaSwitches.current()
+    finally:
+        before.apply()
+    assert parent.cudnn_benchmark and parent.matmul_tf32 and parent.threads == 1
+    ctx = torch.multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_report_switches, args=(parent, out))
+    child.start()
+    fresh, applied = out.get(timeout=120), out.get(timeout=120)
+    child.join(timeout=60)
+    assert not fresh.cudnn_benchmark and not fresh.matmul_tf32  # what workers ran with
+    assert applied == parent
 
 
 def _report_env(name, out):

@@ -270,6 +270,39 @@ def test_combo_kernels_reach_the_training_settings_and_may_change_on_resume():
     assert "train.combo_kernels" in RESUMABLE
 
 
+def test_reduce_bf16_reaches_the_training_settings_and_not_a_resume():
+    """--reduce-bf16 rounds every averaged gradient, a change of arithmetic: it enters the
+    settings (and their hash), and a resume may not take or drop it; off, it stays out of
+    the settings, so run folders made before it existed resume as they were."""
+    from ticketctl.cli.options import Training
+    from ticketctl.prune.rundir import RESUMABLE
+
+    on = resolve_settings("demo", train=Training(reduce_bf16=True).overrides()).train
+    off = resolve_settings("demo", train=Training().overrides()).train
+    assert on.reduce_bf16 is True and off.reduce_bf16 is False
+    assert "reduce_bf16" not in off.to_dict() and on.to_dict()["reduce_bf16"] is True
+    assert "train.reduce_bf16" not in RESUMABLE
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_data_parallel_step_averages_in_the_chosen_dtype(monkeypatch, digits, bf16):
+    """The trainer hands every gradient to the all-reduce, on the wire in bf16 only when its
+    settings say so."""
+    from ticketctl.distributed import DistContext
+    from ticketctl.train import engine
+
+    seen = []
+    monkeypatch.setattr(engine, "average_grads_", lambda ctx, grads, wire: seen.append(
+        (ctx.world, len(grads), wire)))
+    model = build_model("digits_cnn", seed=0)
+    trainer = Trainer(model, digits, TrainConfig(epochs=1, batch_size=64, reduce_bf16=bf16))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    trainer.dist = DistContext(0, 2, 0)
+    trainer._average_grads()
+    assert seen == [(2, len(list(model.parameters())), torch.bfloat16 if bf16 else None)]
+
+
 def test_no_fuse_step_reaches_the_training_settings():
     """The CLI flag turns the whole-step compilation off (and so enters the settings hash);
     without it the default stays out of the settings."""

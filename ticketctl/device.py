@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ticketctl.errors import TicketctlError
@@ -22,6 +24,32 @@ def configure_cuda() -> None:
     and fp32 matmuls may use TF32 (training runs in bf16 anyway)."""
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
+
+
+@dataclass(frozen=True)
+class CudaSwitches:
+    """The process-wide switches a spawned worker takes from its parent. A spawned process
+    starts from PyTorch's defaults (no cuDNN autotuning, no TF32 matmuls): without them a
+    sweep worker's convolutions were chosen by heuristics and frozen into its CUDA graph,
+    and its compiled code missed the parent's Inductor cache (the switches are in its key)."""
+
+    cudnn_benchmark: bool
+    cudnn_tf32: bool
+    matmul_tf32: bool
+    threads: int
+
+    @classmethod
+    def current(cls) -> CudaSwitches:
+        return cls(cudnn_benchmark=torch.backends.cudnn.benchmark,
+                   cudnn_tf32=torch.backends.cudnn.allow_tf32,
+                   matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+                   threads=torch.get_num_threads())
+
+    def apply(self) -> None:
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        torch.backends.cudnn.allow_tf32 = self.cudnn_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.matmul_tf32
+        torch.set_num_threads(self.threads)
 
 
 def configure_threads(threads: int | None) -> None:

@@ -137,6 +137,22 @@ def average_(ctx: DistContext, t: torch.Tensor) -> torch.Tensor:
     return t.div_(ctx.world)
 
 
+def average_grads_(ctx: DistContext, grads: list[torch.Tensor],
+                   wire: torch.dtype | None = None) -> None:
+    """Each gradient replaced in place by its mean over the ranks: one flat all-reduce per
+    dtype, in the same order on every rank. `wire` (bf16) sends half the bytes of fp32:
+    every gradient is rounded to it first and the sum is taken in it, so the mean is within
+    about 2**-8 relative of the exact one, and the same on every rank."""
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        group = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in group])
+        if wire is not None and wire != dtype:
+            flat = flat.to(wire)
+        average_(ctx, flat)
+        for g, part in zip(group, flat.split([g.numel() for g in group]), strict=True):
+            g.copy_(part.view(g.shape))
+
+
 def sum_counts(ctx: DistContext, counts: list[int]) -> list[int]:
     """Integer counts summed over the ranks, the total on every rank."""
     t = torch.tensor(counts, dtype=torch.int64)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ticketctl.device import CudaSwitches
 from ticketctl.errors import TicketctlError, first_line
 
 
@@ -156,7 +157,9 @@ class SpreadPool:
         ctx = torch.multiprocessing.get_context("spawn")
         self.todo, self.events = ctx.Queue(), ctx.Queue()
         self.devices, self.on_epoch = devices, on_epoch
-        threads = torch.get_num_threads()  # the same CPU arithmetic as the parent's
+        # the parent's CPU threads (the same CPU arithmetic) and CUDA switches (the same
+        # convolution choice and TF32, and so the same compiled code in Inductor's cache)
+        switches = CudaSwitches.current()
         from ticketctl.models.sources import current_factory
 
         factory = current_factory()  # the network the user named, imported again by each
@@ -168,7 +171,7 @@ class SpreadPool:
         self.remapped = any(v is not None for v in visible)
         self.workers = [ctx.Process(target=_worker,
                                     args=("cuda:0" if v is not None else str(d), spec, cfg,
-                                          out_dir, pack, self.todo, self.events, threads,
+                                          out_dir, pack, self.todo, self.events, switches,
                                           factory.spec if factory else None, os.getpid()),
                                     daemon=True)
                         for d, v in zip(devices, visible, strict=True)]
@@ -256,10 +259,10 @@ def _next_job(todo: Any, parent: int) -> Job | None:
 
 
 def _worker(device: str, spec: DataSpec, cfg: dict[str, Any], out_dir: Path | None,
-            pack: int | None, todo: Any, events: Any, threads: int,
+            pack: int | None, todo: Any, events: Any, switches: CudaSwitches,
             factory: str | None, parent: int) -> None:
     try:
-        torch.set_num_threads(threads)
+        switches.apply()
         if factory is not None:
             from ticketctl.models.sources import load_factory, use_factory
 

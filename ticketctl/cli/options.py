@@ -456,6 +456,10 @@ class Training:
         help="Compile with Inductor's combo kernels: independent small kernels launched as "
              "one (same arithmetic; 5% faster batch-128 ResNet-20 epochs on an H200, other "
              "networks not measured).")
+    reduce_bf16: bool = option(
+        "--reduce-bf16", default=False, panel=P_DIST,
+        help="With --nproc: average the gradients over the ranks in bf16, half the bytes of "
+             "fp32 (each gradient rounded to bf16 first, as DDP's bf16 compression hook).")
     test_eval: Optional[ScoreTest] = option(
         help="Score the test split after every epoch, or only after an epoch that is the best "
              "on validation so far (all a result needs) [every; paper preset: best].")
@@ -473,6 +477,7 @@ class Training:
             compile_mode=self.compile_mode,
             fuse_step=False if self.no_fuse_step else None,
             combo_kernels=True if self.combo_kernels else None,
+            reduce_bf16=True if self.reduce_bf16 else None,
             test_eval=self.test_eval.value if self.test_eval else None)
 
 

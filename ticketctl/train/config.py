@@ -31,7 +31,7 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # Settings added after run folders and job caches existed: written out only when changed, so
 # the settings hash of everything trained before stays the same.
 _NEWER = {"compile_mode": "default", "test_eval": "every", "fuse_step": True,
-          "combo_kernels": False}
+          "combo_kernels": False, "reduce_bf16": False}
 
 
 @dataclass
@@ -62,6 +62,9 @@ class TrainConfig:
     # CUDA with compile: Inductor's combo kernels (independent small kernels launched as
     # one; the same arithmetic): 5% off a batch-128 ResNet-20 epoch on an H200
     combo_kernels: bool = False
+    # Data-parallel only: the gradients averaged over the ranks in bf16 (half the bytes of
+    # the all-reduce; each gradient rounded to bf16 first, as DDP's bf16 compression hook)
+    reduce_bf16: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if _NEWER.get(k, object()) != v}
@@ -128,3 +131,4 @@ class TrainOverrides(Overrides):
     test_eval: str | None = None
     fuse_step: bool | None = None
     combo_kernels: bool | None = None
+    reduce_bf16: bool | None = None

@@ -36,7 +36,7 @@ from ticketctl.data.augment import PAD, crop_flip
 from ticketctl.data.stream import StreamedDataset
 from ticketctl.distributed import (
     DistContext,
-    average_,
+    average_grads_,
     broadcast_module_state,
     broadcast_parameters,
     check_same,
@@ -435,16 +435,10 @@ class Engine:
         self.opt.step(self.layout.step_lr())
 
     def _average_grads(self) -> None:
-        """Every rank's gradients replaced by their mean over the ranks (what DDP computes):
-        one flat all-reduce per dtype, the same order on every rank."""
+        """Every rank's gradients replaced by their mean over the ranks (what DDP computes)."""
         assert self.dist is not None
-        grads = [p.grad for p in self.opt.params if p.grad is not None]
-        for dtype in sorted({g.dtype for g in grads}, key=str):
-            group = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in group])
-            average_(self.dist, flat)
-            for g, part in zip(group, flat.split([g.numel() for g in group]), strict=True):
-                g.copy_(part.view(g.shape))
+        average_grads_(self.dist, [p.grad for p in self.opt.params if p.grad is not None],
+                       torch.bfloat16 if self.cfg.reduce_bf16 else None)
 
     def _eager_step(self) -> None:
         for p in self.opt.params:
