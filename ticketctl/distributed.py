@@ -141,8 +141,8 @@ def average_grads_(ctx: DistContext, grads: list[torch.Tensor],
                    wire: torch.dtype | None = None) -> None:
     """Each gradient replaced in place by its mean over the ranks: one flat all-reduce per
     dtype, in the same order on every rank. `wire` (bf16) sends half the bytes of fp32:
-    every gradient is rounded to it first and the sum is taken in it, so the mean is within
-    about 2**-8 relative of the exact one, and the same on every rank."""
+    every gradient is rounded to it first and the sum is taken in it, so the mean is off
+    by at most about 2**-8 times the sum of the ranks' magnitudes, and the same on every rank."""
     for dtype in sorted({g.dtype for g in grads}, key=str):
         group = [g for g in grads if g.dtype == dtype]
         flat = torch.cat([g.reshape(-1) for g in group])
