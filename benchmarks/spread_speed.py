@@ -63,11 +63,42 @@ def timed(data, cfg, jobs, devices, pack) -> tuple[float, list[float], dict]:
         t0 = time.perf_counter()
         results = runner.retrain_many(jobs, [f"job {i}" for i in range(len(jobs))])
         wall = time.perf_counter() - t0
-    packs = {label: {"first_epoch_end_s": round(ts[0], 1), "last_epoch_end_s": round(ts[-1], 1),
-                     "epoch_s": round(statistics.median([b - a for a, b in pairwise(ts)]), 3)
-                     if len(ts) > 1 else None}
-             for label, ts in seen.items()}
-    return wall, [r.accuracy for r in results], packs
+    return wall, [r.accuracy for r in results], _packs(seen)
+
+
+def timed_worker(data, cfg, jobs, device, pack) -> tuple[float, list[float], dict]:
+    """`timed` on one device in one spawned worker, packed as one device packs: the spread
+    run's own start-up (spawn, import, data, compilation from the cache) on one device, so
+    the speed-up against it is the devices' alone. (A one-device sweep otherwise runs in
+    the calling process, as `timed(..., None, ...)` does.)"""
+    seen: dict[str, list[float]] = {}
+    labels = [f"job {i}" for i in range(len(jobs))]
+    width = min(default_pack(device, pack, param_count(jobs[0].state)), len(jobs))
+    t0 = time.perf_counter()
+
+    def on_epoch(label: str, stats) -> None:
+        seen.setdefault(label, []).append(time.perf_counter() - t0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        run_spread([Job("retrain", jobs[s:s + width], labels[s:s + width])
+                    for s in range(0, len(jobs), width)], [device], DataSpec.of(data),
+                   cfg.to_dict(), Path(tmp), pack, on_epoch)
+        wall = time.perf_counter() - t0
+        # every result is in the job store now: read back, nothing trains here
+        runner = AttackRunner(data, cfg, out_dir=Path(tmp), pack=pack)
+        results = runner.retrain_many(jobs, labels)
+        assert runner.jobs_run == 0, "the worker left jobs undone"
+    return wall, [r.accuracy for r in results], _packs(seen)
+
+
+def _packs(seen: dict[str, list[float]]) -> dict:
+    """Per pack: when its first epoch ended (start-up: worker start, data, compilation and
+    capture), its last, and its training epochs' median length."""
+    return {label: {"first_epoch_end_s": round(ts[0], 1), "last_epoch_end_s": round(ts[-1], 1),
+                    "epoch_s": round(statistics.median([b - a for a, b in pairwise(ts)]), 3)
+                    if len(ts) > 1 else None}
+            for label, ts in seen.items()}
 
 
 def warm_up(data, cfg, jobs, devices, pack) -> float:
@@ -101,6 +132,9 @@ def main() -> int:
     ap.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                     help="train one pack for an epoch in a worker first, so both timed runs "
                          "start from the same warm compiler cache (default on)")
+    ap.add_argument("--worker-baseline", action="store_true",
+                    help="also time the one-device sweep in one spawned worker (the spread "
+                         "run's start-up path), besides in this process as a one-GPU user runs it")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     configure_cuda()
@@ -113,7 +147,10 @@ def main() -> int:
         first = torch.device("cpu")
     else:
         devices = parse_devices(args.devices)
-        first = devices[0] if devices else torch.device("cuda")
+        if devices is None or len(devices) < 2:
+            ap.error("--devices needs two or more: on one device a sweep runs in this process, "
+                     "as the baseline does")
+        first = devices[0]
         data = load_dataset("cifar10" if args.data_dir else "synthetic", args.data_dir,
                             device=first, val_size=5000)
         cfg = resolve_settings("fast", arch="resnet20", dataset="cifar10",
@@ -125,6 +162,10 @@ def main() -> int:
         print(f"warm-up (one pack, one epoch, own process): {warm_s:.1f} s", file=sys.stderr)
     one_s, one_acc, one_packs = timed(data, cfg, jobs, None, args.pack)
     print(f"one device ({first}): {one_s:.1f} s", file=sys.stderr)
+    worker = None
+    if args.worker_baseline:
+        worker = timed_worker(data, cfg, jobs, first, args.pack)
+        print(f"one device ({first}), in one worker: {worker[0]:.1f} s", file=sys.stderr)
     many_s, many_acc, many_packs = timed(data, cfg, jobs, devices, args.pack)
     print(f"{len(devices or [])} devices: {many_s:.1f} s, {one_s / many_s:.2f}x",
           file=sys.stderr)
@@ -134,6 +175,11 @@ def main() -> int:
            "max_accuracy_difference": max(abs(a - b) for a, b in zip(one_acc, many_acc,
                                                                       strict=True)),
            "packs_one_device": one_packs, "packs_spread": many_packs,
+           **({"one_worker_s": round(worker[0], 1),
+               "speedup_vs_one_worker": round(worker[0] / many_s, 3),
+               "max_accuracy_difference_one_worker": max(
+                   abs(a - b) for a, b in zip(worker[1], many_acc, strict=True)),
+               "packs_one_worker": worker[2]} if worker else {}),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__}
     print(json.dumps(doc, indent=1))

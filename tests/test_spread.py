@@ -373,12 +373,37 @@ def test_spread_speed_benchmark_smoke(tmp_path):
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "spread.json"
     res = subprocess.run([sys.executable, str(root / "benchmarks/spread_speed.py"), "--smoke",
-                          "--json-out", str(out)], capture_output=True, text=True, cwd=root,
-                         timeout=HANG_GUARD_S)
+                          "--worker-baseline", "--json-out", str(out)], capture_output=True,
+                         text=True, cwd=root, timeout=HANG_GUARD_S)
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["warm_up_s"] > 0 and "warm-up (one pack" in res.stderr
     assert doc["max_accuracy_difference"] == 0
+    # --worker-baseline: the one-device sweep again, in one spawned worker, the same results
+    assert doc["max_accuracy_difference_one_worker"] == 0 and "in one worker" in res.stderr
+    assert doc["one_worker_s"] > 0 and len(doc["packs_one_worker"]) == 4
+    # the speed-up is worker time over spread time; both are reported rounded to 0.05 s
+    w, sp = doc["one_worker_s"], doc["spread_s"]
+    # (w + 0.05) / (sp - 0.05) - w / sp = 0.05 (sp + w) / (sp (sp - 0.05)) at worst, and the
+    # speed-up itself rounded to 5e-4
+    assert abs(doc["speedup_vs_one_worker"] - w / sp) <= 0.05 * (sp + w) / (sp * (sp - 0.05)) \
+        + 5e-4
     assert doc["jobs"] == 4 and len(doc["packs_spread"]) == 4
     assert all(p["first_epoch_end_s"] <= p["last_epoch_end_s"]
                for p in doc["packs_spread"].values())
+
+
+def test_worker_startup_benchmark_smoke(tmp_path):
+    """benchmarks/worker_startup.py on the CPU: the four runs (three in spawned workers, the
+    last in the calling process), each with its start-up and epoch recorded."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "startup.json"
+    res = subprocess.run([sys.executable, str(root / "benchmarks/worker_startup.py"), "--smoke",
+                          "--json-out", str(out)], capture_output=True, text=True, cwd=root,
+                         timeout=HANG_GUARD_S)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert [r["run"].split(",")[0] for r in doc["rows"]] == ["worker"] * 3 + ["this process"]
+    assert doc["jobs"] == 2 and doc["epochs"] == 2
+    assert all(0 <= r["first_epoch_end_s"] <= r["wall_s"] and r["epoch_s"] > 0
+               for r in doc["rows"])

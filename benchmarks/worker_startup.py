@@ -1,0 +1,109 @@
+"""Where a sweep worker's time goes, on one device: the same pack of N ResNet-20 retrainings
+trained in a spawned worker (`attacks.spread`) with a cold compiler cache, then warm with
+cuDNN's autotuner off and on, then in this process (as a one-device sweep runs). Each run
+reports when its first epoch ended (start-up: spawn, import, data, compilation, capture)
+and its median epoch.
+
+    python benchmarks/worker_startup.py --data-dir DATA --epochs 5 --json-out startup.json
+    python benchmarks/worker_startup.py --smoke     # digits on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from spread_speed import tickets  # noqa: E402
+
+from ticketctl.attacks import AttackRunner  # noqa: E402
+from ticketctl.attacks.spread import DataSpec, Job, run_spread  # noqa: E402
+from ticketctl.data import load_dataset  # noqa: E402
+from ticketctl.device import configure_cuda  # noqa: E402
+from ticketctl.prune import resolve_settings  # noqa: E402
+from ticketctl.train.config import TrainOverrides  # noqa: E402
+
+
+def timed(name: str, fn: Callable[[Callable, Path], None]) -> dict:
+    """One run: `fn(on_epoch, job_store_dir)`, with its pack's epoch end times."""
+    seen: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+
+    def on_epoch(label: str, stats) -> None:
+        seen.setdefault(label, []).append(time.perf_counter() - t0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fn(on_epoch, Path(tmp))
+    ts = sorted(t for times in seen.values() for t in times[:1])  # each job's first epoch
+    first = next(iter(seen.values()))  # a pack reports one label's epochs
+    return {"run": name, "first_epoch_end_s": round(ts[-1], 1),
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "epoch_s": round(statistics.median([b - a for a, b in pairwise(first)]), 3)
+            if len(first) > 1 else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir")
+    ap.add_argument("--jobs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    configure_cuda()
+    if args.smoke:
+        dev = torch.device("cpu")
+        data = load_dataset("digits", device=dev)
+        cfg = resolve_settings("demo", arch="digits_cnn", dataset="digits",
+                               train=TrainOverrides(epochs=2)).train
+        jobs = tickets("digits_cnn", 10, 2, 0.2, width=8)
+    else:
+        dev = torch.device("cuda:0")
+        data = load_dataset("cifar10" if args.data_dir else "synthetic", args.data_dir,
+                            device=dev, val_size=5000)
+        cfg = resolve_settings("fast", arch="resnet20", dataset="cifar10",
+                               train=TrainOverrides(epochs=args.epochs)).train
+        jobs = tickets("resnet20", 10, args.jobs, 0.2)
+    labels = [f"job {i}" for i in range(len(jobs))]
+
+    def worker(autotune: bool) -> Callable[[Callable, Path], None]:
+        def fn(on_epoch: Callable, store: Path) -> None:
+            before = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = autotune  # the switches the worker is handed
+            try:
+                run_spread([Job("retrain", jobs, labels)], [dev], DataSpec.of(data),
+                           cfg.to_dict(), store, len(jobs), on_epoch)
+            finally:
+                torch.backends.cudnn.benchmark = before
+        return fn
+
+    def here(on_epoch: Callable, store: Path) -> None:
+        AttackRunner(data, cfg, out_dir=store, pack=len(jobs),
+                     on_epoch=on_epoch).retrain_many(jobs, labels)
+
+    rows = []
+    for name, fn in [("worker, autotuner on, cold cache", worker(True)),
+                     ("worker, autotuner off, warm cache", worker(False)),
+                     ("worker, autotuner on, warm cache", worker(True)),
+                     ("this process, autotuner on, after the workers", here)]:
+        rows.append(timed(name, fn))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if args.json_out:  # after every run: the next may not finish
+            Path(args.json_out).write_text(json.dumps(
+                {"jobs": len(jobs), "epochs": cfg.epochs, "rows": rows,
+                 "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                 "torch": torch.__version__}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
