@@ -51,6 +51,12 @@ def timed(name: str, fn: Callable[[Callable, Path], None]) -> dict:
             if len(first) > 1 else None}
 
 
+def _cache_counts(counters) -> dict[str, int]:
+    """Inductor's and AOTAutograd's on-disk cache hits, misses and bypasses so far."""
+    return {f"{group}.{k}": v for group in ("inductor", "aot_autograd")
+            for k, v in counters[group].items() if "cache" in k}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir")
@@ -86,9 +92,16 @@ def main() -> int:
                 torch.backends.cudnn.benchmark = before
         return fn
 
+    caches: dict[str, int] = {}
+
     def here(on_epoch: Callable, store: Path) -> None:
+        from torch._dynamo.utils import counters
+
+        before = _cache_counts(counters)
         AttackRunner(data, cfg, out_dir=store, pack=len(jobs),
                      on_epoch=on_epoch).retrain_many(jobs, labels)
+        after = _cache_counts(counters)
+        caches.update({k: after[k] - before.get(k, 0) for k in after})
 
     rows = []
     for name, fn in [("worker, autotuner on, cold cache", worker(True)),
@@ -96,6 +109,8 @@ def main() -> int:
                      ("worker, autotuner on, warm cache", worker(True)),
                      ("this process, autotuner on, after the workers", here)]:
         rows.append(timed(name, fn))
+        if fn is here:  # did this process find the workers' compiled code on disk?
+            rows[-1]["compile_cache"] = dict(caches)
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if args.json_out:  # after every run: the next may not finish
             Path(args.json_out).write_text(json.dumps(
