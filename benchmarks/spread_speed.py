@@ -107,9 +107,10 @@ def warm_up(data, cfg, jobs, devices, pack) -> float:
     process of its own on the first device, before anything is timed: the compiler's on-disk
     caches then hold that code for both runs. Without it the one-device run, coming first,
     pays the cold compilation and the spread run does not. Every GPU worker calls its GPU
-    cuda:0, so one warm-up serves them all; the one-device run, in this process, shares it
-    when the first device is cuda:0 (workers take this process's CUDA switches, which are
-    part of the cache's key: before they did, the parent missed what they compiled)."""
+    cuda:0, so one warm-up serves them all. The one-device run, in this process, was meant
+    to share it too, but measured on an H200 it did not (48 s of start-up against a warm
+    worker's 21 s, reason not known yet): `--worker-baseline` adds a one-device run that
+    starts as the workers do."""
     one_width = min(default_pack(devices[0], pack, param_count(jobs[0].state)), len(jobs))
     widths = {one_width, spread_width(one_width, len(jobs), len(devices))}
     short = replace(cfg, epochs=1, warmup_epochs=0)

@@ -161,6 +161,8 @@ def test_ddp_scaling_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_retrain_runs_data_parallel(tmp_path):
+    import torch
+
     found = _cli(*FIND, "--max-rounds", "1", "--out", tmp_path / "t.safetensors", "--run-dir",
                  tmp_path / "run")
     assert found.returncode == 0, found.stderr[-2000:]
@@ -174,6 +176,18 @@ def test_retrain_runs_data_parallel(tmp_path):
     bad = _cli("retrain", tmp_path / "t.safetensors", "--nproc", "2", "--trigger",
                tmp_path / "missing.npz", "--out", tmp_path / "x.safetensors")
     assert bad.returncode == 2 and "does not run distributed" in bad.stderr
+    # --reduce-bf16 reaches the ranks (they are started without --nproc): their gradients
+    # are rounded to bf16, so the weights leave the fp32 run's (CPU arithmetic is otherwise
+    # the same run to run); and it is refused where there are no ranks
+    bf16 = _cli("retrain", tmp_path / "t.safetensors", "--nproc", "2", "--reduce-bf16",
+                "--device", "cpu", "--out", tmp_path / "b.safetensors", "--json")
+    assert bf16.returncode == 0, bf16.stderr[-2000:]
+    assert json.loads(bf16.stdout)["test_accuracy"] > 80
+    fp32, rounded = (load_ticket(tmp_path / f).state for f in ("r.safetensors", "b.safetensors"))
+    assert any(not torch.equal(fp32[k], rounded[k]) for k in fp32)
+    alone = _cli("retrain", tmp_path / "t.safetensors", "--reduce-bf16", "--device", "cpu",
+                 "--out", tmp_path / "y.safetensors")
+    assert alone.returncode == 2 and "give --nproc 2 or more" in alone.stderr
 
 
 def _free_port() -> int:

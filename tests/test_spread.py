@@ -327,12 +327,14 @@ def test_a_spawned_worker_runs_with_the_parents_cuda_switches():
     switches SpreadPool hands its workers make the child's the parent's."""
     before = CudaSwitches.current()
     torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = False  # every switch away from a fresh process's
     torch.set_num_threads(1)
     try:
         parent = CudaSwitches.current()
     finally:
         before.apply()
     assert parent.cudnn_benchmark and parent.matmul_tf32 and parent.threads == 1
+    assert not parent.cudnn_tf32
     ctx = torch.multiprocessing.get_context("spawn")
     out = ctx.Queue()
     child = ctx.Process(target=_report_switches, args=(parent, out))
@@ -340,6 +342,7 @@ def test_a_spawned_worker_runs_with_the_parents_cuda_switches():
     fresh, applied = out.get(timeout=120), out.get(timeout=120)
     child.join(timeout=60)
     assert not fresh.cudnn_benchmark and not fresh.matmul_tf32  # what workers ran with
+    assert fresh.cudnn_tf32  # PyTorch's default, which the parent's switch overrides
     assert applied == parent
 
 

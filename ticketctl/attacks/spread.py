@@ -157,8 +157,8 @@ class SpreadPool:
         ctx = torch.multiprocessing.get_context("spawn")
         self.todo, self.events = ctx.Queue(), ctx.Queue()
         self.devices, self.on_epoch = devices, on_epoch
-        # the parent's CPU threads (the same CPU arithmetic) and CUDA switches (the same
-        # convolution choice and TF32, and so the same compiled code in Inductor's cache)
+        # the parent's CPU threads (the same CPU arithmetic) and CUDA switches (cuDNN's
+        # timed choice of convolutions and TF32, as in one process)
         switches = CudaSwitches.current()
         from ticketctl.models.sources import current_factory
 

@@ -98,7 +98,8 @@ def find(
     settings = resolve_settings(
         training.preset, arch=network.name, dataset=data.dataset,
         data_dir=str(data.data_dir) if data.data_dir else None, val_size=split.val_size,
-        split_seed=split.split_seed, search=search.overrides(), train=training.overrides(),
+        split_seed=split.split_seed, search=search.overrides(),
+        train=dist.train_overrides(training.overrides()),
         stream=data.streaming.stream, image_size=data.streaming.image_size)
     settings.arch_args, settings.prunable = network.args, search.prunable
     settings.validate()

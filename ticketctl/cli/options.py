@@ -456,10 +456,6 @@ class Training:
         help="Compile with Inductor's combo kernels: independent small kernels launched as "
              "one (same arithmetic; 5% faster batch-128 ResNet-20 epochs on an H200, other "
              "networks not measured).")
-    reduce_bf16: bool = option(
-        "--reduce-bf16", default=False, panel=P_DIST,
-        help="With --nproc: average the gradients over the ranks in bf16, half the bytes of "
-             "fp32 (each gradient rounded to bf16 first, as DDP's bf16 compression hook).")
     test_eval: Optional[ScoreTest] = option(
         help="Score the test split after every epoch, or only after an epoch that is the best "
              "on validation so far (all a result needs) [every; paper preset: best].")
@@ -477,7 +473,6 @@ class Training:
             compile_mode=self.compile_mode,
             fuse_step=False if self.no_fuse_step else None,
             combo_kernels=True if self.combo_kernels else None,
-            reduce_bf16=True if self.reduce_bf16 else None,
             test_eval=self.test_eval.value if self.test_eval else None)
 
 
@@ -501,10 +496,26 @@ class Distributed:
     rdzv_endpoint: Optional[str] = option(help="HOST:PORT where the hosts meet (several hosts).")
     dist_timeout: float = option(
         default=3600.0, help="Seconds before a stuck distributed run is stopped (exit 2).")
+    reduce_bf16: bool = option(
+        "--reduce-bf16", default=False,
+        help="Average the gradients over the ranks in bf16, half the bytes of fp32 (each "
+             "gradient rounded to bf16 first, as DDP's bf16 compression hook).")
 
     @property
     def wanted(self) -> bool:
         return self.nproc > 1 or self.nnodes > 1
+
+    def train_overrides(self, train: TrainOverrides) -> TrainOverrides:
+        """The training settings with the data-parallel ones given here; --reduce-bf16 is
+        refused where no ranks average anything (a rank itself runs without --nproc)."""
+        from ticketctl.distributed import in_worker
+
+        if not self.reduce_bf16:
+            return train
+        if not (self.wanted or in_worker()):
+            raise TicketctlError("--reduce-bf16 averages the gradients over data-parallel "
+                                 "ranks: give --nproc 2 or more (or --nnodes)")
+        return dataclasses.replace(train, reduce_bf16=True)
 
     def launched(self) -> bool:
         """In the user's process with --nproc/--nnodes above 1: run this command as torchrun

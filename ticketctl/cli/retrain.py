@@ -74,7 +74,7 @@ def retrain(
     settings = resolve_settings(
         training.preset, arch=ticket.arch,
         dataset=data.dataset or (ticket.dataset or {}).get("name"),
-        train=training.overrides())
+        train=dist.train_overrides(training.overrides()))
     settings.train.validate()
     dataset = load_recorded_dataset(ticket.dataset or {}, data.dataset, data.data_dir,
                                     device=resolve_device(compute.device),

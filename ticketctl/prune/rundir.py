@@ -90,8 +90,10 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 # Settings a resumed run may change: how the step is compiled, not what it computes (a fused
 # compilation that fails on another GPU or torch can go on with --no-fuse-step; a run can
-# take or drop --combo-kernels).
-RESUMABLE = frozenset({"train.fuse_step", "train.combo_kernels"})
+# take or drop --combo-kernels), and how data-parallel ranks exchange gradients, which a
+# resume may change as it may change --nproc (a run started with --reduce-bf16 on two GPUs
+# can go on in one process).
+RESUMABLE = frozenset({"train.fuse_step", "train.combo_kernels", "train.reduce_bf16"})
 
 
 def without_resumable(settings: dict[str, Any]) -> dict[str, Any]:

@@ -339,7 +339,7 @@ class Engine:
         what the step captured (batch, optimizer constants, precision) must not change."""
         fixed = ("batch_size", "momentum", "weight_decay", "nesterov", "bf16", "channels_last",
                  "compile", "cuda_graph", "label_smoothing", "compile_mode", "fuse_step",
-                 "combo_kernels")
+                 "combo_kernels", "reduce_bf16")
         changed = [f for f in fixed if getattr(cfg, f) != getattr(self.cfg, f)]
         if changed:
             raise ValueError(f"a trainer's {', '.join(changed)} cannot change")
