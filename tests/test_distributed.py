@@ -112,9 +112,7 @@ def _mismatch_worker(rank, port, out):
 
 
 def test_ranks_holding_different_masks_are_caught(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.spawn(_mismatch_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         assert "ranks disagree on a mask" in (tmp_path / f"{rank}").read_text()
@@ -270,9 +268,7 @@ def test_two_ranks_average_gradients_and_share_evaluation_like_one_process(tmp_p
     evaluation images: two ranks end with one process's weights and accuracies."""
     import torch
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.spawn(_digits_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
     one_state, one_history = _digits_train(None)
@@ -438,9 +434,7 @@ def test_gradients_are_averaged_in_fp32_exactly_and_in_bf16_within_its_rounding(
     """`--reduce-bf16` sends half the bytes; what it costs is bf16's rounding, bounded."""
     import torch
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.spawn(_average_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
     exact = [(a + b) / 2 for a, b in zip(_grads(0), _grads(1), strict=True)]
