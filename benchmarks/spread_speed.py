@@ -51,19 +51,14 @@ def timed(data, cfg, jobs, devices, pack) -> tuple[float, list[float], dict]:
     """Wall time, accuracies, and where the time went: when each pack's first epoch ended
     (start-up: worker start, data, compilation and capture) and its training epochs' median
     length, from the epoch events the workers send back."""
-    seen: dict[str, list[float]] = {}
-    t0 = time.perf_counter()
-
-    def on_epoch(label: str, stats) -> None:
-        seen.setdefault(label, []).append(time.perf_counter() - t0)
-
+    clock = EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
         runner = AttackRunner(data, cfg, out_dir=Path(tmp), pack=pack, devices=devices,
-                              on_epoch=on_epoch)
-        t0 = time.perf_counter()
+                              on_epoch=clock)
+        clock.start()
         results = runner.retrain_many(jobs, [f"job {i}" for i in range(len(jobs))])
-        wall = time.perf_counter() - t0
-    return wall, [r.accuracy for r in results], _packs(seen)
+        wall = clock.elapsed()
+    return wall, [r.accuracy for r in results], clock.packs()
 
 
 def timed_worker(data, cfg, jobs, device, pack) -> tuple[float, list[float], dict]:
@@ -71,34 +66,47 @@ def timed_worker(data, cfg, jobs, device, pack) -> tuple[float, list[float], dic
     run's own start-up (spawn, import, data, compilation from the cache) on one device, so
     the speed-up against it is the devices' alone. (A one-device sweep otherwise runs in
     the calling process, as `timed(..., None, ...)` does.)"""
-    seen: dict[str, list[float]] = {}
+    clock = EpochClock()
     labels = [f"job {i}" for i in range(len(jobs))]
     width = min(default_pack(device, pack, param_count(jobs[0].state)), len(jobs))
-    t0 = time.perf_counter()
-
-    def on_epoch(label: str, stats) -> None:
-        seen.setdefault(label, []).append(time.perf_counter() - t0)
-
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        clock.start()
         run_spread([Job("retrain", jobs[s:s + width], labels[s:s + width])
                     for s in range(0, len(jobs), width)], [device], DataSpec.of(data),
-                   cfg.to_dict(), Path(tmp), pack, on_epoch)
-        wall = time.perf_counter() - t0
+                   cfg.to_dict(), Path(tmp), pack, clock)
+        wall = clock.elapsed()
         # every result is in the job store now: read back, nothing trains here
         runner = AttackRunner(data, cfg, out_dir=Path(tmp), pack=pack)
         results = runner.retrain_many(jobs, labels)
         assert runner.jobs_run == 0, "the worker left jobs undone"
-    return wall, [r.accuracy for r in results], _packs(seen)
+    return wall, [r.accuracy for r in results], clock.packs()
 
 
-def _packs(seen: dict[str, list[float]]) -> dict:
-    """Per pack: when its first epoch ended (start-up: worker start, data, compilation and
-    capture), its last, and its training epochs' median length."""
-    return {label: {"first_epoch_end_s": round(ts[0], 1), "last_epoch_end_s": round(ts[-1], 1),
-                    "epoch_s": round(statistics.median([b - a for a, b in pairwise(ts)]), 3)
-                    if len(ts) > 1 else None}
-            for label, ts in seen.items()}
+class EpochClock:
+    """The `on_epoch` callback of a timed sweep: when each label's epochs ended, counted from
+    `start()`."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[float]] = {}
+        self.t0 = time.perf_counter()
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def __call__(self, label: str, stats) -> None:
+        self.seen.setdefault(label, []).append(self.elapsed())
+
+    def packs(self) -> dict:
+        """Per pack: when its first epoch ended (start-up: worker start, data, compilation
+        and capture), its last, and its training epochs' median length."""
+        return {label: {"first_epoch_end_s": round(ts[0], 1),
+                        "last_epoch_end_s": round(ts[-1], 1),
+                        "epoch_s": round(statistics.median([b - a for a, b in pairwise(ts)]), 3)
+                        if len(ts) > 1 else None}
+                for label, ts in self.seen.items()}
 
 
 def warm_up(data, cfg, jobs, devices, pack) -> float:

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
-from itertools import pairwise
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from spread_speed import tickets  # noqa: E402
+from spread_speed import EpochClock, tickets  # noqa: E402
 
 from ticketctl.attacks import AttackRunner  # noqa: E402
 from ticketctl.attacks.spread import DataSpec, Job, run_spread  # noqa: E402
@@ -35,20 +32,14 @@ from ticketctl.train.config import TrainOverrides  # noqa: E402
 
 def timed(name: str, fn: Callable[[Callable, Path], None]) -> dict:
     """One run: `fn(on_epoch, job_store_dir)`, with its pack's epoch end times."""
-    seen: dict[str, list[float]] = {}
-    t0 = time.perf_counter()
-
-    def on_epoch(label: str, stats) -> None:
-        seen.setdefault(label, []).append(time.perf_counter() - t0)
-
+    clock = EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
-        fn(on_epoch, Path(tmp))
-    ts = sorted(t for times in seen.values() for t in times[:1])  # each job's first epoch
-    first = next(iter(seen.values()))  # a pack reports one label's epochs
-    return {"run": name, "first_epoch_end_s": round(ts[-1], 1),
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "epoch_s": round(statistics.median([b - a for a, b in pairwise(first)]), 3)
-            if len(first) > 1 else None}
+        fn(clock, Path(tmp))
+    packs = clock.packs()  # by label: a pack reports every job's epochs at once
+    return {"run": name,
+            "first_epoch_end_s": max(p["first_epoch_end_s"] for p in packs.values()),
+            "wall_s": round(clock.elapsed(), 1),
+            "epoch_s": next(iter(packs.values()))["epoch_s"]}
 
 
 def _cache_counts(counters) -> dict[str, int]:
