@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -47,10 +48,18 @@ def tickets(arch: str, classes: int, n: int, density: float, **args) -> list[Tic
     return out
 
 
+def settle() -> None:
+    """Wait until the workers of an earlier sweep have left (a finished sweep does not wait
+    for their exit), so none of it falls into the next timed run."""
+    for child in multiprocessing.active_children():
+        child.join(timeout=60)
+
+
 def timed(data, cfg, jobs, devices, pack) -> tuple[float, list[float], dict]:
     """Wall time, accuracies, and where the time went: when each pack's first epoch ended
     (start-up: worker start, data, compilation and capture) and its training epochs' median
     length, from the epoch events the workers send back."""
+    settle()
     clock = EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
         runner = AttackRunner(data, cfg, out_dir=Path(tmp), pack=pack, devices=devices,
@@ -66,6 +75,7 @@ def timed_worker(data, cfg, jobs, device, pack) -> tuple[float, list[float], dic
     run's own start-up (spawn, import, data, compilation from the cache) on one device, so
     the speed-up against it is the devices' alone. (A one-device sweep otherwise runs in
     the calling process, as `timed(..., None, ...)` does.)"""
+    settle()
     clock = EpochClock()
     labels = [f"job {i}" for i in range(len(jobs))]
     width = min(default_pack(device, pack, param_count(jobs[0].state)), len(jobs))
@@ -88,6 +98,7 @@ class EpochClock:
 
     def __init__(self) -> None:
         self.seen: dict[str, list[float]] = {}
+        self.first: dict[str, float] = {}  # the first epoch's own length, as the trainer timed it
         self.t0 = time.perf_counter()
 
     def start(self) -> None:
@@ -98,15 +109,26 @@ class EpochClock:
 
     def __call__(self, label: str, stats) -> None:
         self.seen.setdefault(label, []).append(self.elapsed())
+        if label not in self.first and getattr(stats, "seconds", None) is not None:
+            self.first[label] = stats.seconds
 
     def packs(self) -> dict:
         """Per pack: when its first epoch ended (start-up: worker start, data, compilation
-        and capture), its last, and its training epochs' median length."""
-        return {label: {"first_epoch_end_s": round(ts[0], 1),
-                        "last_epoch_end_s": round(ts[-1], 1),
-                        "epoch_s": round(statistics.median([b - a for a, b in pairwise(ts)]), 3)
-                        if len(ts) > 1 else None}
-                for label, ts in self.seen.items()}
+        and capture), its last, and its training epochs' median length; and the start-up
+        split in two by the first epoch's own length (`first_epoch_s`: compilation or
+        loading it from the cache, cuDNN's autotuning, capture, one epoch and its
+        evaluation) and what came before it (`before_first_epoch_s`: spawn, imports, the
+        dataset, the models; for the second pack of a device, the first pack's end)."""
+        out = {}
+        for label, ts in self.seen.items():
+            row = {"first_epoch_end_s": round(ts[0], 1), "last_epoch_end_s": round(ts[-1], 1),
+                   "epoch_s": round(statistics.median([b - a for a, b in pairwise(ts)]), 3)
+                   if len(ts) > 1 else None}
+            if label in self.first:
+                row["first_epoch_s"] = round(self.first[label], 1)
+                row["before_first_epoch_s"] = round(ts[0] - self.first[label], 1)
+            out[label] = row
+        return out
 
 
 def warm_up(data, cfg, jobs, devices, pack) -> float:

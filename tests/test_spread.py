@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,12 @@ from helpers import HANG_GUARD_S, assert_one_line_error, make_ticket, run
 
 from ticketctl.artifacts import save_ticket
 from ticketctl.attacks.runner import AttackRunner
-from ticketctl.attacks.spread import environment, parse_devices, worker_visible_devices
+from ticketctl.attacks.spread import (
+    environment,
+    parse_devices,
+    worker_threads,
+    worker_visible_devices,
+)
 from ticketctl.data import load_dataset
 from ticketctl.device import CudaSwitches
 from ticketctl.errors import TicketctlError
@@ -308,11 +314,45 @@ def test_the_pool_starts_each_gpu_worker_on_its_own_gpu(monkeypatch):
     pool = SpreadPool([torch.device("cuda:0"), torch.device("cuda:1")], spec, CFG.to_dict(),
                       None, None)
     assert started == [("cuda:0", "5"), ("cuda:0", "7")]
-    assert switches == [CudaSwitches.current()] * 2  # the parent's switches, to each worker
+    parent = CudaSwitches.current()
+    half = replace(parent, threads=max(1, parent.threads // 2))  # the cores shared
+    assert switches == [half] * 2  # the parent's switches, to each worker
     assert pool.remapped and os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
     started.clear()
+    switches.clear()
     cpu = SpreadPool(TWO, spec, CFG.to_dict(), None, None)
     assert started == [("cpu", "5,7"), ("cpu", "5,7")] and not cpu.remapped
+    assert switches == [parent] * 2  # CPU workers: the parent's threads, its arithmetic
+
+
+def test_gpu_workers_share_the_cores_and_cpu_workers_keep_the_parents_threads():
+    gpu, cpu = torch.device("cuda:0"), torch.device("cpu")
+    assert worker_threads([gpu, torch.device("cuda:1")], 32) == [16, 16]
+    assert worker_threads([gpu] * 3, 32) == [10, 10, 10]
+    assert worker_threads([gpu] * 4, 2) == [1, 1, 1, 1]  # never below one
+    assert worker_threads([gpu], 7) == [7]
+    assert worker_threads([cpu, cpu], 2) == [2, 2]
+    assert worker_threads([gpu, torch.device("cuda:1"), cpu], 8) == [4, 4, 8]
+
+
+def test_a_finished_sweeps_workers_leave_on_their_own(digits, tmp_path):
+    """run_spread returns once every result is in, without waiting for its workers' exit;
+    they were told to stop and leave on their own (were they not told, they would wait for
+    jobs as long as the parent lives)."""
+    import multiprocessing
+    import time
+
+    from ticketctl.attacks.spread import DataSpec, Job, run_spread
+
+    tickets = _tickets()[:2]
+    jobs = [Job("retrain", [t], [f"j{i}"]) for i, t in enumerate(tickets)]
+    before = set(multiprocessing.active_children())
+    run_spread(jobs, TWO, DataSpec.of(digits), CFG.to_dict(), tmp_path, None)
+    assert len(list((tmp_path / "jobs").glob("*.json"))) == 2  # both results written
+    deadline = time.monotonic() + HANG_GUARD_S
+    while set(multiprocessing.active_children()) - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not set(multiprocessing.active_children()) - before
 
 
 def _report_switches(switches, out):
@@ -394,6 +434,12 @@ def test_spread_speed_benchmark_smoke(tmp_path):
     assert doc["jobs"] == 4 and len(doc["packs_spread"]) == 4
     assert all(p["first_epoch_end_s"] <= p["last_epoch_end_s"]
                for p in doc["packs_spread"].values())
+    # the start-up split at the first epoch's start: the two parts, each rounded to 0.05 s,
+    # add up to the first epoch's end, itself rounded
+    for p in doc["packs_spread"].values():
+        assert p["first_epoch_s"] >= 0 and p["before_first_epoch_s"] >= 0
+        assert abs(p["first_epoch_s"] + p["before_first_epoch_s"] - p["first_epoch_end_s"]) \
+            <= 0.15 + 1e-9
 
 
 def test_worker_startup_benchmark_smoke(tmp_path):

@@ -14,7 +14,7 @@ import queue
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,19 @@ def parse_devices(text: str | None, data_device: torch.device | None = None
     return out
 
 
+def worker_threads(devices: list[torch.device], threads: int) -> list[int]:
+    """The CPU threads each worker may use, given the parent's `threads`. A CPU worker does
+    its arithmetic on them, so it keeps the parent's count (the same reduction order, the
+    same results). A GPU worker's CPU work is launching and small host-side tensors (an
+    epoch's order), whose values do not depend on the thread count: GPU workers share the
+    cores rather than each starting an OpenMP thread per core. (Two GPU workers' epochs ran
+    5% slower than one worker's alone; threads spinning on each other's cores were the
+    suspect, docs/DISTRIBUTED.md has what this measured.)"""
+    gpus = sum(d.type == "cuda" for d in devices)
+    share = max(1, threads // max(1, gpus))
+    return [share if d.type == "cuda" else threads for d in devices]
+
+
 def worker_visible_devices(device: torch.device) -> str | None:
     """The CUDA_VISIBLE_DEVICES a worker for `device` starts with (None: leave it as it is):
     the one entry of the parent's own list (or the bare index) that its `cuda:N` names. Not
@@ -160,6 +173,7 @@ class SpreadPool:
         # the parent's CPU threads (the same CPU arithmetic) and CUDA switches (cuDNN's
         # timed choice of convolutions and TF32, as in one process)
         switches = CudaSwitches.current()
+        shares = worker_threads(devices, switches.threads)
         from ticketctl.models.sources import current_factory
 
         factory = current_factory()  # the network the user named, imported again by each
@@ -171,10 +185,11 @@ class SpreadPool:
         self.remapped = any(v is not None for v in visible)
         self.workers = [ctx.Process(target=_worker,
                                     args=("cuda:0" if v is not None else str(d), spec, cfg,
-                                          out_dir, pack, self.todo, self.events, switches,
+                                          out_dir, pack, self.todo, self.events,
+                                          replace(switches, threads=n),
                                           factory.spec if factory else None, os.getpid()),
                                     daemon=True)
-                        for d, v in zip(devices, visible, strict=True)]
+                        for d, v, n in zip(devices, visible, shares, strict=True)]
         for w, v in zip(self.workers, visible, strict=True):
             with environment("CUDA_VISIBLE_DEVICES", v):
                 w.start()
@@ -220,17 +235,27 @@ class SpreadPool:
                                  "; its finished jobs are kept, rerun to continue")
         return results
 
-    def close(self) -> None:
-        """Let every worker finish and leave (idempotent)."""
-        if self.closed:
-            return
-        self.closed = True
-        for _ in self.workers:
-            self.todo.put(None)
+    def close(self, wait: bool = True) -> None:
+        """Tell every worker to leave (idempotent). `wait`: also wait until they have left,
+        ending those that do not within 5 s (after a failure). After a batch that finished,
+        nothing is left to wait for (every result is in): a GPU worker's exit (its CUDA
+        context, its compiler's processes) took about 2 s of a 80 s two-GPU sweep, so the
+        workers leave on their own; they are daemons, which multiprocessing ends and reaps at
+        this process's exit, and `join` waits for them."""
+        if not self.closed:
+            self.closed = True
+            for _ in self.workers:
+                self.todo.put(None)
+        if wait:
+            self.join()
+
+    def join(self, timeout: float = 5) -> None:
+        """Wait for every worker to leave, ending any still there after `timeout` s."""
         for w in self.workers:
-            w.join(timeout=5)
+            w.join(timeout=timeout)
             if w.is_alive():
                 w.terminate()
+                w.join(timeout=timeout)
 
 
 def run_spread(jobs: list[Job], devices: list[torch.device], spec: DataSpec,
@@ -242,9 +267,12 @@ def run_spread(jobs: list[Job], devices: list[torch.device], spec: DataSpec,
     cached)."""
     pool = SpreadPool(devices, spec, cfg, out_dir, pack, on_epoch)
     try:
-        return pool.run(jobs)
-    finally:
+        results = pool.run(jobs)
+    except BaseException:
         pool.close()
+        raise
+    pool.close(wait=False)  # all done: the workers' exit is not waited for
+    return results
 
 
 def _next_job(todo: Any, parent: int) -> Job | None:
