@@ -149,8 +149,12 @@ def average_grads_(ctx: DistContext, grads: list[torch.Tensor],
         if wire is not None and wire != dtype:
             flat = flat.to(wire)
         average_(ctx, flat)
-        for g, part in zip(group, flat.split([g.numel() for g in group]), strict=True):
-            g.copy_(part.view(g.shape))
+        flat = flat.to(dtype)  # one conversion, so the copy back takes the same-dtype path
+        # back in one multi-tensor copy: a copy per gradient was 161 kernels a step for
+        # ResNet-50, each a few microseconds inside the step's CUDA graph
+        parts = [part.view(g.shape) for g, part in
+                 zip(group, flat.split([g.numel() for g in group]), strict=True)]
+        torch._foreach_copy_(group, parts)
 
 
 def sum_counts(ctx: DistContext, counts: list[int]) -> list[int]:
