@@ -325,6 +325,53 @@ def test_the_pool_starts_each_gpu_worker_on_its_own_gpu(monkeypatch):
     assert switches == [parent] * 2  # CPU workers: the parent's threads, its arithmetic
 
 
+def test_a_new_pool_first_waits_for_the_workers_an_earlier_one_left(monkeypatch):
+    """close(wait=False) leaves the workers to exit on their own; the next pool joins them
+    before it starts its own (two workers on one GPU would hold the dataset twice)."""
+    import queue as queue_mod
+
+    from ticketctl.attacks import spread as spread_mod
+
+    log = []
+
+    class FakeProcess:
+        count = 0
+
+        def __init__(self, target, args, daemon):
+            FakeProcess.count += 1
+            self.name, self.exitcode = f"w{FakeProcess.count}", None
+
+        def start(self):
+            log.append(("start", self.name))
+
+        def join(self, timeout=None):
+            log.append(("join", self.name))
+            self.exitcode = 0
+
+        def is_alive(self):
+            return self.exitcode is None
+
+    class FakeContext:
+        Process = FakeProcess
+
+        @staticmethod
+        def Queue():
+            return queue_mod.Queue()
+
+    monkeypatch.setattr(torch.multiprocessing, "get_context", lambda kind: FakeContext)
+    monkeypatch.setattr(spread_mod, "_LEAVING", [])
+    spec = spread_mod.DataSpec("digits", None, 0, 0, False, 0)
+    first = spread_mod.SpreadPool(TWO, spec, CFG.to_dict(), None, None)
+    first.close(wait=False)
+    assert log == [("start", "w1"), ("start", "w2")]  # told to stop, not waited for
+    assert first.todo.qsize() == 2  # one stop for each worker
+    spread_mod.SpreadPool(TWO, spec, CFG.to_dict(), None, None)
+    assert log[2:] == [("join", "w1"), ("join", "w2"), ("start", "w3"), ("start", "w4")]
+    assert spread_mod._LEAVING == []
+    first.close()  # idempotent: no second stop
+    assert first.todo.qsize() == 2
+
+
 def test_gpu_workers_share_the_cores_and_cpu_workers_keep_the_parents_threads():
     gpu, cpu = torch.device("cuda:0"), torch.device("cpu")
     assert worker_threads([gpu, torch.device("cuda:1")], 32) == [16, 16]

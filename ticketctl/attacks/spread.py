@@ -167,6 +167,9 @@ class SpreadPool:
 
     def __init__(self, devices: list[torch.device], spec: DataSpec, cfg: dict[str, Any],
                  out_dir: Path | None, pack: int | None, on_epoch: Any = None) -> None:
+        # an earlier sweep's workers (left without waiting) are gone before these start:
+        # two of them on one GPU would hold two copies of the dataset there
+        _join_leaving()
         ctx = torch.multiprocessing.get_context("spawn")
         self.todo, self.events = ctx.Queue(), ctx.Queue()
         self.devices, self.on_epoch = devices, on_epoch
@@ -241,13 +244,15 @@ class SpreadPool:
         nothing is left to wait for (every result is in): a GPU worker's exit (its CUDA
         context, its compiler's processes) took about 2 s of a 80 s two-GPU sweep, so the
         workers leave on their own; they are daemons, which multiprocessing ends and reaps at
-        this process's exit, and `join` waits for them."""
+        this process's exit; `join` waits for them, as the next pool does before it starts."""
         if not self.closed:
             self.closed = True
             for _ in self.workers:
                 self.todo.put(None)
         if wait:
             self.join()
+        else:
+            _LEAVING.append(self)
 
     def join(self, timeout: float = 5) -> None:
         """Wait for every worker to leave, ending any still there after `timeout` s."""
@@ -256,6 +261,16 @@ class SpreadPool:
             if w.is_alive():
                 w.terminate()
                 w.join(timeout=timeout)
+
+
+_LEAVING: list[SpreadPool] = []  # pools closed without waiting for their workers' exit
+
+
+def _join_leaving() -> None:
+    """Wait for the workers of pools closed without waiting (at most 5 s each, then end
+    them)."""
+    while _LEAVING:
+        _LEAVING.pop().join()
 
 
 def run_spread(jobs: list[Job], devices: list[torch.device], spec: DataSpec,
