@@ -283,11 +283,24 @@ def test_a_gpu_worker_sees_its_gpu_alone(monkeypatch):
     assert worker_visible_devices(torch.device("cuda:1")) is None
 
 
+def _fake_spawn(monkeypatch, process) -> None:
+    """torch.multiprocessing's spawn context replaced: `process` as its Process, queues of
+    this process as its queues (a pool then starts nothing)."""
+    import queue as queue_mod
+
+    class FakeContext:
+        Process = process
+
+        @staticmethod
+        def Queue():
+            return queue_mod.Queue()
+
+    monkeypatch.setattr(torch.multiprocessing, "get_context", lambda kind: FakeContext)
+
+
 def test_the_pool_starts_each_gpu_worker_on_its_own_gpu(monkeypatch):
     """SpreadPool gives every GPU worker the device cuda:0 and starts it with its own GPU in
     CUDA_VISIBLE_DEVICES; the parent's environment is left as it was."""
-    import queue as queue_mod
-
     from ticketctl.attacks.spread import DataSpec, SpreadPool
 
     started, switches = [], []
@@ -300,14 +313,7 @@ def test_the_pool_starts_each_gpu_worker_on_its_own_gpu(monkeypatch):
             started.append((self.args[0], os.environ.get("CUDA_VISIBLE_DEVICES")))
             switches.append(self.args[7])
 
-    class FakeContext:
-        Process = FakeProcess
-
-        @staticmethod
-        def Queue():
-            return queue_mod.Queue()
-
-    monkeypatch.setattr(torch.multiprocessing, "get_context", lambda kind: FakeContext)
+    _fake_spawn(monkeypatch, FakeProcess)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     spec = DataSpec("digits", None, 0, 0, False, 0)
@@ -328,8 +334,6 @@ def test_the_pool_starts_each_gpu_worker_on_its_own_gpu(monkeypatch):
 def test_a_new_pool_first_waits_for_the_workers_an_earlier_one_left(monkeypatch):
     """close(wait=False) leaves the workers to exit on their own; the next pool joins them
     before it starts its own (two workers on one GPU would hold the dataset twice)."""
-    import queue as queue_mod
-
     from ticketctl.attacks import spread as spread_mod
 
     log = []
@@ -351,14 +355,7 @@ def test_a_new_pool_first_waits_for_the_workers_an_earlier_one_left(monkeypatch)
         def is_alive(self):
             return self.exitcode is None
 
-    class FakeContext:
-        Process = FakeProcess
-
-        @staticmethod
-        def Queue():
-            return queue_mod.Queue()
-
-    monkeypatch.setattr(torch.multiprocessing, "get_context", lambda kind: FakeContext)
+    _fake_spawn(monkeypatch, FakeProcess)
     monkeypatch.setattr(spread_mod, "_LEAVING", [])
     spec = spread_mod.DataSpec("digits", None, 0, 0, False, 0)
     first = spread_mod.SpreadPool(TWO, spec, CFG.to_dict(), None, None)
