@@ -173,8 +173,9 @@ class SpreadPool:
         ctx = torch.multiprocessing.get_context("spawn")
         self.todo, self.events = ctx.Queue(), ctx.Queue()
         self.devices, self.on_epoch = devices, on_epoch
-        # the parent's CPU threads (the same CPU arithmetic) and CUDA switches (cuDNN's
-        # timed choice of convolutions and TF32, as in one process)
+        # the parent's CUDA switches (cuDNN's timed choice of convolutions and TF32, as in
+        # one process) and CPU threads (a CPU worker all of them, for the parent's CPU
+        # arithmetic; GPU workers a share each, `worker_threads`)
         switches = CudaSwitches.current()
         shares = worker_threads(devices, switches.threads)
         from ticketctl.models.sources import current_factory
