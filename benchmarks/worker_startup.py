@@ -2,7 +2,9 @@
 trained in a spawned worker (`attacks.spread`) with a cold compiler cache, then warm with
 cuDNN's autotuner off and on, then in this process (as a one-device sweep runs). Each run
 reports when its first epoch ended (start-up: spawn, import, data, compilation, capture)
-and its median epoch.
+and its median epoch. The compiler's on-disk caches (Inductor's, AOTAutograd's, Triton's)
+are a fresh folder of this run's (`--cache-dir` to name one), so the first run is cold
+whatever ran on the machine before.
 
     python benchmarks/worker_startup.py --data-dir DATA --epochs 5 --json-out startup.json
     python benchmarks/worker_startup.py --smoke     # digits on the CPU
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -58,8 +61,20 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--cache-dir", help="the compiler caches' folder (default: a fresh "
+                                         "temporary one, removed at the end)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="worker-startup-") as fresh:
+        # before anything compiles; spawned workers inherit it (Triton's cache lies inside
+        # Inductor's unless TRITON_CACHE_DIR says otherwise, so that goes too)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache_dir or fresh
+        os.environ.pop("TRITON_CACHE_DIR", None)
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
+    """The four runs, in order; the JSON rewritten after each."""
     configure_cuda()
     if args.smoke:
         dev = torch.device("cpu")
@@ -110,6 +125,7 @@ def main() -> int:
         if args.json_out:  # after every run: the next may not finish
             Path(args.json_out).write_text(json.dumps(
                 {"jobs": len(jobs), "epochs": cfg.epochs, "rows": rows,
+                 "compiler_cache": args.cache_dir or "fresh",
                  "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                  "torch": torch.__version__}, indent=1))
     return 0

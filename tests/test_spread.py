@@ -498,6 +498,7 @@ def test_worker_startup_benchmark_smoke(tmp_path):
     doc = json.loads(out.read_text())
     assert [r["run"].split(",")[0] for r in doc["rows"]] == ["worker"] * 3 + ["this process"]
     assert doc["jobs"] == 2 and doc["epochs"] == 2
+    assert doc["compiler_cache"] == "fresh"  # its own folder: the first run is cold
     # the calling process's compile-cache counts (none on a CPU, where nothing compiles)
     assert doc["rows"][-1]["compile_cache"] == {}
     assert all("compile_cache" not in r for r in doc["rows"][:3])
