@@ -408,7 +408,11 @@ def _grads(rank):
     import torch
 
     g = torch.Generator().manual_seed(10 + rank)
-    return [torch.randn(1000, generator=g), torch.randn(7, 3, generator=g)]
+    # also the layouts a GPU step has: a channels_last convolution's (flattened in memory
+    # order, not copied) and a transposed one (not in logical order either)
+    return [torch.randn(1000, generator=g), torch.randn(7, 3, generator=g),
+            torch.randn(4, 3, 3, 2, generator=g).to(memory_format=torch.channels_last),
+            torch.randn(5, 6, generator=g).t()]
 
 
 def _average_worker(rank, port, out):
@@ -441,6 +445,9 @@ def test_gradients_are_averaged_in_fp32_exactly_and_in_bf16_within_its_rounding(
     for wire in ("None", "torch.bfloat16"):
         for a, b in zip(ranks[0][wire], ranks[1][wire], strict=True):
             assert torch.equal(a, b) and a.dtype == torch.float32  # every rank the same
+        # averaged in place: each gradient keeps its layout
+        assert ranks[0][wire][2].is_contiguous(memory_format=torch.channels_last)
+        assert ranks[0][wire][3].stride() == (1, 6)  # the transpose of a 5 x 6
     # fp32: one IEEE sum of two terms and a halving, as here: equal, not merely close
     assert all(torch.equal(g, e) for g, e in zip(ranks[0]["None"], exact, strict=True))
     # bf16 (8 significant bits, unit roundoff u = 2**-8): each gradient rounded (u |g_r|),
@@ -450,3 +457,23 @@ def test_gradients_are_averaged_in_fp32_exactly_and_in_bf16_within_its_rounding(
     for g, e, a, b in zip(ranks[0]["torch.bfloat16"], exact, _grads(0), _grads(1), strict=True):
         assert ((g - e).abs() <= u * (1 + u) * (a.abs() + b.abs())).all()
         assert not torch.equal(g, e)  # rounded: the option took effect
+
+
+def test_memory_order_flattens_dense_layouts_without_a_copy():
+    """A channels_last gradient (1x1 kernels too, whose strides tie) and a transposed one
+    come back as contiguous views of the same memory; one with gaps comes back as it is."""
+    import torch
+
+    from ticketctl.distributed import memory_order
+
+    for t in (torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last),
+              torch.randn(8, 4, 1, 1).to(memory_format=torch.channels_last),
+              torch.randn(5, 6).t(), torch.randn(3, 4), torch.tensor(2.0)):
+        v = memory_order(t)
+        assert v.is_contiguous() and v.data_ptr() == t.data_ptr() and v.numel() == t.numel()
+        assert sorted(v.shape) == sorted(t.shape)
+    # channels_last is N, H, W, C in memory: the permutation that makes it contiguous
+    cl = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    assert memory_order(cl).shape == (8, 3, 3, 4)
+    gaps = torch.randn(5, 6)[:, ::2]
+    assert memory_order(gaps) is gaps
