@@ -317,18 +317,25 @@ def test_the_pool_starts_each_gpu_worker_on_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     spec = DataSpec("digits", None, 0, 0, False, 0)
-    pool = SpreadPool([torch.device("cuda:0"), torch.device("cuda:1")], spec, CFG.to_dict(),
-                      None, None)
-    assert started == [("cuda:0", "5"), ("cuda:0", "7")]
-    parent = CudaSwitches.current()
-    half = replace(parent, threads=max(1, parent.threads // 2))  # the cores shared
-    assert switches == [half] * 2  # the parent's switches, to each worker
+    threads = torch.get_num_threads()
+    torch.set_num_threads(6)
+    try:
+        pool = SpreadPool([torch.device("cuda:0"), torch.device("cuda:1")], spec,
+                          CFG.to_dict(), None, None)
+        parent = CudaSwitches.current()
+        started_gpu, switches_gpu = list(started), list(switches)
+        started.clear()
+        switches.clear()
+        cpu = SpreadPool(TWO, spec, CFG.to_dict(), None, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert started_gpu == [("cuda:0", "5"), ("cuda:0", "7")]
+    # the parent's switches to each worker; its 6 threads shared by the two GPU workers
+    assert switches_gpu == [replace(parent, threads=3)] * 2
     assert pool.remapped and os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
-    started.clear()
-    switches.clear()
-    cpu = SpreadPool(TWO, spec, CFG.to_dict(), None, None)
     assert started == [("cpu", "5,7"), ("cpu", "5,7")] and not cpu.remapped
-    assert switches == [parent] * 2  # CPU workers: the parent's threads, its arithmetic
+    assert [s.threads for s in switches] == [6, 6]  # CPU workers: the parent's arithmetic
+    assert switches == [parent] * 2
 
 
 def test_a_new_pool_first_waits_for_the_workers_an_earlier_one_left(monkeypatch):
@@ -379,20 +386,25 @@ def test_gpu_workers_share_the_cores_and_cpu_workers_keep_the_parents_threads():
     assert worker_threads([gpu, torch.device("cuda:1"), cpu], 8) == [4, 4, 8]
 
 
-def test_a_finished_sweeps_workers_leave_on_their_own(digits, tmp_path):
+def test_a_finished_sweeps_workers_leave_on_their_own(digits, tmp_path, monkeypatch):
     """run_spread returns once every result is in, without waiting for its workers' exit;
     they were told to stop and leave on their own (were they not told, they would wait for
     jobs as long as the parent lives)."""
     import multiprocessing
     import time
 
+    from ticketctl.attacks import spread as spread_mod
     from ticketctl.attacks.spread import DataSpec, Job, run_spread
 
     tickets = _tickets()[:2]
     jobs = [Job("retrain", [t], [f"j{i}"]) for i, t in enumerate(tickets)]
     before = set(multiprocessing.active_children())
+    monkeypatch.setattr(spread_mod, "_LEAVING", [])
     run_spread(jobs, TWO, DataSpec.of(digits), CFG.to_dict(), tmp_path, None)
     assert len(list((tmp_path / "jobs").glob("*.json"))) == 2  # both results written
+    # returned without joining: the pool is left for the next one (or the exit) to reap
+    (pool,) = spread_mod._LEAVING
+    assert pool.closed and len(pool.workers) == 2
     deadline = time.monotonic() + HANG_GUARD_S
     while set(multiprocessing.active_children()) - before and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -242,10 +242,10 @@ class SpreadPool:
     def close(self, wait: bool = True) -> None:
         """Tell every worker to leave (idempotent). `wait`: also wait until they have left,
         ending those that do not within 5 s (after a failure). After a batch that finished,
-        nothing is left to wait for (every result is in): a GPU worker's exit (its CUDA
-        context, its compiler's processes) took about 2 s of a 80 s two-GPU sweep, so the
-        workers leave on their own; they are daemons, which multiprocessing ends and reaps at
-        this process's exit; `join` waits for them, as the next pool does before it starts."""
+        nothing is left to wait for (every result is in): waiting for the workers' exit
+        took 1.9 s of an 81.5 s two-GPU sweep, so they leave on their own; they are
+        daemons, which multiprocessing ends and reaps at this process's exit; `join` waits
+        for them, as the next pool does before it starts."""
         if not self.closed:
             self.closed = True
             for _ in self.workers:
