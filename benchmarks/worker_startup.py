@@ -106,14 +106,21 @@ def measure(args: argparse.Namespace) -> int:
 
     caches: dict[str, int] = {}
 
+    times: dict[str, float] = {}
+
     def here(on_epoch: Callable, store: Path) -> None:
-        from torch._dynamo.utils import counters
+        from torch._dynamo.utils import compilation_time_metrics, counters
 
         before = _cache_counts(counters)
+        seen = {k: len(v) for k, v in compilation_time_metrics.items()}
         AttackRunner(data, cfg, out_dir=store, pack=len(jobs),
                      on_epoch=on_epoch).retrain_many(jobs, labels)
         after = _cache_counts(counters)
         caches.update({k: after[k] - before.get(k, 0) for k in after})
+        # where this process's compilation went, phase by phase (nested phases overlap)
+        times.update({k: round(sum(v[seen.get(k, 0):]), 2)
+                      for k, v in compilation_time_metrics.items()
+                      if sum(v[seen.get(k, 0):]) >= 0.01})
 
     rows = []
     for name, fn in [("worker, autotuner on, cold cache", worker(True)),
@@ -123,6 +130,7 @@ def measure(args: argparse.Namespace) -> int:
         rows.append(timed(name, fn))
         if fn is here:  # did this process find the workers' compiled code on disk?
             rows[-1]["compile_cache"] = dict(caches)
+            rows[-1]["compile_seconds"] = dict(sorted(times.items(), key=lambda kv: -kv[1]))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if args.json_out:  # after every run: the next may not finish
             Path(args.json_out).write_text(json.dumps(

@@ -513,6 +513,7 @@ def test_worker_startup_benchmark_smoke(tmp_path):
     assert doc["compiler_cache"] == "fresh"  # its own folder: the first run is cold
     # the calling process's compile-cache counts (none on a CPU, where nothing compiles)
     assert doc["rows"][-1]["compile_cache"] == {}
+    assert doc["rows"][-1]["compile_seconds"] == {}  # and no compilation phases
     assert all("compile_cache" not in r for r in doc["rows"][:3])
     assert all(0 <= r["first_epoch_end_s"] <= r["wall_s"] and r["epoch_s"] > 0
                for r in doc["rows"])
