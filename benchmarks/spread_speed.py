@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,14 @@ import torch
 
 from ticketctl.artifacts import Mask, Ticket
 from ticketctl.attacks import AttackRunner
-from ticketctl.attacks.spread import DataSpec, Job, parse_devices, run_spread, spread_width
+from ticketctl.attacks.spread import (
+    DataSpec,
+    Job,
+    join_leaving,
+    parse_devices,
+    run_spread,
+    spread_width,
+)
 from ticketctl.data import load_dataset
 from ticketctl.device import configure_cuda
 from ticketctl.models import build_model, prunable_names
@@ -48,18 +54,11 @@ def tickets(arch: str, classes: int, n: int, density: float, **args) -> list[Tic
     return out
 
 
-def settle() -> None:
-    """Wait until the workers of an earlier sweep have left (a finished sweep does not wait
-    for their exit), so none of it falls into the next timed run."""
-    for child in multiprocessing.active_children():
-        child.join(timeout=60)
-
-
 def timed(data, cfg, jobs, devices, pack) -> tuple[float, list[float], dict]:
     """Wall time, accuracies, and where the time went: when each pack's first epoch ended
     (start-up: worker start, data, compilation and capture) and its training epochs' median
     length, from the epoch events the workers send back."""
-    settle()
+    join_leaving()  # an earlier sweep's exit falls into no timing
     clock = EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
         runner = AttackRunner(data, cfg, out_dir=Path(tmp), pack=pack, devices=devices,
@@ -75,7 +74,7 @@ def timed_worker(data, cfg, jobs, device, pack) -> tuple[float, list[float], dic
     run's own start-up (spawn, import, data, compilation from the cache) on one device, so
     the speed-up against it is the devices' alone. (A one-device sweep otherwise runs in
     the calling process, as `timed(..., None, ...)` does.)"""
-    settle()
+    join_leaving()  # an earlier sweep's exit falls into no timing
     clock = EpochClock()
     labels = [f"job {i}" for i in range(len(jobs))]
     width = min(default_pack(device, pack, param_count(jobs[0].state)), len(jobs))

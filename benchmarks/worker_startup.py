@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from spread_speed import EpochClock, settle, tickets  # noqa: E402
+from spread_speed import EpochClock, tickets  # noqa: E402
 
 from ticketctl.attacks import AttackRunner  # noqa: E402
-from ticketctl.attacks.spread import DataSpec, Job, run_spread  # noqa: E402
+from ticketctl.attacks.spread import DataSpec, Job, join_leaving, run_spread  # noqa: E402
 from ticketctl.data import load_dataset  # noqa: E402
 from ticketctl.device import configure_cuda  # noqa: E402
 from ticketctl.prune import resolve_settings  # noqa: E402
@@ -36,7 +36,7 @@ from ticketctl.train.config import TrainOverrides  # noqa: E402
 def timed(name: str, fn: Callable[[Callable, Path], None]) -> dict:
     """One run: `fn(on_epoch, job_store_dir)`, with its pack's epoch end times (once an
     earlier run's worker has left: a finished sweep does not wait for its exit)."""
-    settle()
+    join_leaving()
     clock = EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
         fn(clock, Path(tmp))

@@ -169,7 +169,7 @@ class SpreadPool:
                  out_dir: Path | None, pack: int | None, on_epoch: Any = None) -> None:
         # an earlier sweep's workers (left without waiting) are gone before these start:
         # two of them on one GPU would hold two copies of the dataset there
-        _join_leaving()
+        join_leaving()
         ctx = torch.multiprocessing.get_context("spawn")
         self.todo, self.events = ctx.Queue(), ctx.Queue()
         self.devices, self.on_epoch = devices, on_epoch
@@ -267,9 +267,9 @@ class SpreadPool:
 _LEAVING: list[SpreadPool] = []  # pools closed without waiting for their workers' exit
 
 
-def _join_leaving() -> None:
+def join_leaving() -> None:
     """Wait for the workers of pools closed without waiting (at most 5 s each, then end
-    them)."""
+    them): what a new pool does first, and what a timing does before it starts."""
     while _LEAVING:
         _LEAVING.pop().join()
 
