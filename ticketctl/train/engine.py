@@ -397,7 +397,13 @@ class Engine:
         if not self.streamed and self.data.augment != "none":
             # drawn outside the compiled part, from the same generator in the same order
             draws = self.layout.draw(self.batch_idx.shape)
-        loss = self._loss(draws)
+        # bf16 autocast around the whole step's loss, not inside it: a compiled function that
+        # enters autocast itself is not kept in AOTAutograd's on-disk cache, so every process
+        # traced and partitioned the step's forward and backward again. Outside the network
+        # the step's operations (indexing, padding, gathering, a cross-entropy already in
+        # fp32) are not ones autocast changes, so the arithmetic is the same.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self._loss(draws)
         loss.backward()
         if self.dist is not None:
             self._average_grads()
@@ -423,10 +429,10 @@ class Engine:
             y = torch.cat([y, self.trigger_y[self.trig_idx]])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            # the compiled network, which a compiled step traces into: should Dynamo ever
-            # give up on the step (its recompile limit), the network is still compiled
-            out = self.forward(x)
+        # the compiled network (bf16 autocast is on around this whole function, see
+        # `_step`), which a compiled step traces into: should Dynamo ever give up on the
+        # step (its recompile limit), the network is still compiled
+        out = self.forward(x)
         return self.layout.loss(out, y)
 
     def _sgd_update(self) -> None:
