@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,19 +55,46 @@ def tickets(arch: str, classes: int, n: int, density: float, **args) -> list[Tic
     return out
 
 
-def timed(data, cfg, jobs, devices, pack) -> tuple[float, list[float], dict]:
+class CompileLog:
+    """This process's compilation over a stretch of time: Inductor's and AOTAutograd's
+    on-disk cache hits, misses and bypasses, and the compiler's phase times (nested phases
+    overlap). What a run in this process compiled, or found on disk, is read off it."""
+
+    def __init__(self) -> None:
+        from torch._dynamo.utils import compilation_time_metrics, counters
+
+        self.metrics, self.counters = compilation_time_metrics, counters
+        self.cache0 = self.caches()
+        self.seen = {k: len(v) for k, v in self.metrics.items()}
+
+    def caches(self) -> dict[str, int]:
+        return {f"{group}.{k}": v for group in ("inductor", "aot_autograd")
+                for k, v in self.counters[group].items() if "cache" in k}
+
+    def report(self) -> dict:
+        now = self.caches()
+        seconds = {k: round(sum(v[self.seen.get(k, 0):]), 2) for k, v in self.metrics.items()}
+        return {"compile_cache": {k: v - self.cache0.get(k, 0) for k, v in now.items()
+                                  if v != self.cache0.get(k, 0)},
+                "compile_seconds": dict(sorted(((k, v) for k, v in seconds.items()
+                                                if v >= 0.01), key=lambda kv: -kv[1]))}
+
+
+def timed(data, cfg, jobs, devices, pack) -> tuple[float, list[float], dict, dict]:
     """Wall time, accuracies, and where the time went: when each pack's first epoch ended
     (start-up: worker start, data, compilation and capture) and its training epochs' median
-    length, from the epoch events the workers send back."""
+    length, from the epoch events the workers send back; for a run in this process also
+    what it compiled or found in the compiler's caches (`CompileLog`)."""
     join_leaving()  # an earlier sweep's exit falls into no timing
     clock = EpochClock()
+    log = CompileLog()
     with tempfile.TemporaryDirectory() as tmp:
         runner = AttackRunner(data, cfg, out_dir=Path(tmp), pack=pack, devices=devices,
                               on_epoch=clock)
         clock.start()
         results = runner.retrain_many(jobs, [f"job {i}" for i in range(len(jobs))])
         wall = clock.elapsed()
-    return wall, [r.accuracy for r in results], clock.packs()
+    return wall, [r.accuracy for r in results], clock.packs(), log.report()
 
 
 def timed_worker(data, cfg, jobs, device, pack) -> tuple[float, list[float], dict]:
@@ -130,25 +158,51 @@ class EpochClock:
         return out
 
 
-def warm_up(data, cfg, jobs, devices, pack) -> float:
-    """One epoch of each pack width the two timed runs use (one device packs as
-    `default_pack` says; the spread run cuts packs so every device gets one), in a worker
-    process of its own on the first device, before anything is timed: the compiler's on-disk
-    caches then hold that code for both runs. Without it the one-device run, coming first,
-    pays the cold compilation and the spread run does not. Every GPU worker calls its GPU
-    cuda:0, so one warm-up serves them all. The one-device run, in this process, was meant
-    to share it too, but measured on an H200 it did not (48 s of start-up against a warm
-    worker's 21 s, reason not known yet): `--worker-baseline` adds a one-device run that
-    starts as the workers do."""
-    one_width = min(default_pack(devices[0], pack, param_count(jobs[0].state)), len(jobs))
-    widths = {one_width, spread_width(one_width, len(jobs), len(devices))}
-    short = replace(cfg, epochs=1, warmup_epochs=0)
+def warm_cfg(cfg):
+    """The warm-up's schedule: the timed runs' own, cut short after the learning-rate warm-up
+    (and one epoch more), so nothing the compiler sees differs from the timed runs'."""
+    return replace(cfg, epochs=cfg.warmup_epochs + 1)
+
+
+def one_width(jobs, device, pack) -> int:
+    """How many jobs one device packs together (`default_pack`)."""
+    return min(default_pack(device, pack, param_count(jobs[0].state)), len(jobs))
+
+
+def warm_up(data, cfg, jobs, devices, pack) -> tuple[float, dict]:
+    """Before anything is timed, the compiler's on-disk caches are filled for both timed
+    runs: a spread worker on the first device trains each pack width the two runs use (one
+    device packs as `default_pack` says; the spread run cuts packs so every device gets
+    one), and then a second copy of this script, started as this one was, trains one pack
+    in itself as the one-device run does. Every GPU worker calls its GPU cuda:0, so one
+    worker warm-up serves them all; the second copy is there because on an H200 the
+    one-device run did not find the workers' compiled code (19 s of compilation, 2026-11-30,
+    `compiled_one_device`). Returns the time taken and what the second copy compiled or
+    found on disk."""
+    width = one_width(jobs, devices[0], pack)
+    widths = {width, spread_width(width, len(jobs), len(devices))}
+    short = warm_cfg(cfg)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         run_spread([Job("retrain", jobs[:w], [f"warm {w}.{i}" for i in range(w)])
                     for w in sorted(widths)], devices[:1], DataSpec.of(data),
                    short.to_dict(), Path(tmp), pack)
-    return time.perf_counter() - t0
+        report = Path(tmp) / "compiled.json"
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--warm-in-process",
+                        str(report)], check=True)
+        compiled = json.loads(report.read_text())
+    return time.perf_counter() - t0, compiled
+
+
+def warm_in_process(data, cfg, jobs, pack, out: str) -> None:
+    """The second warm-up copy's work: one pack trained in this process, as the one-device
+    run trains it; what it compiled or found on disk written to `out`."""
+    width = one_width(jobs, data.train_x.device, pack)
+    log = CompileLog()
+    with tempfile.TemporaryDirectory() as tmp:
+        AttackRunner(data, warm_cfg(cfg), out_dir=Path(tmp), pack=pack).retrain_many(
+            jobs[:width], [f"warm {i}" for i in range(width)])
+    Path(out).write_text(json.dumps(log.report()))
 
 
 def main() -> int:
@@ -160,12 +214,14 @@ def main() -> int:
     ap.add_argument("--pack", type=int)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
-                    help="train one pack for an epoch in a worker first, so both timed runs "
-                         "start from the same warm compiler cache (default on)")
+                    help="train one pack for a few epochs in a worker and in a copy of this "
+                         "script first, so both timed runs start from a warm compiler cache "
+                         "(default on)")
     ap.add_argument("--worker-baseline", action="store_true",
                     help="also time the one-device sweep in one spawned worker (the spread "
                          "run's start-up path), besides in this process as a one-GPU user runs it")
     ap.add_argument("--json-out")
+    ap.add_argument("--warm-in-process", help=argparse.SUPPRESS)  # warm_up's second copy
     args = ap.parse_args()
     configure_cuda()
     if args.smoke:
@@ -186,25 +242,33 @@ def main() -> int:
         cfg = resolve_settings("fast", arch="resnet20", dataset="cifar10",
                                train=TrainOverrides(epochs=args.epochs)).train
         jobs = tickets("resnet20", 10, args.jobs, 0.2)
-    warm_s = warm_up(data, cfg, jobs, devices or [first], args.pack) if args.warm_up \
-        else None
+    if args.warm_in_process:
+        warm_in_process(data, cfg, jobs, args.pack, args.warm_in_process)
+        return 0
+    warm_s, warm_compiled = warm_up(data, cfg, jobs, devices or [first], args.pack) \
+        if args.warm_up else (None, None)
     if warm_s is not None:
-        print(f"warm-up (one pack, one epoch, own process): {warm_s:.1f} s", file=sys.stderr)
-    one_s, one_acc, one_packs = timed(data, cfg, jobs, None, args.pack)
+        print(f"warm-up (a worker, then a copy of this script; {warm_cfg(cfg).epochs} epochs "
+              f"each): {warm_s:.1f} s", file=sys.stderr)
+    one_s, one_acc, one_packs, one_compiled = timed(data, cfg, jobs, None, args.pack)
     print(f"one device ({first}): {one_s:.1f} s", file=sys.stderr)
     worker = None
     if args.worker_baseline:
         worker = timed_worker(data, cfg, jobs, first, args.pack)
         print(f"one device ({first}), in one worker: {worker[0]:.1f} s", file=sys.stderr)
-    many_s, many_acc, many_packs = timed(data, cfg, jobs, devices, args.pack)
+    many_s, many_acc, many_packs, _ = timed(data, cfg, jobs, devices, args.pack)
     print(f"{len(devices or [])} devices: {many_s:.1f} s, {one_s / many_s:.2f}x",
           file=sys.stderr)
     doc = {"jobs": len(jobs), "epochs": cfg.epochs, "devices": [str(d) for d in devices or []],
            "one_device_s": round(one_s, 1), "spread_s": round(many_s, 1),
            "speedup": round(one_s / many_s, 3), "warm_up_s": warm_s and round(warm_s, 1),
+           # did a process started as this one find the warm-up worker's compiled code?
+           "compiled_warm_up_copy": warm_compiled,
            "max_accuracy_difference": max(abs(a - b) for a, b in zip(one_acc, many_acc,
                                                                       strict=True)),
            "packs_one_device": one_packs, "packs_spread": many_packs,
+           # the one-device run compiles in this process: what it compiled or found on disk
+           "compiled_one_device": one_compiled,
            **({"one_worker_s": round(worker[0], 1),
                "speedup_vs_one_worker": round(worker[0] / many_s, 3),
                "max_accuracy_difference_one_worker": max(

@@ -23,10 +23,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from spread_speed import EpochClock, tickets  # noqa: E402
+from spread_speed import CompileLog, EpochClock, tickets  # noqa: E402
 
 from ticketctl.attacks import AttackRunner  # noqa: E402
-from ticketctl.attacks.spread import DataSpec, Job, join_leaving, run_spread  # noqa: E402
+from ticketctl.attacks.spread import (  # noqa: E402
+    DataSpec,
+    Job,
+    environment,
+    join_leaving,
+    run_spread,
+)
 from ticketctl.data import load_dataset  # noqa: E402
 from ticketctl.device import configure_cuda  # noqa: E402
 from ticketctl.prune import resolve_settings  # noqa: E402
@@ -51,12 +57,6 @@ def timed(name: str, fn: Callable[[Callable, Path], None]) -> dict:
             "epoch_s": next(iter(packs.values()))["epoch_s"]}
 
 
-def _cache_counts(counters) -> dict[str, int]:
-    """Inductor's and AOTAutograd's on-disk cache hits, misses and bypasses so far."""
-    return {f"{group}.{k}": v for group in ("inductor", "aot_autograd")
-            for k, v in counters[group].items() if "cache" in k}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir")
@@ -65,8 +65,19 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--cache-dir", help="the compiler caches' folder (default: a fresh "
                                          "temporary one, removed at the end)")
+    ap.add_argument("--profile", help="profile the in-process run (cProfile) and write its "
+                                      "costliest calls here (60 by cumulative, 30 by own "
+                                      "time); that row's times then include the profiler's")
+    ap.add_argument("--runs", default="cold,off,on,here",
+                    help="which runs, in this order: cold (a worker, the caches empty unless "
+                         "--cache-dir holds them), off and on (a worker, cuDNN's autotuner "
+                         "off and on), threads1 (a worker with one Inductor compile thread), "
+                         "here (this process)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
+    unknown = set(args.runs.split(",")) - {"cold", "off", "on", "threads1", "here"}
+    if unknown:
+        ap.error(f"--runs: unknown {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory(prefix="worker-startup-") as fresh:
         # before anything compiles; spawned workers inherit it (Triton's cache lies inside
         # Inductor's unless TRITON_CACHE_DIR says otherwise, so that goes too)
@@ -93,44 +104,57 @@ def measure(args: argparse.Namespace) -> int:
         jobs = tickets("resnet20", 10, args.jobs, 0.2)
     labels = [f"job {i}" for i in range(len(jobs))]
 
-    def worker(autotune: bool) -> Callable[[Callable, Path], None]:
+    def worker(autotune: bool, compile_threads: int | None = None
+               ) -> Callable[[Callable, Path], None]:
         def fn(on_epoch: Callable, store: Path) -> None:
             before = torch.backends.cudnn.benchmark
             torch.backends.cudnn.benchmark = autotune  # the switches the worker is handed
+            # Inductor's compile workers (a pool it starts in every process that compiles;
+            # the worker reads the variable when it imports Inductor)
+            threads = None if compile_threads is None else str(compile_threads)
             try:
-                run_spread([Job("retrain", jobs, labels)], [dev], DataSpec.of(data),
-                           cfg.to_dict(), store, len(jobs), on_epoch)
+                with environment("TORCHINDUCTOR_COMPILE_THREADS", threads):
+                    run_spread([Job("retrain", jobs, labels)], [dev], DataSpec.of(data),
+                               cfg.to_dict(), store, len(jobs), on_epoch)
             finally:
                 torch.backends.cudnn.benchmark = before
         return fn
 
-    caches: dict[str, int] = {}
-
-    times: dict[str, float] = {}
+    compiled: dict = {}
+    CompileLog()  # imports dynamo before any clock starts (2 s on a CPU, where nothing compiles)
 
     def here(on_epoch: Callable, store: Path) -> None:
-        from torch._dynamo.utils import compilation_time_metrics, counters
+        log = CompileLog()
+        runner = AttackRunner(data, cfg, out_dir=store, pack=len(jobs), on_epoch=on_epoch)
+        if args.profile:  # where the start-up goes, call by call (the profiler slows it)
+            import cProfile
+            import io
+            import pstats
 
-        before = _cache_counts(counters)
-        seen = {k: len(v) for k, v in compilation_time_metrics.items()}
-        AttackRunner(data, cfg, out_dir=store, pack=len(jobs),
-                     on_epoch=on_epoch).retrain_many(jobs, labels)
-        after = _cache_counts(counters)
-        caches.update({k: after[k] - before.get(k, 0) for k in after})
-        # where this process's compilation went, phase by phase (nested phases overlap)
-        times.update({k: round(sum(v[seen.get(k, 0):]), 2)
-                      for k, v in compilation_time_metrics.items()
-                      if sum(v[seen.get(k, 0):]) >= 0.01})
+            prof = cProfile.Profile()
+            prof.runcall(runner.retrain_many, jobs, labels)
+            text = io.StringIO()
+            stats = pstats.Stats(prof, stream=text)
+            stats.sort_stats("cumulative").print_stats(60)
+            stats.sort_stats("tottime").print_stats(30)
+            Path(args.profile).write_text(text.getvalue())
+        else:
+            runner.retrain_many(jobs, labels)
+        compiled.update(log.report())
 
+    runs = {"cold": ("worker, autotuner on, cold cache", worker(True)),
+            "off": ("worker, autotuner off, warm cache", worker(False)),
+            "on": ("worker, autotuner on, warm cache", worker(True)),
+            "threads1": ("worker, autotuner on, warm cache, one compile thread",
+                         worker(True, 1)),
+            "here": ("this process, autotuner on, after the workers"
+                     + (" (profiled: slower)" if args.profile else ""), here)}
     rows = []
-    for name, fn in [("worker, autotuner on, cold cache", worker(True)),
-                     ("worker, autotuner off, warm cache", worker(False)),
-                     ("worker, autotuner on, warm cache", worker(True)),
-                     ("this process, autotuner on, after the workers", here)]:
+    for key in args.runs.split(","):
+        name, fn = runs[key]
         rows.append(timed(name, fn))
-        if fn is here:  # did this process find the workers' compiled code on disk?
-            rows[-1]["compile_cache"] = dict(caches)
-            rows[-1]["compile_seconds"] = dict(sorted(times.items(), key=lambda kv: -kv[1]))
+        if key == "here":  # did this process find the workers' compiled code on disk?
+            rows[-1].update(compiled)
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if args.json_out:  # after every run: the next may not finish
             Path(args.json_out).write_text(json.dumps(

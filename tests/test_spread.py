@@ -442,6 +442,34 @@ def test_a_spawned_worker_runs_with_the_parents_cuda_switches():
     assert applied == parent
 
 
+def _precisions() -> tuple:
+    """PyTorch's recorded fp32 precisions (part of Inductor's cache key: "none" until set)."""
+    b = torch.backends
+    return tuple(getattr(x, "fp32_precision", None)
+                 for x in (b.cuda.matmul, b.cudnn, b.cudnn.conv))
+
+
+def _apply_own_switches(out):
+    out.put(_precisions())
+    CudaSwitches.current().apply()  # a parent whose switches are PyTorch's defaults
+    out.put(_precisions())
+
+
+def test_switches_equal_to_a_fresh_process_leave_its_precision_state_alone():
+    """Setting a TF32 flag to the value it already has records an explicit precision ("ieee"
+    for "none"), which Inductor's cache key includes: a worker of a parent that never set
+    them compiled under another key and missed the parent's compiled code (seen on the CPU
+    with compilation on). Switches that are a fresh process's own change nothing."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_apply_own_switches, args=(out,))
+    child.start()
+    fresh, applied = out.get(timeout=120), out.get(timeout=120)
+    child.join(timeout=60)
+    assert fresh[0] == "none"  # this torch records the precision (2.9 and later)
+    assert applied == fresh
+
+
 def _report_env(name, out):
     out.put(os.environ.get(name))
 
@@ -466,9 +494,9 @@ def test_a_spawned_child_starts_with_the_environment_given(monkeypatch, before):
 
 
 def test_spread_speed_benchmark_smoke(tmp_path):
-    """benchmarks/spread_speed.py on two CPU workers: the warm-up runs in a process of its
-    own, and both timed runs give the same accuracies (CPU arithmetic is the same in every
-    process), each pack's timing recorded."""
+    """benchmarks/spread_speed.py on two CPU workers: the warm-up runs in a worker and in a
+    copy of the script, and both timed runs give the same accuracies (CPU arithmetic is the
+    same in every process), each pack's timing recorded."""
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "spread.json"
     res = subprocess.run([sys.executable, str(root / "benchmarks/spread_speed.py"), "--smoke",
@@ -476,7 +504,9 @@ def test_spread_speed_benchmark_smoke(tmp_path):
                          text=True, cwd=root, timeout=HANG_GUARD_S)
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(out.read_text())
-    assert doc["warm_up_s"] > 0 and "warm-up (one pack" in res.stderr
+    assert doc["warm_up_s"] > 0 and "warm-up (a worker, then a copy" in res.stderr
+    # the copy of the script trained in itself and reported what it compiled: nothing here
+    assert doc["compiled_warm_up_copy"] == {"compile_cache": {}, "compile_seconds": {}}
     assert doc["max_accuracy_difference"] == 0
     # --worker-baseline: the one-device sweep again, in one spawned worker, the same results
     assert doc["max_accuracy_difference_one_worker"] == 0 and "in one worker" in res.stderr
@@ -488,6 +518,8 @@ def test_spread_speed_benchmark_smoke(tmp_path):
     assert abs(doc["speedup_vs_one_worker"] - w / sp) <= 0.05 * (sp + w) / (sp * (sp - 0.05)) \
         + 5e-4
     assert doc["jobs"] == 4 and len(doc["packs_spread"]) == 4
+    # what the one-device run compiled in this process: nothing on a CPU, which runs eager
+    assert doc["compiled_one_device"] == {"compile_cache": {}, "compile_seconds": {}}
     assert all(p["first_epoch_end_s"] <= p["last_epoch_end_s"]
                for p in doc["packs_spread"].values())
     # the start-up split at the first epoch's start: the two parts, each rounded to 0.05 s,
@@ -509,6 +541,7 @@ def test_worker_startup_benchmark_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert [r["run"].split(",")[0] for r in doc["rows"]] == ["worker"] * 3 + ["this process"]
+    assert "one compile thread" not in res.stderr  # not one of the default runs
     assert doc["jobs"] == 2 and doc["epochs"] == 2
     assert doc["compiler_cache"] == "fresh"  # its own folder: the first run is cold
     # the calling process's compile-cache counts (none on a CPU, where nothing compiles)
@@ -517,3 +550,24 @@ def test_worker_startup_benchmark_smoke(tmp_path):
     assert all("compile_cache" not in r for r in doc["rows"][:3])
     assert all(0 <= r["first_epoch_end_s"] <= r["wall_s"] and r["epoch_s"] > 0
                for r in doc["rows"])
+
+
+def test_worker_startup_runs_the_runs_it_is_given_and_profiles_this_process(tmp_path):
+    """`--runs` picks the runs and their order (here a worker with one Inductor compile thread,
+    then this process), an unknown name is refused before anything runs, and `--profile`
+    writes the calling process's profile, the trainer's epoch among its calls."""
+    root = Path(__file__).resolve().parent.parent
+    script = str(root / "benchmarks/worker_startup.py")
+    out, prof = tmp_path / "startup.json", tmp_path / "profile.txt"
+    res = subprocess.run([sys.executable, script, "--smoke", "--runs", "threads1,here",
+                          "--profile", str(prof), "--json-out", str(out)],
+                         capture_output=True, text=True, cwd=root, timeout=HANG_GUARD_S)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["run"] for r in rows] == [
+        "worker, autotuner on, warm cache, one compile thread",
+        "this process, autotuner on, after the workers (profiled: slower)"]
+    assert "train_epoch" in prof.read_text()
+    bad = subprocess.run([sys.executable, script, "--smoke", "--runs", "cold,bogus"],
+                         capture_output=True, text=True, cwd=root, timeout=HANG_GUARD_S)
+    assert bad.returncode == 2 and "unknown bogus" in bad.stderr

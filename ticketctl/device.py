@@ -46,9 +46,15 @@ class CudaSwitches:
                    threads=torch.get_num_threads())
 
     def apply(self) -> None:
+        """Set what differs from this process's state. A TF32 flag set to the value it
+        already has is not the same state: PyTorch then records an explicit precision
+        ("ieee" where the parent has "none"), which is part of Inductor's cache key, so a
+        worker would not find the parent's compiled code on disk, nor the parent a worker's."""
         torch.backends.cudnn.benchmark = self.cudnn_benchmark
-        torch.backends.cudnn.allow_tf32 = self.cudnn_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.matmul_tf32
+        if torch.backends.cudnn.allow_tf32 != self.cudnn_tf32:
+            torch.backends.cudnn.allow_tf32 = self.cudnn_tf32
+        if torch.backends.cuda.matmul.allow_tf32 != self.matmul_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = self.matmul_tf32
         torch.set_num_threads(self.threads)
 
 
