@@ -175,10 +175,11 @@ def warm_up(data, cfg, jobs, devices, pack) -> tuple[float, dict]:
     device packs as `default_pack` says; the spread run cuts packs so every device gets
     one), and then a second copy of this script, started as this one was, trains one pack
     in itself as the one-device run does. Every GPU worker calls its GPU cuda:0, so one
-    worker warm-up serves them all; the second copy is there because on an H200 the
-    one-device run did not find the workers' compiled code (19 s of compilation, 2026-11-30,
-    `compiled_one_device`). Returns the time taken and what the second copy compiled or
-    found on disk."""
+    worker warm-up serves them all. The copy is there because in earlier runs on an H200
+    the one-device run found none of the worker's compiled code (19 s of compilation in
+    one, `compiled_one_device`), when the warm-up trained a shorter schedule; since the
+    schedule is kept the copy has found all of it (session 10), which its report says for
+    every run. Returns the time taken and what the copy compiled or found on disk."""
     width = one_width(jobs, devices[0], pack)
     widths = {width, spread_width(width, len(jobs), len(devices))}
     short = warm_cfg(cfg)
