@@ -230,6 +230,50 @@ def test_fused_step_traces_whole_and_trains_as_before(kind, digits, monkeypatch)
     assert not torch.equal(first[:len(untrained["conv1.weight"])], untrained["conv1.weight"])
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_compiled_bf16_step_trains_as_the_eager_bf16_step(fuse, digits, monkeypatch):
+    """With bf16 autocast (the trainer's CUDA mode, turned on here on the CPU) the compiled
+    step's backward is traced as eager autograd runs `loss.backward()`, outside autocast:
+    AOTAutograd traces it with `backward_pass_autocast="off"` (its default traces the
+    backward under the forward's autocast, which on a GPU computes the classifier's bias
+    gradient in fp32 instead of bf16), and compiled through AOTAutograd (`aot_eager`, whose
+    traced graphs run as traced), fused or the network alone, the weights after training
+    are bitwise those of the eager step. (CPU autocast widens none of the backward's
+    operations, so the weights alone would not tell the two settings apart.)"""
+    from ticketctl.train import engine
+
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, momentum=0.9, fuse_step=fuse)
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    traced_with: dict[str, object] = {}  # by compiled function: the setting its backward got
+
+    def compile_(fn, cfg):
+        name = getattr(fn, "__name__", type(fn).__name__)
+
+        def backend(gm, example_inputs):
+            traced_with[name] = torch._functorch.config.backward_pass_autocast
+            return aot_eager(gm, example_inputs)
+        return torch.compile(fn, backend=backend, dynamic=False)
+
+    def train() -> dict[str, torch.Tensor]:
+        model = build_model("digits_cnn", 10, seed=0, width=8)
+        t = Trainer(model, digits, cfg, mask=Mask.ones(model, prunable_names(model)))
+        t.bf16 = True  # bf16 autocast, as on a GPU (on a CPU the trainer runs in fp32)
+        t.train_epoch(1, steps=3)
+        return t.model_state()
+
+    reference = train()  # eager: COMPILE_ON_CPU is off
+    monkeypatch.setattr(engine, "COMPILE_ON_CPU", True)
+    monkeypatch.setattr(engine, "_compile", compile_)
+    torch._dynamo.reset()
+    compiled = train()
+    # what has a backward: the step's loss (fused) or the network (alone); the update has none
+    assert traced_with["_batch_loss" if fuse else "DigitsCNN"] == "off", traced_with
+    for name, t in reference.items():
+        assert torch.equal(compiled[name], t), name
+    untrained = build_model("digits_cnn", 10, seed=0, width=8).state_dict()
+    assert not torch.equal(reference["fc.bias"], untrained["fc.bias"])  # three steps moved it
+
+
 @pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
 @pytest.mark.parametrize("combo", [False, True])
 def test_combo_kernels_reach_every_compiled_function(monkeypatch, digits, mode, combo):

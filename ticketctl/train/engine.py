@@ -18,6 +18,7 @@ onto the models. Its one epoch loop (`Engine.run`) is what every path trains wit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -64,6 +65,20 @@ def compile_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     from torch._inductor import list_mode_options
 
     return {"options": {**list_mode_options(cfg.compile_mode), "combo_kernels": True}}
+
+
+def _backward_as_eager() -> contextlib.AbstractContextManager[Any]:
+    """While a compiled function is first called under autocast: trace its backward without
+    autocast, as eager autograd runs `loss.backward()` outside the autocast block.
+    AOTAutograd's default traces the backward under the autocast the forward was called in,
+    which can change the backward's arithmetic: CUDA autocast runs some operations in fp32
+    (a `sum`, such as a bias gradient's, among them) that eager autograd runs in bf16. A
+    no-op where this torch has no such setting."""
+    from torch._functorch import config
+
+    if not hasattr(config, "backward_pass_autocast"):
+        return contextlib.nullcontext()
+    return config.patch(backward_pass_autocast="off")
 
 
 def _compile(fn: Callable[..., Any], cfg: TrainConfig) -> Callable[..., Any]:
@@ -400,9 +415,11 @@ class Engine:
         # bf16 autocast around the whole step's loss, not inside it: a compiled function that
         # enters autocast itself is not kept in AOTAutograd's on-disk cache, so every process
         # traced and partitioned the step's forward and backward again. Outside the network
-        # the step's operations (indexing, padding, gathering, a cross-entropy already in
-        # fp32) are not ones autocast changes, so the arithmetic is the same.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        # autocast leaves the step's operations as they are (indexing, padding, a gather; a
+        # cat of fp32 inputs; a cross-entropy of logits already in fp32), and the backward
+        # is traced without autocast, as eager autograd runs it (`_backward_as_eager`).
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), \
+                (_backward_as_eager() if self.use_compile else contextlib.nullcontext()):
             loss = self._loss(draws)
         loss.backward()
         if self.dist is not None:
