@@ -34,11 +34,11 @@ from ticketctl.attacks.spread import (
     run_spread,
     spread_width,
 )
-from ticketctl.data import load_dataset
+from ticketctl.data import Dataset, load_dataset
 from ticketctl.device import configure_cuda
 from ticketctl.models import build_model, prunable_names
 from ticketctl.prune import magnitude_prune, resolve_settings
-from ticketctl.train.config import TrainOverrides
+from ticketctl.train.config import TrainConfig, TrainOverrides
 from ticketctl.train.packed import default_pack, param_count
 
 
@@ -158,28 +158,32 @@ class EpochClock:
         return out
 
 
-def warm_cfg(cfg):
+def warm_cfg(cfg: TrainConfig) -> TrainConfig:
     """The warm-up's schedule: the timed runs' own, cut short after the learning-rate warm-up
     (and one epoch more), so nothing the compiler sees differs from the timed runs'."""
     return replace(cfg, epochs=cfg.warmup_epochs + 1)
 
 
-def one_width(jobs, device, pack) -> int:
+def one_width(jobs: list[Ticket], device: torch.device, pack: int | None) -> int:
     """How many jobs one device packs together (`default_pack`)."""
     return min(default_pack(device, pack, param_count(jobs[0].state)), len(jobs))
 
 
-def warm_up(data, cfg, jobs, devices, pack) -> tuple[float, dict]:
+def warm_up(data: Dataset, cfg: TrainConfig, jobs: list[Ticket], devices: list[torch.device],
+            pack: int | None) -> tuple[float, dict]:
     """Before anything is timed, the compiler's on-disk caches are filled for both timed
     runs: a spread worker on the first device trains each pack width the two runs use (one
     device packs as `default_pack` says; the spread run cuts packs so every device gets
-    one), and then a second copy of this script, started as this one was, trains one pack
+    one), and then a second copy of this script, started as this one was (the same
+    interpreter, flags and arguments), trains one pack
     in itself as the one-device run does. Every GPU worker calls its GPU cuda:0, so one
     worker warm-up serves them all. The copy is there because in earlier runs on an H200
     the one-device run found none of the worker's compiled code (19 s of compilation in
-    one, `compiled_one_device`), when the warm-up trained a shorter schedule; since the
-    schedule is kept the copy has found all of it (session 10), which its report says for
-    every run. Returns the time taken and what the copy compiled or found on disk."""
+    one, `compiled_one_device`), when the warm-up trained a shorter schedule. Since the
+    warm-up keeps the schedule (and workers set only the CUDA switches that differ) the
+    copy has found all of it (session 10; the two changes came together), which its report
+    says for every run. Returns the time taken and what the copy compiled or found on
+    disk."""
     width = one_width(jobs, devices[0], pack)
     widths = {width, spread_width(width, len(jobs), len(devices))}
     short = warm_cfg(cfg)
@@ -189,13 +193,14 @@ def warm_up(data, cfg, jobs, devices, pack) -> tuple[float, dict]:
                     for w in sorted(widths)], devices[:1], DataSpec.of(data),
                    short.to_dict(), Path(tmp), pack)
         report = Path(tmp) / "compiled.json"
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--warm-in-process",
-                        str(report)], check=True)
+        subprocess.run([sys.executable, *sys.orig_argv[1:], "--warm-in-process", str(report)],
+                       check=True)
         compiled = json.loads(report.read_text())
     return time.perf_counter() - t0, compiled
 
 
-def warm_in_process(data, cfg, jobs, pack, out: str) -> None:
+def warm_in_process(data: Dataset, cfg: TrainConfig, jobs: list[Ticket], pack: int | None,
+                    out: str) -> None:
     """The second warm-up copy's work: one pack trained in this process, as the one-device
     run trains it; what it compiled or found on disk written to `out`."""
     width = one_width(jobs, data.train_x.device, pack)

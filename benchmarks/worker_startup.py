@@ -13,6 +13,7 @@ whatever ran on the machine before.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -57,6 +58,9 @@ def timed(name: str, fn: Callable[[Callable, Path], None]) -> dict:
             "epoch_s": next(iter(packs.values()))["epoch_s"]}
 
 
+RUNS = ("cold", "off", "on", "threads1", "here")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir")
@@ -72,12 +76,16 @@ def main() -> int:
                     help="which runs, in this order: cold (a worker, the caches empty unless "
                          "--cache-dir holds them), off and on (a worker, cuDNN's autotuner "
                          "off and on), threads1 (a worker with one Inductor compile thread), "
-                         "here (this process)")
+                         "here (this process); the rows' names ('cold', 'warm cache') "
+                         "assume the default order and caches")
     ap.add_argument("--json-out")
     args = ap.parse_args()
-    unknown = set(args.runs.split(",")) - {"cold", "off", "on", "threads1", "here"}
+    unknown = [r for r in args.runs.split(",") if r not in RUNS]
     if unknown:
-        ap.error(f"--runs: unknown {', '.join(sorted(unknown))}")
+        ap.error(f"--runs: unknown {', '.join(map(repr, unknown))}; choose from "
+                 f"{', '.join(RUNS)}")
+    if args.profile and "here" not in args.runs.split(","):
+        ap.error("--profile profiles the run in this process: add here to --runs")
     with tempfile.TemporaryDirectory(prefix="worker-startup-") as fresh:
         # before anything compiles; spawned workers inherit it (Triton's cache lies inside
         # Inductor's unless TRITON_CACHE_DIR says otherwise, so that goes too)
@@ -87,7 +95,7 @@ def main() -> int:
 
 
 def measure(args: argparse.Namespace) -> int:
-    """The four runs, in order; the JSON rewritten after each."""
+    """The runs `--runs` names, in order; the JSON rewritten after each."""
     configure_cuda()
     if args.smoke:
         dev = torch.device("cpu")
@@ -121,7 +129,8 @@ def measure(args: argparse.Namespace) -> int:
         return fn
 
     compiled: dict = {}
-    CompileLog()  # imports dynamo before any clock starts (2 s on a CPU, where nothing compiles)
+    # Dynamo imported before any clock starts (2 s on a CPU, where nothing compiles)
+    importlib.import_module("torch._dynamo.utils")
 
     def here(on_epoch: Callable, store: Path) -> None:
         log = CompileLog()

@@ -429,6 +429,8 @@ def test_a_spawned_worker_runs_with_the_parents_cuda_switches():
         parent = CudaSwitches.current()
     finally:
         before.apply()
+        # (apply never takes a recorded precision back to "none": the flag itself then)
+        torch.backends.cuda.matmul.allow_tf32 = before.matmul_tf32
     assert parent.cudnn_benchmark and parent.matmul_tf32 and parent.threads == 1
     assert not parent.cudnn_tf32
     ctx = torch.multiprocessing.get_context("spawn")
@@ -449,25 +451,37 @@ def _precisions() -> tuple:
                  for x in (b.cuda.matmul, b.cudnn, b.cudnn.conv))
 
 
-def _apply_own_switches(out):
+def _apply_switches(switches, out):
     out.put(_precisions())
-    CudaSwitches.current().apply()  # a parent whose switches are PyTorch's defaults
+    (switches or CudaSwitches.current()).apply()  # None: a parent with PyTorch's defaults
     out.put(_precisions())
 
 
-def test_switches_equal_to_a_fresh_process_leave_its_precision_state_alone():
-    """Setting a TF32 flag to the value it already has records an explicit precision ("ieee"
-    for "none"), which Inductor's cache key includes: a worker of a parent that never set
-    them compiled under another key and missed the parent's compiled code (seen on the CPU
-    with compilation on). Switches that are a fresh process's own change nothing."""
+def _in_child(switches) -> tuple[tuple, tuple]:
+    """A spawned child's precisions before and after applying `switches`."""
     ctx = torch.multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    child = ctx.Process(target=_apply_own_switches, args=(out,))
+    child = ctx.Process(target=_apply_switches, args=(switches, out))
     child.start()
     fresh, applied = out.get(timeout=120), out.get(timeout=120)
     child.join(timeout=60)
+    return fresh, applied
+
+
+def test_a_worker_ends_with_the_parents_exact_matmul_precision():
+    """Setting a TF32 flag to the value it already has records an explicit precision ("ieee"
+    for "none"), which Inductor's cache key includes: a worker of a parent that never set
+    it compiled under another key and missed the parent's compiled code (seen on the CPU
+    with compilation on). Switches that are a fresh process's own change nothing; a parent
+    that did set the flag to its default value ("ieee") hands that on exactly."""
+    fresh, applied = _in_child(None)
     assert fresh[0] == "none"  # this torch records the precision (2.9 and later)
     assert applied == fresh
+    # a parent that set the flag to its default value (this process's own state is not
+    # touched: once set, PyTorch's record cannot go back to "none" through the flag)
+    parent = replace(CudaSwitches.current(), matmul_tf32=False, matmul_precision="ieee")
+    fresh, applied = _in_child(parent)
+    assert fresh[0] == "none" and applied[0] == "ieee"
 
 
 def _report_env(name, out):
@@ -555,7 +569,8 @@ def test_worker_startup_benchmark_smoke(tmp_path):
 def test_worker_startup_runs_the_runs_it_is_given_and_profiles_this_process(tmp_path):
     """`--runs` picks the runs and their order (here a worker with one Inductor compile thread,
     then this process), an unknown name is refused before anything runs, and `--profile`
-    writes the calling process's profile, the trainer's epoch among its calls."""
+    writes the calling process's profile, the trainer's epoch among its calls (refused
+    without a run in this process)."""
     root = Path(__file__).resolve().parent.parent
     script = str(root / "benchmarks/worker_startup.py")
     out, prof = tmp_path / "startup.json", tmp_path / "profile.txt"
@@ -567,7 +582,11 @@ def test_worker_startup_runs_the_runs_it_is_given_and_profiles_this_process(tmp_
     assert [r["run"] for r in rows] == [
         "worker, autotuner on, warm cache, one compile thread",
         "this process, autotuner on, after the workers (profiled: slower)"]
-    assert "train_epoch" in prof.read_text()
+    assert "train_epoch" in prof.read_text()  # listed by own time if not by cumulative
     bad = subprocess.run([sys.executable, script, "--smoke", "--runs", "cold,bogus"],
                          capture_output=True, text=True, cwd=root, timeout=HANG_GUARD_S)
-    assert bad.returncode == 2 and "unknown bogus" in bad.stderr
+    assert bad.returncode == 2 and "unknown 'bogus'" in bad.stderr
+    lone = subprocess.run([sys.executable, script, "--smoke", "--runs", "on",
+                           "--profile", str(prof)], capture_output=True, text=True, cwd=root,
+                          timeout=HANG_GUARD_S)
+    assert lone.returncode == 2 and "add here to --runs" in lone.stderr

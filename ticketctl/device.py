@@ -31,30 +31,43 @@ class CudaSwitches:
     """The process-wide switches a spawned worker takes from its parent. A spawned process
     starts from PyTorch's defaults (no cuDNN autotuning, no TF32 matmuls): without them a
     sweep worker's convolutions were chosen by heuristics and frozen into its CUDA graph, 12%
-    slower an epoch than the parent's (ResNet-20 packs on an H200)."""
+    slower an epoch than the parent's (ResNet-20 packs on an H200). `matmul_precision` is
+    the matmul TF32 state as PyTorch records it ("none" until set, then "ieee" or "tf32";
+    None where this torch has no such record): Inductor's cache key includes it, so a worker
+    must end with the parent's exact value to share its compiled code."""
 
     cudnn_benchmark: bool
     cudnn_tf32: bool
     matmul_tf32: bool
     threads: int
+    matmul_precision: str | None = None
 
     @classmethod
     def current(cls) -> CudaSwitches:
         return cls(cudnn_benchmark=torch.backends.cudnn.benchmark,
                    cudnn_tf32=torch.backends.cudnn.allow_tf32,
                    matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
-                   threads=torch.get_num_threads())
+                   threads=torch.get_num_threads(),
+                   matmul_precision=getattr(torch.backends.cuda.matmul, "fp32_precision",
+                                            None))
 
     def apply(self) -> None:
         """Set what differs from this process's state. A TF32 flag set to the value it
         already has is not the same state: PyTorch then records an explicit precision
-        ("ieee" where the parent has "none"), which is part of Inductor's cache key, so a
-        worker would not find the parent's compiled code on disk, nor the parent a worker's."""
+        ("ieee" where the parent has "none"), and a worker that did so compiled under
+        another cache key than its parent's."""
         torch.backends.cudnn.benchmark = self.cudnn_benchmark
         if torch.backends.cudnn.allow_tf32 != self.cudnn_tf32:
             torch.backends.cudnn.allow_tf32 = self.cudnn_tf32
-        if torch.backends.cuda.matmul.allow_tf32 != self.matmul_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = self.matmul_tf32
+        # Through the flag, as the parent sets it: PyTorch refuses to read the flag once
+        # the two ways of setting TF32 have been mixed in one process.
+        matmul = torch.backends.cuda.matmul
+        here = getattr(matmul, "fp32_precision", None)
+        if here is not None and self.matmul_precision is not None:
+            if here != self.matmul_precision and self.matmul_precision != "none":
+                matmul.allow_tf32 = self.matmul_precision == "tf32"
+        elif matmul.allow_tf32 != self.matmul_tf32:
+            matmul.allow_tf32 = self.matmul_tf32
         torch.set_num_threads(self.threads)
 
 
