@@ -433,12 +433,7 @@ def test_a_spawned_worker_runs_with_the_parents_cuda_switches():
         torch.backends.cuda.matmul.allow_tf32 = before.matmul_tf32
     assert parent.cudnn_benchmark and parent.matmul_tf32 and parent.threads == 1
     assert not parent.cudnn_tf32
-    ctx = torch.multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    child = ctx.Process(target=_report_switches, args=(parent, out))
-    child.start()
-    fresh, applied = out.get(timeout=120), out.get(timeout=120)
-    child.join(timeout=60)
+    fresh, applied = _in_child(_report_switches, parent)
     assert not fresh.cudnn_benchmark and not fresh.matmul_tf32  # what workers ran with
     assert fresh.cudnn_tf32  # PyTorch's default, which the parent's switch overrides
     assert applied == parent
@@ -457,11 +452,11 @@ def _apply_switches(switches, out):
     out.put(_precisions())
 
 
-def _in_child(switches) -> tuple[tuple, tuple]:
-    """A spawned child's precisions before and after applying `switches`."""
+def _in_child(report, switches) -> tuple:
+    """What a spawned child reports (`report`) before and after applying `switches`."""
     ctx = torch.multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    child = ctx.Process(target=_apply_switches, args=(switches, out))
+    child = ctx.Process(target=report, args=(switches, out))
     child.start()
     fresh, applied = out.get(timeout=120), out.get(timeout=120)
     child.join(timeout=60)
@@ -474,13 +469,13 @@ def test_a_worker_ends_with_the_parents_exact_matmul_precision():
     it compiled under another key and missed the parent's compiled code (seen on the CPU
     with compilation on). Switches that are a fresh process's own change nothing; a parent
     that did set the flag to its default value ("ieee") hands that on exactly."""
-    fresh, applied = _in_child(None)
+    fresh, applied = _in_child(_apply_switches, None)
     assert fresh[0] == "none"  # this torch records the precision (2.9 and later)
     assert applied == fresh
     # a parent that set the flag to its default value (this process's own state is not
     # touched: once set, PyTorch's record cannot go back to "none" through the flag)
     parent = replace(CudaSwitches.current(), matmul_tf32=False, matmul_precision="ieee")
-    fresh, applied = _in_child(parent)
+    fresh, applied = _in_child(_apply_switches, parent)
     assert fresh[0] == "none" and applied[0] == "ieee"
 
 
