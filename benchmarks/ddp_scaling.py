@@ -6,7 +6,9 @@ graphs where the preset has them), not DDP over one rank: the baseline a user ha
 `--nproc`. Reports seconds per epoch, images per second and efficiency t(1) / (n t(n)).
 Every GPU count runs its step as one CUDA graph (the gradients' all-reduce inside it);
 `--compare-eager` adds each multi-GPU count once more without the graph;
-`--compare-bf16-reduce` once more with the gradients averaged in bf16 (`--reduce-bf16`).
+`--compare-bf16-reduce` once more with the gradients averaged in bf16 (`--reduce-bf16`);
+`--compare-buckets 0,25` once more for each gradient bucket size (`--bucket-mb`; 0: one
+all-reduce after backward, the step before buckets overlapped it with backward).
 `--comm` first times the all-reduce alone on each multi-GPU count: the network's gradient
 size in fp32 and bf16, launched eagerly and replayed from a CUDA graph (as the step does),
 with the bandwidth it reached and whether the GPUs reach each other's memory directly.
@@ -86,10 +88,12 @@ def worker(args: argparse.Namespace) -> None:
         comm_worker(args, ctx, model, dev, say)
         shutdown()
         return
-    cfg = replace(cfg, reduce_bf16=args.reduce_bf16)
+    cfg = replace(cfg, reduce_bf16=args.reduce_bf16,
+                  **({} if args.bucket_mb is None else {"bucket_mb": args.bucket_mb}))
     mask = Mask.ones(model, prunable_names(model))
     tr = Trainer(model, data, cfg, mask=mask, dist=ctx)
-    say(f"built ({world} ranks, graph {tr.use_graph})")
+    say(f"built ({world} ranks, graph {tr.use_graph}, {len(tr.units)} units, "
+        f"{len(tr.reducer.buckets) if tr.reducer else 0} buckets)")
     tr.train_epoch(1)  # warm-up (compile)
     say("epoch 1 (compile and capture) done")
     times = []
@@ -109,7 +113,10 @@ def worker(args: argparse.Namespace) -> None:
             "global_batch": cfg.batch_size, "steps_per_epoch": tr.steps_per_epoch,
             "images_per_second": tr.steps_per_epoch * cfg.batch_size / epoch,
             "ddp": ctx is not None, "cuda_graph": tr.use_graph,
-            "reduce": "bf16" if ctx is not None and cfg.reduce_bf16 else "fp32"}))
+            "reduce": "bf16" if ctx is not None and cfg.reduce_bf16 else "fp32",
+            "bucket_mb": cfg.bucket_mb if ctx is not None else None,
+            "buckets": len(tr.reducer.buckets) if tr.reducer else 0, "units": len(tr.units),
+            "compile_seconds": tr.compile_seconds}))
     del tr
     shutdown()
     faulthandler.cancel_dump_traceback_later()
@@ -174,6 +181,9 @@ def main() -> int:
                     help="images a step over all GPUs (the same at every GPU count)")
     ap.add_argument("--round", action="store_true",
                     help="also time one whole IMP round per GPU count and compare masks")
+    ap.add_argument("--round-epochs", type=int,
+                    help="--round with this many epochs a training instead of the preset's "
+                         "(a shorter recipe, for a round that fits a time limit)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--ceiling", action="store_true",
                     help="also time one GPU at the per-GPU batch: the efficiency n GPUs would "
@@ -184,6 +194,12 @@ def main() -> int:
     ap.add_argument("--compare-bf16-reduce", action="store_true",
                     help="also run every multi-GPU count with the gradients averaged in bf16 "
                          "(half the bytes of the all-reduce)")
+    ap.add_argument("--compare-buckets", default="",
+                    help="also run every multi-GPU count with these --bucket-mb values, comma "
+                         "separated (0: one all-reduce after backward, no overlap)")
+    ap.add_argument("--bucket-mb", type=float,
+                    help="the gradients' bucket size for the multi-GPU rows (default: the "
+                         "trainer's)")
     ap.add_argument("--comm", action="store_true",
                     help="first time the gradients' all-reduce alone on each multi-GPU count")
     ap.add_argument("--no-graph", action="store_true", help=argparse.SUPPRESS)
@@ -205,13 +221,18 @@ def main() -> int:
     counts = [int(g) for g in args.gpus.split(",")]
     # the variants first: their numbers stand even if the plain graph's run fails
     comm = [comm_row(args, n) for n in counts if args.comm and 1 < n <= available]
-    # each multi-GPU count: eager, then with the bf16 all-reduce, then the step as it is
-    runs = [(n, eager, bf16) for n in counts for eager, bf16 in
-            ([(True, False)] if args.compare_eager and n > 1 else []) +
-            ([(False, True)] if args.compare_bf16_reduce and n > 1 else []) + [(False, False)]]
-    for n, eager, bf16 in runs:
+    # each multi-GPU count: eager, then with the bf16 all-reduce, then each compared bucket
+    # size, then the step as it is
+    compared = [float(b) for b in args.compare_buckets.split(",") if b]
+    runs = [(n, eager, bf16, bucket) for n in counts for eager, bf16, bucket in
+            ([(True, False, None)] if args.compare_eager and n > 1 else []) +
+            ([(False, True, None)] if args.compare_bf16_reduce and n > 1 else []) +
+            ([(False, False, b) for b in compared] if n > 1 else []) +
+            [(False, False, args.bucket_mb)]]
+    for n, eager, bf16, bucket in runs:
+        variant = bf16 or (bucket is not None and bucket != args.bucket_mb)
         if n > available:
-            if not bf16:
+            if not variant:
                 rows.append({"gpus": n, "skipped": f"only {available} GPUs here"})
             continue
         extra = ["--arch", args.arch, "--global-batch", str(args.global_batch), "--epochs",
@@ -219,17 +240,18 @@ def main() -> int:
         extra += ["--smoke"] if args.smoke else []
         extra += ["--no-graph"] if eager else []
         extra += ["--reduce-bf16"] if bf16 else []
+        extra += ["--bucket-mb", str(bucket)] if bucket is not None else []
         extra += ["--data-dir", args.data_dir] if args.data_dir else []
         extra += ["--stack-after", str(max(30, args.run_timeout - 20))]
         row, error = on_ranks(Path(__file__).resolve(), n, extra, timeout_s=args.run_timeout)
         if row is None:
             rows.append({"gpus": n, "eager": eager, "reduce": "bf16" if bf16 else "fp32",
-                         "error": error})
+                         "bucket_mb": bucket, "error": error})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             write(args, rows, comm)
             continue
         rows.append(row)
-        if args.round and not eager and not bf16:
+        if args.round and not eager and not variant:
             rows[-1].update(whole_round(args, n, rank_env()))
             if n == 1 and "_mask" in rows[-1]:  # the baseline: one GPU against itself
                 again = whole_round(args, 1, rank_env())
@@ -263,14 +285,18 @@ def main() -> int:
     for r in rows:
         if "epoch_seconds" in r:
             step = ("CUDA graph" if r["cuda_graph"] else "eager") + \
-                (", bf16 all-reduce" if r.get("reduce") == "bf16" else "")
+                (", bf16 all-reduce" if r.get("reduce") == "bf16" else "") + \
+                (f", {r['buckets']} buckets of {r['bucket_mb']:g} MiB, {r['units']} units"
+                 if r.get("buckets") else ", one all-reduce after backward"
+                 if r.get("gpus", 1) > 1 else "")
             rnd = f"{r['round_seconds']:.0f}" if "round_seconds" in r else "-"
             jac = f"{r['mask_jaccard_vs_1']:.3f}" if "mask_jaccard_vs_1" in r else \
                 f"{r['mask_jaccard_1_repeat']:.3f} (a second 1-GPU run)" \
                 if "mask_jaccard_1_repeat" in r else "-"
             ceil = f"{100 * r['ceiling_efficiency']:.0f}%" if "ceiling_efficiency" in r else "-"
+            eff = f"{100 * r['efficiency']:.0f}%" if "efficiency" in r else "-"
             print(f"| {r['gpus']} | {step} | {r['epoch_seconds']:.2f} | "
-                  f"{r['images_per_second']:.0f} | {100 * r['efficiency']:.0f}% | {ceil} | "
+                  f"{r['images_per_second']:.0f} | {eff} | {ceil} | "
                   f"{rnd} | {jac} |")
         else:
             print(f"| {r['gpus']} | - | - | - | {r.get('skipped') or 'error'} | - | - | - |")
@@ -331,6 +357,7 @@ def whole_round(args: argparse.Namespace, n: int, env: dict[str, str]) -> dict:
                 else ["--dataset", "cifar10", "--preset", "fast"]
                 + (["--data-dir", args.data_dir] if args.data_dir else []))
         cmd += ["--nproc", str(n)] if n > 1 else []
+        cmd += ["--epochs", str(args.round_epochs)] if args.round_epochs else []
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT,
@@ -341,7 +368,7 @@ def whole_round(args: argparse.Namespace, n: int, env: dict[str, str]) -> dict:
         if p.returncode != 0:
             return {"round_error": p.stderr.strip()[-500:]}
         mask = {k: v.clone() for k, v in load_ticket(out).mask.items()}
-    return {"round_seconds": seconds, "_mask": mask}
+    return {"round_seconds": seconds, "round_epochs": args.round_epochs, "_mask": mask}
 
 
 def _jaccard(a: dict, b: dict) -> float:

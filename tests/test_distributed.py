@@ -125,6 +125,7 @@ def test_ddp_scaling_benchmark_smoke(tmp_path):
     out = tmp_path / "ddp.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks/ddp_scaling.py"), "--smoke",
                         "--round", "--compare-eager", "--compare-bf16-reduce", "--comm",
+                        "--compare-buckets", "8", "--round-epochs", "8",
                         "--json-out", str(out)],
                        capture_output=True, text=True,
                        cwd=ROOT, timeout=HANG_GUARD_S,
@@ -132,25 +133,33 @@ def test_ddp_scaling_benchmark_smoke(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     doc = json.loads(out.read_text())
     rows = doc["rows"]
-    # 2 ranks three times: the --compare-eager row and the --compare-bf16-reduce row (no
-    # rounds), then the graph's row
-    assert [r["gpus"] for r in rows] == [1, 2, 2, 2]
-    assert [r["reduce"] for r in rows] == ["fp32", "fp32", "bf16", "fp32"]
+    # 2 ranks four times: the --compare-eager row, the --compare-bf16-reduce row and the
+    # --compare-buckets row (no rounds), then the graph's row
+    assert [r["gpus"] for r in rows] == [1, 2, 2, 2, 2]
+    assert [r["reduce"] for r in rows] == ["fp32", "fp32", "bf16", "fp32", "fp32"]
+    # the trainer's default, one all-reduce after backward (0), and one row in buckets of
+    # 8 MiB (the smoke test's network is one bucket; the CPU's eager step compiles no units)
+    assert [r["bucket_mb"] for r in rows] == [None, 0.0, 0.0, 8.0, 0.0]
+    assert [r["buckets"] for r in rows] == [0, 0, 0, 1, 0]
+    assert [r["units"] for r in rows] == [0] * 5
     # on a CPU there is no graph to compare; the extra row runs the same eager step
-    assert [r["cuda_graph"] for r in rows] == [False] * 4
-    assert all("round_seconds" not in rows[i] and rows[i]["ddp"] is True for i in (1, 2))
+    assert [r["cuda_graph"] for r in rows] == [False] * 5
+    assert all("round_seconds" not in rows[i] and rows[i]["ddp"] is True for i in (1, 2, 3))
     # --comm: the all-reduce alone at the network's size, fp32 then bf16 (half the bytes)
     (comm,) = doc["all_reduce"]
     assert comm["gpus"] == 2 and [r["dtype"] for r in comm["runs"]] == ["float32", "bfloat16"]
     fp32, bf16 = comm["runs"]
     assert fp32["mb"] == 2 * bf16["mb"] == comm["numel"] * 4 / 1e6
     assert all(r["ms"] > 0 and not r["graph"] for r in comm["runs"])  # no graphs on a CPU
-    rows = [rows[0], rows[3]]
+    rows = [rows[0], rows[4]]
     # strong scaling: the same global batch and steps at both counts; one rank is no DDP
     assert rows[0]["efficiency"] == 1.0 and rows[0]["ddp"] is False and rows[1]["ddp"] is True
     assert rows[0]["global_batch"] == rows[1]["global_batch"] == 128
     assert rows[1]["steps_per_epoch"] == rows[0]["steps_per_epoch"]
     assert all(r["images_per_second"] > 0 and r["round_seconds"] > 0 for r in rows)
+    # --round-epochs reached the rounds (8: the demo preset's own length, so the masks below
+    # are those of the preset)
+    assert all(r["round_epochs"] == 8 for r in rows)
     # one fixed-rate round: overlapping as in the two-process test above; the 1-GPU round
     # ran twice, and on a CPU the two runs find the same mask
     assert rows[1]["mask_jaccard_vs_1"] >= 0.85 and "mask_jaccard_vs_1" not in rows[0]
@@ -233,7 +242,7 @@ def _digits_net(seed=0):
                          nn.Linear(4 * 8 * 8, 10))
 
 
-def _digits_train(ctx):
+def _digits_train(ctx, bucket_mb=0.0):
     from ticketctl.data import load_dataset
     from ticketctl.train import TrainConfig, Trainer
 
@@ -241,13 +250,26 @@ def _digits_train(ctx):
     data = load_dataset("digits", val_size=7)
     # each rank starts from its own weights: the trainer must start them all from rank 0's
     net = _digits_net(seed=ctx.rank if ctx is not None else 0)
-    trainer = Trainer(net, data, TrainConfig(epochs=2, batch_size=16, lr=0.05, seed=3),
-                      dist=ctx)
+    trainer = Trainer(net, data, TrainConfig(epochs=2, batch_size=16, lr=0.05, seed=3,
+                                             bucket_mb=bucket_mb), dist=ctx)
     result = trainer.fit()
-    return trainer.model_state(), [(h.val_accuracy, h.test_accuracy) for h in result.history]
+    units = trainer.units
+    return trainer.model_state(), [(h.val_accuracy, h.test_accuracy) for h in result.history], \
+        units, len(trainer.reducer.buckets) if trainer.reducer else 0
 
 
-def _digits_worker(rank, port, out):
+def _compile_units_on_cpu():
+    """The trainer compiling on the CPU, through AOTAutograd (`aot_eager`: its graphs run as
+    traced), so a compiled unit has a backward function of its own, as on a GPU."""
+    import torch
+
+    from ticketctl.train import engine
+
+    engine.COMPILE_ON_CPU = True
+    engine._compile = lambda fn, cfg: torch.compile(fn, backend="aot_eager", dynamic=False)
+
+
+def _digits_worker(rank, port, out, bucket_mb=0.0, units=False):
     import torch
 
     from ticketctl.distributed import DistContext
@@ -255,23 +277,44 @@ def _digits_worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
+    if units:
+        _compile_units_on_cpu()
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        state, history = _digits_train(DistContext(rank, 2, rank))
-        torch.save({"state": state, "history": history}, Path(out) / f"{rank}.pt")
+        state, history, names, buckets = _digits_train(DistContext(rank, 2, rank), bucket_mb)
+        torch.save({"state": state, "history": history, "units": names, "buckets": buckets},
+                   Path(out) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_average_gradients_and_share_evaluation_like_one_process(tmp_path, float64):
+# bucket_mb: the default, one all-reduce after backward (0); one bucket (the network is
+# 41 kB); a bucket per parameter or two (1 kB), with the network compiled unit by unit
+@pytest.mark.parametrize("bucket_mb,units", [(0.0, False), (8.0, False), (2**-10, True)])
+def test_two_ranks_average_gradients_and_share_evaluation_like_one_process(
+        tmp_path, float64, bucket_mb, units):
     """The step's own all-reduce (no DDP wrapper) and each rank scoring its share of the
-    evaluation images: two ranks end with one process's weights and accuracies."""
+    evaluation images: two ranks end with one process's weights and accuracies, whether the
+    gradients go in one all-reduce after backward or in buckets during it."""
     import torch
 
     port = _free_port()
-    mp.spawn(_digits_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_digits_worker, args=(port, str(tmp_path), bucket_mb, units), nprocs=2,
+             join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
-    one_state, one_history = _digits_train(None)
+    # what the trainer made of the setting: buckets and, compiled, the two layers as units.
+    # In float64 the linear layer's bias and weight are 80 + 20,480 bytes, the conv's 32 +
+    # 288: 1 KiB buckets, filled from the end, are the linear's two, then the conv's two
+    assert ranks[0]["buckets"] == {8.0: 1, 0.0: 0, 2**-10: 2}[bucket_mb]
+    assert ranks[0]["units"] == (["0", "3"] if units else [])
+    one_state, one_history, _, _ = _digits_train(None)
+    if bucket_mb:  # buckets during backward: bitwise the weights of one all-reduce after it
+        flat = tmp_path / "flat"
+        flat.mkdir()
+        mp.spawn(_digits_worker, args=(_free_port(), str(flat), 0.0, False), nprocs=2,
+                 join=True)
+        after = torch.load(flat / "0.pt", weights_only=True)["state"]
+        assert all(torch.equal(ranks[0]["state"][k], v) for k, v in after.items())
     assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in one_state)
     # 2 epochs of 89 steps: float64 sums of 8 + 8 instead of 16 terms round at about 1e-16
     # relative per step; SGD at lr 0.05 over 178 steps stays many orders below 1e-9
@@ -418,7 +461,7 @@ def _grads(rank):
 def _average_worker(rank, port, out):
     import torch
 
-    from ticketctl.distributed import average_grads_
+    from ticketctl.distributed import average_grads_, averaged_grads
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -429,6 +472,14 @@ def _average_worker(rank, port, out):
             grads = _grads(rank)
             average_grads_(DistContext(rank, 2, rank), grads, wire)
             got[str(wire)] = grads
+            # what the step's update reads: views of the flat buffer, nothing copied back
+            grads = _grads(rank)
+            means = averaged_grads(DistContext(rank, 2, rank), grads, wire)
+            got[f"views {wire}"] = [m.clone() for m in means]
+            got[f"strides {wire}"] = [torch.tensor([m.stride() == g.stride() for m, g in
+                                                    zip(means, grads, strict=True)])]
+            got[f"untouched {wire}"] = [torch.tensor([torch.equal(g, h) for g, h in
+                                                      zip(grads, _grads(rank), strict=True)])]
         torch.save(got, Path(out) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -445,6 +496,11 @@ def test_gradients_are_averaged_in_fp32_exactly_and_in_bf16_within_its_rounding(
     for wire in ("None", "torch.bfloat16"):
         for a, b in zip(ranks[0][wire], ranks[1][wire], strict=True):
             assert torch.equal(a, b) and a.dtype == torch.float32  # every rank the same
+        # the means as views: the same numbers, each with its gradient's strides (a
+        # channels_last and a transposed one among them), the gradients left as they were
+        for a, b in zip(ranks[0][f"views {wire}"], ranks[0][wire], strict=True):
+            assert torch.equal(a, b)
+        assert ranks[0][f"strides {wire}"][0].all() and ranks[0][f"untouched {wire}"][0].all()
         # averaged in place: each gradient keeps its layout
         assert ranks[0][wire][2].is_contiguous(memory_format=torch.channels_last)
         assert ranks[0][wire][3].stride() == (1, 6)  # the transpose of a 5 x 6

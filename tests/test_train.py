@@ -42,6 +42,43 @@ def test_masked_sgd_equals_torch_sgd_without_a_mask(nesterov, float64):
         torch.testing.assert_close(pa, pb, atol=1e-12, rtol=0, msg=n)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_masked_sgd_reads_given_gradients_and_leaves_them_as_they_were(nesterov):
+    """Data-parallel steps hand the update the ranks' means (views of the all-reduce's
+    buffer) instead of `.grad`: the same update as from `.grad`, bit for bit (the same
+    operations on the same numbers), masked, and the gradients it read unchanged."""
+    torch.manual_seed(0)
+    a = build_model("digits_cnn", width=8)
+    b = copy.deepcopy(a)
+    masks = [(torch.rand_like(p) > 0.5) if p.dim() > 1 else None for p in a.parameters()]
+    opts = [MaskedSGD(list(m.parameters()), masks, momentum=0.9, weight_decay=5e-4,
+                      nesterov=nesterov) for m in (a, b)]
+    with torch.no_grad():  # the masks applied to the weights, as a trainer does
+        for model in (a, b):
+            for p, m in zip(model.parameters(), masks, strict=True):
+                if m is not None:
+                    p.mul_(m)
+    lr = torch.tensor(0.05)
+    for _ in range(3):
+        x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+        for model in (a, b):
+            for p in model.parameters():
+                p.grad = None
+            F.cross_entropy(model(x), y).backward()
+        given = [p.grad.clone() for p in b.parameters()]
+        before = [g.clone() for g in given]
+        for p in b.parameters():
+            p.grad = None  # b's update must use what it is given
+        opts[0].step(lr)
+        opts[1].step(lr, given)
+        assert all(torch.equal(g, h) for g, h in zip(given, before, strict=True))
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), n
+    for p, m in zip(a.parameters(), masks, strict=True):
+        if m is not None:
+            assert bool((p[~m] == 0).all())
+
+
 def test_pruned_weights_stay_exactly_zero_and_momentum_never_grows(digits):
     model = build_model("digits_cnn", seed=0)
     mask = magnitude_prune(dict(model.named_parameters()),
@@ -346,6 +383,32 @@ def test_reduce_bf16_reaches_the_training_settings_with_ranks_only(monkeypatch):
     assert Distributed(reduce_bf16=True).train_overrides(plain).reduce_bf16 is True
 
 
+def test_bucket_mb_reaches_the_training_settings_with_ranks_only(monkeypatch):
+    """--bucket-mb (a data-parallel option) reaches the settings with --nproc or in a rank,
+    is refused without ranks and when negative; left out, the default (0: one all-reduce
+    after backward) stays out of the settings, so earlier run folders keep their hash."""
+    from ticketctl.cli.options import Distributed, Training
+    from ticketctl.errors import TicketctlError
+    from ticketctl.prune.rundir import RESUMABLE
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    plain = Training().overrides()
+    on = resolve_settings("demo", train=Distributed(nproc=2, bucket_mb=8.0)
+                          .train_overrides(plain)).train
+    off = resolve_settings("demo", train=Distributed(nproc=2).train_overrides(plain)).train
+    assert on.bucket_mb == 8.0 and off.bucket_mb == 0.0
+    assert "bucket_mb" not in off.to_dict() and on.to_dict()["bucket_mb"] == 8.0
+    assert "train.bucket_mb" in RESUMABLE
+    with pytest.raises(TicketctlError, match="--bucket-mb: .*give --nproc 2 or more"):
+        Distributed(bucket_mb=8.0).train_overrides(plain)
+    with pytest.raises(TicketctlError, match="--bucket-mb must be 0 or more"):
+        TrainConfig(bucket_mb=-1.0).validate()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert Distributed(bucket_mb=2.0).train_overrides(plain).bucket_mb == 2.0
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_the_data_parallel_step_averages_in_the_chosen_dtype(monkeypatch, digits, bf16):
     """The trainer hands every gradient to the all-reduce, on the wire in bf16 only when its
@@ -354,14 +417,19 @@ def test_the_data_parallel_step_averages_in_the_chosen_dtype(monkeypatch, digits
     from ticketctl.train import engine
 
     seen = []
-    monkeypatch.setattr(engine, "average_grads_", lambda ctx, grads, wire: seen.append(
-        (ctx.world, len(grads), wire)))
+    means = [torch.ones(1)]
+
+    def averaged(ctx, grads, wire):
+        seen.append((ctx.world, len(grads), wire))
+        return means
+
+    monkeypatch.setattr(engine, "averaged_grads", averaged)
     model = build_model("digits_cnn", seed=0)
     trainer = Trainer(model, digits, TrainConfig(epochs=1, batch_size=64, reduce_bf16=bf16))
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     trainer.dist = DistContext(0, 2, 0)
-    trainer._average_grads()
+    assert trainer._average_grads() is means  # what the update reads
     assert seen == [(2, len(list(model.parameters())), torch.bfloat16 if bf16 else None)]
 
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -113,12 +114,18 @@ def check_same(ctx: DistContext | None, digest: str, what: str) -> None:
 
 
 def broadcast_module_state(ctx: DistContext | None, module: torch.nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm statistics) on every rank; parameters are already equal."""
+    """Rank 0's buffers (BatchNorm statistics) on every rank; parameters are already equal.
+    One broadcast per dtype through a flat buffer: a broadcast per buffer was 161 collectives
+    an epoch for ResNet-50, each a few tens of microseconds of latency."""
     if ctx is None:
         return
     with torch.no_grad():
-        for b in module.buffers():
-            dist.broadcast(b, 0)
+        buffers = list(module.buffers())
+        for dtype in sorted({b.dtype for b in buffers}, key=str):
+            views = [memory_order(b) for b in buffers if b.dtype == dtype]
+            flat = torch.cat([v.reshape(-1) for v in views])
+            dist.broadcast(flat, 0)
+            _copy_back(views, flat)
 
 
 def broadcast_parameters(ctx: DistContext | None, module: torch.nn.Module) -> None:
@@ -131,8 +138,11 @@ def broadcast_parameters(ctx: DistContext | None, module: torch.nn.Module) -> No
 
 
 def average_(ctx: DistContext, t: torch.Tensor) -> torch.Tensor:
-    """`t` replaced in place by its mean over the ranks (a sum, then a division, since gloo
-    has no average)."""
+    """`t` replaced in place by its mean over the ranks: NCCL's own average (no pass of its
+    own over the tensor), or a sum and a division where the backend has none (gloo)."""
+    if dist.get_backend() == "nccl":
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+        return t
     dist.all_reduce(t)
     return t.div_(ctx.world)
 
@@ -147,29 +157,156 @@ def memory_order(t: torch.Tensor) -> torch.Tensor:
     return view if view.is_contiguous() else t
 
 
-def average_grads_(ctx: DistContext, grads: list[torch.Tensor],
-                   wire: torch.dtype | None = None) -> None:
-    """Each gradient replaced in place by its mean over the ranks: one flat all-reduce per
-    dtype, in the same order on every rank. `wire` (bf16) sends half the bytes of fp32:
-    every gradient is rounded to it first and the sum is taken in it, so the mean is off
-    by at most about 2**-8 times the sum of the ranks' magnitudes, and the same on every rank.
-    Each gradient goes in and out in its memory order (`memory_order`): a channels_last 3x3
-    convolution's gradient flattened in logical order was a strided copy each way (17 of
-    them, 45 MB, a step for ResNet-50); every rank has the same layouts, so the flat buffers
-    line up element for element."""
+def averaged_grads(ctx: DistContext, grads: list[torch.Tensor],
+                   wire: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The gradients' means over the ranks, each a view, in the gradient's own shape and
+    strides, of one flat buffer per dtype (one all-reduce each, in the same order on every
+    rank): what the update reads, so nothing is copied back (`average_grads_` copies).
+    `wire` (bf16) sends half the bytes of fp32: every gradient is rounded to it first and
+    the sum is taken in it, so the mean is off by at most about 2**-8 times the sum of the
+    ranks' magnitudes, and the same on every rank. Each gradient goes in in its memory
+    order (`memory_order`): a channels_last 3x3 convolution's gradient flattened in logical
+    order was a strided copy (17 of them, 45 MB, a step for ResNet-50); every rank has the
+    same layouts, so the flat buffers line up element for element."""
+    out: list[torch.Tensor] = list(grads)
     for dtype in sorted({g.dtype for g in grads}, key=str):
-        group = [g for g in grads if g.dtype == dtype]
-        views = [memory_order(g) for g in group]
+        where = [i for i, g in enumerate(grads) if g.dtype == dtype]
+        views = [memory_order(grads[i]) for i in where]
         flat = torch.cat([v.reshape(-1) for v in views])  # a view where v is contiguous
         if wire is not None and wire != dtype:
             flat = flat.to(wire)
         average_(ctx, flat)
-        flat = flat.to(dtype)  # one conversion, so the copy back takes the same-dtype path
-        # back in one multi-tensor copy: a copy per gradient was 161 kernels a step for
-        # ResNet-50, each a few microseconds inside the step's CUDA graph
-        parts = [part.view(v.shape) for v, part in
-                 zip(views, flat.split([v.numel() for v in views]), strict=True)]
-        torch._foreach_copy_(views, parts)
+        flat = flat.to(dtype)  # one conversion, where the wire differs
+        for i, v, part in zip(where, views, flat.split([v.numel() for v in views]),
+                              strict=True):
+            out[i] = _as_layout(part.view(v.shape), grads[i], v)
+    return out
+
+
+def _as_layout(part: torch.Tensor, grad: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """`part` (the flat buffer's piece, shaped as `view`) seen in `grad`'s shape: permuted
+    back where `view` was `grad` permuted into memory order (the same strides as `grad`)."""
+    if view is grad:
+        return part.view(grad.shape)  # (a tensor with gaps went in logical order)
+    order = sorted(range(grad.dim()), key=lambda d: -grad.stride(d))
+    return part.permute([order.index(d) for d in range(grad.dim())])
+
+
+def average_grads_(ctx: DistContext, grads: list[torch.Tensor],
+                   wire: torch.dtype | None = None) -> None:
+    """Each gradient replaced in place by its mean over the ranks (`averaged_grads`, then
+    one multi-tensor copy back)."""
+    means = averaged_grads(ctx, grads, wire)
+    torch._foreach_copy_(grads, means)
+
+
+def _copy_back(views: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """`flat`'s consecutive pieces into `views`, in one multi-tensor copy (a copy per
+    tensor was 161 kernels for ResNet-50, each a few microseconds)."""
+    parts = [part.view(v.shape) for v, part in
+             zip(views, flat.split([v.numel() for v in views]), strict=True)]
+    torch._foreach_copy_(views, parts)
+
+
+def plan_buckets(params: list[torch.Tensor], cap_bytes: int) -> list[list[int]]:
+    """The parameters' indices in buckets of at least `cap_bytes` each (the last may be
+    smaller), in reverse order: backward produces the last layers' gradients first, so the
+    first bucket is ready first (DistributedDataParallel's order). The same on every rank,
+    so the ranks' collectives line up."""
+    buckets: list[list[int]] = []
+    size = cap_bytes
+    for i in reversed(range(len(params))):
+        if size >= cap_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += params[i].numel() * params[i].element_size()
+    return buckets
+
+
+class BucketReducer:
+    """The gradients averaged over the ranks a bucket at a time while backward still runs,
+    as DistributedDataParallel's reducer does: a bucket's all-reduce starts once backward
+    has accumulated every gradient in it, on a stream of its own, so it overlaps the
+    backward of the layers before. Buckets are launched strictly in order (a bucket that is
+    ready early waits for those before it), so every rank issues the same collectives in the
+    same order. Each bucket is averaged as `average_grads_` does, so the mean is the same
+    as one all-reduce of every gradient.
+
+    The overlap needs a backward in pieces: a network compiled whole has one backward
+    function, after which every gradient is ready at once (see `overlap_units`). Under a
+    CUDA graph capture the hooks run once and their kernels, on the side stream, become a
+    branch of the graph."""
+
+    def __init__(self, ctx: DistContext, params: list[torch.Tensor], cap_bytes: int,
+                 wire: torch.dtype | None = None) -> None:
+        self.ctx = ctx
+        self.wire = wire
+        self.params = params
+        self.buckets = plan_buckets(params, cap_bytes)
+        self.bucket_of = {i: k for k, b in enumerate(self.buckets) for i in b}
+        cuda = bool(params) and params[0].device.type == "cuda"
+        self.stream = torch.cuda.Stream(params[0].device) if cuda else None
+        self.armed = False
+        self.launched = 0
+        self.left: list[int] = []
+        self.seen: set[int] = set()
+        me = weakref.ref(self)  # the parameters' hooks must not keep the reducer alive
+
+        def hook(i: int) -> Callable[[torch.Tensor], None]:
+            def ready(_param: torch.Tensor) -> None:
+                reducer = me()
+                if reducer is not None:
+                    reducer._ready(i)
+            return ready
+
+        self.handles = [p.register_post_accumulate_grad_hook(hook(i))
+                        for i, p in enumerate(params)]
+
+    def arm(self) -> None:
+        """Before a step's backward: its gradients start the buckets' all-reduces."""
+        self.left = [len(b) for b in self.buckets]
+        self.seen = set()
+        self.launched = 0
+        self.armed = True
+
+    def _ready(self, i: int) -> None:
+        if not self.armed or i in self.seen:
+            return
+        self.seen.add(i)
+        self.left[self.bucket_of[i]] -= 1
+        while self.launched < len(self.buckets) and self.left[self.launched] == 0:
+            self._launch(self.launched)
+            self.launched += 1
+
+    def _launch(self, k: int) -> None:
+        grads = [self.params[i].grad for i in self.buckets[k]]
+        grads = [g for g in grads if g is not None]
+        if not grads:
+            return
+        if self.stream is None:
+            average_grads_(self.ctx, grads, self.wire)
+            return
+        # the side stream starts after what the backward has queued so far (these gradients)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            average_grads_(self.ctx, grads, self.wire)
+
+    def finish(self) -> None:
+        """After backward: the buckets not yet launched (parameters that got no gradient
+        keep theirs from starting), then the calling stream waits for every all-reduce."""
+        while self.launched < len(self.buckets):
+            self._launch(self.launched)
+            self.launched += 1
+        self.armed = False
+        if self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+
+    def close(self) -> None:
+        """Remove the hooks from the parameters."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 def sum_counts(ctx: DistContext, counts: list[int]) -> list[int]:

@@ -500,22 +500,33 @@ class Distributed:
         "--reduce-bf16", default=False,
         help="Average the gradients over the ranks in bf16, half the bytes of fp32 (each "
              "gradient rounded to bf16 first, as DDP's bf16 compression hook).")
+    bucket_mb: Optional[float] = option(
+        "--bucket-mb",
+        help="Average the gradients in buckets of about this many MiB, each as soon as "
+             "backward has produced it, so the all-reduce overlaps the rest of backward (the "
+             "network is then compiled block by block; for slow links between hosts, not "
+             "measured there); 0: one all-reduce after backward, the faster over NVLink "
+             "[default: 0].")
 
     @property
     def wanted(self) -> bool:
         return self.nproc > 1 or self.nnodes > 1
 
     def train_overrides(self, train: TrainOverrides) -> TrainOverrides:
-        """The training settings with the data-parallel ones given here; --reduce-bf16 is
-        refused where no ranks average anything (a rank itself runs without --nproc)."""
+        """The training settings with the data-parallel ones given here; --reduce-bf16 and
+        a --bucket-mb above 0 are refused where no ranks average anything (a rank itself runs
+        without --nproc)."""
         from ticketctl.distributed import in_worker
 
-        if not self.reduce_bf16:
+        given = [name for name, on in (("--reduce-bf16", self.reduce_bf16),
+                                         ("--bucket-mb", bool(self.bucket_mb))) if on]
+        if not given:
             return train
         if not (self.wanted or in_worker()):
-            raise TicketctlError("--reduce-bf16 averages the gradients over data-parallel "
-                                 "ranks: give --nproc 2 or more (or --nnodes)")
-        return dataclasses.replace(train, reduce_bf16=True)
+            raise TicketctlError(f"{' and '.join(given)}: the gradients are averaged over "
+                                 "data-parallel ranks only; give --nproc 2 or more (or --nnodes)")
+        return dataclasses.replace(train, reduce_bf16=True if self.reduce_bf16 else None,
+                                   bucket_mb=self.bucket_mb)
 
     def launched(self) -> bool:
         """In the user's process with --nproc/--nnodes above 1: run this command as torchrun

@@ -93,7 +93,8 @@ def settings_hash(settings: dict[str, Any]) -> str:
 # take or drop --combo-kernels), and how data-parallel ranks exchange gradients, which a
 # resume may change as it may change --nproc (a run started with --reduce-bf16 on two GPUs
 # can go on in one process).
-RESUMABLE = frozenset({"train.fuse_step", "train.combo_kernels", "train.reduce_bf16"})
+RESUMABLE = frozenset({"train.fuse_step", "train.combo_kernels", "train.reduce_bf16",
+                       "train.bucket_mb"})
 
 
 def without_resumable(settings: dict[str, Any]) -> dict[str, Any]:

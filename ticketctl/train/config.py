@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -31,7 +32,7 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # Settings added after run folders and job caches existed: written out only when changed, so
 # the settings hash of everything trained before stays the same.
 _NEWER = {"compile_mode": "default", "test_eval": "every", "fuse_step": True,
-          "combo_kernels": False, "reduce_bf16": False}
+          "combo_kernels": False, "reduce_bf16": False, "bucket_mb": 0.0}
 
 
 @dataclass
@@ -65,6 +66,11 @@ class TrainConfig:
     # Data-parallel only: the gradients averaged over the ranks in bf16 (half the bytes of
     # the all-reduce; each gradient rounded to bf16 first, as DDP's bf16 compression hook)
     reduce_bf16: bool = False
+    # Data-parallel only: the gradients averaged in buckets of about this many MiB, each as
+    # soon as backward has produced it, overlapping the all-reduce with the rest of
+    # backward (with compile, the network is then compiled block by block); 0 (the
+    # default, the faster on two H200s: docs/DISTRIBUTED.md): one all-reduce after backward
+    bucket_mb: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if _NEWER.get(k, object()) != v}
@@ -92,6 +98,8 @@ class TrainConfig:
             out.append(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             out.append(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if not 0 <= self.bucket_mb < math.inf:
+            out.append(f"--bucket-mb must be 0 or more, got {self.bucket_mb}")
         if self.compile_mode not in COMPILE_MODES:
             out.append(f"unknown --compile-mode {self.compile_mode!r}; use "
                        f"{' or '.join(COMPILE_MODES)}")
@@ -132,3 +140,4 @@ class TrainOverrides(Overrides):
     fuse_step: bool | None = None
     combo_kernels: bool | None = None
     reduce_bf16: bool | None = None
+    bucket_mb: float | None = None

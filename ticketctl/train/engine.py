@@ -36,8 +36,9 @@ from ticketctl.data import Dataset
 from ticketctl.data.augment import PAD, crop_flip
 from ticketctl.data.stream import StreamedDataset
 from ticketctl.distributed import (
+    BucketReducer,
     DistContext,
-    average_grads_,
+    averaged_grads,
     broadcast_module_state,
     broadcast_parameters,
     check_same,
@@ -47,6 +48,7 @@ from ticketctl.distributed import (
 )
 from ticketctl.errors import TicketctlError
 from ticketctl.train.config import TrainConfig
+from ticketctl.train.overlap import compile_units, overlap_units
 from ticketctl.train.packing import loss_logits
 from ticketctl.train.schedule import lr_at
 from ticketctl.train.sgd import MaskedSGD
@@ -262,12 +264,24 @@ class Engine:
             model.to(memory_format=torch.channels_last)
         model.train()
         self.model = model
-        # dynamic=False: training and evaluation batches each get their own static graph.
-        self.forward = _compile(model, cfg) if self.use_compile else model
+        # Data-parallel with buckets: the network compiled in pieces, so that the gradients'
+        # all-reduce overlaps the backward (`overlap`); the step around them is not compiled
+        # with them (one compiled step would be one backward again).
+        self.bucket_bytes = math.ceil(cfg.bucket_mb * 2**20) if dist is not None else 0
+        self.units: list[str] = []
+        if self.use_compile and self.bucket_bytes:
+            units = overlap_units(model, self.bucket_bytes)
+            compile_units(units, lambda f: _compile(f, cfg))
+            self.units = [name for name, _ in units]
+            self.forward = model
+        else:
+            # dynamic=False: training and evaluation batches each get their own static graph.
+            self.forward = _compile(model, cfg) if self.use_compile else model
         # The whole step compiled (see `_batch_loss`), not the network alone; the compiled
         # network above still scores the splits.
         self.fused = self.use_compile and cfg.fuse_step
-        self._loss = _compile(self._batch_loss, cfg) if self.fused else self._batch_loss
+        self._loss = _compile(self._batch_loss, cfg) if self.fused and not self.units \
+            else self._batch_loss
         self._update = _compile(self._sgd_update, cfg) if self.fused else self._sgd_update
         if dist is not None:
             if trigger is not None:
@@ -295,6 +309,11 @@ class Engine:
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
         )
         self.apply_mask_()
+        self.reducer: BucketReducer | None = None
+        if dist is not None and self.bucket_bytes:
+            self.reducer = BucketReducer(
+                dist, [p for p in self.opt.params if p.requires_grad], self.bucket_bytes,
+                torch.bfloat16 if cfg.reduce_bf16 else None)
 
         self.trigger_x = self.trigger_y = None
         self.k = 0
@@ -354,7 +373,7 @@ class Engine:
         what the step captured (batch, optimizer constants, precision) must not change."""
         fixed = ("batch_size", "momentum", "weight_decay", "nesterov", "bf16", "channels_last",
                  "compile", "cuda_graph", "label_smoothing", "compile_mode", "fuse_step",
-                 "combo_kernels", "reduce_bf16")
+                 "combo_kernels", "reduce_bf16", "bucket_mb")
         changed = [f for f in fixed if getattr(cfg, f) != getattr(self.cfg, f)]
         if changed:
             raise ValueError(f"a trainer's {', '.join(changed)} cannot change")
@@ -421,10 +440,12 @@ class Engine:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), \
                 (_backward_as_eager() if self.use_compile else contextlib.nullcontext()):
             loss = self._loss(draws)
+        if self.reducer is not None:
+            self.reducer.arm()
         loss.backward()
-        if self.dist is not None:
-            self._average_grads()
-        self._update()
+        # data-parallel: the update reads the ranks' mean gradients where the all-reduce
+        # left them (or, with buckets, from `.grad`, where each bucket copied them back)
+        self._update(self._average_grads() if self.dist is not None else None)
         self.loss_sum += loss.detach() if self.layout.models == 1 else \
             loss.detach() / self.layout.models
 
@@ -452,16 +473,21 @@ class Engine:
         out = self.forward(x)
         return self.layout.loss(out, y)
 
-    def _sgd_update(self) -> None:
-        """Masked SGD at the step's learning rate(s) (compiled with `fuse_step`: its foreach
-        operations over every parameter become a few fused kernels)."""
-        self.opt.step(self.layout.step_lr())
+    def _sgd_update(self, grads: list[torch.Tensor] | None = None) -> None:
+        """Masked SGD at the step's learning rate(s), from `grads` (default: `.grad`)
+        (compiled with `fuse_step`: its foreach operations over every parameter become a
+        few fused kernels)."""
+        self.opt.step(self.layout.step_lr(), grads)
 
-    def _average_grads(self) -> None:
-        """Every rank's gradients replaced by their mean over the ranks (what DDP computes)."""
+    def _average_grads(self) -> list[torch.Tensor] | None:
+        """The ranks' mean gradients (what DDP computes), in the optimizer's parameter
+        order; None where they are already in `.grad` (buckets copied them back)."""
         assert self.dist is not None
-        average_grads_(self.dist, [p.grad for p in self.opt.params if p.grad is not None],
-                       torch.bfloat16 if self.cfg.reduce_bf16 else None)
+        if self.reducer is not None:  # the buckets' all-reduces, started during backward
+            self.reducer.finish()
+            return None
+        return averaged_grads(self.dist, [p.grad for p in self.opt.params],
+                              torch.bfloat16 if self.cfg.reduce_bf16 else None)
 
     def _eager_step(self) -> None:
         for p in self.opt.params:

@@ -25,24 +25,27 @@ class MaskedSGD:
         self.weight_decay = weight_decay
         self.nesterov = nesterov and momentum > 0
         self.bufs = [torch.zeros_like(p) for p in params]
-        self.masked_params = [p for p, m in zip(params, masks, strict=True) if m is not None]
+        self.masked_at = [i for i, m in enumerate(masks) if m is not None]
+        self.masked_params = [params[i] for i in self.masked_at]
         self.masks = [m for m in masks if m is not None]
 
     @torch.no_grad()
-    def step(self, lr: torch.Tensor) -> None:
-        grads = [p.grad for p in self.params]
-        if self.masks:
-            torch._foreach_mul_([p.grad for p in self.masked_params], self.masks)
+    def step(self, lr: torch.Tensor, grads: list[torch.Tensor] | None = None) -> None:
+        """One update from `grads` (default: the parameters' `.grad`), which are only read:
+        data-parallel training passes views of the all-reduce's flat buffer, which is then
+        never copied back into `.grad`."""
+        grads = [p.grad for p in self.params] if grads is None else list(grads)
+        if self.masks:  # zero the pruned weights' gradients (out of place: grads are read)
+            masked = torch._foreach_mul([grads[i] for i in self.masked_at], self.masks)
+            for i, g in zip(self.masked_at, masked, strict=True):
+                grads[i] = g
         if self.weight_decay:
-            torch._foreach_add_(grads, self.params, alpha=self.weight_decay)
+            grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
         if self.momentum:
             torch._foreach_mul_(self.bufs, self.momentum)
             torch._foreach_add_(self.bufs, grads)
-            if self.nesterov:
-                torch._foreach_add_(grads, self.bufs, alpha=self.momentum)
-                update = grads
-            else:
-                update = self.bufs
+            update = torch._foreach_add(grads, self.bufs, alpha=self.momentum) \
+                if self.nesterov else self.bufs
         else:
             update = grads
         scaled = torch._foreach_mul(update, lr)
