@@ -233,13 +233,23 @@ def test_two_hosts_on_one_machine(tmp_path):
 
 
 def _digits_net(seed=0):
-    """No BatchNorm: the global batch's gradient is then the mean of the ranks' gradients."""
+    """No BatchNorm: the global batch's gradient is then the mean of the ranks' gradients.
+    And a layer its forward never uses (an auxiliary head, say): no gradient ever reaches it."""
     import torch
     from torch import nn
 
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                     nn.Linear(4 * 8 * 8, 10))
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.seq(x)
+
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10))
+    return Net()
 
 
 def _digits_train(ctx, bucket_mb=0.0):
@@ -302,11 +312,14 @@ def test_two_ranks_average_gradients_and_share_evaluation_like_one_process(
     mp.spawn(_digits_worker, args=(port, str(tmp_path), bucket_mb, units), nprocs=2,
              join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
-    # what the trainer made of the setting: buckets and, compiled, the two layers as units.
-    # In float64 the linear layer's bias and weight are 80 + 20,480 bytes, the conv's 32 +
-    # 288: 1 KiB buckets, filled from the end, are the linear's two, then the conv's two
+    # what the trainer made of the setting: buckets and, compiled, the layers as units (the
+    # unused one too: compiled, never called). In float64 the unused layer's bias and weight
+    # are 16 + 32 bytes, the linear layer's 80 + 20,480, the conv's 32 + 288: 1 KiB buckets,
+    # filled from the end, are the unused and the linear layer's four, then the conv's two
     assert ranks[0]["buckets"] == {8.0: 1, 0.0: 0, 2**-10: 2}[bucket_mb]
-    assert ranks[0]["units"] == (["0", "3"] if units else [])
+    assert ranks[0]["units"] == (["seq.0", "seq.3", "unused"] if units else [])
+    # the unused layer kept rank 0's initial weights (no gradient, no weight decay)
+    assert torch.equal(ranks[1]["state"]["unused.weight"], _digits_net(0).unused.weight)
     one_state, one_history, _, _ = _digits_train(None)
     if bucket_mb:  # buckets during backward: bitwise the weights of one all-reduce after it
         flat = tmp_path / "flat"

@@ -473,21 +473,29 @@ class Engine:
         out = self.forward(x)
         return self.layout.loss(out, y)
 
-    def _sgd_update(self, grads: list[torch.Tensor] | None = None) -> None:
+    def _sgd_update(self, grads: list[torch.Tensor | None] | None = None) -> None:
         """Masked SGD at the step's learning rate(s), from `grads` (default: `.grad`)
         (compiled with `fuse_step`: its foreach operations over every parameter become a
         few fused kernels)."""
         self.opt.step(self.layout.step_lr(), grads)
 
-    def _average_grads(self) -> list[torch.Tensor] | None:
+    def _average_grads(self) -> list[torch.Tensor | None] | None:
         """The ranks' mean gradients (what DDP computes), in the optimizer's parameter
         order; None where they are already in `.grad` (buckets copied them back)."""
         assert self.dist is not None
         if self.reducer is not None:  # the buckets' all-reduces, started during backward
             self.reducer.finish()
             return None
-        return averaged_grads(self.dist, [p.grad for p in self.opt.params],
-                              torch.bfloat16 if self.cfg.reduce_bf16 else None)
+        grads = [p.grad for p in self.opt.params]
+        # parameters without a gradient (frozen, unused) are the same on every rank: the
+        # flat buffers still line up, and the update leaves those parameters as they are
+        live = [i for i, g in enumerate(grads) if g is not None]
+        means = averaged_grads(self.dist, [grads[i] for i in live],
+                               torch.bfloat16 if self.cfg.reduce_bf16 else None)
+        out: list[torch.Tensor | None] = [None] * len(grads)
+        for i, m in zip(live, means, strict=True):
+            out[i] = m
+        return out
 
     def _eager_step(self) -> None:
         for p in self.opt.params:

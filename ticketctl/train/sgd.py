@@ -30,26 +30,37 @@ class MaskedSGD:
         self.masks = [m for m in masks if m is not None]
 
     @torch.no_grad()
-    def step(self, lr: torch.Tensor, grads: list[torch.Tensor] | None = None) -> None:
+    def step(self, lr: torch.Tensor, grads: list[torch.Tensor | None] | None = None) -> None:
         """One update from `grads` (default: the parameters' `.grad`), which are only read:
         data-parallel training passes views of the all-reduce's flat buffer, which is then
-        never copied back into `.grad`."""
+        never copied back into `.grad`. A parameter without a gradient (frozen, or not used
+        by the network's forward) is left as it is, momentum included, as `torch.optim.SGD`
+        leaves it."""
         grads = [p.grad for p in self.params] if grads is None else list(grads)
-        if self.masks:  # zero the pruned weights' gradients (out of place: grads are read)
-            masked = torch._foreach_mul([grads[i] for i in self.masked_at], self.masks)
-            for i, g in zip(self.masked_at, masked, strict=True):
-                grads[i] = g
+        live = [i for i, g in enumerate(grads) if g is not None]
+        where = {i: k for k, i in enumerate(live)}
+        params = [self.params[i] for i in live]
+        bufs = [self.bufs[i] for i in live]
+        grads = [grads[i] for i in live]
+        masked = [(where[i], m) for i, m in zip(self.masked_at, self.masks, strict=True)
+                  if i in where]
+        if masked:  # zero the pruned weights' gradients (out of place: grads are read)
+            zeroed = torch._foreach_mul([grads[k] for k, _ in masked], [m for _, m in masked])
+            for (k, _), g in zip(masked, zeroed, strict=True):
+                grads[k] = g
+        if not params:
+            return
         if self.weight_decay:
-            grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
+            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
         if self.momentum:
-            torch._foreach_mul_(self.bufs, self.momentum)
-            torch._foreach_add_(self.bufs, grads)
-            update = torch._foreach_add(grads, self.bufs, alpha=self.momentum) \
-                if self.nesterov else self.bufs
+            torch._foreach_mul_(bufs, self.momentum)
+            torch._foreach_add_(bufs, grads)
+            update = torch._foreach_add(grads, bufs, alpha=self.momentum) \
+                if self.nesterov else bufs
         else:
             update = grads
         scaled = torch._foreach_mul(update, lr)
-        torch._foreach_sub_(self.params, scaled)
+        torch._foreach_sub_(params, scaled)
         if self.masks:
             torch._foreach_mul_(self.masked_params, self.masks)
 
