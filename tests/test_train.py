@@ -18,6 +18,15 @@ def digits():
     return load_dataset("digits")
 
 
+def _fresh_gradients(*models: torch.nn.Module) -> None:
+    """One random digits-shaped batch's gradients in every model (the old ones dropped)."""
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    for model in models:
+        for p in model.parameters():
+            p.grad = None
+        F.cross_entropy(model(x), y).backward()
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_masked_sgd_equals_torch_sgd_without_a_mask(nesterov, float64):
     """The same update in another kernel order: in float64 each of the 5 steps can differ by a
@@ -31,11 +40,7 @@ def test_masked_sgd_equals_torch_sgd_without_a_mask(nesterov, float64):
                      weight_decay=5e-4, nesterov=nesterov)
     lr = torch.tensor(0.05)
     for _ in range(5):
-        x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-        for model in (a, b):
-            for p in model.parameters():
-                p.grad = None
-            F.cross_entropy(model(x), y).backward()
+        _fresh_gradients(a, b)
         ours.step(lr)
         ref.step()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
@@ -60,11 +65,7 @@ def test_masked_sgd_reads_given_gradients_and_leaves_them_as_they_were(nesterov)
                     p.mul_(m)
     lr = torch.tensor(0.05)
     for _ in range(3):
-        x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-        for model in (a, b):
-            for p in model.parameters():
-                p.grad = None
-            F.cross_entropy(model(x), y).backward()
+        _fresh_gradients(a, b)
         given = [p.grad.clone() for p in b.parameters()]
         before = [g.clone() for g in given]
         for p in b.parameters():
@@ -114,11 +115,7 @@ def test_masked_sgd_leaves_parameters_without_gradients_as_torch_sgd_does(float6
     head = a.head.weight.clone()
     lr = torch.tensor(0.05)
     for _ in range(3):
-        x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-        for model in (a, b):
-            for p in model.parameters():
-                p.grad = None
-            F.cross_entropy(model(x), y).backward()
+        _fresh_gradients(a, b)
         for q, m in zip(b.parameters(), masks, strict=True):  # the mask, as ours applies it
             if m is not None and q.grad is not None:
                 q.grad.mul_(m)

@@ -159,9 +159,10 @@ def memory_order(t: torch.Tensor) -> torch.Tensor:
 
 def averaged_grads(ctx: DistContext, grads: list[torch.Tensor],
                    wire: torch.dtype | None = None) -> list[torch.Tensor]:
-    """The gradients' means over the ranks, each a view, in the gradient's own shape and
-    strides, of one flat buffer per dtype (one all-reduce each, in the same order on every
-    rank): what the update reads, so nothing is copied back (`average_grads_` copies).
+    """The gradients' means over the ranks, each a view, in the gradient's own shape (and
+    strides, for every gradient without gaps), of one flat buffer per dtype (one
+    all-reduce each, in the same order on every rank): what the update reads, so nothing
+    is copied back (`average_grads_` copies).
     `wire` (bf16) sends half the bytes of fp32: every gradient is rounded to it first and
     the sum is taken in it, so the mean is off by at most about 2**-8 times the sum of the
     ranks' magnitudes, and the same on every rank. Each gradient goes in in its memory
