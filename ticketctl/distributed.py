@@ -120,10 +120,7 @@ def broadcast_module_state(ctx: DistContext | None, module: torch.nn.Module) -> 
     if ctx is None:
         return
     with torch.no_grad():
-        buffers = list(module.buffers())
-        for dtype in sorted({b.dtype for b in buffers}, key=str):
-            views = [memory_order(b) for b in buffers if b.dtype == dtype]
-            flat = torch.cat([v.reshape(-1) for v in views])
+        for _, views, flat in _flat_by_dtype(list(module.buffers())):
             dist.broadcast(flat, 0)
             _copy_back(views, flat)
 
@@ -147,18 +144,35 @@ def average_(ctx: DistContext, t: torch.Tensor) -> torch.Tensor:
     return t.div_(ctx.world)
 
 
+def _memory_perm(t: torch.Tensor) -> list[int]:
+    """`t`'s dimensions from the largest stride down (stable: ties keep their order)."""
+    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
+
+
 def memory_order(t: torch.Tensor) -> torch.Tensor:
     """`t` with its dimensions permuted into the order its elements lie in memory: a
     contiguous view (no copy) of any dense tensor, channels_last included, so it flattens
     and is written back without a strided copy. A tensor with gaps or overlaps comes back
     as it is (not contiguous: the caller copies)."""
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # stable: ties keep order
-    view = t.permute(order)
+    view = t.permute(_memory_perm(t))
     return view if view.is_contiguous() else t
 
 
-def averaged_grads(ctx: DistContext, grads: list[torch.Tensor],
-                   wire: torch.dtype | None = None) -> list[torch.Tensor]:
+def _flat_by_dtype(tensors: list[torch.Tensor | None]
+                   ) -> list[tuple[list[int], list[torch.Tensor], torch.Tensor]]:
+    """Per dtype (in one order on every rank): the positions of its tensors in `tensors`
+    (None entries skipped), their memory-order views and one flat copy of them, the buffer
+    a single collective sends."""
+    out = []
+    for dtype in sorted({t.dtype for t in tensors if t is not None}, key=str):
+        where = [i for i, t in enumerate(tensors) if t is not None and t.dtype == dtype]
+        views = [memory_order(tensors[i]) for i in where]
+        out.append((where, views, torch.cat([v.reshape(-1) for v in views])))
+    return out
+
+
+def averaged_grads(ctx: DistContext, grads: list[torch.Tensor | None],
+                   wire: torch.dtype | None = None) -> list[torch.Tensor | None]:
     """The gradients' means over the ranks, each a view, in the gradient's own shape (and
     strides, for every gradient without gaps), of one flat buffer per dtype (one
     all-reduce each, in the same order on every rank): what the update reads, so nothing
@@ -168,12 +182,11 @@ def averaged_grads(ctx: DistContext, grads: list[torch.Tensor],
     ranks' magnitudes, and the same on every rank. Each gradient goes in in its memory
     order (`memory_order`): a channels_last 3x3 convolution's gradient flattened in logical
     order was a strided copy (17 of them, 45 MB, a step for ResNet-50); every rank has the
-    same layouts, so the flat buffers line up element for element."""
-    out: list[torch.Tensor] = list(grads)
-    for dtype in sorted({g.dtype for g in grads}, key=str):
-        where = [i for i, g in enumerate(grads) if g.dtype == dtype]
-        views = [memory_order(grads[i]) for i in where]
-        flat = torch.cat([v.reshape(-1) for v in views])  # a view where v is contiguous
+    same layouts, so the flat buffers line up element for element. A None (a parameter
+    without a gradient: the same on every rank) stays None."""
+    out = list(grads)
+    for where, views, flat in _flat_by_dtype(grads):
+        dtype = flat.dtype
         if wire is not None and wire != dtype:
             flat = flat.to(wire)
         average_(ctx, flat)
@@ -184,12 +197,14 @@ def averaged_grads(ctx: DistContext, grads: list[torch.Tensor],
     return out
 
 
-def _as_layout(part: torch.Tensor, grad: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+def _as_layout(part: torch.Tensor, grad: torch.Tensor | None, view: torch.Tensor
+               ) -> torch.Tensor:
     """`part` (the flat buffer's piece, shaped as `view`) seen in `grad`'s shape: permuted
     back where `view` was `grad` permuted into memory order (the same strides as `grad`)."""
+    assert grad is not None
     if view is grad:
         return part.view(grad.shape)  # (a tensor with gaps went in logical order)
-    order = sorted(range(grad.dim()), key=lambda d: -grad.stride(d))
+    order = _memory_perm(grad)
     return part.permute([order.index(d) for d in range(grad.dim())])
 
 

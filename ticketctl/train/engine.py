@@ -309,11 +309,13 @@ class Engine:
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
         )
         self.apply_mask_()
+        # data-parallel: the dtype the gradients are averaged in (None: their own)
+        self.wire = torch.bfloat16 if cfg.reduce_bf16 else None
         self.reducer: BucketReducer | None = None
         if dist is not None and self.bucket_bytes:
             self.reducer = BucketReducer(
                 dist, [p for p in self.opt.params if p.requires_grad], self.bucket_bytes,
-                torch.bfloat16 if cfg.reduce_bf16 else None)
+                self.wire)
 
         self.trigger_x = self.trigger_y = None
         self.k = 0
@@ -486,16 +488,8 @@ class Engine:
         if self.reducer is not None:  # the buckets' all-reduces, started during backward
             self.reducer.finish()
             return None
-        grads = [p.grad for p in self.opt.params]
-        # parameters without a gradient (frozen, unused) are the same on every rank: the
-        # flat buffers still line up, and the update leaves those parameters as they are
-        live = [i for i, g in enumerate(grads) if g is not None]
-        means = averaged_grads(self.dist, [grads[i] for i in live],
-                               torch.bfloat16 if self.cfg.reduce_bf16 else None)
-        out: list[torch.Tensor | None] = [None] * len(grads)
-        for i, m in zip(live, means, strict=True):
-            out[i] = m
-        return out
+        # a parameter without a gradient (frozen, unused) stays None: the update leaves it
+        return averaged_grads(self.dist, [p.grad for p in self.opt.params], self.wire)
 
     def _eager_step(self) -> None:
         for p in self.opt.params:
