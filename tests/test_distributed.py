@@ -363,6 +363,45 @@ def test_shutdown_releases_captured_graphs_before_destroying_the_group():
     assert seen == [True]  # not released twice
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie has exited: only its parent has yet to collect it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_stop_kills_a_rank_that_left_the_launchers_tree():
+    """A rank torchrun started just as the launch was stopped is no longer below the launch
+    (torchrun's ranks run in their own sessions, and an orphan goes to init); it held a CI
+    run's pipes open for good. It still carries the launch's mark, and the stop kills it."""
+    import time
+    import uuid
+
+    from ticketctl.distributed import LAUNCH_MARK, _stop_tree, marked
+
+    mark = uuid.uuid4().hex
+    # the orphan outlives the test's wait below: only the stop can end it in time
+    spawn = ("import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', "
+             f"'import time; time.sleep({2 * HANG_GUARD_S})'], start_new_session=True, "
+             "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)")
+    orphan = int(subprocess.run([sys.executable, "-c", spawn], capture_output=True, text=True,
+                                check=True, env={**os.environ, LAUNCH_MARK: mark},
+                                timeout=HANG_GUARD_S).stdout)
+    try:
+        assert marked(mark) == [orphan] and _alive(orphan)
+        launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        _stop_tree(launcher, mark)
+        deadline = time.monotonic() + HANG_GUARD_S  # SIGKILL is delivered, not awaited
+        while _alive(orphan) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(orphan) and launcher.returncode is not None
+    finally:
+        if _alive(orphan):
+            os.kill(orphan, 9)
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_command_stops_its_ranks(tmp_path):
     """The ranks run in their own session; a SIGTERM to the command the user started (from
@@ -390,14 +429,7 @@ def test_sigterm_to_the_command_stops_its_ranks(tmp_path):
     assert proc.returncode == 143
     assert err.strip().splitlines()[-1] == "error: stopped by SIGTERM; every rank was stopped"
 
-    def alive(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
-    assert not [pid for pid in ranks if alive(pid)]
+    assert not [pid for pid in ranks if _alive(pid)]
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ import torch.distributed as dist
 from ticketctl.errors import Terminated, TicketctlError
 
 DEFAULT_TIMEOUT_S = 600
+# an environment variable naming the processes of one launch (see `launch`)
+LAUNCH_MARK = "TICKETCTL_LAUNCH"
 
 
 @dataclass(frozen=True)
@@ -370,8 +373,12 @@ def launch(module_args: list[str], nproc: int, nnodes: int = 1,
             raise TicketctlError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT")
         cmd += ["--standalone"]
     cmd += ["-m", "ticketctl", *module_args]
+    # LAUNCH_MARK names this launch's processes: a rank that torchrun started just as it was
+    # stopped is no longer its child when the stop looks for it (pytorch's ranks run in
+    # their own sessions and go to init), but it still carries the mark
+    mark = uuid.uuid4().hex
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           **(env or {})}
+           **(env or {}), LAUNCH_MARK: mark}
     # The ranks run in their own session (so a failing one can be stopped with the rest):
     # a SIGTERM to this process (`timeout`, a batch scheduler, `kill`) must stop them too,
     # or they would keep the GPUs after it is gone.
@@ -381,11 +388,11 @@ def launch(module_args: list[str], nproc: int, nnodes: int = 1,
         try:
             return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _stop_tree(proc, previous is not _NOT_INSTALLED)
+            _stop_tree(proc, mark, previous is not _NOT_INSTALLED)
             raise TicketctlError(f"distributed run did not finish within {timeout_s:g} s "
                                  "(--dist-timeout); every rank was stopped") from None
         except (KeyboardInterrupt, Terminated):
-            _stop_tree(proc, previous is not _NOT_INSTALLED)
+            _stop_tree(proc, mark, previous is not _NOT_INSTALLED)
             raise
     finally:
         if previous is not _NOT_INSTALLED:  # (None: it was set outside Python; the default)
@@ -426,8 +433,24 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _stop_tree(proc: subprocess.Popen, ignore_sigterm: bool = False) -> None:
-    """torchrun stops its ranks on SIGTERM; whatever is left after 10 s is killed.
+def marked(mark: str) -> list[int]:
+    """The processes whose environment holds LAUNCH_MARK=`mark` (Linux /proc; empty
+    elsewhere)."""
+    needle = f"{LAUNCH_MARK}={mark}".encode()
+    out = []
+    for entry in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in entry.read_bytes().split(b"\0"):
+                out.append(int(entry.parent.name))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _stop_tree(proc: subprocess.Popen, mark: str, ignore_sigterm: bool = False) -> None:
+    """torchrun stops its ranks on SIGTERM; whatever is left after 10 s is killed: torchrun
+    first (so it starts no more), then every process of the launch, found as its children
+    were before the SIGTERM and by `mark` after (a rank started during the stop).
     `ignore_sigterm`: a second SIGTERM to this process meanwhile must not cut this short
     (the launch's handler would raise in the middle of it)."""
     if ignore_sigterm:
@@ -438,12 +461,13 @@ def _stop_tree(proc: subprocess.Popen, ignore_sigterm: bool = False) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
-    for pid in [proc.pid, *ranks]:
+    proc.kill()
+    proc.wait()
+    for pid in {*ranks, *marked(mark)}:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    proc.wait()
 
 
 LAUNCH_OPTIONS = {"--nproc": 1, "--nnodes": 1, "--rdzv-endpoint": 1}
